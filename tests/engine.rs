@@ -1,1 +1,372 @@
-//! (being written)
+//! End-to-end engine tests on real trees (debootstrap v1/v2/v3) and on the
+//! synthetic special-case pair (s1/s2): publish, apply in every direction,
+//! no-op applies, plain-directory sources, archive sources, and drift
+//! detection by `verify`. Every apply is checked by two oracles that share no
+//! code with imageupd (rsync itemize and a metadata walk), by `verify
+//! --checksum`, and by /etc/image_id.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use serde_json::Value;
+
+/// Paths on the node that no apply may touch, with node-local content.
+const NODE_LOCAL: &[(&str, &str)] = &[
+    ("etc/hostname", "node-7\n"),
+    ("etc/hosts", "127.0.0.1 localhost node-7\n"),
+    ("etc/fstab", "/dev/vda1 / ext4 defaults 0 1\n"),
+    ("etc/machine-id", "0123456789abcdef0123456789abcdef\n"),
+    ("etc/ssh/ssh_host_ed25519_key", "node secret host key\n"),
+    ("home/alice/notes.txt", "alice's notes\n"),
+    ("root/.bash_history", "ls\n"),
+    ("var/log/node.log", "node log line\n"),
+    ("var/lib/os-collect-config/os_config_files.json", "[]\n"),
+    ("tmp/scratch", "tmp data\n"),
+    ("var/tmp/scratch", "var tmp data\n"),
+    ("mnt/state/var/lib/mysql/ibdata1", "database\n"),
+];
+
+fn add_node_local(root: &Path) {
+    for (p, content) in NODE_LOCAL {
+        let f = root.join(p);
+        std::fs::create_dir_all(f.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&f, content).expect("write node-local file");
+    }
+    // The running kernel's modules (lib is a symlink to usr/lib in bookworm).
+    let m = root.join("usr/lib/modules").join(kernel_release()).join("kernel/running.ko");
+    std::fs::create_dir_all(m.parent().expect("parent")).expect("mkdir modules");
+    std::fs::write(&m, "running kernel module\n").expect("write module");
+}
+
+#[track_caller]
+fn assert_node_local(root: &Path, context: &str) {
+    for (p, content) in NODE_LOCAL {
+        let got = std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("{context}: preserved {p} is gone: {e}"));
+        assert_eq!(&got, content, "{context}: preserved {p} was changed");
+    }
+    let m = root.join("usr/lib/modules").join(kernel_release()).join("kernel/running.ko");
+    assert!(m.is_file(), "{context}: the running kernel's modules were removed ({})", m.display());
+}
+
+/// The phases/quiesce report promised by `apply --json`.
+#[track_caller]
+fn assert_apply_report(out: &Out) {
+    let j = out.json();
+    assert!(j["phases"].is_object() || j["phases"].is_array(), "apply --json has no \"phases\"\n{}", out.describe());
+    let q = &j["quiesce_ms"];
+    assert!(q.is_u64() || q.is_f64(), "apply --json has no numeric \"quiesce_ms\"\n{}", out.describe());
+}
+
+#[test]
+fn real_trees_v1_v2_v3_v1_and_noop() {
+    let store = shared_store();
+    let v1 = store.image("v1");
+    let v2 = store.image("v2");
+    let v3 = store.image("v3");
+    let s = scratch("real");
+    let root = s.join("root");
+    make_root(&v1, &root, &store.key);
+    add_node_local(&root);
+
+    // plan changes nothing and reports as JSON.
+    let before = snapshot_root(&root);
+    let plan = imageupd(["plan", "--from"]).arg(&store.dir).args(["--id", "v2", "--root"]).arg(&root).arg("--json").ok();
+    plan.json();
+    assert_unchanged(&root, &before, "plan v1->v2");
+
+    for (id, tree) in [("v2", &v2), ("v3", &v3), ("v1", &v1)] {
+        let out = apply_ok(&store.dir, id, &root, "applied");
+        eprintln!("apply -> {id}: {:.2?}", out.elapsed);
+        assert_apply_report(&out);
+        assert_applied(tree, &root, id, &format!("apply -> {id}"));
+        assert_node_local(&root, &format!("apply -> {id}"));
+    }
+
+    // Applying the current image again is a no-op, in JSON and in text.
+    let before = snapshot_root(&root);
+    let out = apply_ok(&store.dir, "v1", &root, "nothing-to-do");
+    assert_apply_report(&out);
+    let text = imageupd(["apply", "--from"]).arg(&store.dir).args(["--id", "v1", "--root"]).arg(&root).ok();
+    assert!(text.stdout.to_lowercase().contains("nothing to do"), "a no-op apply must say \"nothing to do\"\n{}", text.describe());
+    assert_unchanged(&root, &before, "no-op apply");
+    assert_applied(&v1, &root, "v1", "after no-op");
+
+    let st = imageupd(["status", "--root"]).arg(&root).arg("--json").ok();
+    assert!(st.json().to_string().contains("\"v1\""), "status --json does not mention the current image v1\n{}", st.describe());
+}
+
+#[test]
+fn synthetic_s1_s2_s1_and_noop() {
+    let store = shared_store();
+    let s1 = store.image("s1");
+    let s2 = store.image("s2");
+    let s = scratch("synthetic");
+    let root = s.join("root");
+    make_root(&s1, &root, &store.key);
+    let krel = kernel_release();
+    let running_ko = root.join("lib/modules").join(&krel).join("kernel/running.ko");
+    assert!(running_ko.is_file(), "fixture s1 carries the running kernel's modules");
+
+    let out = apply_ok(&store.dir, "s2", &root, "applied");
+    assert_apply_report(&out);
+    assert_applied(&s2, &root, "s2", "s1 -> s2");
+    // Preserve-list paths keep the node's (here: s1's) content.
+    assert_eq!(std::fs::read_to_string(root.join("etc/hostname")).unwrap(), "image-s1\n", "etc/hostname was touched");
+    assert_eq!(std::fs::read_to_string(root.join("home/user/file")).unwrap(), "user file s1\n", "home/ was touched");
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/ssh/ssh_host_ed25519_key")).unwrap(),
+        "image host key s1\n",
+        "ssh host key was touched"
+    );
+    assert!(running_ko.is_file(), "the running kernel's modules were removed");
+    assert!(!root.join("lib/modules/0.0.0-other").exists(), "another kernel's modules were not removed");
+    // Capabilities survive the content change and the chown of caps/content.
+    let caps = cmd("getcap", [root.join("caps/content")]);
+    assert!(caps.contains("cap_net_bind_service"), "caps/content lost its capability: {caps}");
+
+    let out = apply_ok(&store.dir, "s1", &root, "applied");
+    assert_apply_report(&out);
+    assert_applied(&s1, &root, "s1", "s2 -> s1");
+
+    let before = snapshot_root(&root);
+    apply_ok(&store.dir, "s1", &root, "nothing-to-do");
+    assert_unchanged(&root, &before, "no-op apply s1");
+}
+
+#[test]
+fn plain_directory_source_from_mounted_image() {
+    let store = shared_store();
+    let v1 = store.image("v1");
+    let v2 = trees().v2.clone();
+    let s = scratch("plaindir");
+    std::fs::create_dir_all(s.join("src")).unwrap();
+    // The image, mounted read-only, as an operator would mount a qcow2/raw.
+    let src = LoopFs::create(&s.join("src"), 1024, Some(&v2), true);
+    let root = s.join("root");
+    copy_tree(&v1, &root); // no trusted key: a directory source needs none
+    let out = imageupd(["apply", "--from"]).arg(&src.mnt).args(["--id", "v2", "--root"]).arg(&root).arg("--json").ok();
+    assert_eq!(out.json()["result"].as_str(), Some("applied"), "{}", out.describe());
+    assert_applied(&src.mnt, &root, "v2", "apply --from <mounted dir>");
+    // The mounted tree is v2 as far as rsync can tell.
+    let r = oracle(&v2, &root);
+    assert!(r.trim().is_empty(), "root differs from the v2 tree after a directory-source apply:\n{}", clip(&r, 50));
+}
+
+/// Manifest entries in a comparable form: hardlink groups normalised (which
+/// name of a group is the "file" and which are "hardlink" depends on
+/// traversal order, not on content), `created`/`parent` dropped.
+fn normalized_entries(m: &Value) -> Vec<Value> {
+    use std::collections::BTreeMap;
+    let entries = m["entries"].as_array().expect("manifest has entries");
+    let by_path: BTreeMap<Vec<u8>, &Value> = entries.iter().map(|e| (entry_path(e), e)).collect();
+    let target_of = |e: &Value| entry_path(&serde_json::json!({ "path": e["target"].clone() }));
+    // Union-find over hardlink edges; a group is named by its smallest path.
+    let mut up: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    fn find(up: &BTreeMap<Vec<u8>, Vec<u8>>, x: &[u8]) -> Vec<u8> {
+        let mut x = x.to_vec();
+        while let Some(p) = up.get(&x) {
+            if *p == x {
+                break;
+            }
+            x = p.clone();
+        }
+        x
+    }
+    for e in entries.iter().filter(|e| e["type"] == "hardlink") {
+        let (a, b) = (find(&up, &entry_path(e)), find(&up, &target_of(e)));
+        let (lo, hi) = if a < b { (a, b) } else { (b, a) };
+        up.insert(hi, lo.clone());
+        up.entry(lo.clone()).or_insert(lo);
+    }
+    entries
+        .iter()
+        .map(|e| {
+            let p = entry_path(e);
+            let mut e = e.clone();
+            if e["type"] == "hardlink" {
+                let file = by_path.get(&target_of(&e)).expect("hardlink target in manifest");
+                for k in ["type", "size", "sha256"] {
+                    e[k] = file[k].clone();
+                }
+                e.as_object_mut().expect("entry object").remove("target");
+            }
+            if up.contains_key(&p) {
+                e["link_group"] = Value::String(show(&find(&up, &p)));
+            }
+            e
+        })
+        .collect()
+}
+
+#[track_caller]
+fn assert_same_manifest(a: &Value, b: &Value, what: &str) {
+    assert_eq!(a["format"], b["format"], "{what}: format");
+    assert_eq!(a["kernel"], b["kernel"], "{what}: kernel");
+    let (x, y) = (normalized_entries(a), normalized_entries(b));
+    let mut diffs = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < x.len() || j < y.len() {
+        let px = x.get(i).map(|e| e["path"].to_string());
+        let py = y.get(j).map(|e| e["path"].to_string());
+        match (px, py) {
+            (Some(a), Some(b)) if a == b => {
+                if x[i] != y[j] {
+                    diffs.push(format!("{a}:\n  dir: {}\n  tar: {}", x[i], y[j]));
+                }
+                i += 1;
+                j += 1;
+            }
+            (Some(a), Some(b)) if a < b => {
+                diffs.push(format!("{a}: only in the directory manifest"));
+                i += 1;
+            }
+            (Some(a), None) => {
+                diffs.push(format!("{a}: only in the directory manifest"));
+                i += 1;
+            }
+            (_, Some(b)) => {
+                diffs.push(format!("{b}: only in the archive manifest"));
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    assert!(diffs.is_empty(), "{what}: manifests differ in {} entries:\n{}", diffs.len(), clip(&diffs.join("\n"), 60));
+}
+
+/// tar --xattrs --xattrs-include='*' --numeric-owner of TREE into OUT, with
+/// the compression flag for OUT's suffix.
+fn make_tar(tree: &Path, out: &Path) {
+    let name = out.to_string_lossy();
+    let z: &[&str] = if name.ends_with(".tar.gz") || name.ends_with(".tgz") {
+        &["--gzip"]
+    } else if name.ends_with(".tar.zst") {
+        &["--zstd"]
+    } else {
+        &[]
+    };
+    let mut args: Vec<&OsStr> = vec![
+        OsStr::new("--xattrs"),
+        OsStr::new("--xattrs-include=*"),
+        OsStr::new("--numeric-owner"),
+        OsStr::new("--format=posix"),
+    ];
+    args.extend(z.iter().map(OsStr::new));
+    args.extend([OsStr::new("-C"), tree.as_os_str(), OsStr::new("-cf"), out.as_os_str(), OsStr::new(".")]);
+    cmd("tar", args);
+}
+
+#[test]
+fn archive_sources_equal_directory_source() {
+    let store = shared_store();
+    let s1 = store.image("s1");
+    let s2 = fixture_tree("s2");
+    let s = scratch("archives");
+
+    // Reference: s2 published from its directory, without parent.
+    let dir_store = s.join("store-dir");
+    publish(&dir_store, "s2", Some(&store.key), None, &s2);
+    let reference = read_manifest(&dir_store, "s2");
+
+    for ext in ["tar", "tar.gz", "tar.zst"] {
+        let archive = s.join(format!("s2.{ext}"));
+        make_tar(&s2, &archive);
+        let st: PathBuf = s.join(format!("store-{}", ext.replace('.', "-")));
+        publish(&st, "s2", Some(&store.key), None, &archive);
+        assert_same_manifest(&reference, &read_manifest(&st, "s2"), &format!("s2 from .{ext}"));
+
+        let root = s.join(format!("root-{}", ext.replace('.', "-")));
+        make_root(&s1, &root, &store.key);
+        apply_ok(&st, "s2", &root, "applied");
+        assert_applied(&s2, &root, "s2", &format!("apply s1 -> s2 published from .{ext}"));
+        std::fs::remove_dir_all(&root).expect("remove root");
+    }
+
+    // And a real tree: v2 from a .tar.zst equals v2 from its directory.
+    let v2 = trees().v2.clone();
+    let v2_dir_store = s.join("store-v2-dir");
+    publish(&v2_dir_store, "v2", Some(&store.key), None, &v2);
+    let archive = s.join("v2.tar.zst");
+    make_tar(&v2, &archive);
+    let v2_tar_store = s.join("store-v2-tar");
+    publish(&v2_tar_store, "v2", Some(&store.key), None, &archive);
+    assert_same_manifest(&read_manifest(&v2_dir_store, "v2"), &read_manifest(&v2_tar_store, "v2"), "v2 from .tar.zst");
+}
+
+/// Paths listed in a verify JSON array (strings, or objects with "path"),
+/// without a leading slash.
+fn listed(j: &Value, key: &str) -> Vec<String> {
+    j[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("verify --json has no array {key:?}: {j}"))
+        .iter()
+        .map(|v| match v {
+            Value::String(s) => s.trim_start_matches('/').to_string(),
+            o => o["path"].as_str().unwrap_or_default().trim_start_matches('/').to_string(),
+        })
+        .collect()
+}
+
+#[track_caller]
+fn verify_json(root: &Path, checksum: bool, expect: i32) -> Value {
+    let out = verify(root, checksum);
+    assert_eq!(out.code(), Some(expect), "verify (checksum={checksum}) exit code\n{}", out.describe());
+    out.json()
+}
+
+#[test]
+fn verify_detects_drift() {
+    let store = shared_store();
+    let s1 = store.image("s1");
+    let s2 = store.image("s2");
+    let s = scratch("verify");
+    let root = s.join("root");
+    make_root(&s1, &root, &store.key);
+    apply_ok(&store.dir, "s2", &root, "applied");
+    assert_applied(&s2, &root, "s2", "setup");
+
+    // Preserved paths are not drift.
+    std::fs::write(root.join("etc/hostname"), "renamed-node\n").unwrap();
+    std::fs::write(root.join("var/log/new.log"), "log\n").unwrap();
+    let j = verify_json(&root, true, EXIT_OK);
+    for k in ["modified", "missing", "extra"] {
+        assert!(listed(&j, k).is_empty(), "preserved paths reported as drift in {k}: {j}");
+    }
+
+    // Same size, same mtime, different bytes: only --checksum sees it.
+    let f = root.join("same/file");
+    let md = std::fs::symlink_metadata(&f).unwrap();
+    let content = std::fs::read(&f).unwrap();
+    let mut tampered = content.clone();
+    tampered[0] ^= 0x20;
+    std::fs::write(&f, &tampered).unwrap();
+    let mtime = format!("@{}.{:09}", std::os::unix::fs::MetadataExt::mtime(&md), std::os::unix::fs::MetadataExt::mtime_nsec(&md));
+    cmd("touch", [OsStr::new("-d"), OsStr::new(&mtime), f.as_os_str()]);
+    let j = verify_json(&root, false, EXIT_OK);
+    assert!(listed(&j, "modified").is_empty(), "verify without --checksum must trust size+mtime: {j}");
+    let j = verify_json(&root, true, EXIT_DRIFT);
+    assert_eq!(listed(&j, "modified"), vec!["same/file".to_string()], "verify --checksum: {j}");
+    assert!(listed(&j, "missing").is_empty() && listed(&j, "extra").is_empty(), "{j}");
+
+    // Deleted, added, chmod-ed.
+    std::fs::remove_file(root.join("links/a")).unwrap();
+    std::fs::write(root.join("same/sub/intruder"), "extra\n").unwrap();
+    cmd("chmod", [OsStr::new("0600"), root.join("meta/owner_only").as_os_str()]);
+    let j = verify_json(&root, false, EXIT_DRIFT);
+    assert_eq!(listed(&j, "missing"), vec!["links/a".to_string()], "missing: {j}");
+    assert_eq!(listed(&j, "extra"), vec!["same/sub/intruder".to_string()], "extra: {j}");
+    let modified = listed(&j, "modified");
+    assert!(modified.contains(&"meta/owner_only".to_string()), "chmod not reported as modified: {j}");
+    // Adding/removing entries changes the parents' mtimes; nothing else may be listed.
+    for m in &modified {
+        assert!(
+            ["meta/owner_only", "links", "same/sub"].contains(&m.as_str()),
+            "unexpected modified path {m:?}: {j}"
+        );
+    }
+    let j = verify_json(&root, true, EXIT_DRIFT);
+    assert!(listed(&j, "modified").contains(&"same/file".to_string()), "{j}");
+}
