@@ -979,7 +979,7 @@ pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
 /// Whether the topmost mount at MNT is read-only (per-mount flag), or
 /// None when nothing is mounted there.
 pub fn mount_readonly(mnt: &Path) -> Option<bool> {
-    mountinfo().into_iter().filter(|m| m.0 == mnt).last().map(|m| m.1.split(',').any(|o| o == "ro"))
+    mountinfo().into_iter().rfind(|m| m.0 == mnt).map(|m| m.1.split(',').any(|o| o == "ro"))
 }
 
 /// A loop-mounted ext4 filesystem, unmounted when dropped.
