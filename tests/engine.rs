@@ -370,3 +370,72 @@ fn verify_detects_drift() {
     let j = verify_json(&root, true, EXIT_DRIFT);
     assert!(listed(&j, "modified").contains(&"same/file".to_string()), "{j}");
 }
+
+/// The oracles themselves must see every kind of difference the synthetic
+/// pair contains (and nothing on the preserve list), or a clean oracle
+/// would prove nothing.
+#[test]
+fn oracles_see_every_synthetic_difference() {
+    let (s1, s2) = synthetic();
+    assert_eq!(oracle(s1, s1).trim(), "", "rsync oracle of a tree against itself");
+    assert!(meta_diff(s1, s1).is_empty(), "metadata oracle of a tree against itself");
+
+    let m = meta_diff(s2, s1).join("\n");
+    for needle in [
+        "hardlinks/split_m: hardlink group",
+        "hardlinks/join_u: hardlink group",
+        "hardlinks/regroup_z: only in image",
+        "hardlinks/content_p: kind/content",
+        "meta/mtime_only: mtime_ns",
+        "meta/symlink_mtime: mtime_ns",
+        "meta/dir_mtime_only: mtime_ns",
+        "meta/owner_only: owner",
+        "meta/group_only: owner",
+        "meta/symlink_owner: owner",
+        "meta/mode_only: mode",
+        "meta/dir_mode: mode",
+        "modes/suid_gone: mode",
+        "modes/suid_chown: owner",
+        "xattrs/file: xattrs",
+        "xattrs/removed: xattrs",
+        "xattrs/dir: xattrs",
+        "caps/netraw: xattrs",
+        "caps/added: xattrs",
+        "special/tty: kind",
+        "special/sda: only in root",
+        "special/fifo: mode",
+        "types/file2dir: kind",
+        "types/dir2symlink: kind",
+        "types/dir2symlink/x: only in root",
+        "sparse/holes: kind/content",
+        "links/target_change: kind",
+        "gone: only in root",
+        "move/new/renamed.bin: only in image",
+    ] {
+        assert!(m.contains(needle), "metadata oracle misses {needle:?}:\n{m}");
+    }
+    let running_modules = format!("lib/modules/{}", kernel_release());
+    for preserved in ["etc/hostname", "etc/hosts", "etc/machine-id", "ssh_host_", "home/", "root/", "tmp/", "var/log", &running_modules] {
+        assert!(!m.contains(preserved), "metadata oracle compares preserved {preserved:?}:\n{m}");
+    }
+    assert!(m.contains("lib/modules/0.0.0-other: only in root"), "another kernel's modules are not preserved:\n{m}");
+    let r = oracle(s2, s1);
+    for needle in ["types/file2dir", "caps/netraw", "meta/mtime_only", "special/tty", "*deleting   gone/", "names/dir_"] {
+        assert!(r.contains(needle), "rsync oracle misses {needle:?}:\n{r}");
+    }
+    assert!(!r.contains("etc/hostname") && !r.contains(&running_modules), "rsync oracle misses a preserve exclusion:\n{r}");
+    assert!(r.contains("lib/modules/0.0.1-new"), "rsync oracle excludes too much:\n{r}");
+
+    // A nanosecond-only mtime difference, and a same-size same-mtime
+    // content change, are seen by both oracles' content/mtime checks.
+    let s = scratch("oracle-selftest");
+    let copy = s.join("copy");
+    copy_tree(s1, &copy);
+    cmd("touch", ["-d", "@1700000000.123456788"].map(OsStr::new).into_iter().chain([copy.join("same/file").as_os_str()]));
+    assert!(meta_diff(s1, &copy).join("\n").contains("same/file: mtime_ns"), "ns-only mtime difference missed");
+    let f = copy.join("same/sub/nested");
+    std::fs::write(&f, "NESTED\n").unwrap();
+    cmd("touch", ["-d", "@1700000000.123456789"].map(OsStr::new).into_iter().chain([f.as_os_str()]));
+    assert!(meta_diff(s1, &copy).join("\n").contains("same/sub/nested: kind/content"), "content change missed");
+    assert!(oracle(s1, &copy).contains("same/sub/nested"), "rsync --checksum missed a same-size same-mtime change");
+}
