@@ -47,7 +47,7 @@ impl Node {
             name,
             &format!(
                 r#"echo "{phase} {name} root=$IMAGEUPD_ROOT from=$IMAGEUPD_FROM to=$IMAGEUPD_TO kernel_changed=$IMAGEUPD_KERNEL_CHANGED image_id=$(cat "$IMAGEUPD_ROOT/etc/image_id")" >> {m}/log
-[ -f "$IMAGEUPD_PLAN" ] && cp "$IMAGEUPD_PLAN" {m}/plan-{phase}-{name}.json"#
+if [ -f "$IMAGEUPD_PLAN" ]; then cp "$IMAGEUPD_PLAN" {m}/plan-{phase}-{name}.json; fi"#
             ),
         );
     }
