@@ -1,1 +1,40 @@
-//! imageupd library
+//! imageupd: in-place golden-image updates for deployed Linux nodes.
+//!
+//! The library holds the whole engine; `main.rs` is a thin command line.
+//! Module map, in the order an update flows through them:
+//!
+//! - [`manifest`], [`sign`], [`store`], [`publish`]: the signed,
+//!   content-addressed store and how images get into it;
+//! - [`source`], [`scan`], [`plan`]: what must change in the root;
+//! - [`stage`], [`swap`], [`journal`], [`apply`]: changing it crash-safely;
+//! - [`hooks`], [`lifecycle`], [`status`], [`lock`]: around the swap;
+//! - [`verify`], [`kernel`], [`config`]: checks and settings;
+//! - [`fsx`], [`stream`], [`remount`], [`rootfs`]: system edges.
+
+pub mod apply;
+pub mod cmd;
+pub mod config;
+pub mod error;
+pub mod fault;
+pub mod fsx;
+pub mod hooks;
+pub mod journal;
+pub mod kernel;
+pub mod lifecycle;
+pub mod lock;
+pub mod manifest;
+pub mod plan;
+pub mod preserve;
+pub mod progress;
+pub mod publish;
+pub mod remount;
+pub mod rootfs;
+pub mod scan;
+pub mod sign;
+pub mod source;
+pub mod stage;
+pub mod status;
+pub mod store;
+pub mod stream;
+pub mod swap;
+pub mod verify;

@@ -1,1 +1,294 @@
-fn main() {}
+//! The `imageupd` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use imageupd::apply::{self, ApplyOptions};
+use imageupd::config::KernelPolicy;
+use imageupd::error::ExitKind;
+use imageupd::progress::Progress;
+use imageupd::publish::{self, PublishOptions};
+
+/// In-place golden-image updates for deployed Linux nodes.
+///
+/// Publish a built root filesystem into a signed, content-addressed store on
+/// the master; on each node, `apply` moves the root to that image in place:
+/// only changed files are fetched and staged, services are quiesced by hooks
+/// only for the atomic swap, and a crash at any point leaves every file
+/// wholly old or wholly new.
+#[derive(Parser)]
+#[command(name = "imageupd", version, about, long_about, after_help = EXIT_CODES)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Exit codes, shown in --help.
+const EXIT_CODES: &str = "Exit codes: 0 ok or nothing to do; 1 error; 2 usage; 3 drift found (verify); \
+4 untrusted input (signature, digest, manifest); 5 preflight refused (space, conflicts; root unchanged); \
+6 pre-apply hook failed (root unchanged); 7 post-apply hook failed (update committed); \
+8 another apply holds the lock; 9 source unavailable.";
+
+#[derive(clap::Args, Clone)]
+struct RootArg {
+    /// The root filesystem to act on; node configuration, keys, hooks and
+    /// state are all read below it.
+    #[arg(long, env = "IMAGEUPD_ROOT", default_value = "/")]
+    root: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Make an ed25519 signing key pair: FILE (secret, mode 0600) and FILE.pub.
+    ///
+    /// Put FILE.pub into /etc/imageupd/trusted.d/ on every node; keep FILE on
+    /// the build host and pass it to `publish --key`.
+    Keygen {
+        /// Where to write the secret key.
+        #[arg(long)]
+        out: PathBuf,
+        /// Comment stored in the public key file.
+        #[arg(long, default_value = "imageupd")]
+        comment: String,
+    },
+    /// Ingest a built image (directory, .tar, .tar.gz, .tar.zst) into a store.
+    ///
+    /// Objects already in the store are shared, so publishing a new version
+    /// of an image costs only what changed.
+    Publish {
+        /// Store directory (created if it does not exist).
+        #[arg(long)]
+        store: PathBuf,
+        /// Id of the new image (immutable once published).
+        #[arg(long)]
+        id: String,
+        /// Secret key to sign the manifest with; without it the image is
+        /// unsigned and nodes refuse it unless they allow unsigned images.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Id of the image this one succeeds.
+        #[arg(long)]
+        parent: Option<String>,
+        /// zstd level for new objects (1-22).
+        #[arg(long, default_value_t = publish::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=22))]
+        level: i32,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The image: a directory or a tarball.
+        source: PathBuf,
+    },
+    /// Show what an apply would do, changing nothing.
+    Plan {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[command(flatten)]
+        root: RootArg,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Update the root in place to an image.
+    ///
+    /// Exits 0 with "nothing to do" when the root already matches. Resumes an
+    /// interrupted update when run without --id.
+    Apply {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[command(flatten)]
+        root: RootArg,
+        /// What to do if the image boots another kernel (kexec, reboot, defer).
+        #[arg(long)]
+        kernel_policy: Option<KernelPolicy>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare the root with its current image and report drift (exit 3).
+    Verify {
+        #[command(flatten)]
+        root: RootArg,
+        /// Hash every file instead of trusting size and mtime.
+        #[arg(long)]
+        checksum: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Current image, update phase, last result and error.
+    Status {
+        #[command(flatten)]
+        root: RootArg,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the deterministic fault points (for crash tests).
+    #[command(hide = true)]
+    FaultPoints,
+}
+
+#[derive(clap::Args, Clone)]
+struct TargetArgs {
+    /// Store directory, or a directory holding a mounted image.
+    #[arg(long)]
+    from: Option<String>,
+    /// Target image id.
+    #[arg(long)]
+    id: Option<String>,
+    /// Accept an unsigned manifest.
+    #[arg(long)]
+    allow_unsigned: bool,
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            let kind = ExitKind::of(&e);
+            eprintln!("imageupd: {kind}: {e:#}");
+            ExitCode::from(kind.code() as u8)
+        }
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("IMAGEUPD_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<u8> {
+    match cli.cmd {
+        Cmd::Keygen { out, comment } => {
+            let vk = imageupd::sign::keygen(&out, &comment)?;
+            println!("wrote {} and {} (key id {})", out.display(), imageupd::sign::pub_path(&out).display(), imageupd::sign::key_id(&vk));
+            Ok(0)
+        }
+        Cmd::Publish { store, id, key, parent, level, json, source } => {
+            let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+            let opts = PublishOptions { store, id, key, parent, level, threads };
+            let r = publish::publish(&opts, &source, &Progress::new(json))?;
+            if json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "published {} ({} entries, {}): {} new objects ({} compressed), {} shared{}{}",
+                    r.id,
+                    r.entries,
+                    imageupd::progress::human_bytes(r.content_bytes),
+                    r.new_objects,
+                    imageupd::progress::human_bytes(r.new_object_bytes),
+                    r.reused_objects,
+                    if r.signed { ", signed" } else { ", UNSIGNED" },
+                    r.kernel.map(|k| format!(", kernel {k}")).unwrap_or_default()
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Plan { target, root, json } => run_apply(target, root, None, json, true),
+        Cmd::Apply { target, root, kernel_policy, json } => run_apply(target, root, kernel_policy, json, false),
+        Cmd::Verify { root, checksum, json } => {
+            let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+            let r = imageupd::verify::verify(&root.root, checksum, threads)?;
+            if json {
+                print_json(&r)?;
+            } else if r.clean() {
+                println!("{} matches image {} ({} entries checked{})", root.root.display(), r.id, r.checked, if checksum { ", contents hashed" } else { "" });
+            } else {
+                println!("{} drifted from image {}:", root.root.display(), r.id);
+                for d in &r.modified {
+                    println!("  modified {} ({})", d.path, d.what.join(", "));
+                }
+                for p in &r.missing {
+                    println!("  missing  {p}");
+                }
+                for p in &r.extra {
+                    println!("  extra    {p}");
+                }
+            }
+            Ok(if r.clean() { 0 } else { ExitKind::Drift.code() as u8 })
+        }
+        Cmd::Status { root, json } => status(&root.root, json),
+        Cmd::FaultPoints => {
+            for p in imageupd::fault::POINTS {
+                println!("{p}");
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn run_apply(target: TargetArgs, root: RootArg, kernel_policy: Option<KernelPolicy>, json: bool, dry_run: bool) -> Result<u8> {
+    let opts = ApplyOptions {
+        root: root.root,
+        from: target.from,
+        id: target.id,
+        allow_unsigned: target.allow_unsigned,
+        kernel_policy,
+        dry_run,
+    };
+    let r = apply::run(&opts, &Progress::new(json))?;
+    if json {
+        print_json(&r)?;
+    } else {
+        print!("{}", apply::human_summary(&r));
+    }
+    Ok(0)
+}
+
+fn status(root: &std::path::Path, json: bool) -> Result<u8> {
+    let rf = imageupd::rootfs::RootFs::open(root).context(ExitKind::Usage)?;
+    let live = imageupd::status::Status::load(&rf.runtime_dir())?;
+    let journal = match rf.state_dir()? {
+        Some(s) => imageupd::journal::Journal::load(std::os::fd::AsFd::as_fd(&s))?,
+        None => None,
+    };
+    let current = rf.image_id()?;
+    let pending = journal.as_ref().filter(|j| j.interrupted()).map(|j| j.target.clone());
+    if json {
+        print_json(&serde_json::json!({
+            "root": rf.path,
+            "current": current,
+            "pending": pending,
+            "journal": journal,
+            "status": live,
+        }))?;
+    } else {
+        println!("root:     {}", rf.path.display());
+        println!("current:  {}", current.as_deref().unwrap_or("(none)"));
+        if let Some(p) = &pending {
+            println!("pending:  {p} (interrupted; `imageupd apply` converges)");
+        }
+        if let Some(s) = &live {
+            println!("phase:    {}", s.phase);
+            println!("last:     {} {} at {}", s.result, s.target.as_deref().unwrap_or(""), s.updated);
+            if s.reboot_required {
+                println!("reboot:   required ({})", s.reboot_reason.as_deref().unwrap_or(""));
+            }
+            if let Some(q) = s.quiesce_ms {
+                println!("quiesce:  {q} ms");
+            }
+            if let Some(e) = &s.last_error {
+                println!("error:    {e}");
+            }
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,656 @@
+//! `imageupd plan` and `imageupd apply`: the update pipeline of SPEC §5.
+//!
+//! resolve → plan → preflight → stage → durability sync → quiesce (pre-apply
+//! hooks) → swap → removals → commit (`etc/image_id`, journal) → resume
+//! (post-apply hooks). Every failure before the swap leaves the root as it
+//! was; a failure or crash during the swap leaves each path wholly old or
+//! wholly new, and the next run converges.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Serialize;
+
+use crate::config::{Config, KernelPolicy};
+use crate::error::ExitKind;
+use crate::hooks::{HookEnv, HookPhase, HookRunner};
+use crate::journal::{Journal, JournalPhase};
+use crate::lifecycle::{Event, Lifecycle, Phase};
+use crate::manifest::{Manifest, RelPath};
+use crate::plan::{self, Plan, PlanStats, RootView};
+use crate::preserve::Preserve;
+use crate::progress::{human_bytes, Progress};
+use crate::rootfs::{self, RootFs};
+use crate::scan::{self, ScanOptions};
+use crate::source::{Resolved, Source, Trust};
+use crate::stage::{self, StageReport};
+use crate::status::Status;
+use crate::swap::{self, SwapReport};
+use crate::{fault, fsx, kernel, lock::Lock, remount, sign, store};
+
+/// Stored current manifest, in the state directory.
+pub const CURRENT_MANIFEST: &[u8] = b"current.manifest.json.zst";
+/// Its signature.
+pub const CURRENT_SIG: &[u8] = b"current.manifest.json.zst.sig";
+/// The previous image's manifest (for rollback).
+pub const PREVIOUS_MANIFEST: &[u8] = b"previous.manifest.json.zst";
+/// Its signature.
+pub const PREVIOUS_SIG: &[u8] = b"previous.manifest.json.zst.sig";
+/// Space per staged object beyond its content, for block rounding and inodes, in bytes.
+const PER_OBJECT_OVERHEAD: u64 = 4096;
+
+/// What the operator asked for.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyOptions {
+    /// The root to update.
+    pub root: PathBuf,
+    /// `--from`: store directory or image directory.
+    pub from: Option<String>,
+    /// `--id`: target image.
+    pub id: Option<String>,
+    /// `--allow-unsigned`.
+    pub allow_unsigned: bool,
+    /// `--kernel-policy`.
+    pub kernel_policy: Option<KernelPolicy>,
+    /// Plan only (`imageupd plan`).
+    pub dry_run: bool,
+}
+
+/// Kernel verdict.
+#[derive(Serialize, Debug, Default, Clone)]
+pub struct KernelVerdict {
+    /// A reboot into another kernel is needed.
+    pub changed: bool,
+    /// Why.
+    pub reason: Option<String>,
+    /// Target kernel release.
+    pub target_release: Option<String>,
+    /// Policy that applies.
+    pub policy: Option<KernelPolicy>,
+}
+
+/// The outcome, printed by the CLI (human or `--json`).
+#[derive(Serialize, Debug, Default)]
+pub struct ApplyReport {
+    /// "planned", "applied" or "nothing-to-do".
+    pub result: String,
+    /// Target image.
+    pub id: String,
+    /// Image the root had before.
+    pub from_id: Option<String>,
+    /// Source description.
+    pub source: String,
+    /// The root.
+    pub root: String,
+    /// Key id that signed the manifest.
+    pub signed_by: Option<String>,
+    /// Plan counts.
+    pub plan: PlanStats,
+    /// Free bytes needed on the root's filesystem.
+    pub space_needed: u64,
+    /// Free bytes available.
+    pub space_free: u64,
+    /// Staging counts.
+    pub stage: StageReport,
+    /// Swap counts.
+    pub swap: SwapReport,
+    /// Kernel verdict.
+    pub kernel: KernelVerdict,
+    /// Duration of each phase, ms.
+    pub phases: BTreeMap<String, u64>,
+    /// Pre-apply start to post-apply start, ms: the service downtime.
+    pub quiesce_ms: Option<u64>,
+    /// Total wall time, ms.
+    pub total_ms: u64,
+    /// An interrupted update was found and resumed.
+    pub resumed: bool,
+    /// Things skipped or worth knowing.
+    pub warnings: Vec<String>,
+}
+
+/// Phase stopwatch.
+struct Clock {
+    start: Instant,
+    mark: Instant,
+    phases: BTreeMap<String, u64>,
+}
+
+impl Clock {
+    fn new() -> Self {
+        let now = Instant::now();
+        Clock { start: now, mark: now, phases: BTreeMap::new() }
+    }
+    fn lap(&mut self, name: &str) {
+        let now = Instant::now();
+        *self.phases.entry(name.to_string()).or_default() += (now - self.mark).as_millis() as u64;
+        self.mark = now;
+    }
+}
+
+/// Remounts the root read-only again when dropped, if we made it writable.
+struct RwGuard {
+    mount_point: Option<PathBuf>,
+}
+
+impl RwGuard {
+    fn restore(&mut self) -> Result<()> {
+        if let Some(mp) = self.mount_point.take() {
+            remount::remount(&mp, false)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RwGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.restore() {
+            tracing::error!("could not remount the root read-only again: {e:#}");
+        }
+    }
+}
+
+struct Ctx<'a> {
+    opts: &'a ApplyOptions,
+    cfg: Config,
+    root: RootFs,
+    progress: &'a Progress,
+    lifecycle: Lifecycle,
+    status: Status,
+}
+
+impl Ctx<'_> {
+    fn advance(&mut self, ev: Event) {
+        match self.lifecycle.advance(ev) {
+            Ok(p) => {
+                self.status.phase = p;
+                self.status.updated = crate::publish::now_rfc3339();
+                if !self.opts.dry_run {
+                    if let Err(e) = self.status.save(&self.root.runtime_dir()) {
+                        tracing::warn!("could not write live status: {e:#}");
+                    }
+                }
+            }
+            Err(e) => tracing::error!("{e}"),
+        }
+    }
+}
+
+/// Plan (and unless `dry_run`, apply) an update.
+pub fn run(opts: &ApplyOptions, progress: &Progress) -> Result<ApplyReport> {
+    let root = RootFs::open(&opts.root).context(ExitKind::Usage)?;
+    let cfg = Config::load(&root.path)?;
+    let _lock = if opts.dry_run { None } else { Some(Lock::acquire(&root.runtime_dir())?) };
+    let status = Status {
+        phase: Phase::Idle,
+        current: root.image_id()?,
+        target: opts.id.clone(),
+        source: opts.from.clone(),
+        result: "in-progress".into(),
+        last_error: None,
+        reboot_required: false,
+        reboot_reason: None,
+        phases_ms: BTreeMap::new(),
+        quiesce_ms: None,
+        updated: crate::publish::now_rfc3339(),
+        pid: std::process::id(),
+    };
+    let mut ctx = Ctx { opts, cfg, root, progress, lifecycle: Lifecycle::new(), status };
+    let res = run_inner(&mut ctx);
+    if !opts.dry_run {
+        let rt = ctx.root.runtime_dir();
+        match &res {
+            Ok(r) => {
+                ctx.status.result = r.result.clone();
+                ctx.status.phases_ms = r.phases.clone();
+                ctx.status.quiesce_ms = r.quiesce_ms;
+                ctx.status.current = ctx.root.image_id().ok().flatten();
+                ctx.status.reboot_required = r.kernel.changed;
+                ctx.status.reboot_reason = r.kernel.reason.clone();
+                if ctx.lifecycle.phase() == Phase::Resumed {
+                    let ev = if r.kernel.changed { Event::KernelChanged } else { Event::Reset };
+                    ctx.advance(ev);
+                } else if ctx.lifecycle.phase() == Phase::Planned {
+                    ctx.advance(Event::NothingToDo);
+                }
+            }
+            Err(e) => {
+                ctx.status.result = if ExitKind::of(e) == ExitKind::PostApplyHook { "failed-committed" } else { "failed" }.into();
+                ctx.status.last_error = Some(format!("{e:#}"));
+                ctx.status.current = ctx.root.image_id().ok().flatten();
+                if ctx.lifecycle.phase() != Phase::Idle {
+                    ctx.advance(Event::Failed);
+                }
+            }
+        }
+        ctx.status.updated = crate::publish::now_rfc3339();
+        if let Err(e) = ctx.status.save(&rt) {
+            tracing::warn!("could not write status: {e:#}");
+        }
+    }
+    res
+}
+
+fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
+    let mut clock = Clock::new();
+    let mut report = ApplyReport { root: ctx.root.path.display().to_string(), ..Default::default() };
+    let state = ctx.root.state_dir()?;
+    let journal = match &state {
+        Some(s) => Journal::load(s.as_fd())?,
+        None => None,
+    };
+    let interrupted = journal.as_ref().filter(|j| j.interrupted()).cloned();
+    // Resolve the target: arguments first, else an interrupted update.
+    let id = ctx
+        .opts
+        .id
+        .clone()
+        .or_else(|| interrupted.as_ref().map(|j| j.target.clone()))
+        .ok_or_else(|| anyhow!("no target image: pass --id ID (or --from-metadata)"))
+        .context(ExitKind::Usage)?;
+    let from = ctx
+        .opts
+        .from
+        .clone()
+        .or_else(|| interrupted.as_ref().filter(|j| j.target == id).map(|j| j.source.clone()))
+        .ok_or_else(|| anyhow!("no source: pass --from STORE_OR_IMAGE_DIR"))
+        .context(ExitKind::Usage)?;
+    if let Some(j) = &interrupted {
+        report.resumed = true;
+        ctx.progress.line(&format!("an update to {} was interrupted during {:?}; converging", j.target, j.phase));
+    }
+    ctx.status.target = Some(id.clone());
+    ctx.status.source = Some(from.clone());
+    report.id = id.clone();
+    report.from_id = ctx.root.image_id()?;
+    ctx.advance(Event::Planned);
+    let source = Source::open(&from)?;
+    report.source = source.describe();
+    let keys_dir = ctx.root.path.join("etc/imageupd/trusted.d");
+    let keys = sign::load_trusted(&keys_dir)?;
+    let trust = Trust {
+        keys: &keys,
+        keys_dir: keys_dir.display().to_string(),
+        allow_unsigned: ctx.opts.allow_unsigned || ctx.cfg.allow_unsigned,
+    };
+    let threads = ctx.cfg.threads();
+    let resolved = source.manifest(&id, &trust, threads)?;
+    report.signed_by = resolved.signed_by.clone();
+    let target = &resolved.manifest;
+    clock.lap("resolve");
+
+    let current = load_current(&state);
+    let running = rootfs::running_release();
+    let mut preserve = Preserve::new(&ctx.cfg.preserve).map_err(anyhow::Error::msg)?;
+    if let Some(r) = &running {
+        for p in [format!("/lib/modules/{r}/"), format!("/usr/lib/modules/{r}/")] {
+            preserve.add(&p).map_err(anyhow::Error::msg)?;
+        }
+    }
+    let skip = vec![RelPath(stage::STAGE_AT_TOP.as_bytes().to_vec())];
+    let nodes = scan::scan(ctx.root.fd(), &ScanOptions { preserve: Some(&preserve), skip })?;
+    let to_hash = plan::needs_hash(target, &nodes);
+    let root_fd = ctx.root.fd();
+    let hashed = scan::par_map(&to_hash, threads, |p| {
+        let f = fsx::open_file_beneath(root_fd, p).with_context(|| format!("opening {p}"))?;
+        Ok((p.clone(), crate::stream::digest_of(std::io::BufReader::with_capacity(256 * 1024, f))?.0))
+    })?;
+    let digests: HashMap<RelPath, _> = hashed.into_iter().collect();
+    let p = plan::plan(target, &RootView { nodes: &nodes, digests: &digests }, current.as_ref(), &preserve);
+    report.plan = p.stats.clone();
+    report.warnings = p.warnings.clone();
+    for w in &p.warnings {
+        tracing::warn!("{w}");
+    }
+    // Kernel: compare with the running kernel only on the real root.
+    let host = ctx.root.is_host_root();
+    let reason = kernel::change_reason(
+        target.kernel.as_ref(),
+        current.as_ref().and_then(|c| c.kernel.as_ref()),
+        if host { running.as_deref() } else { None },
+    );
+    report.kernel = KernelVerdict {
+        changed: reason.is_some(),
+        reason,
+        target_release: target.kernel.as_ref().map(|k| k.release.clone()),
+        policy: Some(ctx.opts.kernel_policy.unwrap_or(ctx.cfg.kernel_policy)),
+    };
+    clock.lap("plan");
+
+    // Preflight.
+    if !p.conflicts.is_empty() {
+        return Err(anyhow!("{}", p.conflicts.join("\n")))
+            .context(format!("refusing to apply {id}: the root has {} conflict(s); nothing was changed", p.conflicts.len()))
+            .context(ExitKind::Preflight);
+    }
+    let (free, free_inodes) = fsx::free_space(ctx.root.fd()).context("statvfs of the root")?;
+    let need = p.stats.stage_bytes + p.stats.stage_objects * PER_OBJECT_OVERHEAD + (ctx.cfg.space_margin_mib << 20);
+    report.space_needed = need;
+    report.space_free = free;
+    let skip_space = std::env::var_os("IMAGEUPD_SKIP_SPACE_CHECK").is_some_and(|v| v == "1");
+    let nothing = p.is_noop() && report.from_id.as_deref() == Some(id.as_str()) && interrupted.is_none();
+    if !nothing && !skip_space && (need > free || p.stats.stage_objects + 64 > free_inodes) {
+        return Err(anyhow!(
+            "not enough free space on the root's filesystem: staging needs {} ({} objects + {} MiB margin) but {} ({} inodes) are free; nothing was changed",
+            human_bytes(need),
+            p.stats.stage_objects,
+            ctx.cfg.space_margin_mib,
+            human_bytes(free),
+            free_inodes
+        ))
+        .context(ExitKind::Preflight);
+    }
+    if ctx.opts.dry_run {
+        report.result = "planned".into();
+        report.phases = clock.phases;
+        report.total_ms = clock.start.elapsed().as_millis() as u64;
+        return Ok(report);
+    }
+    if nothing {
+        ctx.progress.line(&format!("nothing to do: {} already matches image {id}", ctx.root.path.display()));
+        report.result = "nothing-to-do".into();
+        report.phases = clock.phases;
+        report.total_ms = clock.start.elapsed().as_millis() as u64;
+        return Ok(report);
+    }
+    ctx.progress.line(&format!(
+        "applying {id} over {} at {}: +{} ~{} -{} ={} (fetch {} in {} objects, {} local copies)",
+        report.from_id.as_deref().unwrap_or("(unknown)"),
+        ctx.root.path.display(),
+        p.stats.added,
+        p.stats.changed,
+        p.stats.deleted,
+        p.stats.metadata_only,
+        human_bytes(p.stats.fetch_bytes),
+        p.stats.fetch_objects,
+        p.stats.local_copies
+    ));
+
+    // Make the root writable (remembering to undo it), even when resuming a
+    // run that died while it was writable.
+    let mut rw = RwGuard { mount_point: None };
+    let mount = remount::find(&ctx.root.path)?;
+    let was_remounted = interrupted.as_ref().is_some_and(|j| j.remounted_rw);
+    if let Some(m) = &mount {
+        if m.read_only() {
+            remount::remount(&m.mount_point, true).context("the root is read-only and could not be made writable; nothing was changed")?;
+            rw.mount_point = Some(m.mount_point.clone());
+        } else if was_remounted {
+            rw.mount_point = Some(m.mount_point.clone());
+        }
+    }
+    let state = ctx.root.ensure_state_dir()?;
+    let mut journal = Journal {
+        target: id.clone(),
+        from: report.from_id.clone(),
+        source: source.location(),
+        phase: JournalPhase::Staging,
+        remounted_rw: rw.mount_point.is_some(),
+        started: crate::publish::now_rfc3339(),
+        updated: String::new(),
+    };
+    let removed = stage::cleanup(ctx.root.fd(), ctx.root.dev)?;
+    if removed > 0 {
+        ctx.progress.line(&format!("removed {removed} staging leftovers of an interrupted run"));
+    }
+    journal.store(state.as_fd(), JournalPhase::Staging)?;
+    fault::point("after-journal-begin");
+
+    // Stage (fetch + write) while services run.
+    ctx.advance(Event::Fetched);
+    let staging = stage::prepare(ctx.root.fd(), ctx.root.dev, state.as_fd())?;
+    let staged = stage::stage(&p, target, ctx.root.fd(), &staging, &source, ctx.progress, threads);
+    let (names, stage_report) = match staged {
+        Ok(v) => v,
+        Err(e) => return Err(abort_before_swap(ctx, &mut journal, &state, &mut rw, e, interrupted.is_some())),
+    };
+    report.stage = stage_report;
+    fault::point("after-stage");
+    clock.lap("stage");
+    ctx.advance(Event::Staged);
+    fsx::syncfs(ctx.root.fd()).context("syncfs before the swap")?;
+    fault::point("after-presync");
+    clock.lap("sync");
+
+    // Quiesce.
+    let hook_env = HookEnv {
+        root: ctx.root.path.clone(),
+        from: report.from_id.clone(),
+        to: id.clone(),
+        plan_path: write_plan_json(ctx, &report, &p, target)?,
+        kernel_changed: report.kernel.changed,
+    };
+    let runner = HookRunner::for_root(&ctx.root.path, Duration::from_secs(ctx.cfg.hook_timeout_secs));
+    ctx.advance(Event::Quiesced);
+    let quiesce_start = Instant::now();
+    if let Err(e) = runner.run(HookPhase::PreApply, &hook_env) {
+        ctx.progress.line("a pre-apply hook failed; running abort hooks");
+        let abort = runner.run(HookPhase::Abort, &hook_env);
+        let mut err = anyhow::Error::new(e);
+        if let Err(a) = abort {
+            err = err.context(format!("and an abort hook failed too: {a}"));
+        }
+        let err = err.context(ExitKind::PreApplyHook);
+        return Err(abort_before_swap(ctx, &mut journal, &state, &mut rw, err, interrupted.is_some()));
+    }
+    clock.lap("pre-apply-hooks");
+
+    // Swap.
+    ctx.advance(Event::Swapped);
+    journal.store(state.as_fd(), JournalPhase::Swapping)?;
+    let mut sw = SwapReport::default();
+    let swap_res = (|| -> Result<()> {
+        swap::swap(&p, target, &nodes, ctx.root.fd(), &staging, &names, &mut sw)?;
+        fault::point("after-swap");
+        swap::delete(&p, ctx.root.fd(), &mut sw)?;
+        fault::point("after-delete");
+        drop(staging);
+        stage::cleanup(ctx.root.fd(), ctx.root.dev)?;
+        save_current(&state, &resolved, current.as_ref())?;
+        let mut dirs = p.dirmeta.clone();
+        dirs.extend(forced_dirs(target));
+        swap::finalise_dirs(&dirs, &target.entries, ctx.root.fd(), &mut sw)?;
+        fsx::syncfs(ctx.root.fd()).context("syncfs after the swap")?;
+        write_image_id(&ctx.root, &id)?;
+        fault::point("after-image-id");
+        swap::finalise_dirs(&forced_dirs(target), &target.entries, ctx.root.fd(), &mut sw)?;
+        fault::point("after-dirmeta");
+        fault::point("before-commit");
+        journal.store(state.as_fd(), JournalPhase::Committed)?;
+        fault::point("after-commit");
+        Ok(())
+    })();
+    report.swap = sw;
+    if let Err(e) = swap_res {
+        return Err(e.context(format!(
+            "the swap to {id} stopped part-way: every path is wholly old or wholly new; run `imageupd apply --root {}` again to converge",
+            ctx.root.path.display()
+        )));
+    }
+    clock.lap("swap");
+    // Read-only again before services come back; busy (deleted files still
+    // open) is retried after the post-apply hooks restarted them.
+    let mut ro_pending = false;
+    if let Err(e) = rw.restore() {
+        tracing::warn!("{e:#}; will retry after the post-apply hooks");
+        rw.mount_point = mount.as_ref().map(|m| m.mount_point.clone());
+        ro_pending = true;
+    }
+
+    // Resume.
+    ctx.advance(Event::Resumed);
+    report.quiesce_ms = Some(quiesce_start.elapsed().as_millis() as u64);
+    let post = runner.run(HookPhase::PostApply, &hook_env);
+    clock.lap("post-apply-hooks");
+    if ro_pending {
+        if let Err(e) = rw.restore() {
+            report.warnings.push(format!("the root stays read-write: {e:#}"));
+        }
+    }
+    report.phases = clock.phases;
+    report.total_ms = clock.start.elapsed().as_millis() as u64;
+    report.result = "applied".into();
+    if let Err(e) = post {
+        return Err(anyhow::Error::new(e))
+            .context(format!("the update to {id} is committed, but a post-apply hook failed"))
+            .context(ExitKind::PostApplyHook);
+    }
+    Ok(report)
+}
+
+/// Undo everything of a run that stopped before the swap: remove staging,
+/// mark the journal, restore read-only. The root is as it was.
+fn abort_before_swap(
+    ctx: &mut Ctx<'_>,
+    journal: &mut Journal,
+    state: &OwnedFd,
+    rw: &mut RwGuard,
+    err: anyhow::Error,
+    was_interrupted: bool,
+) -> anyhow::Error {
+    let mut err = err;
+    if let Err(e) = stage::cleanup(ctx.root.fd(), ctx.root.dev) {
+        err = err.context(format!("(staging leftovers could not be removed: {e:#})"));
+    }
+    // A run resuming an interrupted swap must keep the journal open.
+    let phase = if was_interrupted { JournalPhase::Swapping } else { JournalPhase::Aborted };
+    if let Err(e) = journal.store(state.as_fd(), phase) {
+        err = err.context(format!("(journal not updated: {e:#})"));
+    }
+    if let Err(e) = rw.restore() {
+        err = err.context(format!("(the root could not be made read-only again: {e:#})"));
+    }
+    let msg = if was_interrupted {
+        "the update stopped before the swap; the root is as the interrupted run left it".to_string()
+    } else {
+        format!("the update stopped before the swap; {} was not changed", ctx.root.path.display())
+    };
+    err.context(msg)
+}
+
+/// Directories whose mtime our own bookkeeping touches.
+fn forced_dirs(target: &Manifest) -> Vec<usize> {
+    let want: [&[u8]; 4] = [b"etc", b"var/lib", b"var", b"."];
+    target.entries.iter().enumerate().filter(|(_, e)| want.contains(&e.path.as_bytes()) && e.ftype == crate::manifest::FileType::Dir).map(|(i, _)| i).collect()
+}
+
+fn load_current(state: &Option<OwnedFd>) -> Option<Manifest> {
+    let s = state.as_ref()?;
+    let bytes = fsx::read_beneath(s.as_fd(), &RelPath(CURRENT_MANIFEST.to_vec())).ok()?;
+    match store::decode_manifest(&bytes) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!("ignoring unreadable record of the current image: {e:#}");
+            None
+        }
+    }
+}
+
+fn save_current(state: &OwnedFd, r: &Resolved, current: Option<&Manifest>) -> Result<()> {
+    let s = state.as_fd();
+    if current.is_some_and(|c| c.id != r.manifest.id) {
+        if let Ok(old) = fsx::read_beneath(s, &RelPath(CURRENT_MANIFEST.to_vec())) {
+            fsx::write_atomic(s, PREVIOUS_MANIFEST, &old, 0o644)?;
+            match fsx::read_beneath(s, &RelPath(CURRENT_SIG.to_vec())) {
+                Ok(sig) => fsx::write_atomic(s, PREVIOUS_SIG, &sig, 0o644)?,
+                Err(_) => {
+                    let _ = fsx::unlink_at(s, PREVIOUS_SIG);
+                }
+            }
+        }
+    }
+    match &r.sig {
+        Some(sig) => fsx::write_atomic(s, CURRENT_SIG, sig, 0o644)?,
+        None => {
+            let _ = fsx::unlink_at(s, CURRENT_SIG);
+        }
+    }
+    fsx::write_atomic(s, CURRENT_MANIFEST, &r.stored, 0o644).context("recording the current image's manifest")
+}
+
+fn write_image_id(root: &RootFs, id: &str) -> Result<()> {
+    let etc = fsx::open_dir_beneath(root.fd(), &RelPath(b"etc".to_vec())).context("opening etc/ to record the image id")?;
+    fsx::write_atomic(etc.as_fd(), b"image_id", format!("{id}\n").as_bytes(), 0o644).context("writing etc/image_id")
+}
+
+fn write_plan_json(ctx: &Ctx<'_>, report: &ApplyReport, p: &Plan, target: &Manifest) -> Result<PathBuf> {
+    let changed: Vec<String> = p
+        .actions
+        .iter()
+        .map(|a| target.entries[plan::action_t(a)].path.to_string())
+        .chain(p.deletes.iter().map(|d| d.path.to_string()))
+        .collect();
+    let doc = serde_json::json!({
+        "id": report.id,
+        "from": report.from_id,
+        "root": report.root,
+        "stats": report.plan,
+        "kernel": report.kernel,
+        "paths": changed,
+    });
+    let dir = ctx.root.runtime_dir();
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("plan.json");
+    store::write_atomic(&path, &serde_json::to_vec_pretty(&doc)?)?;
+    Ok(path)
+}
+
+/// Render a report for humans.
+pub fn human_summary(r: &ApplyReport) -> String {
+    let mut s = String::new();
+    let p = &r.plan;
+    s.push_str(&format!(
+        "{} {} at {} ({})\n",
+        match r.result.as_str() {
+            "planned" => "plan for",
+            "applied" => "applied",
+            _ => "nothing to do for",
+        },
+        r.id,
+        r.root,
+        r.source
+    ));
+    s.push_str(&format!(
+        "  files: +{} added ({}), ~{} changed ({}), -{} deleted ({}), {} metadata-only\n",
+        p.added,
+        human_bytes(p.added_bytes),
+        p.changed,
+        human_bytes(p.changed_bytes),
+        p.deleted,
+        human_bytes(p.deleted_bytes),
+        p.metadata_only
+    ));
+    s.push_str(&format!(
+        "  content: {} to fetch in {} objects, {} local copies; staging needs {} of {} free\n",
+        human_bytes(p.fetch_bytes),
+        p.fetch_objects,
+        p.local_copies,
+        human_bytes(r.space_needed),
+        human_bytes(r.space_free)
+    ));
+    match (&r.kernel.changed, &r.kernel.reason) {
+        (true, Some(why)) => s.push_str(&format!("  kernel: changes ({why}); policy {:?}\n", r.kernel.policy.unwrap_or(KernelPolicy::Kexec))),
+        _ => s.push_str("  kernel: unchanged\n"),
+    }
+    if !r.phases.is_empty() {
+        let ph: Vec<String> = r.phases.iter().map(|(k, v)| format!("{k} {v} ms")).collect();
+        s.push_str(&format!("  phases: {}\n", ph.join(", ")));
+    }
+    if let Some(q) = r.quiesce_ms {
+        s.push_str(&format!("  quiesce window: {q} ms; total {} ms\n", r.total_ms));
+    }
+    for w in &r.warnings {
+        s.push_str(&format!("  warning: {w}\n"));
+    }
+    s
+}
+
+/// Refuse obviously wrong roots before doing anything.
+pub fn check_root_arg(root: &Path) -> Result<()> {
+    if !root.is_dir() {
+        bail!("--root {} is not a directory", root.display());
+    }
+    Ok(())
+}

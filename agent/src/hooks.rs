@@ -1,0 +1,1237 @@
+//! Operator hooks: a run-parts runner for `<root>/etc/imageupd/hooks/*.d/`
+//! (SPEC §7).
+//!
+//! Selection follows dib-run-parts, which TripleO operators already know:
+//! only names matching `^[0-9A-Za-z_-]+$` run (so editor backups, `.rpmnew`
+//! files and READMEs never run by accident), in `LC_ALL=C sort -n` order.
+//! Each hook runs in its own process group, so a timeout can kill everything
+//! it started, not just the shell at its top.
+
+use std::cmp::Ordering;
+use std::ffi::OsString;
+use std::fmt;
+use std::io::{self, Read};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::{access, AccessFlags, Pid};
+
+/// Where hooks live, relative to the root being updated.
+pub const HOOKS_SUBDIR: &str = "etc/imageupd/hooks";
+
+/// The pattern a hook's file name must match to run (as in dib-run-parts).
+pub const HOOK_NAME_PATTERN: &str = "^[0-9A-Za-z_-]+$";
+
+/// Reason reported for names that do not match [`HOOK_NAME_PATTERN`].
+pub const SKIP_BAD_NAME: &str = "name does not match ^[0-9A-Za-z_-]+$";
+
+/// Reason reported for files without execute permission.
+pub const SKIP_NOT_EXECUTABLE: &str = "not executable";
+
+/// Reason reported for entries whose type cannot be read (e.g. a dangling
+/// symlink).
+pub const SKIP_UNREADABLE: &str = "cannot stat it (dangling symlink?)";
+
+/// Most stderr retained per hook, in bytes (64 KiB). Bounds memory for a hook
+/// that floods its output; every line is logged anyway as it arrives.
+pub const MAX_CAPTURE_BYTES: usize = 64 * 1024;
+
+/// Most lines of stderr carried in a [`HookError`], in lines.
+pub const STDERR_TAIL_LINES: usize = 20;
+
+/// Most bytes of stderr carried in a [`HookError`], in bytes (4 KiB), so one
+/// huge line cannot blow up a status report.
+pub const STDERR_TAIL_MAX_BYTES: usize = 4 * 1024;
+
+/// Longest line logged as one record, in bytes (4 KiB); longer lines are
+/// split so a hook without newlines cannot grow a buffer without bound.
+pub const MAX_LOG_LINE_BYTES: usize = 4 * 1024;
+
+/// How long to keep reading a hook's output after it exited, in milliseconds.
+/// Output only stays open this long when the hook left a background process
+/// holding its stdout/stderr; waiting the whole timeout for that would add to
+/// the quiesce window, so we stop listening and let the process be.
+pub const OUTPUT_DRAIN_GRACE: Duration = Duration::from_millis(500);
+
+/// Longest sleep between two checks for a hook's exit, in milliseconds.
+/// Polling (rather than a waiter thread) means the hook is never reaped before
+/// a timeout kill, so its process-group id cannot have been reused.
+const MAX_POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// The hook directories, one per point of the update where hooks run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HookPhase {
+    /// Before the swap: stop services (SPEC §5 step 5).
+    PreApply,
+    /// After the swap: start services again (SPEC §5 step 7).
+    PostApply,
+    /// After a failed pre-apply phase: bring services back without a swap.
+    Abort,
+    /// Just before a reboot the kernel policy asked for.
+    PreReboot,
+}
+
+impl HookPhase {
+    /// Every phase, in lifecycle order.
+    pub const ALL: [HookPhase; 4] = [
+        HookPhase::PreApply,
+        HookPhase::PostApply,
+        HookPhase::Abort,
+        HookPhase::PreReboot,
+    ];
+
+    /// The phase's name, e.g. `pre-apply`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookPhase::PreApply => "pre-apply",
+            HookPhase::PostApply => "post-apply",
+            HookPhase::Abort => "abort",
+            HookPhase::PreReboot => "pre-reboot",
+        }
+    }
+
+    /// The phase's directory under the hooks directory, e.g. `pre-apply.d`.
+    pub fn dir_name(self) -> &'static str {
+        match self {
+            HookPhase::PreApply => "pre-apply.d",
+            HookPhase::PostApply => "post-apply.d",
+            HookPhase::Abort => "abort.d",
+            HookPhase::PreReboot => "pre-reboot.d",
+        }
+    }
+}
+
+impl fmt::Display for HookPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a hook is told about the update, through its environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookEnv {
+    /// The root being updated (`IMAGEUPD_ROOT`).
+    pub root: PathBuf,
+    /// The current image id, if the root has one (`IMAGEUPD_FROM`, empty
+    /// when none).
+    pub from: Option<String>,
+    /// The target image id (`IMAGEUPD_TO`).
+    pub to: String,
+    /// Path of the plan's JSON (`IMAGEUPD_PLAN`).
+    pub plan_path: PathBuf,
+    /// Whether the target kernel differs from the running one
+    /// (`IMAGEUPD_KERNEL_CHANGED`, `0` or `1`).
+    pub kernel_changed: bool,
+}
+
+impl HookEnv {
+    /// The variables added to the inherited environment, in a fixed order.
+    pub fn vars(&self) -> Vec<(&'static str, OsString)> {
+        vec![
+            ("IMAGEUPD_ROOT", self.root.clone().into_os_string()),
+            (
+                "IMAGEUPD_FROM",
+                OsString::from(self.from.clone().unwrap_or_default()),
+            ),
+            ("IMAGEUPD_TO", OsString::from(&self.to)),
+            ("IMAGEUPD_PLAN", self.plan_path.clone().into_os_string()),
+            (
+                "IMAGEUPD_KERNEL_CHANGED",
+                OsString::from(if self.kernel_changed { "1" } else { "0" }),
+            ),
+        ]
+    }
+}
+
+/// A hook that ran and succeeded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookOutcome {
+    /// The hook's file name.
+    pub name: String,
+    /// Wall-clock time from spawn to exit.
+    pub duration: Duration,
+    /// Its exit status (always 0: a failing hook is a [`HookError`]).
+    pub status_code: i32,
+}
+
+/// Why a phase's hooks did not all succeed. The first failure stops the
+/// phase; hooks after it do not run.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// A hook exited non-zero or was killed by a signal.
+    #[error(
+        "{phase} hook {} failed: {}; later {phase} hooks were not run{}",
+        .hook.display(),
+        describe_exit(*.code, *.signal),
+        tail_suffix(.stderr_tail)
+    )]
+    Failed {
+        /// The phase whose hooks were running.
+        phase: HookPhase,
+        /// Full path of the failing hook.
+        hook: PathBuf,
+        /// Exit code, or `None` when killed by a signal.
+        code: Option<i32>,
+        /// The signal that killed it, when `code` is `None`.
+        signal: Option<i32>,
+        /// The last lines of its stderr (at most [`STDERR_TAIL_LINES`]).
+        stderr_tail: String,
+    },
+    /// A hook ran longer than the timeout; it and its process group were
+    /// killed with SIGKILL.
+    #[error(
+        "{phase} hook {} did not finish within {timeout:?} and was killed with its process group; later {phase} hooks were not run (make it faster or raise the hook timeout){}",
+        .hook.display(),
+        tail_suffix(.stderr_tail)
+    )]
+    TimedOut {
+        /// The phase whose hooks were running.
+        phase: HookPhase,
+        /// Full path of the hook.
+        hook: PathBuf,
+        /// The timeout it exceeded.
+        timeout: Duration,
+        /// The last lines of its stderr (at most [`STDERR_TAIL_LINES`]).
+        stderr_tail: String,
+    },
+    /// A hook could not be started or waited for.
+    #[error(
+        "{phase} hook {} could not be run: {source} (is it a valid executable, with a #! line if it is a script?); later {phase} hooks were not run",
+        .hook.display()
+    )]
+    Io {
+        /// The phase whose hooks were running.
+        phase: HookPhase,
+        /// Full path of the hook.
+        hook: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The phase's hook directory exists but cannot be listed.
+    #[error("cannot list {phase} hooks in {}: {source}; no {phase} hooks were run", .dir.display())]
+    ReadDir {
+        /// The phase whose hooks were to run.
+        phase: HookPhase,
+        /// The phase's directory.
+        dir: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl HookError {
+    /// The phase the error happened in.
+    pub fn phase(&self) -> HookPhase {
+        match self {
+            HookError::Failed { phase, .. }
+            | HookError::TimedOut { phase, .. }
+            | HookError::Io { phase, .. }
+            | HookError::ReadDir { phase, .. } => *phase,
+        }
+    }
+}
+
+/// Words for a failed hook's exit, e.g. "exited with status 3" or
+/// "was killed by signal SIGKILL (9)".
+fn describe_exit(code: Option<i32>, signal: Option<i32>) -> String {
+    match (code, signal) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(sig)) => match Signal::try_from(sig) {
+            Ok(s) => format!("was killed by signal {} ({sig})", s.as_str()),
+            Err(_) => format!("was killed by signal {sig}"),
+        },
+        (None, None) => "ended without an exit status".to_owned(),
+    }
+}
+
+/// The stderr part of an error message.
+fn tail_suffix(tail: &str) -> String {
+    if tail.is_empty() {
+        "; it wrote nothing to stderr".to_owned()
+    } else {
+        format!("; last lines of its stderr:\n{tail}")
+    }
+}
+
+/// Splits directory entry names into the hooks that run, in `LC_ALL=C sort
+/// -n` order, and those skipped for their name, each with the reason.
+///
+/// `sort -n` compares the leading number (an optional `-` then digits; none
+/// counts as 0) numerically and breaks ties by comparing whole names byte by
+/// byte, so `2-a` runs before `10-b` and `010` before `10`. Skipped names are
+/// returned in byte order so warnings come out in a stable order.
+pub fn order_hook_names(names: Vec<String>) -> (Vec<String>, Vec<(String, &'static str)>) {
+    let (mut run, mut bad): (Vec<String>, Vec<String>) =
+        names.into_iter().partition(|n| is_valid_hook_name(n));
+    run.sort_by(|a, b| compare_sort_n(a, b));
+    bad.sort();
+    let skipped = bad.into_iter().map(|n| (n, SKIP_BAD_NAME)).collect();
+    (run, skipped)
+}
+
+/// Whether `name` matches [`HOOK_NAME_PATTERN`].
+fn is_valid_hook_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// `LC_ALL=C sort -n` comparison of two lines.
+fn compare_sort_n(a: &str, b: &str) -> Ordering {
+    leading_number(a)
+        .cmp(&leading_number(b))
+        .then_with(|| a.as_bytes().cmp(b.as_bytes()))
+}
+
+/// The leading number of a name, as `sort -n` reads it. Kept as a digit
+/// string so that names like `99999999999999999999-x` cannot overflow.
+#[derive(Debug, PartialEq, Eq)]
+struct LeadingNumber<'a> {
+    negative: bool,
+    /// Digits without leading zeros; empty for zero.
+    magnitude: &'a str,
+}
+
+fn leading_number(name: &str) -> LeadingNumber<'_> {
+    let (negative, rest) = match name.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, name),
+    };
+    let digits_end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    let magnitude = rest[..digits_end].trim_start_matches('0');
+    LeadingNumber {
+        // "-0" and "-x" are zero, and zero has no sign.
+        negative: negative && !magnitude.is_empty(),
+        magnitude,
+    }
+}
+
+impl Ord for LeadingNumber<'_> {
+    fn cmp(&self, other: &Self) -> Ordering {
+        let abs = |n: &Self| (n.magnitude.len(), n.magnitude.as_bytes());
+        match (self.negative, other.negative) {
+            (false, false) => abs(self).cmp(&abs(other)),
+            (true, true) => abs(other).cmp(&abs(self)),
+            (true, false) => Ordering::Less,
+            (false, true) => Ordering::Greater,
+        }
+    }
+}
+
+impl PartialOrd for LeadingNumber<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Runs the hooks of one phase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookRunner {
+    /// The directory holding the `*.d` phase directories, e.g.
+    /// `<root>/etc/imageupd/hooks`.
+    pub hooks_dir: PathBuf,
+    /// How long each hook may run (per hook, not per phase).
+    pub timeout: Duration,
+}
+
+impl HookRunner {
+    /// A runner for the hooks of `root` (`<root>/etc/imageupd/hooks`).
+    pub fn for_root(root: &Path, timeout: Duration) -> Self {
+        HookRunner {
+            hooks_dir: root.join(HOOKS_SUBDIR),
+            timeout,
+        }
+    }
+
+    /// The directory of `phase`'s hooks.
+    pub fn phase_dir(&self, phase: HookPhase) -> PathBuf {
+        self.hooks_dir.join(phase.dir_name())
+    }
+
+    /// Lists the hooks `phase` would run, in order, as full paths, warning
+    /// about each skipped entry. A missing directory means no hooks.
+    pub fn select(&self, phase: HookPhase) -> Result<Vec<PathBuf>, HookError> {
+        let dir = self.phase_dir(phase);
+        let read_dir_err = |source| HookError::ReadDir {
+            phase,
+            dir: dir.clone(),
+            source,
+        };
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(read_dir_err(e)),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(read_dir_err)?;
+            let path = entry.path();
+            // Follow symlinks, as dib-run-parts' `find -xtype f` does, so a
+            // hook may be a link into a shared library of hooks.
+            match std::fs::metadata(&path) {
+                Ok(meta) if meta.is_dir() => continue,
+                Ok(_) => {}
+                Err(_) => {
+                    warn_skip(phase, &entry.file_name().to_string_lossy(), SKIP_UNREADABLE);
+                    continue;
+                }
+            }
+            match entry.file_name().into_string() {
+                Ok(name) => names.push(name),
+                // Not UTF-8, so it cannot match the pattern either.
+                Err(raw) => warn_skip(phase, &raw.to_string_lossy(), SKIP_BAD_NAME),
+            }
+        }
+        let (ordered, skipped) = order_hook_names(names);
+        for (name, why) in &skipped {
+            warn_skip(phase, name, why);
+        }
+        let mut run = Vec::with_capacity(ordered.len());
+        for name in ordered {
+            let path = dir.join(&name);
+            // access(2) rather than mode bits: it is the check behind
+            // dib-run-parts' `find -executable`, and it honours ACLs.
+            if access(&path, AccessFlags::X_OK).is_ok() {
+                run.push(path);
+            } else {
+                warn_skip(phase, &name, SKIP_NOT_EXECUTABLE);
+            }
+        }
+        Ok(run)
+    }
+
+    /// Runs `phase`'s hooks one after the other, stopping at the first that
+    /// fails or times out. A missing phase directory means no hooks:
+    /// `Ok(vec![])`.
+    pub fn run(&self, phase: HookPhase, env: &HookEnv) -> Result<Vec<HookOutcome>, HookError> {
+        let hooks = self.select(phase)?;
+        let vars = env.vars();
+        let mut outcomes = Vec::with_capacity(hooks.len());
+        for hook in hooks {
+            let outcome = self.run_one(phase, &hook, &vars)?;
+            tracing::info!(
+                phase = phase.as_str(),
+                hook = outcome.name.as_str(),
+                duration_ms = u64::try_from(outcome.duration.as_millis()).unwrap_or(u64::MAX),
+                "hook succeeded"
+            );
+            outcomes.push(outcome);
+        }
+        Ok(outcomes)
+    }
+
+    fn run_one(
+        &self,
+        phase: HookPhase,
+        hook: &Path,
+        vars: &[(&'static str, OsString)],
+    ) -> Result<HookOutcome, HookError> {
+        let name = hook
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let io_err = |source| HookError::Io {
+            phase,
+            hook: hook.to_owned(),
+            source,
+        };
+        tracing::info!(phase = phase.as_str(), hook = name.as_str(), "running hook");
+        let start = Instant::now();
+        let mut child = Command::new(hook)
+            .envs(vars.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .map_err(io_err)?;
+
+        let stderr_tail = Arc::new(Mutex::new(Vec::new()));
+        let (done_tx, done_rx) = mpsc::channel();
+        let mut readers = 0;
+        if let Some(out) = child.stdout.take() {
+            spawn_reader(out, phase, &name, "stdout", None, done_tx.clone());
+            readers += 1;
+        }
+        if let Some(err) = child.stderr.take() {
+            let tail = Some(Arc::clone(&stderr_tail));
+            spawn_reader(err, phase, &name, "stderr", tail, done_tx.clone());
+            readers += 1;
+        }
+        drop(done_tx);
+
+        let deadline = start + self.timeout;
+        let status = match wait_until(&mut child, deadline) {
+            Ok(status) => status,
+            Err(e) => {
+                kill_group(&child);
+                let _ = child.wait();
+                return Err(io_err(e));
+            }
+        };
+        let duration = start.elapsed();
+        let Some(status) = status else {
+            kill_group(&child);
+            // Reaped only after the kill, so the group id was still ours.
+            let _ = child.wait();
+            drain(&done_rx, readers, phase, &name);
+            return Err(HookError::TimedOut {
+                phase,
+                hook: hook.to_owned(),
+                timeout: self.timeout,
+                stderr_tail: tail_of(&stderr_tail),
+            });
+        };
+        drain(&done_rx, readers, phase, &name);
+        if status.success() {
+            return Ok(HookOutcome {
+                name,
+                duration,
+                status_code: 0,
+            });
+        }
+        Err(failed(phase, hook, status, tail_of(&stderr_tail)))
+    }
+}
+
+fn warn_skip(phase: HookPhase, name: &str, why: &str) {
+    tracing::warn!(
+        phase = phase.as_str(),
+        "skipping hook {}/{name}: {why}",
+        phase.dir_name()
+    );
+}
+
+fn failed(phase: HookPhase, hook: &Path, status: ExitStatus, stderr_tail: String) -> HookError {
+    HookError::Failed {
+        phase,
+        hook: hook.to_owned(),
+        code: status.code(),
+        signal: status.signal(),
+        stderr_tail,
+    }
+}
+
+/// Waits for `child` to exit, until `deadline`. `Ok(None)` means it is still
+/// running (and not reaped).
+fn wait_until(child: &mut Child, deadline: Instant) -> io::Result<Option<ExitStatus>> {
+    // Start fast so short hooks cost little, back off for long ones.
+    let mut interval = Duration::from_millis(1);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(None);
+        }
+        thread::sleep(interval.min(deadline - now));
+        interval = (interval * 2).min(MAX_POLL_INTERVAL);
+    }
+}
+
+/// SIGKILLs the process group led by `child`, i.e. the hook and everything it
+/// started that did not move to another group.
+fn kill_group(child: &Child) {
+    let Ok(pid) = i32::try_from(child.id()) else {
+        return;
+    };
+    match killpg(Pid::from_raw(pid), Signal::SIGKILL) {
+        Ok(()) | Err(Errno::ESRCH) => {}
+        Err(e) => tracing::warn!(pid, "cannot kill hook process group: {e}"),
+    }
+}
+
+/// Waits for the output readers to reach end of file, for at most
+/// [`OUTPUT_DRAIN_GRACE`].
+fn drain(done: &Receiver<()>, readers: usize, phase: HookPhase, name: &str) {
+    let deadline = Instant::now() + OUTPUT_DRAIN_GRACE;
+    for _ in 0..readers {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match done.recv_timeout(left) {
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => {}
+            Err(RecvTimeoutError::Timeout) => {
+                // The reader thread keeps logging until those processes close
+                // the pipe; blocking here would stretch the quiesce window.
+                tracing::warn!(
+                    phase = phase.as_str(),
+                    hook = name,
+                    "hook exited but left processes holding its stdout/stderr; no longer waiting for their output"
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// Starts a thread that logs `stream` line by line and, if `tail` is given,
+/// keeps its last [`MAX_CAPTURE_BYTES`] there. Sends on `done` at end of file.
+fn spawn_reader<R: Read + Send + 'static>(
+    stream: R,
+    phase: HookPhase,
+    name: &str,
+    stream_name: &'static str,
+    tail: Option<Arc<Mutex<Vec<u8>>>>,
+    done: Sender<()>,
+) {
+    let name = name.to_owned();
+    thread::spawn(move || {
+        pump(stream, phase, &name, stream_name, tail.as_deref());
+        // The receiver may be gone if the runner stopped waiting.
+        let _ = done.send(());
+    });
+}
+
+fn pump<R: Read>(
+    mut stream: R,
+    phase: HookPhase,
+    name: &str,
+    stream_name: &'static str,
+    tail: Option<&Mutex<Vec<u8>>>,
+) {
+    let log = |line: &[u8]| {
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim_end_matches(['\n', '\r']);
+        tracing::info!(
+            phase = phase.as_str(),
+            hook = name,
+            stream = stream_name,
+            "{text}"
+        );
+    };
+    let mut buf = [0u8; 8192];
+    let mut line = Vec::new();
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::warn!(
+                    hook = name,
+                    stream = stream_name,
+                    "cannot read hook output: {e}"
+                );
+                break;
+            }
+        };
+        if let Some(tail) = tail {
+            let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
+            push_bounded(&mut tail, &buf[..n], MAX_CAPTURE_BYTES);
+        }
+        for piece in buf[..n].split_inclusive(|&b| b == b'\n') {
+            line.extend_from_slice(piece);
+            if line.ends_with(b"\n") || line.len() >= MAX_LOG_LINE_BYTES {
+                log(&line);
+                line.clear();
+            }
+        }
+    }
+    if !line.is_empty() {
+        log(&line);
+    }
+}
+
+/// Appends `data` to `buf`, then drops bytes from the front so at most `cap`
+/// remain.
+fn push_bounded(buf: &mut Vec<u8>, data: &[u8], cap: usize) {
+    buf.extend_from_slice(data);
+    if buf.len() > cap {
+        let excess = buf.len() - cap;
+        buf.drain(..excess);
+    }
+}
+
+fn tail_of(captured: &Mutex<Vec<u8>>) -> String {
+    let captured = captured.lock().unwrap_or_else(|e| e.into_inner());
+    last_lines(&captured, STDERR_TAIL_LINES, STDERR_TAIL_MAX_BYTES)
+}
+
+/// The last `max_lines` lines of `bytes`, at most `max_bytes` long (cut at a
+/// character boundary), without trailing blank space.
+fn last_lines(bytes: &[u8], max_lines: usize, max_bytes: usize) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let text = text.trim_end();
+    let start = text
+        .rmatch_indices('\n')
+        .nth(max_lines.saturating_sub(1))
+        .map_or(0, |(i, _)| i + 1);
+    let mut tail = &text[start..];
+    if tail.len() > max_bytes {
+        let mut cut = tail.len() - max_bytes;
+        while !tail.is_char_boundary(cut) {
+            cut += 1;
+        }
+        tail = &tail[cut..];
+    }
+    tail.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::MutexGuard;
+
+    /// Serialises the tests that write scripts or spawn processes: a script
+    /// still open for writing in one thread is inherited by a child forked in
+    /// another, and exec then fails with ETXTBSY.
+    static SPAWN_LOCK: Mutex<()> = Mutex::new(());
+
+    fn spawn_lock() -> MutexGuard<'static, ()> {
+        SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn order(list: &[&str]) -> Vec<String> {
+        order_hook_names(names(list)).0
+    }
+
+    #[test]
+    fn numeric_prefix_orders_numerically() {
+        assert_eq!(order(&["10-b", "2-a", "1-c"]), ["1-c", "2-a", "10-b"]);
+    }
+
+    #[test]
+    fn equal_numbers_tie_break_bytewise() {
+        assert_eq!(order(&["10", "010", "10-a"]), ["010", "10", "10-a"]);
+        assert_eq!(order(&["5-b", "5-a", "05-c"]), ["05-c", "5-a", "5-b"]);
+        // C locale: uppercase before lowercase, '-' before digits.
+        assert_eq!(order(&["1b", "1B", "1-", "1_"]), ["1-", "1B", "1_", "1b"]);
+    }
+
+    #[test]
+    fn names_without_digits_count_as_zero() {
+        assert_eq!(
+            order(&["1-x", "zeta", "alpha", "0-first", "00"]),
+            ["0-first", "00", "alpha", "zeta", "1-x"]
+        );
+    }
+
+    #[test]
+    fn leading_minus_is_a_negative_number_as_in_sort_n() {
+        assert_eq!(
+            order(&["1-a", "-5-x", "-10-y", "a", "-0", "-"]),
+            ["-10-y", "-5-x", "-", "-0", "a", "1-a"]
+        );
+    }
+
+    #[test]
+    fn huge_numbers_do_not_overflow() {
+        assert_eq!(
+            order(&["99999999999999999999999-a", "100000000000000000000000", "9"]),
+            ["9", "99999999999999999999999-a", "100000000000000000000000"]
+        );
+    }
+
+    #[test]
+    fn bad_names_are_skipped_with_reason() {
+        let (run, skipped) = order_hook_names(names(&[
+            "10-foo.sh",
+            "20-ok",
+            ".hidden",
+            "30-bak~",
+            "README.md",
+            "40 space",
+            "",
+            "50_ok-too",
+        ]));
+        assert_eq!(run, ["20-ok", "50_ok-too"]);
+        let skipped_names: Vec<_> = skipped.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            skipped_names,
+            [
+                "",
+                ".hidden",
+                "10-foo.sh",
+                "30-bak~",
+                "40 space",
+                "README.md"
+            ]
+        );
+        assert!(skipped.iter().all(|(_, why)| *why == SKIP_BAD_NAME));
+    }
+
+    #[test]
+    fn non_ascii_names_are_skipped() {
+        let (run, skipped) = order_hook_names(names(&["10-é", "10-e"]));
+        assert_eq!(run, ["10-e"]);
+        assert_eq!(skipped, [("10-é".to_string(), SKIP_BAD_NAME)]);
+    }
+
+    #[test]
+    fn ordering_matches_real_sort_n_in_c_locale() {
+        let corpus = [
+            "10-b",
+            "2-a",
+            "010",
+            "10",
+            "1",
+            "01",
+            "001-x",
+            "zeta",
+            "Alpha",
+            "alpha",
+            "_x",
+            "-x",
+            "-1",
+            "-01",
+            "-10-z",
+            "-",
+            "-0",
+            "0",
+            "00",
+            "9z",
+            "9Z",
+            "9-",
+            "9_",
+            "10a",
+            "10A",
+            "123456789012345678901234567890",
+            "99",
+            "1000",
+            "a10",
+            "a2",
+        ];
+        let _guard = spawn_lock();
+        let mut child = Command::new("sort")
+            .arg("-n")
+            .env("LC_ALL", "C")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("sort(1) is available");
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            for name in corpus {
+                writeln!(stdin, "{name}").unwrap();
+            }
+        }
+        let out = child.wait_with_output().unwrap();
+        let expected: Vec<String> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(order(&corpus), expected);
+    }
+
+    #[test]
+    fn last_lines_keeps_the_end() {
+        assert_eq!(last_lines(b"a\nb\nc\n\n", 2, 100), "b\nc");
+        assert_eq!(last_lines(b"only", 5, 100), "only");
+        assert_eq!(last_lines(b"", 5, 100), "");
+        assert_eq!(last_lines("xxé".as_bytes(), 1, 2), "é");
+        assert_eq!(last_lines("xxxé".as_bytes(), 1, 3), "xé");
+    }
+
+    #[test]
+    fn push_bounded_keeps_last_bytes() {
+        let mut buf = b"abc".to_vec();
+        push_bounded(&mut buf, b"defg", 5);
+        assert_eq!(buf, b"cdefg");
+    }
+
+    #[test]
+    fn env_vars_are_rendered() {
+        let env = HookEnv {
+            root: "/r".into(),
+            from: None,
+            to: "img-2".into(),
+            plan_path: "/r/plan.json".into(),
+            kernel_changed: true,
+        };
+        let vars = env.vars();
+        assert_eq!(
+            vars,
+            [
+                ("IMAGEUPD_ROOT", "/r".into()),
+                ("IMAGEUPD_FROM", "".into()),
+                ("IMAGEUPD_TO", "img-2".into()),
+                ("IMAGEUPD_PLAN", "/r/plan.json".into()),
+                ("IMAGEUPD_KERNEL_CHANGED", "1".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn phase_names() {
+        let dirs: Vec<_> = HookPhase::ALL.iter().map(|p| p.dir_name()).collect();
+        assert_eq!(
+            dirs,
+            ["pre-apply.d", "post-apply.d", "abort.d", "pre-reboot.d"]
+        );
+        for p in HookPhase::ALL {
+            assert_eq!(p.dir_name(), format!("{p}.d"));
+        }
+    }
+
+    #[test]
+    fn describe_exit_names_signals() {
+        assert_eq!(describe_exit(Some(3), None), "exited with status 3");
+        assert_eq!(
+            describe_exit(None, Some(9)),
+            "was killed by signal SIGKILL (9)"
+        );
+    }
+
+    // ---- real hooks in temporary directories ----
+
+    struct Fixture {
+        tmp: tempfile::TempDir,
+        runner: HookRunner,
+    }
+
+    impl Fixture {
+        fn new(timeout: Duration) -> Self {
+            let tmp = tempfile::tempdir().unwrap();
+            let runner = HookRunner::for_root(tmp.path(), timeout);
+            Fixture { tmp, runner }
+        }
+
+        fn dir(&self, phase: HookPhase) -> PathBuf {
+            let dir = self.runner.phase_dir(phase);
+            fs::create_dir_all(&dir).unwrap();
+            dir
+        }
+
+        /// Writes an executable `#!/bin/sh` hook.
+        fn hook(&self, phase: HookPhase, name: &str, body: &str) -> PathBuf {
+            let path = self.dir(phase).join(name);
+            fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+            path
+        }
+
+        fn out(&self) -> PathBuf {
+            self.tmp.path().join("out")
+        }
+
+        fn env(&self) -> HookEnv {
+            HookEnv {
+                root: self.tmp.path().to_owned(),
+                from: Some("img-1".into()),
+                to: "img-2".into(),
+                plan_path: self.tmp.path().join("plan.json"),
+                kernel_changed: false,
+            }
+        }
+
+        fn read_out(&self) -> String {
+            fs::read_to_string(self.out()).unwrap_or_default()
+        }
+    }
+
+    const SECOND: Duration = Duration::from_secs(1);
+    const LONG: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn missing_directory_means_no_hooks() {
+        let fx = Fixture::new(LONG);
+        let outcomes = fx.runner.run(HookPhase::PreApply, &fx.env()).unwrap();
+        assert!(outcomes.is_empty());
+    }
+
+    #[test]
+    fn hooks_run_in_sort_n_order() {
+        let _guard = spawn_lock();
+        let fx = Fixture::new(LONG);
+        let out = fx.out();
+        for name in ["10-b", "2-a", "010", "zeta", "1"] {
+            fx.hook(
+                HookPhase::PostApply,
+                name,
+                &format!("echo {name} >> '{}'", out.display()),
+            );
+        }
+        let outcomes = fx.runner.run(HookPhase::PostApply, &fx.env()).unwrap();
+        let ran: Vec<_> = outcomes.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(ran, ["zeta", "1", "2-a", "010", "10-b"]);
+        assert_eq!(fx.read_out(), "zeta\n1\n2-a\n010\n10-b\n");
+        assert!(outcomes.iter().all(|o| o.status_code == 0));
+    }
+
+    #[test]
+    fn environment_is_passed() {
+        let _guard = spawn_lock();
+        let fx = Fixture::new(LONG);
+        fx.hook(
+            HookPhase::PreApply,
+            "10-env",
+            &format!(
+                "env | grep -E '^IMAGEUPD_(ROOT|FROM|TO|PLAN|KERNEL_CHANGED)=' | sort > '{}'",
+                fx.out().display()
+            ),
+        );
+        let mut env = fx.env();
+        env.kernel_changed = true;
+        fx.runner.run(HookPhase::PreApply, &env).unwrap();
+        let got = fx.read_out();
+        let root = fx.tmp.path().display();
+        assert_eq!(
+            got,
+            format!(
+                "IMAGEUPD_FROM=img-1\nIMAGEUPD_KERNEL_CHANGED=1\nIMAGEUPD_PLAN={root}/plan.json\nIMAGEUPD_ROOT={root}\nIMAGEUPD_TO=img-2\n"
+            )
+        );
+    }
+
+    #[test]
+    fn parent_environment_is_inherited_and_from_may_be_empty() {
+        let _guard = spawn_lock();
+        let fx = Fixture::new(LONG);
+        fx.hook(
+            HookPhase::PreApply,
+            "10-env",
+            &format!(
+                "printf 'from=[%s] path_set=%s\\n' \"$IMAGEUPD_FROM\" \"${{PATH:+yes}}\" > '{}'",
+                fx.out().display()
+            ),
+        );
+        let mut env = fx.env();
+        env.from = None;
+        fx.runner.run(HookPhase::PreApply, &env).unwrap();
+        assert_eq!(fx.read_out(), "from=[] path_set=yes\n");
+    }
+
+    #[test]
+    fn skipping_rules() {
+        let _guard = spawn_lock();
+        let fx = Fixture::new(LONG);
+        let out = fx.out();
+        let body = |tag: &str| format!("echo {tag} >> '{}'", out.display());
+        fx.hook(HookPhase::PreApply, "10-ok", &body("ok"));
+        fx.hook(HookPhase::PreApply, "20-foo.sh", &body("dotted"));
+        fx.hook(HookPhase::PreApply, "30-bak~", &body("backup"));
+        let noexec = fx.hook(HookPhase::PreApply, "40-noexec", &body("noexec"));
+        fs::set_permissions(&noexec, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::create_dir(fx.dir(HookPhase::PreApply).join("50-subdir")).unwrap();
+        let target = fx.hook(HookPhase::Abort, "60-linked", &body("linked"));
+        std::os::unix::fs::symlink(&target, fx.dir(HookPhase::PreApply).join("60-linked")).unwrap();
+        std::os::unix::fs::symlink(
+            "/nonexistent/imageupd-test",
+            fx.dir(HookPhase::PreApply).join("70-dangling"),
+        )
+        .unwrap();
+
+        let selected = fx.runner.select(HookPhase::PreApply).unwrap();
+        let dir = fx.runner.phase_dir(HookPhase::PreApply);
+        assert_eq!(selected, [dir.join("10-ok"), dir.join("60-linked")]);
+
+        let outcomes = fx.runner.run(HookPhase::PreApply, &fx.env()).unwrap();
+        assert_eq!(outcomes.len(), 2);
+        assert_eq!(fx.read_out(), "ok\nlinked\n");
+    }
+
+    #[test]
+    fn failure_stops_later_hooks_and_reports_stderr() {
+        let _guard = spawn_lock();
+        let fx = Fixture::new(LONG);
+        let out = fx.out();
+        fx.hook(
+            HookPhase::PreApply,
+            "10-first",
+            &format!("echo first >> '{}'", out.display()),
+        );
+        let bad = fx.hook(
+            HookPhase::PreApply,
+            "20-stop-nova",
+            "echo progress\necho 'Failed to stop nova-compute.service: Unit not loaded.' >&2\nexit 3",
+        );
+        fx.hook(
+            HookPhase::PreApply,
+            "30-later",
+            &format!("echo later >> '{}'", out.display()),
+        );
+
+        let err = fx.runner.run(HookPhase::PreApply, &fx.env()).unwrap_err();
+        match &err {
+            HookError::Failed {
+                phase,
+                hook,
+                code,
+                signal,
+                stderr_tail,
+            } => {
+                assert_eq!(*phase, HookPhase::PreApply);
+                assert_eq!(hook, &bad);
+                assert_eq!(*code, Some(3));
+                assert_eq!(*signal, None);
+                assert_eq!(
+                    stderr_tail,
+                    "Failed to stop nova-compute.service: Unit not loaded."
+                );
+            }
+            other => panic!("unexpected error {other:?}"),
+        }
+        assert_eq!(fx.read_out(), "first\n");
+        let msg = err.to_string();
+        assert!(msg.contains("pre-apply.d/20-stop-nova"), "{msg}");
+        assert!(msg.contains("exited with status 3"), "{msg}");
+        assert!(msg.contains("Unit not loaded."), "{msg}");
+        assert!(msg.contains("later pre-apply hooks were not run"), "{msg}");
+    }
+
+    #[test]
+    fn stderr_tail_is_bounded() {
+        let _guard = spawn_lock();
+        let fx = Fixture::new(LONG);
+        fx.hook(
+            HookPhase::PostApply,
+            "10-noisy",
+            "i=0; while [ $i -lt 5000 ]; do echo \"line $i\" >&2; i=$((i+1)); done; exit 1",
+        );
+        let err = fx.runner.run(HookPhase::PostApply, &fx.env()).unwrap_err();
+        let HookError::Failed { stderr_tail, .. } = err else {
+            panic!("expected Failed");
+        };
+        let lines: Vec<_> = stderr_tail.lines().collect();
+        assert_eq!(lines.len(), STDERR_TAIL_LINES);
+        assert_eq!(lines.last(), Some(&"line 4999"));
+    }
+
+    #[test]
+    fn killed_by_signal_is_reported() {
+        let _guard = spawn_lock();
+        let fx = Fixture::new(LONG);
+        fx.hook(HookPhase::Abort, "10-suicide", "kill -TERM $$");
+        let err = fx.runner.run(HookPhase::Abort, &fx.env()).unwrap_err();
+        assert!(matches!(
+            err,
+            HookError::Failed {
+                code: None,
+                signal: Some(15),
+                ..
+            }
+        ));
+        let msg = err.to_string();
+        assert!(msg.contains("killed by signal SIGTERM"), "{msg}");
+        assert!(msg.contains("wrote nothing to stderr"), "{msg}");
+    }
+
+    #[test]
+    fn unrunnable_hook_is_an_io_error() {
+        let _guard = spawn_lock();
+        let fx = Fixture::new(LONG);
+        let path = fx.dir(HookPhase::PreReboot).join("10-garbage");
+        fs::write(&path, "no shebang, not an ELF\n").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        let err = fx.runner.run(HookPhase::PreReboot, &fx.env()).unwrap_err();
+        assert!(matches!(err, HookError::Io { .. }), "{err:?}");
+        assert!(err.to_string().contains("pre-reboot.d/10-garbage"), "{err}");
+    }
+
+    fn is_alive(pid: i32) -> bool {
+        // A zombie reparented to a non-reaping init counts as dead.
+        match fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => {
+                let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+                !state.starts_with('Z')
+            }
+            Err(_) => false,
+        }
+    }
+
+    #[test]
+    fn timeout_kills_the_whole_process_group() {
+        let _guard = spawn_lock();
+        let fx = Fixture::new(SECOND);
+        let pids = fx.tmp.path().join("pids");
+        let out = fx.out();
+        fx.hook(
+            HookPhase::PreApply,
+            "10-hang",
+            &format!(
+                "echo about to hang >&2\nsleep 30 &\necho $$ $! > '{}'\nsleep 30",
+                pids.display()
+            ),
+        );
+        fx.hook(
+            HookPhase::PreApply,
+            "20-later",
+            &format!("echo later >> '{}'", out.display()),
+        );
+
+        let start = Instant::now();
+        let err = fx.runner.run(HookPhase::PreApply, &fx.env()).unwrap_err();
+        let elapsed = start.elapsed();
+        assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+        assert!(elapsed >= SECOND, "took {elapsed:?}");
+
+        match &err {
+            HookError::TimedOut {
+                phase,
+                timeout,
+                stderr_tail,
+                ..
+            } => {
+                assert_eq!(*phase, HookPhase::PreApply);
+                assert_eq!(*timeout, SECOND);
+                assert_eq!(stderr_tail, "about to hang");
+            }
+            other => panic!("unexpected error {other:?}"),
+        }
+        let msg = err.to_string();
+        assert!(msg.contains("pre-apply.d/10-hang"), "{msg}");
+        assert!(msg.contains("within 1s"), "{msg}");
+        assert_eq!(fx.read_out(), "", "later hooks must not run");
+
+        let pids: Vec<i32> = fs::read_to_string(&pids)
+            .unwrap()
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        assert_eq!(pids.len(), 2);
+        // SIGKILL delivery is immediate, but give the kernel a moment to
+        // finish tearing the processes down.
+        let gone_by = Instant::now() + SECOND;
+        while pids.iter().any(|&p| is_alive(p)) && Instant::now() < gone_by {
+            thread::sleep(Duration::from_millis(10));
+        }
+        for pid in pids {
+            assert!(!is_alive(pid), "process {pid} survived the timeout");
+        }
+    }
+
+    #[test]
+    fn lingering_background_output_does_not_block() {
+        let _guard = spawn_lock();
+        let fx = Fixture::new(LONG);
+        let pids = fx.tmp.path().join("pids");
+        // The background sleep inherits stdout, so the pipe stays open after
+        // the hook exits.
+        fx.hook(
+            HookPhase::PostApply,
+            "10-daemonise-badly",
+            &format!("sleep 5 &\necho $! > '{}'", pids.display()),
+        );
+        let start = Instant::now();
+        let outcomes = fx.runner.run(HookPhase::PostApply, &fx.env()).unwrap();
+        assert_eq!(outcomes.len(), 1);
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            start.elapsed()
+        );
+        let pid: i32 = fs::read_to_string(&pids).unwrap().trim().parse().unwrap();
+        // Not ours to kill on success; clean up after the test.
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}

@@ -1,0 +1,200 @@
+//! `imageupd publish`: ingest a built image into the store.
+//!
+//! Sources: a directory, or a `.tar`, `.tar.gz`/`.tgz`, `.tar.zst` archive
+//! (unpacked by GNU tar into the store's scratch space with xattrs, devices,
+//! hardlinks and numeric owners intact, then walked like a directory).
+
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::error::ExitKind;
+use crate::manifest::{self, FileType, Manifest, FORMAT_VERSION};
+use crate::scan::{self, ScanOptions};
+use crate::store::{self, Store};
+use crate::{fsx, kernel, progress::Progress, sign};
+
+/// Default zstd level for objects: a balance of publish time and transfer size.
+pub const DEFAULT_LEVEL: i32 = 10;
+
+/// What to publish.
+pub struct PublishOptions {
+    /// Store directory (created if new).
+    pub store: PathBuf,
+    /// Image id.
+    pub id: String,
+    /// Signing key; `None` publishes unsigned.
+    pub key: Option<PathBuf>,
+    /// Parent image id.
+    pub parent: Option<String>,
+    /// zstd level for new objects.
+    pub level: i32,
+    /// Worker threads for hashing and compression.
+    pub threads: usize,
+}
+
+/// Result summary.
+#[derive(Serialize, Debug)]
+pub struct PublishReport {
+    /// Image id.
+    pub id: String,
+    /// Entries in the manifest.
+    pub entries: usize,
+    /// Content bytes of regular files.
+    pub content_bytes: u64,
+    /// Objects newly written.
+    pub new_objects: usize,
+    /// Compressed bytes newly written.
+    pub new_object_bytes: u64,
+    /// Objects already present (shared with earlier images).
+    pub reused_objects: usize,
+    /// Whether the manifest was signed.
+    pub signed: bool,
+    /// Kernel release found in the image.
+    pub kernel: Option<String>,
+    /// Wall time in ms.
+    pub duration_ms: u64,
+}
+
+/// The kind of source, decided by its type and name.
+enum SourceKind {
+    Dir,
+    Tar(Option<&'static str>),
+}
+
+fn source_kind(p: &Path) -> Result<SourceKind> {
+    if p.is_dir() {
+        return Ok(SourceKind::Dir);
+    }
+    if !p.is_file() {
+        bail!("source {} does not exist or is neither a directory nor a file", p.display());
+    }
+    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    if name.ends_with(".tar") {
+        Ok(SourceKind::Tar(None))
+    } else if name.ends_with(".tar.gz") || name.ends_with(".tgz") {
+        Ok(SourceKind::Tar(Some("--gzip")))
+    } else if name.ends_with(".tar.zst") || name.ends_with(".tzst") {
+        Ok(SourceKind::Tar(Some("--zstd")))
+    } else if name.ends_with(".raw") || name.ends_with(".qcow2") || name.ends_with(".img") {
+        bail!("disk image sources ({name}) are not supported by this build yet; unpack the root filesystem to a directory or tarball")
+    } else {
+        bail!("don't know how to publish {name}: expected a directory, .tar, .tar.gz, .tgz or .tar.zst")
+    }
+}
+
+/// Publish `source` as image `opts.id`.
+pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Result<PublishReport> {
+    let t0 = Instant::now();
+    manifest::validate_image_id(&opts.id).map_err(anyhow::Error::msg).context(ExitKind::Usage)?;
+    if let Some(p) = &opts.parent {
+        manifest::validate_image_id(p).map_err(anyhow::Error::msg).context(ExitKind::Usage)?;
+    }
+    let key = opts.key.as_deref().map(sign::load_secret).transpose()?;
+    let kind = source_kind(source).context(ExitKind::Source)?;
+    let st = Store::create_or_open(&opts.store)?;
+    if st.has_image(&opts.id) {
+        bail!("image {:?} already exists in {}; image ids are immutable, pick a new id", opts.id, opts.store.display());
+    }
+    if let Some(p) = &opts.parent {
+        if !st.has_image(p) {
+            bail!("parent image {p:?} is not in {}", opts.store.display());
+        }
+    }
+    let _unpacked;
+    let tree: PathBuf = match kind {
+        SourceKind::Dir => source.to_path_buf(),
+        SourceKind::Tar(flag) => {
+            let dir = tempfile::Builder::new().prefix("unpack-").tempdir_in(st.tmp_dir()?)?;
+            progress.line(&format!("unpacking {}", source.display()));
+            unpack_tar(source, flag, dir.path())?;
+            let p = dir.path().to_path_buf();
+            _unpacked = dir;
+            p
+        }
+    };
+    let root = fsx::open_dir(&tree).with_context(|| format!("opening source {}", tree.display()))?;
+    progress.line(&format!("scanning {}", tree.display()));
+    let nodes = scan::scan(root.as_fd(), &ScanOptions::default())?;
+    if let Some(m) = nodes.iter().find(|n| n.mountpoint) {
+        progress.line(&format!("note: {} is another filesystem; only its mount point is recorded", m.path));
+    }
+    let entries = scan::to_entries(root.as_fd(), &nodes, opts.threads)?;
+    // Objects: only the digests the store does not hold yet, each once.
+    let mut seen = std::collections::HashSet::new();
+    let mut todo = Vec::new();
+    let mut reused = 0usize;
+    for e in &entries {
+        if e.ftype != FileType::File || e.size == 0 {
+            continue;
+        }
+        let Some(d) = e.sha256 else { continue };
+        if !seen.insert(d) {
+            continue;
+        }
+        if st.has_object(&d) {
+            reused += 1;
+        } else {
+            todo.push((d, e.path.clone(), e.size));
+        }
+    }
+    let total: u64 = todo.iter().map(|t| t.2).sum();
+    let bar = progress.bar("compressing", total);
+    let sizes = scan::par_map(&todo, opts.threads, |(d, p, size)| {
+        let f = fsx::open_file_beneath(root.as_fd(), p).with_context(|| format!("opening {p}"))?;
+        let n = st.put_object(d, std::io::BufReader::with_capacity(256 * 1024, f), opts.level).with_context(|| format!("storing {p}"))?;
+        bar.inc(*size);
+        Ok(n)
+    })?;
+    bar.finish();
+    let kernel = kernel::detect(&entries);
+    let m = Manifest {
+        format: FORMAT_VERSION,
+        id: opts.id.clone(),
+        parent: opts.parent.clone(),
+        created: now_rfc3339(),
+        kernel,
+        entries,
+    };
+    m.validate().context("the scanned tree does not form a valid manifest")?;
+    let stored = store::encode_manifest(&m)?;
+    let sig = key.as_ref().map(|k| sign::sign(k, &stored));
+    st.put_image(&m, &stored, sig.as_deref())?;
+    Ok(PublishReport {
+        id: m.id.clone(),
+        entries: m.entries.len(),
+        content_bytes: m.content_bytes(),
+        new_objects: todo.len(),
+        new_object_bytes: sizes.iter().sum(),
+        reused_objects: reused,
+        signed: sig.is_some(),
+        kernel: m.kernel.as_ref().map(|k| k.release.clone()),
+        duration_ms: t0.elapsed().as_millis() as u64,
+    })
+}
+
+fn unpack_tar(archive: &Path, flag: Option<&str>, dest: &Path) -> Result<()> {
+    let mut cmd = std::process::Command::new("tar");
+    cmd.arg("--extract")
+        .arg("--file")
+        .arg(archive)
+        .arg("--directory")
+        .arg(dest)
+        .args(["--xattrs", "--xattrs-include=*", "--acls", "--selinux", "--numeric-owner", "--same-owner"])
+        .args(["--preserve-permissions", "--delay-directory-restore", "--no-overwrite-dir"]);
+    if let Some(f) = flag {
+        cmd.arg(f);
+    }
+    crate::cmd::run(&mut cmd).with_context(|| format!("unpacking {}", archive.display())).context(ExitKind::Source)?;
+    Ok(())
+}
+
+/// Current time as RFC 3339 (UTC).
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}

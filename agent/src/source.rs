@@ -1,0 +1,133 @@
+//! Where an update comes from: a store directory (signed manifests and
+//! objects) or a directory holding a mounted image (the operator vouches for
+//! it; the manifest is computed by walking it).
+
+use std::io::{self, Read};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use ed25519_dalek::VerifyingKey;
+
+use crate::error::ExitKind;
+use crate::manifest::{Digest, Entry, Manifest, FORMAT_VERSION};
+use crate::scan::{self, ScanOptions};
+use crate::store::{self, Store};
+use crate::{fsx, kernel, sign};
+
+/// An update source.
+pub enum Source {
+    /// A local store directory.
+    Store(Store),
+    /// A directory holding a mounted (or unpacked) image.
+    Dir {
+        /// Its path.
+        path: PathBuf,
+        /// Pinned descriptor of its top.
+        fd: OwnedFd,
+    },
+}
+
+/// How manifests are trusted.
+pub struct Trust<'a> {
+    /// Trusted public keys.
+    pub keys: &'a [VerifyingKey],
+    /// Where they came from (for messages).
+    pub keys_dir: String,
+    /// Accept unsigned manifests.
+    pub allow_unsigned: bool,
+}
+
+/// A resolved manifest plus its stored bytes (kept as the node's record).
+pub struct Resolved {
+    /// The parsed, validated manifest.
+    pub manifest: Manifest,
+    /// Stored bytes (`manifest.json.zst`), when it came from a store.
+    pub stored: Vec<u8>,
+    /// Signature bytes, when signed.
+    pub sig: Option<Vec<u8>>,
+    /// Key id that verified it.
+    pub signed_by: Option<String>,
+}
+
+impl Source {
+    /// Interpret `--from`: a store directory or an image directory.
+    pub fn open(from: &str) -> Result<Source> {
+        if from.starts_with("http://") || from.starts_with("https://") {
+            anyhow::bail!("HTTP(S) sources are not supported by this build yet; use a store directory (e.g. an NFS or local copy) for now");
+        }
+        let p = Path::new(from);
+        if !p.is_dir() {
+            return Err(anyhow::anyhow!("source {from} is not a directory")).context(ExitKind::Source);
+        }
+        if Store::is_store(p) {
+            Ok(Source::Store(Store::open(p).context(ExitKind::Source)?))
+        } else {
+            let fd = fsx::open_dir(p).with_context(|| format!("opening source {from}")).context(ExitKind::Source)?;
+            Ok(Source::Dir { path: p.to_path_buf(), fd })
+        }
+    }
+
+    /// Short description for logs and hooks.
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Store(s) => format!("store {}", s.path().display()),
+            Source::Dir { path, .. } => format!("image directory {}", path.display()),
+        }
+    }
+
+    /// The `--from` string to record for resuming.
+    pub fn location(&self) -> String {
+        match self {
+            Source::Store(s) => s.path().display().to_string(),
+            Source::Dir { path, .. } => path.display().to_string(),
+        }
+    }
+
+    /// Fetch and verify the manifest of image `id`.
+    pub fn manifest(&self, id: &str, trust: &Trust<'_>, threads: usize) -> Result<Resolved> {
+        match self {
+            Source::Store(st) => {
+                let (stored, sig) = st.read_manifest_raw(id).context(ExitKind::Source)?;
+                verify_stored(id, stored, sig, trust)
+            }
+            Source::Dir { fd, .. } => {
+                let nodes = scan::scan(fd.as_fd(), &ScanOptions::default()).context("walking the image directory")?;
+                let entries = scan::to_entries(fd.as_fd(), &nodes, threads)?;
+                let m = Manifest {
+                    format: FORMAT_VERSION,
+                    id: id.to_string(),
+                    parent: None,
+                    created: crate::publish::now_rfc3339(),
+                    kernel: kernel::detect(&entries),
+                    entries,
+                };
+                m.validate().context("the image directory does not form a valid image").context(ExitKind::Untrusted)?;
+                let stored = store::encode_manifest(&m)?;
+                Ok(Resolved { manifest: m, stored, sig: None, signed_by: None })
+            }
+        }
+    }
+
+    /// Open the content of a file entry (unverified; the caller verifies).
+    pub fn open_content(&self, d: &Digest, e: &Entry) -> io::Result<Box<dyn Read + Send + '_>> {
+        match self {
+            Source::Store(st) => Ok(Box::new(st.open_object(d)?)),
+            Source::Dir { fd, .. } => Ok(Box::new(fsx::open_file_beneath(fd.as_fd(), &e.path)?)),
+        }
+    }
+}
+
+/// Check the signature over the stored bytes, then decompress and parse.
+pub fn verify_stored(id: &str, stored: Vec<u8>, sig: Option<Vec<u8>>, trust: &Trust<'_>) -> Result<Resolved> {
+    let signed_by = match sign::verify(&stored, sig.as_deref(), trust.keys, &trust.keys_dir) {
+        Ok(k) => Some(k),
+        Err(sign::SignatureError::Unsigned) if trust.allow_unsigned => None,
+        Err(e) => return Err(e).with_context(|| format!("manifest of image {id:?}")).context(ExitKind::Untrusted),
+    };
+    let manifest = store::decode_manifest(&stored).with_context(|| format!("manifest of image {id:?}")).context(ExitKind::Untrusted)?;
+    if manifest.id != id {
+        return Err(anyhow::anyhow!("manifest says it is image {:?}, not {id:?}", manifest.id)).context(ExitKind::Untrusted);
+    }
+    Ok(Resolved { manifest, stored, sig, signed_by })
+}
