@@ -157,7 +157,8 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             let kind = ExitKind::of(&e);
-            eprintln!("imageupd: {kind}: {e:#}");
+            // The chain already names the kind (it is attached as context).
+            eprintln!("imageupd: {e:#}");
             ExitCode::from(kind.code() as u8)
         }
     }

@@ -40,19 +40,112 @@ pub struct ScanOptions<'a> {
     pub skip: Vec<RelPath>,
 }
 
-/// Walk the tree below `root`.
+/// Walk the tree below `root`, on [`scan_threads`] threads.
 pub fn scan(root: BorrowedFd<'_>, opts: &ScanOptions<'_>) -> Result<Vec<Node>> {
+    scan_with(root, opts, scan_threads())
+}
+
+/// Threads for walking: directory reads are syscall-bound and scale with CPUs.
+pub fn scan_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(8)
+}
+
+/// Walk with an explicit thread count. Each directory is one job; a worker
+/// lists it, stats its entries and queues its subdirectories. The result is
+/// assembled in manifest order afterwards, so it does not depend on timing.
+pub fn scan_with(root: BorrowedFd<'_>, opts: &ScanOptions<'_>, threads: usize) -> Result<Vec<Node>> {
+    use std::collections::HashMap;
+    use std::sync::{Condvar, Mutex};
     let st = fsx::stat_fd(root).context("stat of the tree's top directory")?;
     let xattrs = fsx::read_xattrs(root, b".").context("reading xattrs of the top directory")?;
     let dev = st.dev;
-    let mut out = Vec::with_capacity(16 * 1024);
+    struct Shared {
+        queue: Vec<RelPath>,
+        pending: usize,
+        failed: Option<anyhow::Error>,
+    }
+    let shared = Mutex::new(Shared { queue: vec![RelPath::root()], pending: 1, failed: None });
+    let cv = Condvar::new();
+    let results: Mutex<HashMap<RelPath, Vec<Node>>> = Mutex::new(HashMap::new());
+    let worker = || loop {
+        let job = {
+            let Ok(mut g) = shared.lock() else { return };
+            loop {
+                if g.failed.is_some() {
+                    return;
+                }
+                if let Some(j) = g.queue.pop() {
+                    break j;
+                }
+                if g.pending == 0 {
+                    return;
+                }
+                g = match cv.wait(g) {
+                    Ok(g) => g,
+                    Err(_) => return,
+                };
+            }
+        };
+        let res = list_one(root, &job, dev, opts);
+        let Ok(mut g) = shared.lock() else { return };
+        match res {
+            Ok((children, subdirs)) => {
+                g.pending += subdirs.len();
+                g.queue.extend(subdirs);
+                if let Ok(mut r) = results.lock() {
+                    r.insert(job, children);
+                }
+            }
+            Err(e) => {
+                g.failed.get_or_insert(e);
+            }
+        }
+        g.pending -= 1;
+        cv.notify_all();
+    };
+    std::thread::scope(|s| {
+        for _ in 1..threads.max(1) {
+            s.spawn(worker);
+        }
+        worker();
+    });
+    let shared = shared.into_inner().map_err(|_| anyhow::anyhow!("scan worker panicked"))?;
+    if let Some(e) = shared.failed {
+        return Err(e);
+    }
+    let mut results = results.into_inner().map_err(|_| anyhow::anyhow!("scan worker panicked"))?;
+    let mut out = Vec::with_capacity(results.values().map(Vec::len).sum::<usize>() + 1);
     out.push(Node { path: RelPath::root(), stat: st, xattrs, target: None, mountpoint: false });
-    walk(root, &RelPath::root(), dev, opts, &mut out)?;
+    emit(&RelPath::root(), &mut results, &mut out);
     Ok(out)
 }
 
-fn walk(dir: BorrowedFd<'_>, dir_path: &RelPath, dev: u64, opts: &ScanOptions<'_>, out: &mut Vec<Node>) -> Result<()> {
+/// Append the children of `dir` (and recursively theirs) in manifest order.
+fn emit(dir: &RelPath, results: &mut std::collections::HashMap<RelPath, Vec<Node>>, out: &mut Vec<Node>) {
+    let Some(children) = results.remove(dir) else { return };
+    for c in children {
+        let is_dir = c.stat.ftype == FileType::Dir && !c.mountpoint;
+        let p = c.path.clone();
+        out.push(c);
+        if is_dir {
+            emit(&p, results, out);
+        }
+    }
+}
+
+/// List one directory: its entries (sorted by name) and the subdirectories
+/// to walk next.
+fn list_one(root: BorrowedFd<'_>, dir_path: &RelPath, dev: u64, opts: &ScanOptions<'_>) -> Result<(Vec<Node>, Vec<RelPath>)> {
+    let dir = match fsx::open_dir_beneath(root, dir_path) {
+        Ok(fd) => fd,
+        // Vanished (or replaced by a non-directory) while we looked.
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !dir_path.is_root() => return Ok((Vec::new(), Vec::new())),
+        Err(e) => return Err(e).with_context(|| format!("opening directory {dir_path}")),
+    };
+    let dir = dir.as_fd();
     let names = fsx::read_dir_names(dir).with_context(|| format!("listing {dir_path}"))?;
+    let mut out = Vec::with_capacity(names.len());
+    let mut subdirs = Vec::new();
     for name in names {
         let path = dir_path.join(&name);
         if opts.preserve.is_some_and(|p| p.matches(&path)) || opts.skip.contains(&path) {
@@ -75,18 +168,12 @@ fn walk(dir: BorrowedFd<'_>, dir_path: &RelPath, dev: u64, opts: &ScanOptions<'_
         } else {
             None
         };
-        let descend = stat.ftype == FileType::Dir && !mountpoint;
-        out.push(Node { path: path.clone(), stat, xattrs, target, mountpoint });
-        if descend {
-            let sub = match fsx::open_dir_beneath(dir, &RelPath(name.clone())) {
-                Ok(fd) => fd,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e).with_context(|| format!("opening directory {path}")),
-            };
-            walk(sub.as_fd(), &path, dev, opts, out)?;
+        if stat.ftype == FileType::Dir && !mountpoint {
+            subdirs.push(path.clone());
         }
+        out.push(Node { path, stat, xattrs, target, mountpoint });
     }
-    Ok(())
+    Ok((out, subdirs))
 }
 
 /// Run `f` over `items` on `threads` threads; the first error wins.
