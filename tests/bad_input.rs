@@ -29,12 +29,9 @@ struct Installed {
 impl Installed {
     #[track_caller]
     fn new(name: &str, id: &str) -> Installed {
-        let store = shared_store();
-        let image = store.image(id);
         let s = scratch(name);
         let root = s.join("root");
-        make_root(&image, &root, &store.key);
-        install(&store.dir, id, &root);
+        let image = install_root(shared_store(), id, &root);
         let before = snapshot_root(&root);
         let dir = s.path().to_path_buf();
         Installed { _s: s, dir, root, image, id: id.to_string(), before }

@@ -871,14 +871,24 @@ impl SharedStore {
     /// the tree it was published from.
     #[track_caller]
     pub fn image(&self, id: &str) -> PathBuf {
-        let src = fixture_tree(id);
         let mut done = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        self.publish_locked(id, &mut done)
+    }
+
+    #[track_caller]
+    fn publish_locked(&self, id: &str, done: &mut BTreeSet<String>) -> PathBuf {
+        let src = fixture_tree(id);
         if !done.contains(id) {
+            // v2 and v3 are published as successors of v1, s2 of s1; a
+            // parent must be in the store first.
             let parent = match id {
                 "v2" | "v3" => Some("v1"),
                 "s2" => Some("s1"),
                 _ => None,
             };
+            if let Some(p) = parent {
+                self.publish_locked(p, done);
+            }
             let t = Instant::now();
             publish(&self.dir, id, Some(&self.key), parent, &src);
             eprintln!("published {id} in {:.1?}", t.elapsed());
@@ -914,6 +924,23 @@ pub fn shared_store() -> &'static SharedStore {
 pub fn make_root(tree: &Path, dst: &Path, key: &Key) {
     copy_tree(tree, dst);
     trust(dst, key);
+}
+
+/// A scratch node installed at image ID: a copy of its tree that trusts
+/// the store's key, adopted by an apply of ID (so the node's current image,
+/// state and /etc/image_id are ID's).
+#[track_caller]
+pub fn install_root(store: &SharedStore, id: &str, dst: &Path) -> PathBuf {
+    let tree = store.image(id);
+    make_root(&tree, dst, &store.key);
+    let out = apply(&store.dir, id, dst, &[]).expect_ok();
+    assert_eq!(
+        image_id(dst).as_deref(),
+        Some(id),
+        "applying {id} to a copy of {id} must record /etc/image_id (adoption)\n{}",
+        out.describe()
+    );
+    tree
 }
 
 /// Object path in a store for a sha256 hex digest.
