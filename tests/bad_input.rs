@@ -85,11 +85,11 @@ fn replace_file(path: &Path, data: &[u8]) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// The object of a file of the s2 tree that s1 does not have.
+/// The object of a file that only s2 has (so the update must fetch it).
 fn needed_object(store: &Path, rel: &str) -> (PathBuf, Vec<u8>) {
     let (s1, s2) = synthetic();
     let digest = sha256_file(&s2.join(rel));
-    assert_ne!(digest, sha256_file(&s1.join(rel)), "{rel} must differ between s1 and s2");
+    assert!(!s1.join(rel).exists(), "{rel} must be new in s2");
     let obj = object_path(store, &digest);
     assert!(obj.is_file(), "object {} of {rel} is not in the store", obj.display());
     let content = std::fs::read(s2.join(rel)).unwrap();
@@ -100,7 +100,7 @@ fn needed_object(store: &Path, rel: &str) -> (PathBuf, Vec<u8>) {
 fn tampered_object_recompressed_is_refused() {
     let node = Installed::new("tamper-recompressed", "s1");
     let st = store_copy(&node.dir.join("store"));
-    let (obj, mut content) = needed_object(&st, "big/changes.bin");
+    let (obj, mut content) = needed_object(&st, "new/blob.bin");
     let mid = content.len() / 2;
     content[mid] ^= 0xff;
     replace_file(&obj, &zstd::encode_all(&content[..], 3).unwrap());
@@ -113,7 +113,7 @@ fn tampered_object_recompressed_is_refused() {
 fn tampered_object_flipped_byte_is_refused() {
     let node = Installed::new("tamper-flip", "s1");
     let st = store_copy(&node.dir.join("store"));
-    let (obj, _) = needed_object(&st, "big/changes.bin");
+    let (obj, _) = needed_object(&st, "new/blob.bin");
     let mut raw = std::fs::read(&obj).unwrap();
     let mid = raw.len() / 2;
     raw[mid] ^= 0x01;
@@ -127,7 +127,7 @@ fn tampered_object_flipped_byte_is_refused() {
 fn truncated_object_is_refused() {
     let node = Installed::new("truncated", "s1");
     let st = store_copy(&node.dir.join("store"));
-    let (obj, _) = needed_object(&st, "big/changes.bin");
+    let (obj, _) = needed_object(&st, "new/blob.bin");
     let raw = std::fs::read(&obj).unwrap();
     replace_file(&obj, &raw[..raw.len() / 2]);
     let out = node.apply(&st, "s2", &[]);
@@ -143,7 +143,7 @@ fn truncated_object_is_refused() {
 fn missing_object_is_a_source_error() {
     let node = Installed::new("missing-object", "s1");
     let st = store_copy(&node.dir.join("store"));
-    let (obj, _) = needed_object(&st, "big/changes.bin");
+    let (obj, _) = needed_object(&st, "new/blob.bin");
     std::fs::remove_file(&obj).unwrap();
     let out = node.apply(&st, "s2", &[]);
     expect_refused(&out, EXIT_SOURCE, "missing object");
@@ -201,14 +201,14 @@ fn unsigned_manifest_needs_explicit_permission() {
     // --allow-unsigned accepts it.
     let out = node.apply(&st, "s2", &["--allow-unsigned"]).expect_ok();
     assert_eq!(out.json()["result"], "applied", "{}", out.describe());
-    assert_applied(&s2, &node.root, "s2", "unsigned manifest with --allow-unsigned");
+    assert_committed_s2(&node.root, "unsigned manifest with --allow-unsigned");
 
     // So does allow_unsigned = true in the node's config.
     let node2 = Installed::new("unsigned-config", "s1");
     write_config(&node2.root, "allow_unsigned = true\n");
     let out = node2.apply(&st, "s2", &[]).expect_ok();
     assert_eq!(out.json()["result"], "applied", "{}", out.describe());
-    assert_applied(&s2, &node2.root, "s2", "unsigned manifest with allow_unsigned = true");
+    assert_committed_s2(&node2.root, "unsigned manifest with allow_unsigned = true");
 }
 
 /// Replace the s2 manifest of STORE by MODIFY(manifest), re-signed with the

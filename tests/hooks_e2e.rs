@@ -58,19 +58,6 @@ if [ -f "$IMAGEUPD_PLAN" ]; then cp "$IMAGEUPD_PLAN" {m}/plan-{phase}-{name}.jso
     }
 }
 
-/// The update to s2 is committed: /etc/image_id, content only s2 has, and
-/// `verify` clean. (Full oracle convergence is tests/engine.rs's job; here
-/// the subject is the hooks.)
-#[track_caller]
-fn assert_committed(root: &Path, context: &str) {
-    assert_eq!(image_id(root).as_deref(), Some("s2"), "{context}: /etc/image_id");
-    assert_eq!(std::fs::read_to_string(root.join("new/p/one")).ok().as_deref(), Some("new 1\n"), "{context}: new/p/one");
-    assert!(root.join("types/file2dir").is_dir(), "{context}: types/file2dir is not a directory");
-    assert!(!root.join("gone").exists(), "{context}: gone/ still exists");
-    let v = verify(root, false);
-    assert_eq!(v.code(), Some(EXIT_OK), "{context}: verify after the apply\n{}", v.describe());
-}
-
 /// The order `sort -n` (C locale) gives NAMES.
 fn sort_n(names: &[&str]) -> Vec<String> {
     let input = names.join("\n");
@@ -95,7 +82,7 @@ fn hooks_run_in_sort_n_order_with_the_documented_environment() {
     }
     let out = n.apply().expect_ok();
     assert_eq!(out.json()["result"], "applied", "{}", out.describe());
-    assert_committed(&n.root, "apply with hooks");
+    assert_committed_s2(&n.root, "apply with hooks");
 
     let root = n.root.display().to_string();
     let mut expected = Vec::new();
@@ -140,7 +127,7 @@ fn failing_post_apply_hook_is_exit_7_with_the_update_committed() {
     n.hook("abort", "10-abort", &format!("echo abort >> {m}/log"));
     let out = n.apply();
     assert_eq!(out.code(), Some(EXIT_POST_HOOK), "{}", out.describe());
-    assert_committed(&n.root, "failing post-apply hook (update committed)");
+    assert_committed_s2(&n.root, "failing post-apply hook (update committed)");
     assert_eq!(n.log().first().map(String::as_str), Some("post 10-fail"), "{}", out.describe());
     // The failure is reported.
     let st = imageupd(["status", "--root"]).arg(&n.root).arg("--json").ok();
@@ -201,7 +188,7 @@ fn hook_timeout_kills_the_hooks_children_too() {
         let _ = std::process::Command::new("kill").arg("-9").arg(pid.to_string()).status();
     }
     assert!(gone, "the timed-out hook's child process (pid {pid}) was left running");
-    assert_committed(&n.root, "post-apply hook timeout (committed)");
+    assert_committed_s2(&n.root, "post-apply hook timeout (committed)");
 }
 
 #[test]
@@ -236,5 +223,5 @@ fn concurrent_apply_is_refused_by_the_lock() {
     let status = first.wait().unwrap();
     assert_eq!(second.code(), Some(EXIT_LOCKED), "a second apply while one runs must exit 8\n{}", second.describe());
     assert!(status.success(), "first apply: {status}\n{}", std::fs::read_to_string(&log).unwrap_or_default());
-    assert_committed(&n.root, "apply that held the lock");
+    assert_committed_s2(&n.root, "apply that held the lock");
 }

@@ -943,6 +943,19 @@ pub fn install_root(store: &SharedStore, id: &str, dst: &Path) -> PathBuf {
     tree
 }
 
+/// The update s1 -> s2 is committed: /etc/image_id, content only s2 has,
+/// and `verify` clean. (For tests whose subject is not the content itself;
+/// full convergence is checked by [`assert_applied`] in tests/engine.rs.)
+#[track_caller]
+pub fn assert_committed_s2(root: &Path, context: &str) {
+    assert_eq!(image_id(root).as_deref(), Some("s2"), "{context}: /etc/image_id");
+    assert_eq!(std::fs::read_to_string(root.join("new/p/one")).ok().as_deref(), Some("new 1\n"), "{context}: new/p/one");
+    assert!(root.join("types/file2dir").is_dir(), "{context}: types/file2dir is not a directory");
+    assert!(!root.join("gone").exists(), "{context}: gone/ still exists");
+    let v = verify(root, false);
+    assert_eq!(v.code(), Some(EXIT_OK), "{context}: verify after the apply\n{}", v.describe());
+}
+
 /// Object path in a store for a sha256 hex digest.
 pub fn object_path(store: &Path, sha256: &str) -> PathBuf {
     store.join("objects").join(&sha256[..2]).join(sha256)
@@ -1024,7 +1037,10 @@ impl LoopFs {
         let img = dir.join("fs.img");
         let mnt = dir.join("mnt");
         std::fs::create_dir_all(&mnt).expect("create mount point");
-        let mut args: Vec<OsString> = vec!["-q".into(), "-F".into(), "-t".into(), "ext4".into(), "-I".into(), "256".into()];
+        // -m 0: no blocks reserved for root (the tests run as root, and
+        // free-space tests need "full" to mean full).
+        let mut args: Vec<OsString> =
+            ["-q", "-F", "-t", "ext4", "-I", "256", "-m", "0"].iter().map(OsString::from).collect();
         if let Some(t) = tree {
             args.push("-d".into());
             args.push(t.as_os_str().to_owned());
