@@ -34,7 +34,14 @@ impl Installed {
         let image = install_root(shared_store(), id, &root);
         let before = snapshot_root(&root);
         let dir = s.path().to_path_buf();
-        Installed { _s: s, dir, root, image, id: id.to_string(), before }
+        Installed {
+            _s: s,
+            dir,
+            root,
+            image,
+            id: id.to_string(),
+            before,
+        }
     }
 
     /// The root is exactly as it was installed.
@@ -42,7 +49,11 @@ impl Installed {
     fn assert_untouched(&self, context: &str) {
         assert_unchanged(&self.root, &self.before, context);
         assert_converged(&self.image, &self.root, context);
-        assert_eq!(image_id(&self.root).as_deref(), Some(self.id.as_str()), "{context}: /etc/image_id changed");
+        assert_eq!(
+            image_id(&self.root).as_deref(),
+            Some(self.id.as_str()),
+            "{context}: /etc/image_id changed"
+        );
     }
 
     fn apply(&self, store: &Path, id: &str, extra: &[&str]) -> Out {
@@ -64,8 +75,16 @@ fn install(store: &Path, id: &str, root: &Path) {
 
 #[track_caller]
 fn expect_refused(out: &Out, code: i32, context: &str) {
-    assert_eq!(out.code(), Some(code), "{context}: expected exit code {code}\n{}", out.describe());
-    assert!(!out.stderr.trim().is_empty() || !out.stdout.trim().is_empty(), "{context}: refused without a message");
+    assert_eq!(
+        out.code(),
+        Some(code),
+        "{context}: expected exit code {code}\n{}",
+        out.describe()
+    );
+    assert!(
+        !out.stderr.trim().is_empty() || !out.stdout.trim().is_empty(),
+        "{context}: refused without a message"
+    );
 }
 
 /// A copy of the shared store (hardlinks; tamper only by replacing files).
@@ -73,7 +92,10 @@ fn store_copy(dst: &Path) -> PathBuf {
     let store = shared_store();
     store.image("s1");
     store.image("s2");
-    cmd("cp", [OsStr::new("-al"), store.dir.as_os_str(), dst.as_os_str()]);
+    cmd(
+        "cp",
+        [OsStr::new("-al"), store.dir.as_os_str(), dst.as_os_str()],
+    );
     dst.to_path_buf()
 }
 
@@ -91,7 +113,11 @@ fn needed_object(store: &Path, rel: &str) -> (PathBuf, Vec<u8>) {
     let digest = sha256_file(&s2.join(rel));
     assert!(!s1.join(rel).exists(), "{rel} must be new in s2");
     let obj = object_path(store, &digest);
-    assert!(obj.is_file(), "object {} of {rel} is not in the store", obj.display());
+    assert!(
+        obj.is_file(),
+        "object {} of {rel} is not in the store",
+        obj.display()
+    );
     let content = std::fs::read(s2.join(rel)).unwrap();
     (obj, content)
 }
@@ -105,7 +131,11 @@ fn tampered_object_recompressed_is_refused() {
     content[mid] ^= 0xff;
     replace_file(&obj, &zstd::encode_all(&content[..], 3).unwrap());
     let out = node.apply(&st, "s2", &[]);
-    expect_refused(&out, EXIT_UNTRUSTED, "object whose content does not match its digest");
+    expect_refused(
+        &out,
+        EXIT_UNTRUSTED,
+        "object whose content does not match its digest",
+    );
     node.assert_untouched("tampered object (valid zstd, wrong content)");
 }
 
@@ -159,7 +189,8 @@ fn bad_signature_is_refused() {
     let node = Installed::new("badsig", "s1");
     let st = store_copy(&node.dir.join("store"));
     let sig = sig_path(&st, "s2");
-    let mut v: Value = serde_json::from_slice(&std::fs::read(&sig).unwrap()).expect("signature file is JSON");
+    let mut v: Value =
+        serde_json::from_slice(&std::fs::read(&sig).unwrap()).expect("signature file is JSON");
     assert_eq!(v["alg"], "ed25519", "signature file format: {v}");
     // Flip one bit of the signature itself.
     let mut raw = base64_decode(v["sig"].as_str().expect("sig field"));
@@ -192,10 +223,17 @@ fn unsigned_manifest_needs_explicit_permission() {
     let s2 = fixture_tree("s2");
     let st = node.dir.join("unsigned-store");
     publish(&st, "s2", None, None, &s2);
-    assert!(!sig_path(&st, "s2").exists(), "publish without --key wrote a signature");
+    assert!(
+        !sig_path(&st, "s2").exists(),
+        "publish without --key wrote a signature"
+    );
 
     let out = node.apply(&st, "s2", &[]);
-    expect_refused(&out, EXIT_UNTRUSTED, "unsigned manifest without allow_unsigned");
+    expect_refused(
+        &out,
+        EXIT_UNTRUSTED,
+        "unsigned manifest without allow_unsigned",
+    );
     node.assert_untouched("unsigned manifest refused");
 
     // --allow-unsigned accepts it.
@@ -217,10 +255,14 @@ fn craft_manifest(store: &Path, modify: impl FnOnce(&mut Value)) {
     let mut m = read_manifest(store, "s2");
     modify(&mut m);
     let path = store.join("images/s2/manifest.json.zst");
-    replace_file(&path, &zstd::encode_all(&serde_json::to_vec(&m).unwrap()[..], 3).unwrap());
+    replace_file(
+        &path,
+        &zstd::encode_all(&serde_json::to_vec(&m).unwrap()[..], 3).unwrap(),
+    );
     let sig = sig_path(store, "s2");
     std::fs::remove_file(&sig).unwrap(); // never write through the hardlink
-    imageupd::sign::sign_file(&shared_store().key.secret, &path).expect("re-sign the crafted manifest");
+    imageupd::sign::sign_file(&shared_store().key.secret, &path)
+        .expect("re-sign the crafted manifest");
 }
 
 #[test]
@@ -230,7 +272,11 @@ fn unknown_manifest_version_is_refused() {
     // Control: the same re-signing of an unmodified manifest is accepted by
     // plan, so the refusal below is about the version only.
     craft_manifest(&st, |_| {});
-    imageupd(["plan", "--from"]).arg(&st).args(["--id", "s2", "--root"]).arg(&node.root).ok();
+    imageupd(["plan", "--from"])
+        .arg(&st)
+        .args(["--id", "s2", "--root"])
+        .arg(&node.root)
+        .ok();
 
     craft_manifest(&st, |m| {
         assert_eq!(m["format"], 1, "published manifests are format 1");
@@ -238,7 +284,11 @@ fn unknown_manifest_version_is_refused() {
     });
     let out = node.apply(&st, "s2", &[]);
     expect_refused(&out, EXIT_UNTRUSTED, "manifest format 2");
-    assert!(out.all_output().to_lowercase().contains("version"), "the error must name the version problem\n{}", out.describe());
+    assert!(
+        out.all_output().to_lowercase().contains("version"),
+        "the error must name the version problem\n{}",
+        out.describe()
+    );
     node.assert_untouched("unknown manifest version");
 }
 
@@ -300,15 +350,29 @@ fn traversal_paths_in_manifest_are_refused() {
         ),
     ];
     for (what, modify) in cases {
-        let st = node.dir.join(format!("store-{}", what.replace([' ', '\''], "_")));
+        let st = node
+            .dir
+            .join(format!("store-{}", what.replace([' ', '\''], "_")));
         store_copy(&st);
         craft_manifest(&st, |m| modify(m));
         let out = node.apply(&st, "s2", &[]);
         expect_refused(&out, EXIT_UNTRUSTED, &format!("manifest with a {what}"));
         node.assert_untouched(&format!("manifest with a {what}"));
-        let d = diff_trees(&outside_before, &scan(&outside, &|_| false), "before", "after");
-        assert!(d.is_empty(), "manifest with a {what}: something was written outside the root:\n{}", d.join("\n"));
-        assert!(!outside.join("dotdot-escape").exists(), "'..' escape written outside the root");
+        let d = diff_trees(
+            &outside_before,
+            &scan(&outside, &|_| false),
+            "before",
+            "after",
+        );
+        assert!(
+            d.is_empty(),
+            "manifest with a {what}: something was written outside the root:\n{}",
+            d.join("\n")
+        );
+        assert!(
+            !outside.join("dotdot-escape").exists(),
+            "'..' escape written outside the root"
+        );
     }
 }
 
@@ -330,10 +394,23 @@ fn image_directory_replaced_by_symlink_outside_is_refused() {
     let outside_before = scan(&outside, &|_| false);
 
     let out = apply(&store.dir, "s2", root, &[]);
-    expect_refused(&out, EXIT_PREFLIGHT, "image directory replaced by a symlink pointing outside the root");
+    expect_refused(
+        &out,
+        EXIT_PREFLIGHT,
+        "image directory replaced by a symlink pointing outside the root",
+    );
     assert_unchanged(root, &root_before, "symlink-outside refusal");
-    let d = diff_trees(&outside_before, &scan(&outside, &|_| false), "before", "after");
-    assert!(d.is_empty(), "something was written outside the root through the symlink:\n{}", d.join("\n"));
+    let d = diff_trees(
+        &outside_before,
+        &scan(&outside, &|_| false),
+        "before",
+        "after",
+    );
+    assert!(
+        d.is_empty(),
+        "something was written outside the root through the symlink:\n{}",
+        d.join("\n")
+    );
     assert_eq!(image_id(root).as_deref(), Some("s1"));
 }
 
@@ -357,7 +434,14 @@ fn enospc_preflight_and_during_staging() {
     let leave = 6u64 << 20;
     let ballast = fs.mnt.join("home/ballast");
     let size = avail(&fs.mnt).saturating_sub(leave);
-    cmd("fallocate", [OsStr::new("-l"), OsStr::new(&size.to_string()), ballast.as_os_str()]);
+    cmd(
+        "fallocate",
+        [
+            OsStr::new("-l"),
+            OsStr::new(&size.to_string()),
+            ballast.as_os_str(),
+        ],
+    );
     let free = avail(&fs.mnt);
     assert!(free < 8 << 20, "ballast left {free} bytes free");
     let before = snapshot_root(&fs.mnt);
@@ -378,8 +462,17 @@ fn enospc_preflight_and_during_staging() {
         .arg("--json")
         .env("IMAGEUPD_SKIP_SPACE_CHECK", "1")
         .run();
-    assert_ne!(out.code(), Some(EXIT_OK), "apply succeeded on a full disk?\n{}", out.describe());
-    assert!(out.code().is_some(), "apply crashed on ENOSPC\n{}", out.describe());
+    assert_ne!(
+        out.code(),
+        Some(EXIT_OK),
+        "apply succeeded on a full disk?\n{}",
+        out.describe()
+    );
+    assert!(
+        out.code().is_some(),
+        "apply crashed on ENOSPC\n{}",
+        out.describe()
+    );
     assert!(
         out.all_output().to_lowercase().contains("space"),
         "the ENOSPC failure must say the disk is full\n{}",
@@ -388,7 +481,10 @@ fn enospc_preflight_and_during_staging() {
     assert_unchanged(&fs.mnt, &before, "ENOSPC while staging");
     assert_converged(&v1, &fs.mnt, "ENOSPC while staging");
     assert_eq!(image_id(&fs.mnt).as_deref(), Some("v1"));
-    eprintln!("free space before {free}, after the failed staging {}", avail(&fs.mnt));
+    eprintln!(
+        "free space before {free}, after the failed staging {}",
+        avail(&fs.mnt)
+    );
 
     // With the ballast gone the same update goes through.
     std::fs::remove_file(&ballast).unwrap();
@@ -404,17 +500,37 @@ fn failing_pre_apply_hook_aborts_and_runs_abort_hooks() {
     std::fs::create_dir_all(&marks).unwrap();
     let hooks = node.root.join("etc/imageupd/hooks");
     let m = marks.display();
-    write_script(&hooks.join("pre-apply.d/10-ok"), &format!("echo pre10 >> {m}/log"));
-    write_script(&hooks.join("pre-apply.d/20-fail"), &format!("echo pre20 >> {m}/log; exit 3"));
-    write_script(&hooks.join("pre-apply.d/30-never"), &format!("echo pre30 >> {m}/log"));
-    write_script(&hooks.join("abort.d/10-restart"), &format!("echo abort10 >> {m}/log"));
-    write_script(&hooks.join("post-apply.d/10-never"), &format!("echo post10 >> {m}/log"));
+    write_script(
+        &hooks.join("pre-apply.d/10-ok"),
+        &format!("echo pre10 >> {m}/log"),
+    );
+    write_script(
+        &hooks.join("pre-apply.d/20-fail"),
+        &format!("echo pre20 >> {m}/log; exit 3"),
+    );
+    write_script(
+        &hooks.join("pre-apply.d/30-never"),
+        &format!("echo pre30 >> {m}/log"),
+    );
+    write_script(
+        &hooks.join("abort.d/10-restart"),
+        &format!("echo abort10 >> {m}/log"),
+    );
+    write_script(
+        &hooks.join("post-apply.d/10-never"),
+        &format!("echo post10 >> {m}/log"),
+    );
     let before = snapshot_root(&node.root);
 
     let out = node.apply(&store.dir, "s2", &[]);
     expect_refused(&out, EXIT_PRE_HOOK, "failing pre-apply hook");
     let log = std::fs::read_to_string(marks.join("log")).unwrap_or_default();
-    assert_eq!(log, "pre10\npre20\nabort10\n", "hooks that ran (in order)\n{}", out.describe());
+    assert_eq!(
+        log,
+        "pre10\npre20\nabort10\n",
+        "hooks that ran (in order)\n{}",
+        out.describe()
+    );
     assert_unchanged(&node.root, &before, "failing pre-apply hook");
     assert_converged(&node.image, &node.root, "failing pre-apply hook");
     assert_eq!(image_id(&node.root).as_deref(), Some("s1"));
@@ -422,7 +538,9 @@ fn failing_pre_apply_hook_aborts_and_runs_abort_hooks() {
 
 fn base64_decode(s: &str) -> Vec<u8> {
     use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.decode(s).expect("base64")
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .expect("base64")
 }
 
 fn base64_encode(b: &[u8]) -> String {

@@ -41,7 +41,8 @@ fn add_node_local(root: &Path) {
 #[track_caller]
 fn assert_node_local(root: &Path, context: &str) {
     for (p, content) in NODE_LOCAL {
-        let got = std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("{context}: preserved {p} is gone: {e}"));
+        let got = std::fs::read_to_string(root.join(p))
+            .unwrap_or_else(|e| panic!("{context}: preserved {p} is gone: {e}"));
         assert_eq!(&got, content, "{context}: preserved {p} was changed");
     }
 }
@@ -50,14 +51,30 @@ fn assert_node_local(root: &Path, context: &str) {
 #[track_caller]
 fn assert_apply_report(out: &Out) {
     let j = out.json();
-    assert!(j["phases"].is_object() || j["phases"].is_array(), "apply --json has no \"phases\"\n{}", out.describe());
+    assert!(
+        j["phases"].is_object() || j["phases"].is_array(),
+        "apply --json has no \"phases\"\n{}",
+        out.describe()
+    );
     let q = &j["quiesce_ms"];
     if j["result"] == "applied" {
-        assert!(q.is_u64() || q.is_f64(), "apply --json has no numeric \"quiesce_ms\"\n{}", out.describe());
+        assert!(
+            q.is_u64() || q.is_f64(),
+            "apply --json has no numeric \"quiesce_ms\"\n{}",
+            out.describe()
+        );
     } else {
         // Nothing was quiesced: a number or null.
-        assert!(q.is_u64() || q.is_f64() || q.is_null(), "apply --json has no \"quiesce_ms\"\n{}", out.describe());
-        assert!(j.as_object().is_some_and(|o| o.contains_key("quiesce_ms")), "apply --json has no \"quiesce_ms\"\n{}", out.describe());
+        assert!(
+            q.is_u64() || q.is_f64() || q.is_null(),
+            "apply --json has no \"quiesce_ms\"\n{}",
+            out.describe()
+        );
+        assert!(
+            j.as_object().is_some_and(|o| o.contains_key("quiesce_ms")),
+            "apply --json has no \"quiesce_ms\"\n{}",
+            out.describe()
+        );
     }
 }
 
@@ -74,7 +91,12 @@ fn real_trees_v1_v2_v3_v1_and_noop() {
 
     // plan changes nothing and reports as JSON.
     let before = snapshot_root(&root);
-    let plan = imageupd(["plan", "--from"]).arg(&store.dir).args(["--id", "v2", "--root"]).arg(&root).arg("--json").ok();
+    let plan = imageupd(["plan", "--from"])
+        .arg(&store.dir)
+        .args(["--id", "v2", "--root"])
+        .arg(&root)
+        .arg("--json")
+        .ok();
     plan.json();
     assert_unchanged(&root, &before, "plan v1->v2");
 
@@ -90,13 +112,25 @@ fn real_trees_v1_v2_v3_v1_and_noop() {
     let before = snapshot_root(&root);
     let out = apply_ok(&store.dir, "v1", &root, "nothing-to-do");
     assert_apply_report(&out);
-    let text = imageupd(["apply", "--from"]).arg(&store.dir).args(["--id", "v1", "--root"]).arg(&root).ok();
-    assert!(text.stdout.to_lowercase().contains("nothing to do"), "a no-op apply must say \"nothing to do\"\n{}", text.describe());
+    let text = imageupd(["apply", "--from"])
+        .arg(&store.dir)
+        .args(["--id", "v1", "--root"])
+        .arg(&root)
+        .ok();
+    assert!(
+        text.stdout.to_lowercase().contains("nothing to do"),
+        "a no-op apply must say \"nothing to do\"\n{}",
+        text.describe()
+    );
     assert_unchanged(&root, &before, "no-op apply");
     assert_applied(&v1, &root, "v1", "after no-op");
 
     let st = imageupd(["status", "--root"]).arg(&root).arg("--json").ok();
-    assert!(st.json().to_string().contains("\"v1\""), "status --json does not mention the current image v1\n{}", st.describe());
+    assert!(
+        st.json().to_string().contains("\"v1\""),
+        "status --json does not mention the current image v1\n{}",
+        st.describe()
+    );
 }
 
 #[test]
@@ -110,25 +144,48 @@ fn synthetic_s1_s2_s1_and_noop() {
     // turns into a directory, is then known to be the image's own.
     install_root(store, "s1", &root);
     let krel = kernel_release();
-    let running_ko = root.join("lib/modules").join(&krel).join("kernel/running.ko");
-    assert!(running_ko.is_file(), "fixture s1 carries the running kernel's modules");
+    let running_ko = root
+        .join("lib/modules")
+        .join(&krel)
+        .join("kernel/running.ko");
+    assert!(
+        running_ko.is_file(),
+        "fixture s1 carries the running kernel's modules"
+    );
 
     let out = apply_ok(&store.dir, "s2", &root, "applied");
     assert_apply_report(&out);
     assert_applied(&s2, &root, "s2", "s1 -> s2");
     // Preserve-list paths keep the node's (here: s1's) content.
-    assert_eq!(std::fs::read_to_string(root.join("etc/hostname")).unwrap(), "image-s1\n", "etc/hostname was touched");
-    assert_eq!(std::fs::read_to_string(root.join("home/user/file")).unwrap(), "user file s1\n", "home/ was touched");
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/hostname")).unwrap(),
+        "image-s1\n",
+        "etc/hostname was touched"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("home/user/file")).unwrap(),
+        "user file s1\n",
+        "home/ was touched"
+    );
     assert_eq!(
         std::fs::read_to_string(root.join("etc/ssh/ssh_host_ed25519_key")).unwrap(),
         "image host key s1\n",
         "ssh host key was touched"
     );
-    assert!(running_ko.is_file(), "the running kernel's modules were removed");
-    assert!(!root.join("lib/modules/0.0.0-other").exists(), "another kernel's modules were not removed");
+    assert!(
+        running_ko.is_file(),
+        "the running kernel's modules were removed"
+    );
+    assert!(
+        !root.join("lib/modules/0.0.0-other").exists(),
+        "another kernel's modules were not removed"
+    );
     // Capabilities survive the content change and the chown of caps/content.
     let caps = cmd("getcap", [root.join("caps/content")]);
-    assert!(caps.contains("cap_net_bind_service"), "caps/content lost its capability: {caps}");
+    assert!(
+        caps.contains("cap_net_bind_service"),
+        "caps/content lost its capability: {caps}"
+    );
 
     let out = apply_ok(&store.dir, "s1", &root, "applied");
     assert_apply_report(&out);
@@ -150,14 +207,28 @@ fn plain_directory_source_from_mounted_image() {
     let src = LoopFs::create(&s.join("src"), 1024, Some(&v2), true);
     let root = s.join("root");
     copy_tree(&v1, &root); // no trusted key: a directory source needs none
-    let out = imageupd(["apply", "--from"]).arg(&src.mnt).args(["--id", "v2", "--root"]).arg(&root).arg("--json").ok();
-    assert_eq!(out.json()["result"].as_str(), Some("applied"), "{}", out.describe());
+    let out = imageupd(["apply", "--from"])
+        .arg(&src.mnt)
+        .args(["--id", "v2", "--root"])
+        .arg(&root)
+        .arg("--json")
+        .ok();
+    assert_eq!(
+        out.json()["result"].as_str(),
+        Some("applied"),
+        "{}",
+        out.describe()
+    );
     assert_applied(&src.mnt, &root, "v2", "apply --from <mounted dir>");
     // The mounted tree is v2 as far as rsync can tell (except the top
     // directory's mtime, which mkfs.ext4 -d does not copy).
     let r = oracle(&v2, &root);
     let r: Vec<&str> = r.lines().filter(|l| *l != ".d..t...... ./").collect();
-    assert!(r.is_empty(), "root differs from the v2 tree after a directory-source apply:\n{}", clip(&r.join("\n"), 50));
+    assert!(
+        r.is_empty(),
+        "root differs from the v2 tree after a directory-source apply:\n{}",
+        clip(&r.join("\n"), 50)
+    );
 }
 
 /// Manifest entries in a comparable form: hardlink groups normalised (which
@@ -192,7 +263,9 @@ fn normalized_entries(m: &Value) -> Vec<Value> {
             let p = entry_path(e);
             let mut e = e.clone();
             if e["type"] == "hardlink" {
-                let file = by_path.get(&target_of(&e)).expect("hardlink target in manifest");
+                let file = by_path
+                    .get(&target_of(&e))
+                    .expect("hardlink target in manifest");
                 for k in ["type", "size", "sha256"] {
                     e[k] = file[k].clone();
                 }
@@ -239,7 +312,12 @@ fn assert_same_manifest(a: &Value, b: &Value, what: &str) {
             (None, None) => break,
         }
     }
-    assert!(diffs.is_empty(), "{what}: manifests differ in {} entries:\n{}", diffs.len(), clip(&diffs.join("\n"), 60));
+    assert!(
+        diffs.is_empty(),
+        "{what}: manifests differ in {} entries:\n{}",
+        diffs.len(),
+        clip(&diffs.join("\n"), 60)
+    );
 }
 
 /// tar --xattrs --xattrs-include='*' --numeric-owner of TREE into OUT, with
@@ -260,7 +338,13 @@ fn make_tar(tree: &Path, out: &Path) {
         OsStr::new("--format=posix"),
     ];
     args.extend(z.iter().map(OsStr::new));
-    args.extend([OsStr::new("-C"), tree.as_os_str(), OsStr::new("-cf"), out.as_os_str(), OsStr::new(".")]);
+    args.extend([
+        OsStr::new("-C"),
+        tree.as_os_str(),
+        OsStr::new("-cf"),
+        out.as_os_str(),
+        OsStr::new("."),
+    ]);
     cmd("tar", args);
 }
 
@@ -281,12 +365,21 @@ fn archive_sources_equal_directory_source() {
         make_tar(&s2, &archive);
         let st: PathBuf = s.join(format!("store-{}", ext.replace('.', "-")));
         publish(&st, "s2", Some(&store.key), None, &archive);
-        assert_same_manifest(&reference, &read_manifest(&st, "s2"), &format!("s2 from .{ext}"));
+        assert_same_manifest(
+            &reference,
+            &read_manifest(&st, "s2"),
+            &format!("s2 from .{ext}"),
+        );
 
         let root = s.join(format!("root-{}", ext.replace('.', "-")));
         make_root(&s1, &root, &store.key);
         apply_ok(&st, "s2", &root, "applied");
-        assert_applied(&s2, &root, "s2", &format!("apply s1 -> s2 published from .{ext}"));
+        assert_applied(
+            &s2,
+            &root,
+            "s2",
+            &format!("apply s1 -> s2 published from .{ext}"),
+        );
         std::fs::remove_dir_all(&root).expect("remove root");
     }
 
@@ -298,7 +391,11 @@ fn archive_sources_equal_directory_source() {
     make_tar(&v2, &archive);
     let v2_tar_store = s.join("store-v2-tar");
     publish(&v2_tar_store, "v2", Some(&store.key), None, &archive);
-    assert_same_manifest(&read_manifest(&v2_dir_store, "v2"), &read_manifest(&v2_tar_store, "v2"), "v2 from .tar.zst");
+    assert_same_manifest(
+        &read_manifest(&v2_dir_store, "v2"),
+        &read_manifest(&v2_tar_store, "v2"),
+        "v2 from .tar.zst",
+    );
 }
 
 /// Paths listed in a verify JSON array (strings, or objects with "path"),
@@ -310,7 +407,11 @@ fn listed(j: &Value, key: &str) -> Vec<String> {
         .iter()
         .map(|v| match v {
             Value::String(s) => s.trim_start_matches('/').to_string(),
-            o => o["path"].as_str().unwrap_or_default().trim_start_matches('/').to_string(),
+            o => o["path"]
+                .as_str()
+                .unwrap_or_default()
+                .trim_start_matches('/')
+                .to_string(),
         })
         .collect()
 }
@@ -318,7 +419,12 @@ fn listed(j: &Value, key: &str) -> Vec<String> {
 #[track_caller]
 fn verify_json(root: &Path, checksum: bool, expect: i32) -> Value {
     let out = verify(root, checksum);
-    assert_eq!(out.code(), Some(expect), "verify (checksum={checksum}) exit code\n{}", out.describe());
+    assert_eq!(
+        out.code(),
+        Some(expect),
+        "verify (checksum={checksum}) exit code\n{}",
+        out.describe()
+    );
     out.json()
 }
 
@@ -339,7 +445,10 @@ fn verify_detects_drift() {
     std::fs::write(root.join("var/log/new.log"), "log\n").unwrap();
     let j = verify_json(&root, true, EXIT_OK);
     for k in ["modified", "missing", "extra"] {
-        assert!(listed(&j, k).is_empty(), "preserved paths reported as drift in {k}: {j}");
+        assert!(
+            listed(&j, k).is_empty(),
+            "preserved paths reported as drift in {k}: {j}"
+        );
     }
 
     // Same size, same mtime, different bytes: only --checksum sees it.
@@ -349,23 +458,54 @@ fn verify_detects_drift() {
     let mut tampered = content.clone();
     tampered[0] ^= 0x20;
     std::fs::write(&f, &tampered).unwrap();
-    let mtime = format!("@{}.{:09}", std::os::unix::fs::MetadataExt::mtime(&md), std::os::unix::fs::MetadataExt::mtime_nsec(&md));
-    cmd("touch", [OsStr::new("-d"), OsStr::new(&mtime), f.as_os_str()]);
+    let mtime = format!(
+        "@{}.{:09}",
+        std::os::unix::fs::MetadataExt::mtime(&md),
+        std::os::unix::fs::MetadataExt::mtime_nsec(&md)
+    );
+    cmd(
+        "touch",
+        [OsStr::new("-d"), OsStr::new(&mtime), f.as_os_str()],
+    );
     let j = verify_json(&root, false, EXIT_OK);
-    assert!(listed(&j, "modified").is_empty(), "verify without --checksum must trust size+mtime: {j}");
+    assert!(
+        listed(&j, "modified").is_empty(),
+        "verify without --checksum must trust size+mtime: {j}"
+    );
     let j = verify_json(&root, true, EXIT_DRIFT);
-    assert_eq!(listed(&j, "modified"), vec!["same/file".to_string()], "verify --checksum: {j}");
-    assert!(listed(&j, "missing").is_empty() && listed(&j, "extra").is_empty(), "{j}");
+    assert_eq!(
+        listed(&j, "modified"),
+        vec!["same/file".to_string()],
+        "verify --checksum: {j}"
+    );
+    assert!(
+        listed(&j, "missing").is_empty() && listed(&j, "extra").is_empty(),
+        "{j}"
+    );
 
     // Deleted, added, chmod-ed.
     std::fs::remove_file(root.join("links/a")).unwrap();
     std::fs::write(root.join("same/sub/intruder"), "extra\n").unwrap();
-    cmd("chmod", [OsStr::new("0600"), root.join("meta/owner_only").as_os_str()]);
+    cmd(
+        "chmod",
+        [OsStr::new("0600"), root.join("meta/owner_only").as_os_str()],
+    );
     let j = verify_json(&root, false, EXIT_DRIFT);
-    assert_eq!(listed(&j, "missing"), vec!["links/a".to_string()], "missing: {j}");
-    assert_eq!(listed(&j, "extra"), vec!["same/sub/intruder".to_string()], "extra: {j}");
+    assert_eq!(
+        listed(&j, "missing"),
+        vec!["links/a".to_string()],
+        "missing: {j}"
+    );
+    assert_eq!(
+        listed(&j, "extra"),
+        vec!["same/sub/intruder".to_string()],
+        "extra: {j}"
+    );
     let modified = listed(&j, "modified");
-    assert!(modified.contains(&"meta/owner_only".to_string()), "chmod not reported as modified: {j}");
+    assert!(
+        modified.contains(&"meta/owner_only".to_string()),
+        "chmod not reported as modified: {j}"
+    );
     // Adding/removing entries changes the parents' mtimes; nothing else may be listed.
     for m in &modified {
         assert!(
@@ -374,7 +514,10 @@ fn verify_detects_drift() {
         );
     }
     let j = verify_json(&root, true, EXIT_DRIFT);
-    assert!(listed(&j, "modified").contains(&"same/file".to_string()), "{j}");
+    assert!(
+        listed(&j, "modified").contains(&"same/file".to_string()),
+        "{j}"
+    );
 }
 
 /// The oracles themselves must see every kind of difference the synthetic
@@ -383,8 +526,15 @@ fn verify_detects_drift() {
 #[test]
 fn oracles_see_every_synthetic_difference() {
     let (s1, s2) = synthetic();
-    assert_eq!(oracle(s1, s1).trim(), "", "rsync oracle of a tree against itself");
-    assert!(meta_diff(s1, s1).is_empty(), "metadata oracle of a tree against itself");
+    assert_eq!(
+        oracle(s1, s1).trim(),
+        "",
+        "rsync oracle of a tree against itself"
+    );
+    assert!(
+        meta_diff(s1, s1).is_empty(),
+        "metadata oracle of a tree against itself"
+    );
 
     let m = meta_diff(s2, s1).join("\n");
     for needle in [
@@ -418,30 +568,87 @@ fn oracles_see_every_synthetic_difference() {
         "gone: only in root",
         "move/new/renamed.bin: only in image",
     ] {
-        assert!(m.contains(needle), "metadata oracle misses {needle:?}:\n{m}");
+        assert!(
+            m.contains(needle),
+            "metadata oracle misses {needle:?}:\n{m}"
+        );
     }
     let running_modules = format!("lib/modules/{}", kernel_release());
-    for preserved in ["etc/hostname", "etc/hosts", "etc/machine-id", "ssh_host_", "home/", "root/", "tmp/", "var/log", &running_modules] {
-        assert!(!m.contains(preserved), "metadata oracle compares preserved {preserved:?}:\n{m}");
+    for preserved in [
+        "etc/hostname",
+        "etc/hosts",
+        "etc/machine-id",
+        "ssh_host_",
+        "home/",
+        "root/",
+        "tmp/",
+        "var/log",
+        &running_modules,
+    ] {
+        assert!(
+            !m.contains(preserved),
+            "metadata oracle compares preserved {preserved:?}:\n{m}"
+        );
     }
-    assert!(m.contains("lib/modules/0.0.0-other: only in root"), "another kernel's modules are not preserved:\n{m}");
+    assert!(
+        m.contains("lib/modules/0.0.0-other: only in root"),
+        "another kernel's modules are not preserved:\n{m}"
+    );
     let r = oracle(s2, s1);
-    for needle in ["types/file2dir", "caps/netraw", "meta/mtime_only", "special/tty", "*deleting   gone/", "names/dir_"] {
+    for needle in [
+        "types/file2dir",
+        "caps/netraw",
+        "meta/mtime_only",
+        "special/tty",
+        "*deleting   gone/",
+        "names/dir_",
+    ] {
         assert!(r.contains(needle), "rsync oracle misses {needle:?}:\n{r}");
     }
-    assert!(!r.contains("etc/hostname") && !r.contains(&running_modules), "rsync oracle misses a preserve exclusion:\n{r}");
-    assert!(r.contains("lib/modules/0.0.1-new"), "rsync oracle excludes too much:\n{r}");
+    assert!(
+        !r.contains("etc/hostname") && !r.contains(&running_modules),
+        "rsync oracle misses a preserve exclusion:\n{r}"
+    );
+    assert!(
+        r.contains("lib/modules/0.0.1-new"),
+        "rsync oracle excludes too much:\n{r}"
+    );
 
     // A nanosecond-only mtime difference, and a same-size same-mtime
     // content change, are seen by both oracles' content/mtime checks.
     let s = scratch("oracle-selftest");
     let copy = s.join("copy");
     copy_tree(s1, &copy);
-    cmd("touch", ["-d", "@1700000000.123456788"].map(OsStr::new).into_iter().chain([copy.join("same/file").as_os_str()]));
-    assert!(meta_diff(s1, &copy).join("\n").contains("same/file: mtime_ns"), "ns-only mtime difference missed");
+    cmd(
+        "touch",
+        ["-d", "@1700000000.123456788"]
+            .map(OsStr::new)
+            .into_iter()
+            .chain([copy.join("same/file").as_os_str()]),
+    );
+    assert!(
+        meta_diff(s1, &copy)
+            .join("\n")
+            .contains("same/file: mtime_ns"),
+        "ns-only mtime difference missed"
+    );
     let f = copy.join("same/sub/nested");
     std::fs::write(&f, "NESTED\n").unwrap();
-    cmd("touch", ["-d", "@1700000000.123456789"].map(OsStr::new).into_iter().chain([f.as_os_str()]));
-    assert!(meta_diff(s1, &copy).join("\n").contains("same/sub/nested: kind/content"), "content change missed");
-    assert!(oracle(s1, &copy).contains("same/sub/nested"), "rsync --checksum missed a same-size same-mtime change");
+    cmd(
+        "touch",
+        ["-d", "@1700000000.123456789"]
+            .map(OsStr::new)
+            .into_iter()
+            .chain([f.as_os_str()]),
+    );
+    assert!(
+        meta_diff(s1, &copy)
+            .join("\n")
+            .contains("same/sub/nested: kind/content"),
+        "content change missed"
+    );
+    assert!(
+        oracle(s1, &copy).contains("same/sub/nested"),
+        "rsync --checksum missed a same-size same-mtime change"
+    );
 }

@@ -21,22 +21,50 @@ fn apply_on_readonly_ext4_root() {
     let before = snapshot_root(&fs.mnt);
 
     // plan must not need (or leave) a writable root.
-    let plan = imageupd(["plan", "--from"]).arg(&store.dir).args(["--id", "v2", "--root"]).arg(&fs.mnt).arg("--json").ok();
+    let plan = imageupd(["plan", "--from"])
+        .arg(&store.dir)
+        .args(["--id", "v2", "--root"])
+        .arg(&fs.mnt)
+        .arg("--json")
+        .ok();
     plan.json();
     assert_eq!(fs.readonly(), Some(true), "plan changed the mount state");
     assert_unchanged(&fs.mnt, &before, "plan on a read-only root");
 
     let out = apply_ok(&store.dir, "v2", &fs.mnt, "applied");
     eprintln!("apply v1 -> v2 on read-only ext4: {:.2?}", out.elapsed);
-    assert_eq!(fs.readonly(), Some(true), "root is not read-only again after apply\n{}", out.describe());
-    assert_applied(&v2, &fs.mnt, "v2", "apply v1 -> v2 on a read-only ext4 root");
+    assert_eq!(
+        fs.readonly(),
+        Some(true),
+        "root is not read-only again after apply\n{}",
+        out.describe()
+    );
+    assert_applied(
+        &v2,
+        &fs.mnt,
+        "v2",
+        "apply v1 -> v2 on a read-only ext4 root",
+    );
 
     // A no-op apply leaves it read-only too.
     apply_ok(&store.dir, "v2", &fs.mnt, "nothing-to-do");
-    assert_eq!(fs.readonly(), Some(true), "root is not read-only after a no-op apply");
+    assert_eq!(
+        fs.readonly(),
+        Some(true),
+        "root is not read-only after a no-op apply"
+    );
 
     // Back to v1, still read-only afterwards.
     apply_ok(&store.dir, "v1", &fs.mnt, "applied");
-    assert_eq!(fs.readonly(), Some(true), "root is not read-only again after apply v2 -> v1");
-    assert_applied(&v1, &fs.mnt, "v1", "apply v2 -> v1 on a read-only ext4 root");
+    assert_eq!(
+        fs.readonly(),
+        Some(true),
+        "root is not read-only again after apply v2 -> v1"
+    );
+    assert_applied(
+        &v1,
+        &fs.mnt,
+        "v1",
+        "apply v2 -> v1 on a read-only ext4 root",
+    );
 }

@@ -48,7 +48,10 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The workspace root (the repository).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("agent/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("agent/ has a parent")
+        .to_path_buf()
 }
 
 /// The imageupd binary built for these tests.
@@ -131,7 +134,10 @@ impl Out {
         match serde_json::from_str::<serde_json::Value>(self.stdout.trim()) {
             Ok(v) if v.is_object() => v,
             Ok(_) => panic!("--json output is not a JSON object\n{}", self.describe()),
-            Err(e) => panic!("--json output is not one JSON object ({e})\n{}", self.describe()),
+            Err(e) => panic!(
+                "--json output is not one JSON object ({e})\n{}",
+                self.describe()
+            ),
         }
     }
 
@@ -150,7 +156,10 @@ pub struct Run {
 
 fn quote(s: &OsStr) -> String {
     let t = s.to_string_lossy();
-    if !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+    if !t.is_empty()
+        && t.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+    {
         t.into_owned()
     } else {
         format!("'{}'", t.replace('\'', "'\\''"))
@@ -163,11 +172,20 @@ impl Run {
         let program = program.as_ref();
         let mut cmd = Command::new(program);
         // Node-side defaults must never leak in from the environment.
-        for k in ["IMAGEUPD_ROOT", "IMAGEUPD_FAULT", "IMAGEUPD_SKIP_SPACE_CHECK", "OS_CONFIG_FILES"] {
+        for k in [
+            "IMAGEUPD_ROOT",
+            "IMAGEUPD_FAULT",
+            "IMAGEUPD_SKIP_SPACE_CHECK",
+            "OS_CONFIG_FILES",
+        ] {
             cmd.env_remove(k);
         }
         cmd.env("LC_ALL", "C");
-        Run { cmd, desc: quote(program), timeout: DEFAULT_TIMEOUT }
+        Run {
+            cmd,
+            desc: quote(program),
+            timeout: DEFAULT_TIMEOUT,
+        }
     }
 
     pub fn arg(mut self, a: impl AsRef<OsStr>) -> Run {
@@ -189,7 +207,12 @@ impl Run {
     }
 
     pub fn env(mut self, k: impl AsRef<OsStr>, v: impl AsRef<OsStr>) -> Run {
-        self.desc = format!("{}={} {}", k.as_ref().to_string_lossy(), quote(v.as_ref()), self.desc);
+        self.desc = format!(
+            "{}={} {}",
+            k.as_ref().to_string_lossy(),
+            quote(v.as_ref()),
+            self.desc
+        );
         self.cmd.env(k, v);
         self
     }
@@ -212,8 +235,14 @@ impl Run {
     /// Run to completion (or the time limit), capturing stdout and stderr.
     pub fn run(mut self) -> Out {
         let start = Instant::now();
-        self.cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = self.cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", self.desc));
+        self.cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = self
+            .cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.desc));
         let mut so = child.stdout.take().expect("piped stdout");
         let mut se = child.stderr.take().expect("piped stderr");
         let t_out = std::thread::spawn(move || {
@@ -240,7 +269,14 @@ impl Run {
         };
         let stdout = String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into_owned();
         let stderr = String::from_utf8_lossy(&t_err.join().unwrap_or_default()).into_owned();
-        Out { cmd: self.desc, status, stdout, stderr, elapsed: start.elapsed(), timed_out }
+        Out {
+            cmd: self.desc,
+            status,
+            stdout,
+            stderr,
+            elapsed: start.elapsed(),
+            timed_out,
+        }
     }
 
     #[track_caller]
@@ -266,7 +302,11 @@ where
 /// Run a shell command line (bash -c), panic unless it succeeds, return stdout.
 #[track_caller]
 pub fn sh(script: &str) -> String {
-    Run::new("bash").arg("-c").arg(format!("set -euo pipefail\n{script}")).ok().stdout
+    Run::new("bash")
+        .arg("-c")
+        .arg(format!("set -euo pipefail\n{script}"))
+        .ok()
+        .stdout
 }
 
 /// Run a program with arguments, panic unless it succeeds, return stdout.
@@ -284,7 +324,9 @@ where
 
 /// Where build-trees.sh keeps the real trees.
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("IMAGEUPD_TEST_CACHE").map(PathBuf::from).unwrap_or_else(|| "/var/cache/imageupd-test".into())
+    std::env::var_os("IMAGEUPD_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/imageupd-test".into())
 }
 
 /// The cached debootstrap trees.
@@ -315,10 +357,19 @@ pub fn trees() -> &'static Trees {
     T.get_or_init(|| {
         let c = cache_dir();
         if !c.join(".complete").exists() {
-            eprintln!("fixture trees missing in {}; running build-trees.sh", c.display());
-            Run::new(repo_root().join("tests/fixtures/build-trees.sh")).timeout(Duration::from_secs(1800)).ok();
+            eprintln!(
+                "fixture trees missing in {}; running build-trees.sh",
+                c.display()
+            );
+            Run::new(repo_root().join("tests/fixtures/build-trees.sh"))
+                .timeout(Duration::from_secs(1800))
+                .ok();
         }
-        Trees { v1: c.join("v1"), v2: c.join("v2"), v3: c.join("v3") }
+        Trees {
+            v1: c.join("v1"),
+            v2: c.join("v2"),
+            v3: c.join("v3"),
+        }
     })
 }
 
@@ -330,7 +381,10 @@ pub fn synthetic() -> &'static (PathBuf, PathBuf) {
     static S: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     S.get_or_init(|| {
         let script = repo_root().join("tests/fixtures/synthetic.sh");
-        let digest = hex_of(&sha2::Sha256::digest(std::fs::read(&script).expect("read synthetic.sh")))[..16].to_string();
+        let digest = hex_of(&sha2::Sha256::digest(
+            std::fs::read(&script).expect("read synthetic.sh"),
+        ))[..16]
+            .to_string();
         let base = cache_dir();
         std::fs::create_dir_all(&base).expect("create fixture cache");
         let dir = base.join(format!("synthetic-{digest}"));
@@ -408,7 +462,10 @@ impl Drop for Scratch {
 
 /// A new scratch directory whose name starts with `name`.
 pub fn scratch(name: &str) -> Scratch {
-    let d = tempfile::Builder::new().prefix(&format!("{name}-")).tempdir_in(scratch_base()).expect("create scratch dir");
+    let d = tempfile::Builder::new()
+        .prefix(&format!("{name}-"))
+        .tempdir_in(scratch_base())
+        .expect("create scratch dir");
     let path = d.path().to_path_buf();
     Scratch { dir: Some(d), path }
 }
@@ -429,7 +486,16 @@ pub fn reset_tree(src: &Path, dst: &Path) {
     s.push("/");
     let mut d = dst.as_os_str().to_owned();
     d.push("/");
-    cmd("rsync", [OsStr::new("-aHAX"), OsStr::new("--delete"), OsStr::new("--numeric-ids"), &s, &d]);
+    cmd(
+        "rsync",
+        [
+            OsStr::new("-aHAX"),
+            OsStr::new("--delete"),
+            OsStr::new("--numeric-ids"),
+            &s,
+            &d,
+        ],
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -437,7 +503,10 @@ pub fn reset_tree(src: &Path, dst: &Path) {
 
 /// `uname -r`.
 pub fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("read osrelease").trim().to_string()
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .expect("read osrelease")
+        .trim()
+        .to_string()
 }
 
 /// The contract's preserve list, as rsync exclude patterns anchored at the
@@ -498,11 +567,18 @@ pub fn is_preserved(rel: &[u8]) -> bool {
         d.push(format!("usr/lib/modules/{k}").into_bytes());
         d
     });
-    const FILES: [&[u8]; 5] = [b"etc/image_id", b"etc/machine-id", b"etc/hostname", b"etc/hosts", b"etc/fstab"];
+    const FILES: [&[u8]; 5] = [
+        b"etc/image_id",
+        b"etc/machine-id",
+        b"etc/hostname",
+        b"etc/hosts",
+        b"etc/fstab",
+    ];
     if FILES.contains(&rel) || rel.starts_with(b"etc/ssh/ssh_host_") {
         return true;
     }
-    dirs.iter().any(|d| rel == d.as_slice() || (rel.starts_with(d) && rel.get(d.len()) == Some(&b'/')))
+    dirs.iter()
+        .any(|d| rel == d.as_slice() || (rel.starts_with(d) && rel.get(d.len()) == Some(&b'/')))
 }
 
 /// The staging/state area the engine may use freely.
@@ -517,8 +593,16 @@ pub fn is_state(rel: &[u8]) -> bool {
 /// equal IMAGE (preserve list excluded). Empty when they are equal.
 #[track_caller]
 pub fn oracle(image: &Path, root: &Path) -> String {
-    let mut args: Vec<OsString> =
-        ["-naHAX", "--delete", "--checksum", "--numeric-ids", "--itemize-changes"].iter().map(OsString::from).collect();
+    let mut args: Vec<OsString> = [
+        "-naHAX",
+        "--delete",
+        "--checksum",
+        "--numeric-ids",
+        "--itemize-changes",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
     for e in preserve_excludes() {
         args.push(format!("--exclude={e}").into());
     }
@@ -590,13 +674,15 @@ fn read_xattrs(p: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
         return out;
     }
     let mut buf = vec![0u8; n + 256];
-    let n = rustix::fs::llistxattr(p, &mut buf[..]).unwrap_or_else(|e| panic!("llistxattr {}: {e}", p.display()));
+    let n = rustix::fs::llistxattr(p, &mut buf[..])
+        .unwrap_or_else(|e| panic!("llistxattr {}: {e}", p.display()));
     for name in buf[..n].split(|&b| b == 0).filter(|s| !s.is_empty()) {
         let name_os = OsStr::from_bytes(name);
-        let len = rustix::fs::lgetxattr_query(p, name_os).unwrap_or_else(|e| panic!("lgetxattr {}: {e}", p.display()));
+        let len = rustix::fs::lgetxattr_query(p, name_os)
+            .unwrap_or_else(|e| panic!("lgetxattr {}: {e}", p.display()));
         let mut val = vec![0u8; len + 64];
-        let len =
-            rustix::fs::lgetxattr(p, name_os, &mut val[..]).unwrap_or_else(|e| panic!("lgetxattr {}: {e}", p.display()));
+        let len = rustix::fs::lgetxattr(p, name_os, &mut val[..])
+            .unwrap_or_else(|e| panic!("lgetxattr {}: {e}", p.display()));
         val.truncate(len);
         out.insert(name.to_vec(), val);
     }
@@ -609,7 +695,9 @@ pub fn sha256_file(p: &Path) -> String {
     let mut h = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+        let n = f
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
         if n == 0 {
             break;
         }
@@ -625,11 +713,19 @@ pub fn scan(root: &Path, skip: &dyn Fn(&[u8]) -> bool) -> Tree {
     let mut tree = Tree::new();
     let mut stack: Vec<Vec<u8>> = vec![b".".to_vec()];
     while let Some(rel) = stack.pop() {
-        let p = if rel == b"." { root.to_path_buf() } else { root.join(OsStr::from_bytes(&rel)) };
-        let md = std::fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
+        let p = if rel == b"." {
+            root.to_path_buf()
+        } else {
+            root.join(OsStr::from_bytes(&rel))
+        };
+        let md =
+            std::fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
         let ft = md.file_type();
         let kind = if ft.is_file() {
-            Kind::File { size: md.len(), sha256: sha256_file(&p) }
+            Kind::File {
+                size: md.len(),
+                sha256: sha256_file(&p),
+            }
         } else if ft.is_dir() {
             let mut names: Vec<Vec<u8>> = std::fs::read_dir(&p)
                 .unwrap_or_else(|e| panic!("readdir {}: {e}", p.display()))
@@ -644,7 +740,12 @@ pub fn scan(root: &Path, skip: &dyn Fn(&[u8]) -> bool) -> Tree {
             }
             Kind::Dir
         } else if ft.is_symlink() {
-            Kind::Symlink(std::fs::read_link(&p).expect("readlink").into_os_string().into_vec())
+            Kind::Symlink(
+                std::fs::read_link(&p)
+                    .expect("readlink")
+                    .into_os_string()
+                    .into_vec(),
+            )
         } else if ft.is_char_device() {
             Kind::Char(md.rdev())
         } else if ft.is_block_device() {
@@ -696,20 +797,32 @@ pub fn diff_trees(a: &Tree, b: &Tree, what_a: &str, what_b: &str) -> Vec<String>
             (None, Some(_)) => out.push(format!("{p}: only in {what_b}")),
             (Some(x), Some(y)) => {
                 if x.kind != y.kind {
-                    out.push(format!("{p}: kind/content {:?} in {what_a} vs {:?} in {what_b}", x.kind, y.kind));
+                    out.push(format!(
+                        "{p}: kind/content {:?} in {what_a} vs {:?} in {what_b}",
+                        x.kind, y.kind
+                    ));
                 }
                 if x.mode != y.mode {
                     out.push(format!("{p}: mode {:o} vs {:o}", x.mode, y.mode));
                 }
                 if (x.uid, x.gid) != (y.uid, y.gid) {
-                    out.push(format!("{p}: owner {}:{} vs {}:{}", x.uid, x.gid, y.uid, y.gid));
+                    out.push(format!(
+                        "{p}: owner {}:{} vs {}:{}",
+                        x.uid, x.gid, y.uid, y.gid
+                    ));
                 }
                 if x.mtime_ns != y.mtime_ns {
                     out.push(format!("{p}: mtime_ns {} vs {}", x.mtime_ns, y.mtime_ns));
                 }
                 if x.xattrs != y.xattrs {
-                    let names = |m: &BTreeMap<Vec<u8>, Vec<u8>>| m.keys().map(|n| show(n)).collect::<Vec<_>>();
-                    out.push(format!("{p}: xattrs differ ({:?} vs {:?})", names(&x.xattrs), names(&y.xattrs)));
+                    let names = |m: &BTreeMap<Vec<u8>, Vec<u8>>| {
+                        m.keys().map(|n| show(n)).collect::<Vec<_>>()
+                    };
+                    out.push(format!(
+                        "{p}: xattrs differ ({:?} vs {:?})",
+                        names(&x.xattrs),
+                        names(&y.xattrs)
+                    ));
                 }
                 if x.link_group != y.link_group {
                     out.push(format!(
@@ -762,7 +875,11 @@ pub fn assert_unchanged(root: &Path, before: &Tree, context: &str) {
     let after = snapshot_root(root);
     let d = diff_trees(before, &after, "before", "after");
     if !d.is_empty() {
-        panic!("{context}: root {} changed:\n{}", root.display(), clip(&d.join("\n"), 80));
+        panic!(
+            "{context}: root {} changed:\n{}",
+            root.display(),
+            clip(&d.join("\n"), 80)
+        );
     }
 }
 
@@ -781,13 +898,31 @@ pub struct Key {
 pub fn keygen(dir: &Path, name: &str) -> Key {
     std::fs::create_dir_all(dir).expect("create key dir");
     let secret = dir.join(name);
-    imageupd([OsStr::new("keygen"), OsStr::new("--out"), secret.as_os_str()]).ok();
+    imageupd([
+        OsStr::new("keygen"),
+        OsStr::new("--out"),
+        secret.as_os_str(),
+    ])
+    .ok();
     let mut public = secret.as_os_str().to_owned();
     public.push(".pub");
     let public = PathBuf::from(public);
-    assert!(public.is_file(), "keygen did not write {}", public.display());
-    let mode = std::fs::metadata(&secret).expect("secret key").permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600, "secret key {} must be mode 0600", secret.display());
+    assert!(
+        public.is_file(),
+        "keygen did not write {}",
+        public.display()
+    );
+    let mode = std::fs::metadata(&secret)
+        .expect("secret key")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(
+        mode,
+        0o600,
+        "secret key {} must be mode 0600",
+        secret.display()
+    );
     Key { secret, public }
 }
 
@@ -808,8 +943,16 @@ pub fn write_config(root: &Path, toml: &str) {
 
 /// `imageupd publish --store STORE --id ID [--key K] [--parent P] --level 3 SOURCE`.
 #[track_caller]
-pub fn publish(store: &Path, id: &str, key: Option<&Key>, parent: Option<&str>, source: &Path) -> Out {
-    let mut r = imageupd(["publish", "--store"]).arg(store).args(["--id", id, "--level", LEVEL]);
+pub fn publish(
+    store: &Path,
+    id: &str,
+    key: Option<&Key>,
+    parent: Option<&str>,
+    source: &Path,
+) -> Out {
+    let mut r = imageupd(["publish", "--store"])
+        .arg(store)
+        .args(["--id", id, "--level", LEVEL]);
     if let Some(k) = key {
         r = r.arg("--key").arg(&k.secret);
     }
@@ -822,7 +965,13 @@ pub fn publish(store: &Path, id: &str, key: Option<&Key>, parent: Option<&str>, 
 /// `imageupd apply --from SRC --id ID --root ROOT --json` plus EXTRA; the
 /// exit code is not checked.
 pub fn apply(src: &Path, id: &str, root: &Path, extra: &[&str]) -> Out {
-    imageupd(["apply", "--from"]).arg(src).args(["--id", id, "--root"]).arg(root).arg("--json").args(extra).run()
+    imageupd(["apply", "--from"])
+        .arg(src)
+        .args(["--id", id, "--root"])
+        .arg(root)
+        .arg("--json")
+        .args(extra)
+        .run()
 }
 
 /// Like [`apply`], asserting success and `"result"` == EXPECT_RESULT.
@@ -830,7 +979,12 @@ pub fn apply(src: &Path, id: &str, root: &Path, extra: &[&str]) -> Out {
 pub fn apply_ok(src: &Path, id: &str, root: &Path, expect_result: &str) -> Out {
     let out = apply(src, id, root, &[]).expect_ok();
     let j = out.json();
-    assert_eq!(j["result"].as_str(), Some(expect_result), "unexpected apply result\n{}", out.describe());
+    assert_eq!(
+        j["result"].as_str(),
+        Some(expect_result),
+        "unexpected apply result\n{}",
+        out.describe()
+    );
     out
 }
 
@@ -845,7 +999,9 @@ pub fn verify(root: &Path, checksum: bool) -> Out {
 
 /// Content of ROOT/etc/image_id, trimmed.
 pub fn image_id(root: &Path) -> Option<String> {
-    std::fs::read_to_string(root.join("etc/image_id")).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(root.join("etc/image_id"))
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 /// Assert the full post-apply contract: both oracles clean, `verify
@@ -853,9 +1009,18 @@ pub fn image_id(root: &Path) -> Option<String> {
 #[track_caller]
 pub fn assert_applied(image: &Path, root: &Path, id: &str, context: &str) {
     assert_converged(image, root, context);
-    assert_eq!(image_id(root).as_deref(), Some(id), "{context}: /etc/image_id");
+    assert_eq!(
+        image_id(root).as_deref(),
+        Some(id),
+        "{context}: /etc/image_id"
+    );
     let v = verify(root, true);
-    assert_eq!(v.code(), Some(EXIT_OK), "{context}: verify --checksum after apply\n{}", v.describe());
+    assert_eq!(
+        v.code(),
+        Some(EXIT_OK),
+        "{context}: verify --checksum after apply\n{}",
+        v.describe()
+    );
 }
 
 /// A store shared by all tests of one test binary; images are published
@@ -915,7 +1080,11 @@ pub fn shared_store() -> &'static SharedStore {
         let base = scratch_base().join("shared");
         std::fs::create_dir_all(&base).expect("create shared dir");
         let key = keygen(&base, "publisher");
-        SharedStore { dir: base.join("store"), key, published: Mutex::new(BTreeSet::new()) }
+        SharedStore {
+            dir: base.join("store"),
+            key,
+            published: Mutex::new(BTreeSet::new()),
+        }
     })
 }
 
@@ -948,12 +1117,30 @@ pub fn install_root(store: &SharedStore, id: &str, dst: &Path) -> PathBuf {
 /// full convergence is checked by [`assert_applied`] in tests/engine.rs.)
 #[track_caller]
 pub fn assert_committed_s2(root: &Path, context: &str) {
-    assert_eq!(image_id(root).as_deref(), Some("s2"), "{context}: /etc/image_id");
-    assert_eq!(std::fs::read_to_string(root.join("new/p/one")).ok().as_deref(), Some("new 1\n"), "{context}: new/p/one");
-    assert!(root.join("types/file2dir").is_dir(), "{context}: types/file2dir is not a directory");
+    assert_eq!(
+        image_id(root).as_deref(),
+        Some("s2"),
+        "{context}: /etc/image_id"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("new/p/one"))
+            .ok()
+            .as_deref(),
+        Some("new 1\n"),
+        "{context}: new/p/one"
+    );
+    assert!(
+        root.join("types/file2dir").is_dir(),
+        "{context}: types/file2dir is not a directory"
+    );
     assert!(!root.join("gone").exists(), "{context}: gone/ still exists");
     let v = verify(root, false);
-    assert_eq!(v.code(), Some(EXIT_OK), "{context}: verify after the apply\n{}", v.describe());
+    assert_eq!(
+        v.code(),
+        Some(EXIT_OK),
+        "{context}: verify after the apply\n{}",
+        v.describe()
+    );
 }
 
 /// Object path in a store for a sha256 hex digest.
@@ -965,7 +1152,8 @@ pub fn object_path(store: &Path, sha256: &str) -> PathBuf {
 pub fn read_manifest(store: &Path, id: &str) -> serde_json::Value {
     let p = store.join("images").join(id).join("manifest.json.zst");
     let raw = std::fs::read(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
-    let json = zstd::decode_all(&raw[..]).unwrap_or_else(|e| panic!("{} is not zstd: {e}", p.display()));
+    let json =
+        zstd::decode_all(&raw[..]).unwrap_or_else(|e| panic!("{} is not zstd: {e}", p.display()));
     serde_json::from_slice(&json).unwrap_or_else(|e| panic!("{} is not JSON: {e}", p.display()))
 }
 
@@ -974,8 +1162,13 @@ pub fn entry_path(e: &serde_json::Value) -> Vec<u8> {
     match &e["path"] {
         serde_json::Value::String(s) => s.as_bytes().to_vec(),
         v => {
-            let h = v["hex"].as_str().unwrap_or_else(|| panic!("bad entry path {v}"));
-            (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).expect("hex")).collect()
+            let h = v["hex"]
+                .as_str()
+                .unwrap_or_else(|| panic!("bad entry path {v}"));
+            (0..h.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&h[i..i + 2], 16).expect("hex"))
+                .collect()
         }
     }
 }
@@ -988,7 +1181,10 @@ fn unescape_mountinfo(s: &str) -> PathBuf {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 4 <= b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push(u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?'));
             i += 4;
         } else {
@@ -1006,20 +1202,31 @@ pub fn mountinfo() -> Vec<(PathBuf, String, String)> {
         .filter_map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
             let sep = f.iter().position(|x| *x == "-")?;
-            Some((unescape_mountinfo(f.get(4)?), f.get(5)?.to_string(), f.get(sep + 3).unwrap_or(&"").to_string()))
+            Some((
+                unescape_mountinfo(f.get(4)?),
+                f.get(5)?.to_string(),
+                f.get(sep + 3).unwrap_or(&"").to_string(),
+            ))
         })
         .collect()
 }
 
 /// Mount points at or below DIR, in mount order.
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    mountinfo().into_iter().map(|m| m.0).filter(|m| m.starts_with(dir)).collect()
+    mountinfo()
+        .into_iter()
+        .map(|m| m.0)
+        .filter(|m| m.starts_with(dir))
+        .collect()
 }
 
 /// Whether the topmost mount at MNT is read-only (per-mount flag), or
 /// None when nothing is mounted there.
 pub fn mount_readonly(mnt: &Path) -> Option<bool> {
-    mountinfo().into_iter().rfind(|m| m.0 == mnt).map(|m| m.1.split(',').any(|o| o == "ro"))
+    mountinfo()
+        .into_iter()
+        .rfind(|m| m.0 == mnt)
+        .map(|m| m.1.split(',').any(|o| o == "ro"))
 }
 
 /// A loop-mounted ext4 filesystem, unmounted when dropped.
@@ -1039,8 +1246,10 @@ impl LoopFs {
         std::fs::create_dir_all(&mnt).expect("create mount point");
         // -m 0: no blocks reserved for root (the tests run as root, and
         // free-space tests need "full" to mean full).
-        let mut args: Vec<OsString> =
-            ["-q", "-F", "-t", "ext4", "-I", "256", "-m", "0"].iter().map(OsString::from).collect();
+        let mut args: Vec<OsString> = ["-q", "-F", "-t", "ext4", "-I", "256", "-m", "0"]
+            .iter()
+            .map(OsString::from)
+            .collect();
         if let Some(t) = tree {
             args.push("-d".into());
             args.push(t.as_os_str().to_owned());
@@ -1049,9 +1258,26 @@ impl LoopFs {
         args.push(format!("{size_mb}M").into());
         cmd("mkfs.ext4", args);
         let opts = if ro { "loop,ro" } else { "loop" };
-        cmd("mount", [OsStr::new("-o"), OsStr::new(opts), img.as_os_str(), mnt.as_os_str()]);
-        let fs = LoopFs { img, mnt, mounted: true };
-        assert_eq!(mount_readonly(&fs.mnt), Some(ro), "mount state of {}", fs.mnt.display());
+        cmd(
+            "mount",
+            [
+                OsStr::new("-o"),
+                OsStr::new(opts),
+                img.as_os_str(),
+                mnt.as_os_str(),
+            ],
+        );
+        let fs = LoopFs {
+            img,
+            mnt,
+            mounted: true,
+        };
+        assert_eq!(
+            mount_readonly(&fs.mnt),
+            Some(ro),
+            "mount state of {}",
+            fs.mnt.display()
+        );
         fs
     }
 
@@ -1059,7 +1285,10 @@ impl LoopFs {
     #[track_caller]
     pub fn remount(&self, ro: bool) {
         let opts = if ro { "remount,ro" } else { "remount,rw" };
-        cmd("mount", [OsStr::new("-o"), OsStr::new(opts), self.mnt.as_os_str()]);
+        cmd(
+            "mount",
+            [OsStr::new("-o"), OsStr::new(opts), self.mnt.as_os_str()],
+        );
     }
 
     /// Read-only state from /proc/self/mountinfo.
@@ -1070,7 +1299,11 @@ impl LoopFs {
     /// Unmount now (idempotent).
     pub fn umount(&mut self) {
         if self.mounted {
-            let ok = Command::new("umount").arg(&self.mnt).status().map(|s| s.success()).unwrap_or(false);
+            let ok = Command::new("umount")
+                .arg(&self.mnt)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
             if !ok {
                 let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
             }
