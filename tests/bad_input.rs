@@ -312,49 +312,36 @@ fn traversal_paths_in_manifest_are_refused() {
     std::fs::create_dir_all(&outside).unwrap();
     let outside_before = scan(&outside, &|_| false);
     let abs_target = outside.join("absolute-escape");
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+    shared_store().image("s2");
+    let base = read_manifest(&shared_store().dir, "s2");
+    let mut link = file_entry_at(&base, "zz-escape");
+    let obj = link.as_object_mut().unwrap();
+    obj.remove("sha256");
+    obj.remove("size");
+    obj.remove("xattrs");
+    link["type"] = json!("symlink");
+    link["target"] = json!(outside.to_string_lossy());
+    // Entries appended to an otherwise valid, correctly signed s2 manifest.
+    let cases: Vec<(&str, Vec<Value>)> = vec![
         (
             "'..' path",
-            Box::new(|m: &mut Value| {
-                let e = file_entry_at(m, "same/../../outside/dotdot-escape");
-                m["entries"].as_array_mut().unwrap().push(e);
-            }),
+            vec![file_entry_at(&base, "same/../../outside/dotdot-escape")],
         ),
         (
             "absolute path",
-            Box::new({
-                let p = abs_target.to_string_lossy().into_owned();
-                move |m: &mut Value| {
-                    let e = file_entry_at(m, &p);
-                    m["entries"].as_array_mut().unwrap().push(e);
-                }
-            }),
+            vec![file_entry_at(&base, &abs_target.to_string_lossy())],
         ),
         (
             "path through a symlink entry",
-            Box::new({
-                let o = outside.to_string_lossy().into_owned();
-                move |m: &mut Value| {
-                    let mut l = file_entry_at(m, "zz-escape");
-                    let obj = l.as_object_mut().unwrap();
-                    obj.remove("sha256");
-                    obj.remove("size");
-                    obj.remove("xattrs");
-                    l["type"] = json!("symlink");
-                    l["target"] = json!(o);
-                    let f = file_entry_at(m, "zz-escape/pwned");
-                    m["entries"].as_array_mut().unwrap().push(l);
-                    m["entries"].as_array_mut().unwrap().push(f);
-                }
-            }),
+            vec![link, file_entry_at(&base, "zz-escape/pwned")],
         ),
     ];
-    for (what, modify) in cases {
+    for (what, extra) in cases {
         let st = node
             .dir
             .join(format!("store-{}", what.replace([' ', '\''], "_")));
         store_copy(&st);
-        craft_manifest(&st, |m| modify(m));
+        craft_manifest(&st, |m| m["entries"].as_array_mut().unwrap().extend(extra));
         let out = node.apply(&st, "s2", &[]);
         expect_refused(&out, EXIT_UNTRUSTED, &format!("manifest with a {what}"));
         node.assert_untouched(&format!("manifest with a {what}"));
