@@ -99,8 +99,10 @@ run_imageupd() {
     local wall=$(( ($(now_ns) - t) / 1000000 ))
     local rss q
     rss=$(tail -n 1 "$WORK/time.out")
-    q=$(grep -o '"quiesce_ms"[[:space:]]*:[[:space:]]*[0-9.]*' "$WORK/apply.json" | head -n 1 | sed 's/.*://; s/[[:space:]]//g')
+    q=$(grep -o '"quiesce_ms"[[:space:]]*:[[:space:]]*[0-9.a-z]*' "$WORK/apply.json" | head -n 1 | sed 's/.*://; s/[[:space:]]//g')
     [ -n "$q" ] || { echo "apply --json has no quiesce_ms: $(cat "$WORK/apply.json")" >&2; exit 1; }
+    # A no-op apply quiesces nothing and may report null.
+    [ "$q" != null ] || q=0
     echo "$wall $rss $q"
 }
 
