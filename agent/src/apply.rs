@@ -281,7 +281,7 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     let target = &resolved.manifest;
     clock.lap("resolve");
 
-    let current = load_current(&state);
+    let cur = CurrentRecord::load(&state, &resolved.stored);
     let running = rootfs::running_release();
     let mut preserve = Preserve::new(&ctx.cfg.preserve).map_err(anyhow::Error::msg)?;
     if let Some(r) = &running {
@@ -298,7 +298,23 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
         Ok((p.clone(), crate::stream::digest_of(std::io::BufReader::with_capacity(256 * 1024, f))?.0))
     })?;
     let digests: HashMap<RelPath, _> = hashed.into_iter().collect();
-    let p = plan::plan(target, &RootView { nodes: &nodes, digests: &digests }, current.as_ref(), &preserve);
+    let view = RootView { nodes: &nodes, digests: &digests };
+    // The current image's record matters only for moved content, for
+    // telling a legitimate symlink from a planted one, and for the kernel;
+    // parse it only when one of those can make a difference.
+    let parsed_current: Option<Manifest>;
+    let mut p = plan::plan(target, &view, cur.same_as_target.then_some(target), &preserve);
+    let current: Option<&Manifest> = if cur.same_as_target {
+        Some(target)
+    } else if cur.worth_parsing(&p) {
+        parsed_current = cur.parse();
+        if parsed_current.is_some() {
+            p = plan::plan(target, &view, parsed_current.as_ref(), &preserve);
+        }
+        parsed_current.as_ref()
+    } else {
+        None
+    };
     report.plan = p.stats.clone();
     report.warnings = p.warnings.clone();
     for w in &p.warnings {
@@ -308,7 +324,7 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     let host = ctx.root.is_host_root();
     let reason = kernel::change_reason(
         target.kernel.as_ref(),
-        current.as_ref().and_then(|c| c.kernel.as_ref()),
+        current.and_then(|c| c.kernel.as_ref()).or(cur.kernel.as_ref()),
         if host { running.as_deref() } else { None },
     );
     report.kernel = KernelVerdict {
@@ -407,6 +423,10 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
         Err(e) => return Err(abort_before_swap(ctx, &mut journal, &state, &mut rw, e, interrupted.is_some())),
     };
     report.stage = stage_report;
+    // The record of the new image is written now and only renamed at commit.
+    if let Err(e) = write_next_record(&state, &resolved) {
+        return Err(abort_before_swap(ctx, &mut journal, &state, &mut rw, e, interrupted.is_some()));
+    }
     fault::point("after-stage");
     clock.lap("stage");
     ctx.advance(Event::Staged);
@@ -423,6 +443,7 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
         kernel_changed: report.kernel.changed,
     };
     let runner = HookRunner::for_root(&ctx.root.path, Duration::from_secs(ctx.cfg.hook_timeout_secs));
+    journal.store(state.as_fd(), JournalPhase::Swapping)?;
     ctx.advance(Event::Quiesced);
     let quiesce_start = Instant::now();
     if let Err(e) = runner.run(HookPhase::PreApply, &hook_env) {
@@ -437,9 +458,10 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     }
     clock.lap("pre-apply-hooks");
 
-    // Swap.
+    // Swap. Everything from here to the commit record is inside the
+    // quiesce window, so it does no fsync of its own: one syncfs after the
+    // renames, one after the commit record.
     ctx.advance(Event::Swapped);
-    journal.store(state.as_fd(), JournalPhase::Swapping)?;
     let mut sw = SwapReport::default();
     let swap_res = (|| -> Result<()> {
         swap::swap(&p, target, &nodes, ctx.root.fd(), &staging, &names, &mut sw)?;
@@ -448,7 +470,7 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
         fault::point("after-delete");
         drop(staging);
         stage::cleanup(ctx.root.fd(), ctx.root.dev)?;
-        save_current(&state, &resolved, current.as_ref())?;
+        promote_next_record(&state, current.is_some_and(|c| c.id != id))?;
         let mut dirs = p.dirmeta.clone();
         dirs.extend(forced_dirs(target));
         swap::finalise_dirs(&dirs, &target.entries, ctx.root.fd(), &mut sw)?;
@@ -458,7 +480,8 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
         swap::finalise_dirs(&forced_dirs(target), &target.entries, ctx.root.fd(), &mut sw)?;
         fault::point("after-dirmeta");
         fault::point("before-commit");
-        journal.store(state.as_fd(), JournalPhase::Committed)?;
+        journal.store_unsynced(state.as_fd(), JournalPhase::Committed)?;
+        fsx::syncfs(ctx.root.fd()).context("syncfs of the commit record")?;
         fault::point("after-commit");
         Ok(())
     })();
@@ -536,38 +559,98 @@ fn forced_dirs(target: &Manifest) -> Vec<usize> {
     target.entries.iter().enumerate().filter(|(_, e)| want.contains(&e.path.as_bytes()) && e.ftype == crate::manifest::FileType::Dir).map(|(i, _)| i).collect()
 }
 
-fn load_current(state: &Option<OwnedFd>) -> Option<Manifest> {
-    let s = state.as_ref()?;
-    let bytes = fsx::read_beneath(s.as_fd(), &RelPath(CURRENT_MANIFEST.to_vec())).ok()?;
-    match store::decode_manifest(&bytes) {
-        Ok(m) => Some(m),
-        Err(e) => {
-            tracing::warn!("ignoring unreadable record of the current image: {e:#}");
-            None
+/// Stored bytes of the record of the image being applied, until commit.
+const NEXT_MANIFEST: &[u8] = b"next.manifest.json.zst";
+/// Its signature.
+const NEXT_SIG: &[u8] = b"next.manifest.json.zst.sig";
+/// Up to this many fetched contents, the current record is searched as text
+/// for them before paying for a full parse.
+const TEXT_SEARCH_MAX: usize = 16;
+
+/// The node's record of its current image, parsed only on demand.
+struct CurrentRecord {
+    /// Decompressed JSON, when present and different from the target.
+    json: Option<Vec<u8>>,
+    /// The record is byte-identical to the target's manifest.
+    same_as_target: bool,
+    /// Its kernel (cheap to extract).
+    kernel: Option<crate::manifest::KernelInfo>,
+}
+
+impl CurrentRecord {
+    fn load(state: &Option<OwnedFd>, target_stored: &[u8]) -> CurrentRecord {
+        let none = CurrentRecord { json: None, same_as_target: false, kernel: None };
+        let Some(s) = state.as_ref() else { return none };
+        let Ok(bytes) = fsx::read_beneath(s.as_fd(), &RelPath(CURRENT_MANIFEST.to_vec())) else { return none };
+        if bytes == target_stored {
+            return CurrentRecord { json: None, same_as_target: true, kernel: None };
+        }
+        let json = match zstd::decode_all(&bytes[..]) {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::warn!("ignoring unreadable record of the current image: {e}");
+                return none;
+            }
+        };
+        #[derive(serde::Deserialize)]
+        struct Head {
+            kernel: Option<crate::manifest::KernelInfo>,
+        }
+        let kernel = serde_json::from_slice::<Head>(&json).ok().and_then(|h| h.kernel);
+        CurrentRecord { json: Some(json), same_as_target: false, kernel }
+    }
+
+    /// True when parsing the record can change the plan.
+    fn worth_parsing(&self, p: &Plan) -> bool {
+        let Some(json) = &self.json else { return false };
+        if !p.conflicts.is_empty() || p.fetch.len() > TEXT_SEARCH_MAX {
+            return true;
+        }
+        p.fetch.iter().any(|(d, _)| memchr::memmem::find(json, d.to_hex().as_bytes()).is_some())
+    }
+
+    fn parse(&self) -> Option<Manifest> {
+        match Manifest::parse(self.json.as_ref()?) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!("ignoring unreadable record of the current image: {e}");
+                None
+            }
         }
     }
 }
 
-fn save_current(state: &OwnedFd, r: &Resolved, current: Option<&Manifest>) -> Result<()> {
+/// Write the new image's record under a temporary name (made durable by the
+/// syncfs before the swap).
+fn write_next_record(state: &OwnedFd, r: &Resolved) -> Result<()> {
     let s = state.as_fd();
-    if current.is_some_and(|c| c.id != r.manifest.id) {
-        if let Ok(old) = fsx::read_beneath(s, &RelPath(CURRENT_MANIFEST.to_vec())) {
-            fsx::write_atomic(s, PREVIOUS_MANIFEST, &old, 0o644)?;
-            match fsx::read_beneath(s, &RelPath(CURRENT_SIG.to_vec())) {
-                Ok(sig) => fsx::write_atomic(s, PREVIOUS_SIG, &sig, 0o644)?,
-                Err(_) => {
-                    let _ = fsx::unlink_at(s, PREVIOUS_SIG);
-                }
-            }
-        }
-    }
     match &r.sig {
-        Some(sig) => fsx::write_atomic(s, CURRENT_SIG, sig, 0o644)?,
-        None => {
-            let _ = fsx::unlink_at(s, CURRENT_SIG);
-        }
+        Some(sig) => fsx::write_renamed(s, NEXT_SIG, sig, 0o644)?,
+        None => match fsx::unlink_at(s, NEXT_SIG) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).context("removing a stale next.manifest signature"),
+        },
     }
-    fsx::write_atomic(s, CURRENT_MANIFEST, &r.stored, 0o644).context("recording the current image's manifest")
+    fsx::write_renamed(s, NEXT_MANIFEST, &r.stored, 0o644).context("recording the new image's manifest")
+}
+
+/// At commit: current becomes previous (when the image changes), next
+/// becomes current. Renames only.
+fn promote_next_record(state: &OwnedFd, image_changes: bool) -> Result<()> {
+    let s = state.as_fd();
+    let ignore_missing = |r: std::io::Result<()>| match r {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    };
+    if image_changes {
+        ignore_missing(fsx::rename_at(s, CURRENT_MANIFEST, s, PREVIOUS_MANIFEST))?;
+        ignore_missing(fsx::unlink_at(s, PREVIOUS_SIG))?;
+        ignore_missing(fsx::rename_at(s, CURRENT_SIG, s, PREVIOUS_SIG))?;
+    }
+    ignore_missing(fsx::unlink_at(s, CURRENT_SIG))?;
+    ignore_missing(fsx::rename_at(s, NEXT_SIG, s, CURRENT_SIG))?;
+    fsx::rename_at(s, NEXT_MANIFEST, s, CURRENT_MANIFEST).context("recording the new image's manifest")
 }
 
 fn write_image_id(root: &RootFs, id: &str) -> Result<()> {

@@ -423,6 +423,20 @@ pub fn write_atomic(dir: BorrowedFd<'_>, name: &[u8], data: &[u8], mode: u32) ->
     Ok(())
 }
 
+/// Write a small file by temp + rename, without an fsync: for files written
+/// just before a `syncfs` that makes them durable together.
+pub fn write_renamed(dir: BorrowedFd<'_>, name: &[u8], data: &[u8], mode: u32) -> io::Result<()> {
+    use std::io::Write;
+    let mut tmp = name.to_vec();
+    tmp.extend_from_slice(b".imageupd-tmp");
+    let _ = unlink_at(dir, &tmp);
+    let mut f = create_file_at(dir, &tmp)?;
+    f.write_all(data)?;
+    rfs::fchmod(f.as_fd(), Mode::from_raw_mode(mode))?;
+    drop(f);
+    rename_at(dir, &tmp, dir, name)
+}
+
 /// Read a whole small file below `root`.
 pub fn read_beneath(root: BorrowedFd<'_>, rel: &RelPath) -> io::Result<Vec<u8>> {
     use std::io::Read;

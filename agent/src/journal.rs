@@ -71,6 +71,15 @@ impl Journal {
         fsx::write_atomic(state, JOURNAL_NAME, &bytes, 0o644).context("writing the apply journal")
     }
 
+    /// Record the journal without an fsync; the caller's next `syncfs` makes
+    /// it durable together with everything written before it.
+    pub fn store_unsynced(&mut self, state: BorrowedFd<'_>, phase: JournalPhase) -> Result<()> {
+        self.phase = phase;
+        self.updated = crate::publish::now_rfc3339();
+        let bytes = serde_json::to_vec_pretty(self)?;
+        fsx::write_renamed(state, JOURNAL_NAME, &bytes, 0o644).context("writing the apply journal")
+    }
+
     /// True when an earlier run stopped mid-way.
     pub fn interrupted(&self) -> bool {
         matches!(self.phase, JournalPhase::Staging | JournalPhase::Swapping)

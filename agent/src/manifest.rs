@@ -189,26 +189,53 @@ impl fmt::Display for RelPath {
     }
 }
 
-/// Bytes rendered as a UTF-8 string when possible, else as hex.
-#[derive(Serialize, Deserialize)]
-#[serde(untagged)]
-enum BytesRepr {
-    Text(String),
-    Hex { hex: String },
+/// Bytes rendered as a UTF-8 string when possible, else as `{"hex": "…"}`.
+#[derive(Serialize)]
+struct HexRepr {
+    hex: String,
 }
 
 fn ser_bytes<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
     match std::str::from_utf8(b) {
-        Ok(t) => BytesRepr::Text(t.to_owned()).serialize(s),
-        Err(_) => BytesRepr::Hex { hex: hex::encode(b) }.serialize(s),
+        Ok(t) => s.serialize_str(t),
+        Err(_) => HexRepr { hex: hex::encode(b) }.serialize(s),
+    }
+}
+
+/// Accepts a string or `{"hex": "…"}` without buffering (serde's untagged
+/// enums buffer every value, which dominated manifest parsing).
+struct BytesVisitor;
+
+impl<'de> serde::de::Visitor<'de> for BytesVisitor {
+    type Value = Vec<u8>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string or {\"hex\": \"...\"}")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Vec<u8>, E> {
+        Ok(v.as_bytes().to_vec())
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Vec<u8>, E> {
+        Ok(v.into_bytes())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Vec<u8>, A::Error> {
+        let mut out = None;
+        while let Some(k) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if k != "hex" || out.is_some() {
+                return Err(serde::de::Error::custom(format!("unexpected key {k:?} in a byte string")));
+            }
+            let h: std::borrow::Cow<'de, str> = map.next_value()?;
+            out = Some(hex::decode(h.as_bytes()).map_err(serde::de::Error::custom)?);
+        }
+        out.ok_or_else(|| serde::de::Error::custom("missing \"hex\""))
     }
 }
 
 fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-    match BytesRepr::deserialize(d)? {
-        BytesRepr::Text(t) => Ok(t.into_bytes()),
-        BytesRepr::Hex { hex } => hex::decode(hex).map_err(serde::de::Error::custom),
-    }
+    d.deserialize_any(BytesVisitor)
 }
 
 impl Serialize for RelPath {
