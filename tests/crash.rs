@@ -7,7 +7,7 @@
 //! The root is reset between iterations with rsync, never with imageupd.
 //! Tunables: IMAGEUPD_CRASH_ITERATIONS (default 50), IMAGEUPD_CRASH_SEED
 //! (default fixed, so a run replays the same kill schedule as far as timing
-//! allows).
+//! allows). Every fifth kill iteration also kills the recovering apply.
 
 mod common;
 
@@ -206,6 +206,31 @@ impl Bench {
         );
     }
 
+    /// Start an apply and SIGKILL it after DELAY; returns whether it was
+    /// killed (false: it had finished, successfully) and the delay.
+    fn kill_after(&self, delay: Duration, what: &str) -> (bool, Duration) {
+        let log = self.logs.join("apply.log");
+        let (mut c, desc) = self.apply_cmd().into_command();
+        let logf = std::fs::File::create(&log).unwrap();
+        c.stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf);
+        let mut child = c.spawn().unwrap_or_else(|e| panic!("spawn {desc}: {e}"));
+        std::thread::sleep(delay);
+        let _ = child.kill(); // SIGKILL
+        let status = child.wait().unwrap();
+        let killed = status.code().is_none();
+        if !killed {
+            assert_eq!(
+                status.code(),
+                Some(EXIT_OK),
+                "{what}: apply exited by itself with a failure:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        (killed, delay)
+    }
+
     /// Run an apply with IMAGEUPD_FAULT=POINT; true when it aborted there.
     fn fault(&self, point: &str) -> bool {
         self.reset();
@@ -264,31 +289,29 @@ fn random_sigkill_during_apply_converges() {
         // sqrt biases towards the later part of the run, where staging and
         // the swap happen; the early part (plan, fetch) still gets samples.
         let frac = rng.unit().sqrt() * 0.95;
-        let delay = full.mul_f64(frac);
-        let log = b.logs.join("apply.log");
-        let (mut c, desc) = b.apply_cmd().into_command();
-        let logf = std::fs::File::create(&log).unwrap();
-        c.stdin(Stdio::null())
-            .stdout(logf.try_clone().unwrap())
-            .stderr(logf);
-        let mut child = c.spawn().unwrap_or_else(|e| panic!("spawn {desc}: {e}"));
-        std::thread::sleep(delay);
-        let _ = child.kill(); // SIGKILL
-        let status = child.wait().unwrap();
-        let killed = status.code().is_none();
+        let (killed, delay) = b.kill_after(full.mul_f64(frac), &format!("iteration {i}"));
         if !killed {
             finished_before_kill += 1;
-            assert_eq!(
-                status.code(),
-                Some(EXIT_OK),
-                "iteration {i}: apply exited by itself with a failure:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
         }
-        let what = format!(
+        let mut what = format!(
             "kill iteration {i} at {delay:.2?} ({:.0}% of a full apply, killed={killed})",
             frac * 100.0
         );
+        // Every fifth iteration the recovering apply is killed too.
+        if i % 5 == 4 {
+            let bad = crash_violations(&b.root, &b.ver);
+            assert!(
+                bad.is_empty(),
+                "{what}: torn state:\n{}",
+                clip(&bad.join("\n"), 60)
+            );
+            let frac2 = rng.unit() * 0.95;
+            let (killed2, delay2) =
+                b.kill_after(full.mul_f64(frac2), &format!("iteration {i}, second kill"));
+            what.push_str(&format!(
+                ", then the recovering apply killed at {delay2:.2?} (killed={killed2})"
+            ));
+        }
         b.check_and_converge(&what, i % 10 == 9);
     }
     eprintln!(

@@ -67,4 +67,23 @@ fn apply_on_readonly_ext4_root() {
         "v1",
         "apply v2 -> v1 on a read-only ext4 root",
     );
+
+    // A failed apply (pre-apply hook refuses) leaves the root read-only and
+    // unchanged as well.
+    fs.remount(false);
+    write_script(
+        &fs.mnt.join("etc/imageupd/hooks/pre-apply.d/10-refuse"),
+        "exit 1",
+    );
+    fs.remount(true);
+    let before = snapshot_root(&fs.mnt);
+    let out = apply(&store.dir, "v2", &fs.mnt, &[]);
+    assert_eq!(out.code(), Some(EXIT_PRE_HOOK), "{}", out.describe());
+    assert_eq!(
+        fs.readonly(),
+        Some(true),
+        "root is not read-only again after a failed apply\n{}",
+        out.describe()
+    );
+    assert_unchanged(&fs.mnt, &before, "failed apply on a read-only root");
 }
