@@ -57,6 +57,15 @@ pub struct ApplyOptions {
     pub kernel_policy: Option<KernelPolicy>,
     /// Plan only (`imageupd plan`).
     pub dry_run: bool,
+    /// Set (by the agent on SIGTERM) to stop at the next safe point before
+    /// the swap; once the swap has begun, the update finishes.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl ApplyOptions {
+    fn cancelled(&self) -> bool {
+        self.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst))
+    }
 }
 
 /// Kernel verdict.
@@ -371,6 +380,9 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
         report.total_ms = clock.start.elapsed().as_millis() as u64;
         return Ok(report);
     }
+    if ctx.opts.cancelled() {
+        bail!("stopped on request before the update to {id} started; {} was not changed", ctx.root.path.display());
+    }
     ctx.progress.line(&format!(
         "applying {id} over {} at {}: +{} ~{} -{} ={} (fetch {} in {} objects, {} local copies)",
         report.from_id.as_deref().unwrap_or("(unknown)"),
@@ -433,6 +445,10 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     fsx::syncfs(ctx.root.fd()).context("syncfs before the swap")?;
     fault::point("after-presync");
     clock.lap("sync");
+    if ctx.opts.cancelled() {
+        let err = anyhow!("stopped on request after staging, before the swap");
+        return Err(abort_before_swap(ctx, &mut journal, &state, &mut rw, err, interrupted.is_some()));
+    }
 
     // Quiesce.
     let hook_env = HookEnv {

@@ -53,6 +53,8 @@ pub struct Config {
     pub space_margin_mib: u64,
     /// Worker threads for hashing, decompression and copying (0 = CPUs).
     pub threads: usize,
+    /// The `[agent]` table: metadata source, keys, timings.
+    pub agent: AgentConfig,
     /// Files that contributed, in order.
     pub sources: Vec<PathBuf>,
 }
@@ -66,6 +68,7 @@ impl Default for Config {
             kernel_policy: KernelPolicy::Kexec,
             space_margin_mib: DEFAULT_SPACE_MARGIN_MIB,
             threads: 0,
+            agent: AgentConfig::default(),
             sources: Vec::new(),
         }
     }
@@ -82,6 +85,7 @@ struct Fragment {
     kernel_policy: Option<KernelPolicy>,
     space_margin_mib: Option<u64>,
     threads: Option<usize>,
+    agent: Option<AgentFragment>,
 }
 
 impl Config {
@@ -113,6 +117,9 @@ impl Config {
         }
         if let Some(v) = f.threads {
             self.threads = v;
+        }
+        if let Some(a) = f.agent {
+            self.agent.merge(a).with_context(|| format!("{}: table [agent]", origin.display()))?;
         }
         self.sources.push(origin.to_path_buf());
         Ok(())
@@ -152,6 +159,158 @@ impl Config {
     }
 }
 
+/// Default rescan interval of the agent, in seconds: the safety net under
+/// inotify.
+pub const DEFAULT_RESCAN_SECS: u64 = 60;
+/// Default debounce of metadata changes, in milliseconds: how long the
+/// metadata must stay quiet before the agent reads it.
+pub const DEFAULT_DEBOUNCE_MS: u64 = 1000;
+/// Default first retry delay after a failed update, in seconds.
+pub const DEFAULT_BACKOFF_MIN_SECS: u64 = 30;
+/// Default longest retry delay after repeated failures, in seconds.
+pub const DEFAULT_BACKOFF_MAX_SECS: u64 = 3600;
+/// Longest accepted debounce, in milliseconds (one minute).
+pub const MAX_DEBOUNCE_MS: u64 = 60_000;
+
+/// Settings of `imageupd agent` and `apply --from-metadata`: the `[agent]`
+/// table of the configuration.
+///
+/// ```toml
+/// [agent]
+/// metadata_dir = "/var/lib/os-collect-config" # os-collect-config cache (TripleO)
+/// # metadata_file = "/etc/imageupd/metadata.json" # a plain JSON file instead
+/// image_id_key = "image_id"        # dotted key, list indexes allowed: "a.b.0.id"
+/// image_source_key = "image_source"
+/// default_source = "https://images.example/store" # when metadata names none
+/// rescan_secs = 60
+/// debounce_ms = 1000
+/// backoff_min_secs = 30
+/// backoff_max_secs = 3600
+/// ```
+///
+/// Metadata paths are host paths (not re-rooted under `--root`).
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// os-collect-config's cache directory; its `os_config_files.json` lists
+    /// the files to merge (`$OS_CONFIG_FILES` overrides the list).
+    pub metadata_dir: PathBuf,
+    /// A plain JSON metadata file; when set it is used instead of
+    /// `metadata_dir`.
+    pub metadata_file: Option<PathBuf>,
+    /// Dotted key of the target image id.
+    pub image_id_key: String,
+    /// Dotted key of the image source (store URL or directory).
+    pub image_source_key: String,
+    /// Source used when the metadata names none (like `--from`).
+    pub default_source: Option<String>,
+    /// Full rescan interval, in seconds (at least 1).
+    pub rescan_secs: u64,
+    /// Quiet time before a burst of metadata changes is read, in
+    /// milliseconds (at most [`MAX_DEBOUNCE_MS`]).
+    pub debounce_ms: u64,
+    /// Retry delay after the first failure of an image, in seconds (at
+    /// least 1); it doubles with each further failure.
+    pub backoff_min_secs: u64,
+    /// Cap of the retry delay, in seconds; taken as at least
+    /// `backoff_min_secs`.
+    pub backoff_max_secs: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            metadata_dir: PathBuf::from(crate::metadata::DEFAULT_OCC_CACHE_DIR),
+            metadata_file: None,
+            image_id_key: crate::metadata::DEFAULT_IMAGE_ID_KEY.into(),
+            image_source_key: crate::metadata::DEFAULT_IMAGE_SOURCE_KEY.into(),
+            default_source: None,
+            rescan_secs: DEFAULT_RESCAN_SECS,
+            debounce_ms: DEFAULT_DEBOUNCE_MS,
+            backoff_min_secs: DEFAULT_BACKOFF_MIN_SECS,
+            backoff_max_secs: DEFAULT_BACKOFF_MAX_SECS,
+        }
+    }
+}
+
+/// The `[agent]` table of one fragment: every key optional.
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct AgentFragment {
+    metadata_dir: Option<PathBuf>,
+    metadata_file: Option<PathBuf>,
+    image_id_key: Option<String>,
+    image_source_key: Option<String>,
+    default_source: Option<String>,
+    rescan_secs: Option<u64>,
+    debounce_ms: Option<u64>,
+    backoff_min_secs: Option<u64>,
+    backoff_max_secs: Option<u64>,
+}
+
+impl AgentConfig {
+    fn merge(&mut self, f: AgentFragment) -> Result<()> {
+        for (name, p) in [("metadata_dir", &f.metadata_dir), ("metadata_file", &f.metadata_file)] {
+            if let Some(p) = p {
+                if !p.is_absolute() {
+                    bail!("{name} must be an absolute path, not {}", p.display());
+                }
+            }
+        }
+        for (name, k) in [("image_id_key", &f.image_id_key), ("image_source_key", &f.image_source_key)] {
+            if k.as_deref().is_some_and(|k| k.is_empty()) {
+                bail!("{name} must not be empty");
+            }
+        }
+        if f.rescan_secs == Some(0) {
+            bail!("rescan_secs must be at least 1");
+        }
+        if f.debounce_ms.is_some_and(|d| d > MAX_DEBOUNCE_MS) {
+            bail!("debounce_ms must be at most {MAX_DEBOUNCE_MS}");
+        }
+        if f.backoff_min_secs == Some(0) || f.backoff_max_secs == Some(0) {
+            bail!("backoff_min_secs and backoff_max_secs must be at least 1");
+        }
+        let AgentFragment { metadata_dir, metadata_file, image_id_key, image_source_key, default_source, rescan_secs, debounce_ms, backoff_min_secs, backoff_max_secs } = f;
+        set(&mut self.metadata_dir, metadata_dir);
+        if metadata_file.is_some() {
+            self.metadata_file = metadata_file;
+        }
+        set(&mut self.image_id_key, image_id_key);
+        set(&mut self.image_source_key, image_source_key);
+        if let Some(s) = default_source {
+            self.default_source = Some(s).filter(|s| !s.is_empty());
+        }
+        set(&mut self.rescan_secs, rescan_secs);
+        set(&mut self.debounce_ms, debounce_ms);
+        set(&mut self.backoff_min_secs, backoff_min_secs);
+        set(&mut self.backoff_max_secs, backoff_max_secs);
+        Ok(())
+    }
+
+    /// The metadata source these settings name; `$OS_CONFIG_FILES` (passed
+    /// as `env_files`) overrides the cache's list file.
+    pub fn metadata_source(&self, env_files: Option<String>) -> crate::metadata::MetadataSource {
+        match &self.metadata_file {
+            Some(f) => crate::metadata::MetadataSource::File(f.clone()),
+            None => crate::metadata::MetadataSource::Occ { cache_dir: self.metadata_dir.clone(), env_files },
+        }
+    }
+
+    /// The retry policy.
+    pub fn backoff(&self) -> crate::backoff::Backoff {
+        crate::backoff::Backoff::new(
+            std::time::Duration::from_secs(self.backoff_min_secs),
+            std::time::Duration::from_secs(self.backoff_max_secs.max(self.backoff_min_secs)),
+        )
+    }
+}
+
+fn set<T>(slot: &mut T, v: Option<T>) {
+    if let Some(v) = v {
+        *slot = v;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +330,23 @@ mod tests {
         assert!(format!("{err:#}").contains("p.toml"));
         let err = c.merge_str("kernel_policy = \"yolo\"\n", Path::new("k.toml")).unwrap_err();
         assert!(format!("{err:#}").contains("k.toml"));
+    }
+
+    #[test]
+    fn agent_table() {
+        let mut c = Config::default();
+        assert_eq!(c.agent.image_id_key, "image_id");
+        c.merge_str("[agent]\nmetadata_file = \"/srv/meta.json\"\nimage_id_key = \"deploy.image\"\ndebounce_ms = 50\n", Path::new("a.toml")).unwrap();
+        c.merge_str("[agent]\nbackoff_min_secs = 5\nbackoff_max_secs = 2\ndefault_source = \"/store\"\n", Path::new("b.toml")).unwrap();
+        assert_eq!(c.agent.metadata_file.as_deref(), Some(Path::new("/srv/meta.json")));
+        assert_eq!(c.agent.image_id_key, "deploy.image");
+        assert_eq!(c.agent.debounce_ms, 50);
+        assert_eq!(c.agent.default_source.as_deref(), Some("/store"));
+        assert_eq!(c.agent.backoff().max, std::time::Duration::from_secs(5), "max is at least min");
+        assert!(matches!(c.agent.metadata_source(None), crate::metadata::MetadataSource::File(_)));
+        for bad in ["rescan_secs = 0", "metadata_dir = \"rel\"", "nope = 1", "debounce_ms = 999999", "image_id_key = \"\""] {
+            let err = c.merge_str(&format!("[agent]\n{bad}\n"), Path::new("/etc/imageupd/config.d/50-agent.toml")).unwrap_err();
+            assert!(format!("{err:#}").contains("50-agent.toml"), "{bad}: {err:#}");
+        }
     }
 }

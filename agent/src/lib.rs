@@ -9,9 +9,13 @@
 //! - [`stage`], [`swap`], [`journal`], [`apply`]: changing it crash-safely;
 //! - [`hooks`], [`lifecycle`], [`status`], [`lock`]: around the swap;
 //! - [`verify`], [`kernel`], [`config`]: checks and settings;
+//! - [`agent`], [`metadata`], [`watch`], [`backoff`], [`sdnotify`],
+//!   [`logging`]: the node agent and `apply --from-metadata`;
 //! - [`fsx`], [`stream`], [`remount`], [`rootfs`]: system edges.
 
+pub mod agent;
 pub mod apply;
+pub mod backoff;
 pub mod cmd;
 pub mod config;
 pub mod error;
@@ -22,7 +26,9 @@ pub mod journal;
 pub mod kernel;
 pub mod lifecycle;
 pub mod lock;
+pub mod logging;
 pub mod manifest;
+pub mod metadata;
 pub mod plan;
 pub mod preserve;
 pub mod progress;
@@ -30,6 +36,7 @@ pub mod publish;
 pub mod remount;
 pub mod rootfs;
 pub mod scan;
+pub mod sdnotify;
 pub mod sign;
 pub mod source;
 pub mod stage;
@@ -38,3 +45,4 @@ pub mod store;
 pub mod stream;
 pub mod swap;
 pub mod verify;
+pub mod watch;

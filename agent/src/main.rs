@@ -103,6 +103,11 @@ enum Cmd {
         /// What to do if the image boots another kernel (kexec, reboot, defer).
         #[arg(long)]
         kernel_policy: Option<KernelPolicy>,
+        /// Resolve, verify and plan against the root, but change nothing:
+        /// os-refresh-config's pre-configure.d step, so that a bad source or
+        /// signature fails the run before configure.d.
+        #[arg(long)]
+        download_only: bool,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -126,6 +131,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Run the node agent: watch the metadata and apply the image it names.
+    ///
+    /// Reads os-collect-config's cache (or the [agent] metadata_file), reacts
+    /// to changes through inotify with a periodic rescan, retries failures
+    /// with exponential backoff, and speaks sd_notify (READY, STATUS,
+    /// WATCHDOG) under systemd. SIGTERM never interrupts a swap; SIGHUP
+    /// reloads the configuration and retries at once.
+    Agent {
+        #[command(flatten)]
+        root: RootArg,
+    },
     /// List the deterministic fault points (for crash tests).
     #[command(hide = true)]
     FaultPoints,
@@ -137,15 +153,19 @@ struct TargetArgs {
     #[arg(long)]
     from: Option<String>,
     /// Target image id.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "from_metadata")]
     id: Option<String>,
+    /// Take the image id (and source, unless --from is given) from the node
+    /// metadata: os-collect-config's cache, or the [agent] metadata_file.
+    /// Exits 0 with "nothing to do" when /etc/image_id already matches.
+    #[arg(long)]
+    from_metadata: bool,
     /// Accept an unsigned manifest.
     #[arg(long)]
     allow_unsigned: bool,
 }
 
 fn main() -> ExitCode {
-    init_tracing();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -153,6 +173,7 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    imageupd::logging::init(if matches!(cli.cmd, Cmd::Agent { .. }) { "info" } else { "warn" });
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -162,12 +183,6 @@ fn main() -> ExitCode {
             ExitCode::from(kind.code() as u8)
         }
     }
-}
-
-fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("IMAGEUPD_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
@@ -204,7 +219,11 @@ fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Cmd::Plan { target, root, json } => run_apply(target, root, None, json, true),
-        Cmd::Apply { target, root, kernel_policy, json } => run_apply(target, root, kernel_policy, json, false),
+        Cmd::Apply { target, root, kernel_policy, download_only, json } => run_apply(target, root, kernel_policy, json, download_only),
+        Cmd::Agent { root } => {
+            imageupd::agent::run(&root.root)?;
+            Ok(0)
+        }
         Cmd::Verify { root, checksum, json } => {
             let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
             let r = imageupd::verify::verify(&root.root, checksum, threads)?;
@@ -237,15 +256,21 @@ fn run(cli: Cli) -> Result<u8> {
 }
 
 fn run_apply(target: TargetArgs, root: RootArg, kernel_policy: Option<KernelPolicy>, json: bool, dry_run: bool) -> Result<u8> {
-    let opts = ApplyOptions {
-        root: root.root,
-        from: target.from,
-        id: target.id,
-        allow_unsigned: target.allow_unsigned,
-        kernel_policy,
-        dry_run,
+    let r = if target.from_metadata {
+        let o = imageupd::agent::FromMetadataOptions { root: root.root, from: target.from, allow_unsigned: target.allow_unsigned, kernel_policy, dry_run };
+        imageupd::agent::apply_from_metadata(&o, &Progress::new(json))?
+    } else {
+        let opts = ApplyOptions {
+            root: root.root,
+            from: target.from,
+            id: target.id,
+            allow_unsigned: target.allow_unsigned,
+            kernel_policy,
+            dry_run,
+            cancel: None,
+        };
+        apply::run(&opts, &Progress::new(json))?
     };
-    let r = apply::run(&opts, &Progress::new(json))?;
     if json {
         print_json(&r)?;
     } else {
@@ -263,13 +288,16 @@ fn status(root: &std::path::Path, json: bool) -> Result<u8> {
     };
     let current = rf.image_id()?;
     let pending = journal.as_ref().filter(|j| j.interrupted()).map(|j| j.target.clone());
+    let agent = imageupd::agent::AgentRecord::load(&rf.runtime_dir()).ok().filter(|a| *a != Default::default());
     if json {
         print_json(&serde_json::json!({
             "root": rf.path,
             "current": current,
             "pending": pending,
+            "phase": live.as_ref().map_or(imageupd::lifecycle::Phase::Idle, |s| s.phase),
             "journal": journal,
             "status": live,
+            "agent": agent,
         }))?;
     } else {
         println!("root:     {}", rf.path.display());
@@ -288,6 +316,23 @@ fn status(root: &std::path::Path, json: bool) -> Result<u8> {
             }
             if let Some(e) = &s.last_error {
                 println!("error:    {e}");
+            }
+        }
+        if let Some(a) = &agent {
+            println!("agent:    {} ({})", a.state, a.metadata_source);
+            if let Some(w) = &a.wanted {
+                println!("wanted:   {w} from {}", a.wanted_source.as_deref().unwrap_or("?"));
+            }
+            if let Some(e) = &a.metadata_error {
+                println!("metadata: {e}");
+            }
+            if let Some(l) = &a.last_applied {
+                if let Some(ms) = l.metadata_to_commit_ms {
+                    println!("latency:  {ms} ms from the metadata write to the commit of {}", l.id);
+                }
+            }
+            for (k, f) in &a.failures.by_target {
+                println!("failing:  {k}: {} attempt(s), last: {}", f.attempts, f.last_error);
             }
         }
     }
