@@ -33,7 +33,7 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(n: &Node, notify: &Path, fault: Option<&str>) -> Agent {
+    fn start(n: &TestNode, notify: &Path, fault: Option<&str>) -> Agent {
         let log = n.s.join(format!("agent-{}.log", SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos()));
         let f = std::fs::File::create(&log).unwrap();
         let mut c = Command::new(bin());
@@ -127,11 +127,11 @@ fn meta_doc(id: &str, store: &Path) -> String {
     serde_json::json!({"deploy": {"images": [{"id": id, "store": store}], "note": "x"}}).to_string()
 }
 
-fn agent_status(n: &Node) -> serde_json::Value {
+fn agent_status(n: &TestNode) -> serde_json::Value {
     n.status()
 }
 
-fn wait_applied(n: &Node, a: &Agent, id: &str) -> serde_json::Value {
+fn wait_applied(n: &TestNode, a: &Agent, id: &str) -> serde_json::Value {
     let t = Instant::now();
     loop {
         let st = agent_status(n);
@@ -151,7 +151,7 @@ fn agent_follows_metadata_with_hooks_backoff_and_signals() {
         "[agent]\nmetadata_file = \"{}\"\nimage_id_key = \"deploy.images.-1.id\"\nimage_source_key = \"deploy.images.-1.store\"\ndebounce_ms = 200\nrescan_secs = 3600\nbackoff_min_secs = 1\nbackoff_max_secs = 4\n",
         meta.display()
     );
-    let n = Node::new("agent", &config, true);
+    let n = TestNode::new("agent", &config, true);
     let (v2, v3) = (fixture_tree("v2"), fixture_tree("v3"));
     let m = n.marks.display().to_string();
     // The repository's hooks, plus logging hooks, a switchable failing hook

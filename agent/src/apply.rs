@@ -432,7 +432,12 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     let staged = stage::stage(&p, target, ctx.root.fd(), &staging, &source, ctx.progress, threads);
     let (names, stage_report) = match staged {
         Ok(v) => v,
-        Err(e) => return Err(abort_before_swap(ctx, &mut journal, &state, &mut rw, e, interrupted.is_some())),
+        Err(e) => {
+            // Close the staging directory before it is removed: an open,
+            // deleted inode keeps a read-only remount busy.
+            drop(staging);
+            return Err(abort_before_swap(ctx, &mut journal, &state, &mut rw, e, interrupted.is_some()));
+        }
     };
     report.stage = stage_report;
     // The record of the new image is written now and only renamed at commit.
@@ -447,6 +452,7 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     clock.lap("sync");
     if ctx.opts.cancelled() {
         let err = anyhow!("stopped on request after staging, before the swap");
+        drop(staging);
         return Err(abort_before_swap(ctx, &mut journal, &state, &mut rw, err, interrupted.is_some()));
     }
 
@@ -470,6 +476,7 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
             err = err.context(format!("and an abort hook failed too: {a}"));
         }
         let err = err.context(ExitKind::PreApplyHook);
+        drop(staging);
         return Err(abort_before_swap(ctx, &mut journal, &state, &mut rw, err, interrupted.is_some()));
     }
     clock.lap("pre-apply-hooks");

@@ -31,7 +31,7 @@ pub fn tool_path() -> String {
 
 /// A node: an ext4 loop filesystem (mounted read-only) at image v1, trusting
 /// the shared store's key, with `config` as its config.toml.
-pub struct Node {
+pub struct TestNode {
     /// Scratch space; `marks/` in it is outside the root, for hooks' logs.
     pub s: Scratch,
     /// The filesystem.
@@ -44,10 +44,10 @@ pub struct Node {
     pub marks: PathBuf,
 }
 
-impl Node {
+impl TestNode {
     /// A node named `name`; `config` goes to etc/imageupd/config.toml. Images
     /// v1 and v2 (and v3 when `with_v3`) are published.
-    pub fn new(name: &str, config: &str, with_v3: bool) -> Node {
+    pub fn new(name: &str, config: &str, with_v3: bool) -> TestNode {
         let store = shared_store();
         let v1 = store.image("v1");
         store.image("v2");
@@ -66,7 +66,7 @@ impl Node {
         fs.remount(true);
         let marks = s.join("marks");
         std::fs::create_dir_all(&marks).unwrap();
-        Node { s, fs, root, store: store.dir.clone(), marks }
+        TestNode { s, fs, root, store: store.dir.clone(), marks }
     }
 
     /// Change files in the (read-only) root: remount rw, run `f`, remount ro.
