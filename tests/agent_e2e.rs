@@ -34,7 +34,13 @@ struct Agent {
 
 impl Agent {
     fn start(n: &TestNode, notify: &Path, fault: Option<&str>) -> Agent {
-        let log = n.s.join(format!("agent-{}.log", SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos()));
+        let log = n.s.join(format!(
+            "agent-{}.log",
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
         let f = std::fs::File::create(&log).unwrap();
         let mut c = Command::new(bin());
         c.args(["agent", "--root"])
@@ -47,14 +53,23 @@ impl Agent {
             .env("WATCHDOG_USEC", "1000000")
             .env("IMAGEUPD_LOG", "info")
             .env("SYSTEMCTL", n.marks.join("systemctl"))
-            .env("IMAGEUPD_CONFIGURE_CMD", format!("echo \"configure mode=$IMAGEUPD_MODE to=$IMAGEUPD_TO\" >> {}/log", n.marks.display()))
+            .env(
+                "IMAGEUPD_CONFIGURE_CMD",
+                format!(
+                    "echo \"configure mode=$IMAGEUPD_MODE to=$IMAGEUPD_TO\" >> {}/log",
+                    n.marks.display()
+                ),
+            )
             .stdin(Stdio::null())
             .stdout(f.try_clone().unwrap())
             .stderr(f);
         if let Some(p) = fault {
             c.env("IMAGEUPD_FAULT", p);
         }
-        Agent { child: c.spawn().unwrap(), log }
+        Agent {
+            child: c.spawn().unwrap(),
+            log,
+        }
     }
 
     fn pid(&self) -> Pid {
@@ -72,7 +87,11 @@ impl Agent {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;
             }
-            assert!(t.elapsed() < limit, "agent did not exit within {limit:?}\n{}", self.log());
+            assert!(
+                t.elapsed() < limit,
+                "agent did not exit within {limit:?}\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -108,7 +127,9 @@ impl NotifySocket {
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 4096];
             while let Ok(k) = sock.recv(&mut buf) {
-                m.lock().unwrap().push(String::from_utf8_lossy(&buf[..k]).into_owned());
+                m.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..k]).into_owned());
             }
         });
         NotifySocket { path, msgs }
@@ -119,7 +140,9 @@ impl NotifySocket {
     }
 
     fn wait(&self, what: &str) {
-        wait_for(Duration::from_secs(30), what, || self.all().iter().any(|m| m.contains(what)).then_some(()));
+        wait_for(Duration::from_secs(30), what, || {
+            self.all().iter().any(|m| m.contains(what)).then_some(())
+        });
     }
 }
 
@@ -135,10 +158,17 @@ fn wait_applied(n: &TestNode, a: &Agent, id: &str) -> serde_json::Value {
     let t = Instant::now();
     loop {
         let st = agent_status(n);
-        if st["agent"]["last_applied"]["id"] == id && st["agent"]["state"] != "applying" && st["pending"].is_null() {
+        if st["agent"]["last_applied"]["id"] == id
+            && st["agent"]["state"] != "applying"
+            && st["pending"].is_null()
+        {
             return st;
         }
-        assert!(t.elapsed() < Duration::from_secs(300), "agent did not apply {id}\nstatus: {st:#}\n--- agent log ---\n{}", clip(&a.log(), 80));
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "agent did not apply {id}\nstatus: {st:#}\n--- agent log ---\n{}",
+            clip(&a.log(), 80)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -188,15 +218,30 @@ fn agent_follows_metadata_with_hooks_backoff_and_signals() {
     let c0 = a.cpu_ticks();
     std::thread::sleep(Duration::from_secs(3));
     let idle = a.cpu_ticks() - c0;
-    assert!(idle <= 10, "an idle agent used {idle} CPU ticks in 3 s\n{}", a.log());
-    assert!(sock.all().iter().filter(|m| *m == "WATCHDOG=1").count() >= 3, "watchdog pings: {:?}", sock.all());
+    assert!(
+        idle <= 10,
+        "an idle agent used {idle} CPU ticks in 3 s\n{}",
+        a.log()
+    );
+    assert!(
+        sock.all().iter().filter(|m| *m == "WATCHDOG=1").count() >= 3,
+        "watchdog pings: {:?}",
+        sock.all()
+    );
 
     // Half-written metadata: reported, not acted on.
     std::fs::write(&meta, "{\"deploy\": {\"images\": [{\"id\": \"v2\"").unwrap();
-    let st = wait_for(Duration::from_secs(20), "the metadata error in status", || {
-        let st = agent_status(&n);
-        st["agent"]["metadata_error"].as_str().is_some_and(|e| e.contains("not valid JSON")).then_some(st)
-    });
+    let st = wait_for(
+        Duration::from_secs(20),
+        "the metadata error in status",
+        || {
+            let st = agent_status(&n);
+            st["agent"]["metadata_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("not valid JSON"))
+                .then_some(st)
+        },
+    );
     assert_eq!(st["agent"]["state"], "metadata-error", "{st:#}");
     assert_eq!(image_id(&n.root).as_deref(), Some("v1"));
 
@@ -209,18 +254,36 @@ fn agent_follows_metadata_with_hooks_backoff_and_signals() {
     assert_applied(&v2, &n.root, "v2", "agent update to v2");
     assert_eq!(n.fs.readonly(), Some(true));
     let la = &st["agent"]["last_applied"];
-    let lat = la["metadata_to_commit_ms"].as_u64().expect("metadata_to_commit_ms");
-    assert!(lat >= 150 && u128::from(lat) <= wall.as_millis() + 1500, "metadata→commit {lat} ms, wall {wall:?}");
+    let lat = la["metadata_to_commit_ms"]
+        .as_u64()
+        .expect("metadata_to_commit_ms");
+    assert!(
+        lat >= 150 && u128::from(lat) <= wall.as_millis() + 1500,
+        "metadata→commit {lat} ms, wall {wall:?}"
+    );
     let changed = la["metadata_changed_ms"].as_u64().unwrap();
     let t_write_ms = t_write.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
-    assert!(changed.abs_diff(t_write_ms) < 2000, "metadata change time {changed} vs write {t_write_ms}");
-    assert!(la["quiesce_ms"].as_u64().is_some() && la["phases_ms"].is_object(), "{st:#}");
+    assert!(
+        changed.abs_diff(t_write_ms) < 2000,
+        "metadata change time {changed} vs write {t_write_ms}"
+    );
+    assert!(
+        la["quiesce_ms"].as_u64().is_some() && la["phases_ms"].is_object(),
+        "{st:#}"
+    );
     assert_eq!(st["phase"], "idle");
     assert_eq!(st["status"]["result"], "applied");
     assert!(st["agent"]["last_error"].is_null());
     eprintln!("metadata write → commit: {lat} ms (wall {wall:?})");
-    let log: Vec<String> = std::fs::read_to_string(n.marks.join("log")).unwrap().lines().map(String::from).collect();
-    let env = format!("mode=agent root={} from=v1 to=v2 kernel_changed=0 plan=yes", n.root.display());
+    let log: Vec<String> = std::fs::read_to_string(n.marks.join("log"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let env = format!(
+        "mode=agent root={} from=v1 to=v2 kernel_changed=0 plan=yes",
+        n.root.display()
+    );
     let want = [
         "systemctl is-active --quiet svc-a.service".to_string(),
         "systemctl is-active --quiet svc-b.service".to_string(),
@@ -230,26 +293,57 @@ fn agent_follows_metadata_with_hooks_backoff_and_signals() {
         "configure mode=agent to=v2".to_string(),
         "systemctl start svc-a.service".to_string(),
     ];
-    let got: Vec<&String> = log.iter().filter(|l| !l.contains("daemon-reload")).collect();
-    assert_eq!(got, want.iter().collect::<Vec<_>>(), "hook order and environment\n{log:#?}");
-    assert!(sock.all().iter().any(|m| m.contains("STATUS=applied v2")), "{:?}", sock.all());
+    let got: Vec<&String> = log
+        .iter()
+        .filter(|l| !l.contains("daemon-reload"))
+        .collect();
+    assert_eq!(
+        got,
+        want.iter().collect::<Vec<_>>(),
+        "hook order and environment\n{log:#?}"
+    );
+    assert!(
+        sock.all().iter().any(|m| m.contains("STATUS=applied v2")),
+        "{:?}",
+        sock.all()
+    );
 
     // A failing hook: backoff 1 s, 2 s, 4 s; never a hot loop.
     std::fs::write(n.marks.join("log"), "").unwrap();
     std::fs::write(n.marks.join("fail"), "").unwrap();
     write_atomic(&meta, &meta_doc("v3", &n.store));
-    wait_for(Duration::from_secs(60), "the first failure", || agent_status(&n)["agent"]["failures"].as_object().filter(|f| !f.is_empty()).map(|_| ()));
+    wait_for(Duration::from_secs(60), "the first failure", || {
+        agent_status(&n)["agent"]["failures"]
+            .as_object()
+            .filter(|f| !f.is_empty())
+            .map(|_| ())
+    });
     std::thread::sleep(Duration::from_millis(5500));
     let st = agent_status(&n);
     let key = format!("v3@{}", n.store.display());
-    let attempts = st["agent"]["failures"][&key]["attempts"].as_u64().unwrap_or(0);
-    assert!((2..=4).contains(&attempts), "expected 2-4 attempts with 1/2/4 s backoff in ~6 s, got {attempts}\n{st:#}");
-    assert!(st["agent"]["failures"][&key]["last_error"].as_str().unwrap().contains("failing on purpose"), "{st:#}");
+    let attempts = st["agent"]["failures"][&key]["attempts"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        (2..=4).contains(&attempts),
+        "expected 2-4 attempts with 1/2/4 s backoff in ~6 s, got {attempts}\n{st:#}"
+    );
+    assert!(
+        st["agent"]["failures"][&key]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("failing on purpose"),
+        "{st:#}"
+    );
     assert_eq!(st["agent"]["state"], "backing-off");
     assert_eq!(image_id(&n.root).as_deref(), Some("v2"));
     assert_eq!(n.fs.readonly(), Some(true));
     let log = std::fs::read_to_string(n.marks.join("log")).unwrap();
-    assert!(log.contains("abort 20-log") && log.matches("systemctl start svc-a.service").count() as u64 >= attempts, "abort hooks bring services back\n{log}");
+    assert!(
+        log.contains("abort 20-log")
+            && log.matches("systemctl start svc-a.service").count() as u64 >= attempts,
+        "abort hooks bring services back\n{log}"
+    );
     // Fixed, and SIGHUP: retried at once (the next backoff step is 4 s).
     std::fs::remove_file(n.marks.join("fail")).unwrap();
     let t = Instant::now();
@@ -257,30 +351,60 @@ fn agent_follows_metadata_with_hooks_backoff_and_signals() {
     wait_applied(&n, &a, "v3");
     eprintln!("SIGHUP → v3 committed in {:.1?}", t.elapsed());
     assert_applied(&v3, &n.root, "v3", "agent update to v3 after SIGHUP");
-    assert!(agent_status(&n)["agent"]["failures"].as_object().unwrap().is_empty());
+    assert!(agent_status(&n)["agent"]["failures"]
+        .as_object()
+        .unwrap()
+        .is_empty());
 
     // SIGTERM while quiesced: the update finishes, then the agent exits 0.
     std::fs::write(n.marks.join("slow"), "").unwrap();
     write_atomic(&meta, &meta_doc("v2", &n.store));
-    wait_for(Duration::from_secs(120), "the slow pre-apply hook", || n.marks.join("slow-started").exists().then_some(()));
+    wait_for(Duration::from_secs(120), "the slow pre-apply hook", || {
+        n.marks.join("slow-started").exists().then_some(())
+    });
     kill(a.pid(), Signal::SIGTERM).unwrap();
     let code = a.wait_exit(Duration::from_secs(120));
-    assert!(code.success(), "agent exit after SIGTERM: {code}\n{}", a.log());
-    assert!(sock.all().iter().any(|m| m.contains("STOPPING=1")), "{:?}", sock.all());
+    assert!(
+        code.success(),
+        "agent exit after SIGTERM: {code}\n{}",
+        a.log()
+    );
+    assert!(
+        sock.all().iter().any(|m| m.contains("STOPPING=1")),
+        "{:?}",
+        sock.all()
+    );
     let st = agent_status(&n);
     assert_eq!(st["agent"]["state"], "stopped", "{st:#}");
-    assert_applied(&v2, &n.root, "v2", "an update quiesced when SIGTERM came finishes");
+    assert_applied(
+        &v2,
+        &n.root,
+        "v2",
+        "an update quiesced when SIGTERM came finishes",
+    );
     std::fs::remove_file(n.marks.join("slow")).unwrap();
 
     // Killed mid-swap (fault point): the next start converges.
     write_atomic(&meta, &meta_doc("v3", &n.store));
     let mut a = Agent::start(&n, &sock.path, Some("after-swap"));
     let code = a.wait_exit(Duration::from_secs(300));
-    assert!(!code.success(), "the fault point must kill the agent\n{}", a.log());
+    assert!(
+        !code.success(),
+        "the fault point must kill the agent\n{}",
+        a.log()
+    );
     let st = agent_status(&n);
-    assert_eq!(st["pending"], "v3", "the journal records the interrupted update\n{st:#}");
+    assert_eq!(
+        st["pending"], "v3",
+        "the journal records the interrupted update\n{st:#}"
+    );
     let a = Agent::start(&n, &sock.path, None);
     wait_applied(&n, &a, "v3");
-    assert_applied(&v3, &n.root, "v3", "the restarted agent converges after a kill mid-swap");
+    assert_applied(
+        &v3,
+        &n.root,
+        "v3",
+        "the restarted agent converges after a kill mid-swap",
+    );
     assert_eq!(n.fs.readonly(), Some(true));
 }

@@ -40,7 +40,11 @@ fn gen_value(rng: &mut Rng, depth: u32) -> Value {
         }
         Value::Object(m)
     } else {
-        Value::Array((0..(rng.next_u64() % 4)).map(|_| gen_value(rng, depth + 1)).collect())
+        Value::Array(
+            (0..(rng.next_u64() % 4))
+                .map(|_| gen_value(rng, depth + 1))
+                .collect(),
+        )
     }
 }
 
@@ -66,7 +70,13 @@ fn gen_doc(rng: &mut Rng) -> Value {
 /// Every dotted path in `v` (with negative forms of list indexes), plus
 /// paths one step past each leaf.
 fn paths(v: &Value, prefix: &str, out: &mut BTreeSet<String>) {
-    let join = |k: &str| if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
+    let join = |k: &str| {
+        if prefix.is_empty() {
+            k.to_string()
+        } else {
+            format!("{prefix}.{k}")
+        }
+    };
     match v {
         Value::Object(m) => {
             for (k, c) in m {
@@ -102,7 +112,12 @@ impl Oac {
             .env("OS_CONFIG_FILES", files)
             .run();
         match out.code() {
-            Some(0) => Some(out.stdout.strip_suffix('\n').unwrap_or(&out.stdout).to_string()),
+            Some(0) => Some(
+                out.stdout
+                    .strip_suffix('\n')
+                    .unwrap_or(&out.stdout)
+                    .to_string(),
+            ),
             Some(1) if out.stderr.contains("does not exist") => None,
             _ => panic!("os-apply-config failed unexpectedly\n{}", out.describe()),
         }
@@ -114,7 +129,9 @@ impl Oac {
 fn same(ours: Option<&Value>, theirs: Option<&str>) -> bool {
     match (ours, theirs) {
         (None, None) => true,
-        (Some(v @ (Value::Object(_) | Value::Array(_) | Value::Bool(_))), Some(t)) => serde_json::from_str::<Value>(t).ok().as_ref() == Some(v),
+        (Some(v @ (Value::Object(_) | Value::Array(_) | Value::Bool(_))), Some(t)) => {
+            serde_json::from_str::<Value>(t).ok().as_ref() == Some(v)
+        }
         (Some(v), Some(t)) => render_raw(v) == t,
         _ => false,
     }
@@ -122,7 +139,9 @@ fn same(ours: Option<&Value>, theirs: Option<&str>) -> bool {
 
 #[test]
 fn lookup_matches_os_apply_config() {
-    let oac = Oac { venv: nodekit::venv() };
+    let oac = Oac {
+        venv: nodekit::venv(),
+    };
     let s = scratch("parity");
     let mut rng = Rng::new(0x1ea7_beef);
     let mut checked = 0;
@@ -137,8 +156,17 @@ fn lookup_matches_os_apply_config() {
         }
         // A listed file that does not exist is skipped by both.
         files.insert(1, s.join(format!("set{set}-absent.json")));
-        let joined = files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");
-        let snap = MetadataSource::Occ { cache_dir: s.path().to_path_buf(), env_files: Some(joined.clone()) }.read().expect("read generated metadata");
+        let joined = files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":");
+        let snap = MetadataSource::Occ {
+            cache_dir: s.path().to_path_buf(),
+            env_files: Some(joined.clone()),
+        }
+        .read()
+        .expect("read generated metadata");
         let mut keys = BTreeSet::new();
         paths(&snap.doc, "", &mut keys);
         for f in &files {
@@ -146,7 +174,12 @@ fn lookup_matches_os_apply_config() {
                 paths(&serde_json::from_slice(&b).unwrap(), "", &mut keys);
             }
         }
-        keys.extend(["missing", "image_id", "a.b.0", "list.+0", "list. 1", "list.0_0"].map(String::from));
+        keys.extend(
+            [
+                "missing", "image_id", "a.b.0", "list.+0", "list. 1", "list.0_0",
+            ]
+            .map(String::from),
+        );
         // Keep the run short: at most 14 keys per set, spread over the set.
         let keys: Vec<String> = keys.into_iter().collect();
         let step = keys.len().div_ceil(14).max(1);
@@ -165,7 +198,10 @@ fn lookup_matches_os_apply_config() {
         }
     }
     eprintln!("{checked} keys checked, {found} present");
-    assert!(checked >= 60 && found >= 20 && checked - found >= 10, "the generator must exercise present and missing keys ({checked} checked, {found} found)");
+    assert!(
+        checked >= 60 && found >= 20 && checked - found >= 10,
+        "the generator must exercise present and missing keys ({checked} checked, {found} found)"
+    );
 }
 
 #[test]
@@ -179,15 +215,36 @@ fn list_file_and_null_override_match_os_apply_config() {
     let b = s.join("deploy.json");
     let c = s.join("override.json");
     std::fs::write(&a, r#"{"image_id": "old", "deep": {"k": [1, {"v": "x"}]}}"#).unwrap();
-    std::fs::write(&b, r#"{"image_id": "v2", "image_source": "/srv/store", "deep": {"k": null}}"#).unwrap();
+    std::fs::write(
+        &b,
+        r#"{"image_id": "v2", "image_source": "/srv/store", "deep": {"k": null}}"#,
+    )
+    .unwrap();
     std::fs::write(&c, r#"[{"image_id": "ignored"}]"#).unwrap();
     let list = s.join("os_config_files.json");
     std::fs::write(&list, serde_json::to_vec(&json!([a, b, c])).unwrap()).unwrap();
-    let snap = MetadataSource::Occ { cache_dir: s.path().to_path_buf(), env_files: None }.read().unwrap();
-    for key in ["image_id", "image_source", "deep.k", "deep.k.0", "deep"] {
-        let out = Run::new(oac.join("bin/os-apply-config")).args(["--key", key, "--type", "raw", "--os-config-files"]).arg(&list).run();
-        let theirs = (out.code() == Some(0)).then(|| out.stdout.trim_end_matches('\n').to_string());
-        assert!(same(lookup(&snap.doc, key), theirs.as_deref()), "key {key}: ours {:?} vs {:?}\n{}", lookup(&snap.doc, key), theirs, out.describe());
+    let snap = MetadataSource::Occ {
+        cache_dir: s.path().to_path_buf(),
+        env_files: None,
     }
-    assert_eq!(snap.wanted("image_id", "image_source").unwrap().unwrap().id, "v2");
+    .read()
+    .unwrap();
+    for key in ["image_id", "image_source", "deep.k", "deep.k.0", "deep"] {
+        let out = Run::new(oac.join("bin/os-apply-config"))
+            .args(["--key", key, "--type", "raw", "--os-config-files"])
+            .arg(&list)
+            .run();
+        let theirs = (out.code() == Some(0)).then(|| out.stdout.trim_end_matches('\n').to_string());
+        assert!(
+            same(lookup(&snap.doc, key), theirs.as_deref()),
+            "key {key}: ours {:?} vs {:?}\n{}",
+            lookup(&snap.doc, key),
+            theirs,
+            out.describe()
+        );
+    }
+    assert_eq!(
+        snap.wanted("image_id", "image_source").unwrap().unwrap().id,
+        "v2"
+    );
 }

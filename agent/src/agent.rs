@@ -118,8 +118,14 @@ impl AgentRecord {
     pub fn update<T>(dir: &Path, f: impl FnOnce(&mut AgentRecord) -> T) -> Result<T> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let lp = dir.join(RECORD_LOCK);
-        let lf = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lp).with_context(|| format!("opening {}", lp.display()))?;
-        let _guard = nix::fcntl::Flock::lock(lf, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| anyhow!("locking {}: {e}", lp.display()))?;
+        let lf = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lp)
+            .with_context(|| format!("opening {}", lp.display()))?;
+        let _guard = nix::fcntl::Flock::lock(lf, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| anyhow!("locking {}: {e}", lp.display()))?;
         // A corrupt record (hand-edited) is replaced rather than blocking.
         let mut r = AgentRecord::load(dir).unwrap_or_default();
         let out = f(&mut r);
@@ -167,7 +173,12 @@ pub enum Decision {
 /// Decide from a metadata snapshot. `from` (the command line's `--from`)
 /// beats the metadata's source, which beats `default_source`. An update an
 /// earlier run left half-done is always converged, metadata or not.
-pub fn decide(root: &RootFs, cfg: &Config, snap: &Snapshot, from: Option<&str>) -> Result<Decision> {
+pub fn decide(
+    root: &RootFs,
+    cfg: &Config,
+    snap: &Snapshot,
+    from: Option<&str>,
+) -> Result<Decision> {
     let a = &cfg.agent;
     let wanted = snap.wanted(&a.image_id_key, &a.image_source_key)?;
     let journal = match root.state_dir()? {
@@ -179,13 +190,24 @@ pub fn decide(root: &RootFs, cfg: &Config, snap: &Snapshot, from: Option<&str>) 
     let Some(w) = wanted else {
         if let Some(j) = interrupted {
             let from = from.map(str::to_owned).unwrap_or(j.source.clone());
-            return Ok(Decision::Apply { key: target_key(&j.target, Some(&from)), id: j.target, from, resume: true });
+            return Ok(Decision::Apply {
+                key: target_key(&j.target, Some(&from)),
+                id: j.target,
+                from,
+                resume: true,
+            });
         }
-        return Ok(Decision::Nothing { why: format!("the metadata names no image (key {:?})", a.image_id_key), id: None });
+        return Ok(Decision::Nothing {
+            why: format!("the metadata names no image (key {:?})", a.image_id_key),
+            id: None,
+        });
     };
     let resume = interrupted.is_some();
     if current.as_deref() == Some(w.id.as_str()) && !resume {
-        return Ok(Decision::Nothing { why: format!("{} already runs image {}", root.path.display(), w.id), id: Some(w.id) });
+        return Ok(Decision::Nothing {
+            why: format!("{} already runs image {}", root.path.display(), w.id),
+            id: Some(w.id),
+        });
     }
     let src = from
         .map(str::to_owned)
@@ -200,7 +222,12 @@ pub fn decide(root: &RootFs, cfg: &Config, snap: &Snapshot, from: Option<&str>) 
             )
         })
         .context(ExitKind::Usage)?;
-    Ok(Decision::Apply { key: target_key(&w.id, Some(&src)), id: w.id, from: src, resume })
+    Ok(Decision::Apply {
+        key: target_key(&w.id, Some(&src)),
+        id: w.id,
+        from: src,
+        resume,
+    })
 }
 
 /// Options of `imageupd apply --from-metadata` (and `plan --from-metadata`).
@@ -221,7 +248,9 @@ pub struct FromMetadataOptions {
 
 /// Read the metadata source the configuration names.
 pub fn read_metadata(cfg: &Config) -> (MetadataSource, Result<Snapshot>) {
-    let src = cfg.agent.metadata_source(std::env::var(OS_CONFIG_FILES_ENV).ok());
+    let src = cfg
+        .agent
+        .metadata_source(std::env::var(OS_CONFIG_FILES_ENV).ok());
     let snap = src.read().map_err(anyhow::Error::new);
     (src, snap)
 }
@@ -244,7 +273,11 @@ pub fn apply_from_metadata(o: &FromMetadataOptions, progress: &Progress) -> Resu
                     r.metadata_error = Some(msg.clone());
                 });
             }
-            return Err(e.context(format!("cannot use the metadata ({}); {} was not changed", src.describe(), root.path.display())));
+            return Err(e.context(format!(
+                "cannot use the metadata ({}); {} was not changed",
+                src.describe(),
+                root.path.display()
+            )));
         }
     };
     let decision = decide(&root, &cfg, &snap, o.from.as_deref())?;
@@ -306,7 +339,15 @@ pub fn apply_from_metadata(o: &FromMetadataOptions, progress: &Progress) -> Resu
 }
 
 /// Fold an apply's outcome into the record.
-fn record_outcome(r: &mut AgentRecord, id: &str, from: &str, key: &str, res: &Result<ApplyReport>, started: SystemTime, policy: &crate::backoff::Backoff) {
+fn record_outcome(
+    r: &mut AgentRecord,
+    id: &str,
+    from: &str,
+    key: &str,
+    res: &Result<ApplyReport>,
+    started: SystemTime,
+    policy: &crate::backoff::Backoff,
+) {
     let now = SystemTime::now();
     match res {
         Ok(rep) => {
@@ -320,12 +361,22 @@ fn record_outcome(r: &mut AgentRecord, id: &str, from: &str, key: &str, res: &Re
         Err(e) => {
             let msg = format!("{e:#}");
             let committed = ExitKind::of(e) == ExitKind::PostApplyHook;
-            r.last_result = Some(if committed { "failed-committed" } else { "failed" }.into());
+            r.last_result = Some(
+                if committed {
+                    "failed-committed"
+                } else {
+                    "failed"
+                }
+                .into(),
+            );
             r.last_error = Some(msg.clone());
             if committed {
                 // The root runs the image: nothing to retry, but say so.
                 r.failures.succeeded(key);
-                let rep = ApplyReport { total_ms: epoch_ms(now).saturating_sub(epoch_ms(started)), ..Default::default() };
+                let rep = ApplyReport {
+                    total_ms: epoch_ms(now).saturating_sub(epoch_ms(started)),
+                    ..Default::default()
+                };
                 r.last_applied = Some(applied_record(r, id, from, &rep, started, true));
             } else {
                 r.failures.failed(key, &msg, now, policy);
@@ -334,11 +385,22 @@ fn record_outcome(r: &mut AgentRecord, id: &str, from: &str, key: &str, res: &Re
     }
 }
 
-fn applied_record(r: &AgentRecord, id: &str, from: &str, rep: &ApplyReport, started: SystemTime, post_failed: bool) -> Applied {
+fn applied_record(
+    r: &AgentRecord,
+    id: &str,
+    from: &str,
+    rep: &ApplyReport,
+    started: SystemTime,
+    post_failed: bool,
+) -> Applied {
     // The commit precedes the post-apply hooks.
     let post = rep.phases.get("post-apply-hooks").copied().unwrap_or(0);
     let committed_ms = epoch_ms(started).saturating_add(rep.total_ms.saturating_sub(post));
-    let changed = if r.wanted.as_deref() == Some(id) { r.metadata_changed_ms } else { None };
+    let changed = if r.wanted.as_deref() == Some(id) {
+        r.metadata_changed_ms
+    } else {
+        None
+    };
     Applied {
         id: id.to_owned(),
         from: rep.from_id.clone(),
@@ -395,9 +457,20 @@ pub fn run(root: &Path) -> Result<()> {
     drop(rf);
     std::fs::create_dir_all(&rt).with_context(|| format!("creating {}", rt.display()))?;
     let lock_path = rt.join(AGENT_LOCK);
-    let lf = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).with_context(|| format!("opening {}", lock_path.display()))?;
+    let lf = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
     let _agent_lock = nix::fcntl::Flock::lock(lf, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|(_, e)| anyhow!("another imageupd agent already serves {} ({}: {e})", root.display(), lock_path.display()))
+        .map_err(|(_, e)| {
+            anyhow!(
+                "another imageupd agent already serves {} ({}: {e})",
+                root.display(),
+                lock_path.display()
+            )
+        })
         .context(ExitKind::Locked)?;
     let cfg = Config::load(&root)?;
     // Hooks can tell they run under the agent (and e.g. re-run configuration).
@@ -406,8 +479,12 @@ pub fn run(root: &Path) -> Result<()> {
 
     let (tx, rx) = mpsc::channel::<Msg>();
     let stx = tx.clone();
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT, signal_hook::consts::SIGHUP])
-        .context("installing signal handlers")?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ])
+    .context("installing signal handlers")?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -422,7 +499,9 @@ pub fn run(root: &Path) -> Result<()> {
     let watcher = DirWatcher::new(move || {
         let _ = wtx.send(Msg::Changed);
     })?;
-    let source = cfg.agent.metadata_source(std::env::var(OS_CONFIG_FILES_ENV).ok());
+    let source = cfg
+        .agent
+        .metadata_source(std::env::var(OS_CONFIG_FILES_ENV).ok());
     let mut agent = Agent {
         debouncer: Debouncer::new(Duration::from_millis(cfg.agent.debounce_ms)),
         root,
@@ -441,8 +520,14 @@ pub fn run(root: &Path) -> Result<()> {
         r.agent_pid = Some(std::process::id());
         r.state = "watching".into();
     });
-    tracing::info!("imageupd agent watching {} for {}", agent.source.describe(), agent.root.display());
-    agent.notifier.ready(&format!("watching {}", agent.source.describe()));
+    tracing::info!(
+        "imageupd agent watching {} for {}",
+        agent.source.describe(),
+        agent.root.display()
+    );
+    agent
+        .notifier
+        .ready(&format!("watching {}", agent.source.describe()));
     let res = agent.main_loop(&rx);
     agent.record(|r| {
         r.agent_pid = None;
@@ -489,17 +574,29 @@ impl Agent {
                 return Ok(());
             }
             let mut wake = next_rescan;
-            for t in [self.debouncer.deadline(), self.retry_at, wd.map(|_| next_wd)].into_iter().flatten() {
+            for t in [
+                self.debouncer.deadline(),
+                self.retry_at,
+                wd.map(|_| next_wd),
+            ]
+            .into_iter()
+            .flatten()
+            {
                 wake = wake.min(t);
             }
             match rx.recv_timeout(wake.saturating_duration_since(Instant::now())) {
                 Ok(Msg::Changed) => self.debouncer.event(Instant::now()),
                 Ok(Msg::Signal(s)) if s == signal_hook::consts::SIGHUP => {
-                    tracing::info!("SIGHUP: reloading the configuration and retrying failed updates now");
+                    tracing::info!(
+                        "SIGHUP: reloading the configuration and retrying failed updates now"
+                    );
                     match Config::load(&self.root) {
                         Ok(c) => {
-                            self.source = c.agent.metadata_source(std::env::var(OS_CONFIG_FILES_ENV).ok());
-                            self.debouncer = Debouncer::new(Duration::from_millis(c.agent.debounce_ms));
+                            self.source = c
+                                .agent
+                                .metadata_source(std::env::var(OS_CONFIG_FILES_ENV).ok());
+                            self.debouncer =
+                                Debouncer::new(Duration::from_millis(c.agent.debounce_ms));
                             self.cfg = c;
                         }
                         Err(e) => tracing::error!("keeping the old configuration: {e:#}"),
@@ -528,7 +625,9 @@ impl Agent {
                     eval_now = true;
                 }
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return Err(anyhow!("the agent's event channel closed")),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(anyhow!("the agent's event channel closed"))
+                }
             }
         }
     }
@@ -559,7 +658,8 @@ impl Agent {
             Err(e) => {
                 let msg = format!("{e:#}");
                 tracing::warn!("{msg}; not acting on it");
-                self.notifier.status(&format!("cannot act on the metadata: {msg}"));
+                self.notifier
+                    .status(&format!("cannot act on the metadata: {msg}"));
                 self.record(|r| {
                     r.metadata_source = desc;
                     r.metadata_error = Some(msg);
@@ -568,7 +668,11 @@ impl Agent {
             }
             Ok(Decision::Nothing { why, id }) => {
                 let running = self.running.is_some();
-                self.notifier.status(&if running { "applying".to_owned() } else { format!("idle: {why}") });
+                self.notifier.status(&if running {
+                    "applying".to_owned()
+                } else {
+                    format!("idle: {why}")
+                });
                 self.record(|r| {
                     r.metadata_source = desc;
                     r.metadata_error = None;
@@ -585,7 +689,12 @@ impl Agent {
                     }
                 });
             }
-            Ok(Decision::Apply { id, from, key, resume }) => {
+            Ok(Decision::Apply {
+                id,
+                from,
+                key,
+                resume,
+            }) => {
                 self.record(|r| {
                     r.metadata_source = desc;
                     r.saw(&id, &from, &snap);
@@ -596,13 +705,18 @@ impl Agent {
                 if self.running.is_some() {
                     return; // re-evaluated when it finishes
                 }
-                let wait = AgentRecord::load(&self.rt).map(|r| r.failures.wait(&key, SystemTime::now())).unwrap_or_default();
+                let wait = AgentRecord::load(&self.rt)
+                    .map(|r| r.failures.wait(&key, SystemTime::now()))
+                    .unwrap_or_default();
                 if !wait.is_zero() {
                     let at = Instant::now() + wait;
                     if self.retry_at.is_none_or(|t| t > at) {
                         self.retry_at = Some(at);
                     }
-                    let msg = format!("update to {id} failed before; retrying in {}s", wait.as_secs().max(1));
+                    let msg = format!(
+                        "update to {id} failed before; retrying in {}s",
+                        wait.as_secs().max(1)
+                    );
                     tracing::info!("{msg}");
                     self.notifier.status(&msg);
                     self.record(|r| r.state = "backing-off".into());
@@ -614,7 +728,11 @@ impl Agent {
     }
 
     fn start(&mut self, id: String, from: String, key: String, resume: bool) {
-        let msg = if resume { format!("converging an interrupted update to {id} from {from}") } else { format!("updating to {id} from {from}") };
+        let msg = if resume {
+            format!("converging an interrupted update to {id} from {from}")
+        } else {
+            format!("updating to {id} from {from}")
+        };
         tracing::info!("{msg}");
         self.notifier.status(&msg);
         self.record(|r| r.state = "applying".into());
@@ -629,12 +747,21 @@ impl Agent {
             cancel: Some(self.cancel.clone()),
         };
         let tx = self.tx.clone();
-        let spawned = std::thread::Builder::new().name("apply".into()).spawn(move || {
-            let res = apply::run(&opts, &Progress::new(false));
-            let _ = tx.send(Msg::Done(Box::new(res)));
-        });
+        let spawned = std::thread::Builder::new()
+            .name("apply".into())
+            .spawn(move || {
+                let res = apply::run(&opts, &Progress::new(false));
+                let _ = tx.send(Msg::Done(Box::new(res)));
+            });
         match spawned {
-            Ok(_) => self.running = Some(Running { id, from, key, started: SystemTime::now() }),
+            Ok(_) => {
+                self.running = Some(Running {
+                    id,
+                    from,
+                    key,
+                    started: SystemTime::now(),
+                })
+            }
             Err(e) => tracing::error!("cannot start the update thread: {e}"),
         }
     }
@@ -643,9 +770,18 @@ impl Agent {
         let Some(run) = self.running.take() else {
             return;
         };
-        let stopped = self.stopping && self.cancel.load(Ordering::SeqCst) && res.is_err() && ExitKind::of(res.as_ref().err().expect("is_err")) != ExitKind::PostApplyHook;
-        if stopped {
-            let msg = format!("{:#}", res.as_ref().err().expect("is_err"));
+        // Stopped at a safe point for shutdown: not a failure of the target.
+        let stopped = match &res {
+            Err(e)
+                if self.stopping
+                    && self.cancel.load(Ordering::SeqCst)
+                    && ExitKind::of(e) != ExitKind::PostApplyHook =>
+            {
+                Some(format!("{e:#}"))
+            }
+            _ => None,
+        };
+        if let Some(msg) = stopped {
             tracing::info!("update to {} stopped for shutdown: {msg}", run.id);
             self.record(|r| {
                 r.last_result = Some("stopped".into());
@@ -665,7 +801,12 @@ impl Agent {
         });
         match &res {
             Ok(rep) => {
-                let msg = format!("{} {id}: quiesce {} ms, total {} ms", rep.result, rep.quiesce_ms.unwrap_or(0), rep.total_ms);
+                let msg = format!(
+                    "{} {id}: quiesce {} ms, total {} ms",
+                    rep.result,
+                    rep.quiesce_ms.unwrap_or(0),
+                    rep.total_ms
+                );
                 tracing::info!("{msg}");
                 self.notifier.status(&msg);
             }
@@ -673,11 +814,18 @@ impl Agent {
                 let n = attempts.unwrap_or(0);
                 let delay = policy.delay(n);
                 if n > 0 {
-                    tracing::error!("update to {id} failed (attempt {n}; next try in {}s): {e:#}", delay.as_secs());
-                    self.notifier.status(&format!("update to {id} failed (attempt {n}); retry in {}s", delay.as_secs()));
+                    tracing::error!(
+                        "update to {id} failed (attempt {n}; next try in {}s): {e:#}",
+                        delay.as_secs()
+                    );
+                    self.notifier.status(&format!(
+                        "update to {id} failed (attempt {n}); retry in {}s",
+                        delay.as_secs()
+                    ));
                 } else {
                     tracing::error!("update to {id}: {e:#}");
-                    self.notifier.status(&format!("update to {id} committed, but: {e}"));
+                    self.notifier
+                        .status(&format!("update to {id} committed, but: {e}"));
                 }
             }
         }

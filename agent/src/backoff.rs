@@ -22,7 +22,10 @@ pub struct Backoff {
 impl Backoff {
     /// A policy; `max` is raised to `min` if below it.
     pub fn new(min: Duration, max: Duration) -> Self {
-        Backoff { min, max: max.max(min) }
+        Backoff {
+            min,
+            max: max.max(min),
+        }
     }
 
     /// Delay before the next attempt after `failures` consecutive failures
@@ -32,13 +35,16 @@ impl Backoff {
             return Duration::ZERO;
         }
         let shift = (failures - 1).min(32);
-        self.min.checked_mul(1u32 << shift.min(31)).map_or(self.max, |d| d.min(self.max))
+        self.min
+            .checked_mul(1u32 << shift.min(31))
+            .map_or(self.max, |d| d.min(self.max))
     }
 }
 
 /// Unix epoch milliseconds of `t`.
 pub fn epoch_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The failures of one target (image id and source).
@@ -73,14 +79,26 @@ pub fn target_key(id: &str, source: Option<&str>) -> String {
 
 impl FailureBook {
     /// Record a failure at `now`; returns the delay until the next attempt.
-    pub fn failed(&mut self, key: &str, error: &str, now: SystemTime, policy: &Backoff) -> Duration {
-        let f = self.by_target.entry(key.to_owned()).or_insert(Failure { attempts: 0, last_error: String::new(), last_attempt_ms: 0, next_retry_ms: 0 });
+    pub fn failed(
+        &mut self,
+        key: &str,
+        error: &str,
+        now: SystemTime,
+        policy: &Backoff,
+    ) -> Duration {
+        let f = self.by_target.entry(key.to_owned()).or_insert(Failure {
+            attempts: 0,
+            last_error: String::new(),
+            last_attempt_ms: 0,
+            next_retry_ms: 0,
+        });
         f.attempts = f.attempts.saturating_add(1);
         f.last_error = error.to_owned();
         let now_ms = epoch_ms(now);
         let delay = policy.delay(f.attempts);
         f.last_attempt_ms = now_ms;
-        f.next_retry_ms = now_ms.saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+        f.next_retry_ms =
+            now_ms.saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
         delay
     }
 
@@ -116,7 +134,10 @@ mod tests {
         assert_eq!(got, vec![0, 30, 60, 120, 240, 480, 960, 1920, 3600, 3600]);
         assert_eq!(b.delay(u32::MAX), 3600 * S, "no overflow");
         assert_eq!(Backoff::new(10 * S, S).max, 10 * S);
-        assert_eq!(Backoff::new(Duration::from_millis(1), Duration::MAX).delay(40), Duration::from_millis(1 << 31));
+        assert_eq!(
+            Backoff::new(Duration::from_millis(1), Duration::MAX).delay(40),
+            Duration::from_millis(1 << 31)
+        );
     }
 
     #[test]
@@ -132,8 +153,14 @@ mod tests {
         assert_eq!(book.failed(&k, "again", t0 + 11 * S, &b), 20 * S);
         assert_eq!(book.by_target[&k].attempts, 2);
         // Another target is not held back.
-        assert_eq!(book.wait(&target_key("v3", Some("/store")), t0), Duration::ZERO);
-        assert_eq!(book.wait(&target_key("v2", Some("/other")), t0), Duration::ZERO);
+        assert_eq!(
+            book.wait(&target_key("v3", Some("/store")), t0),
+            Duration::ZERO
+        );
+        assert_eq!(
+            book.wait(&target_key("v2", Some("/other")), t0),
+            Duration::ZERO
+        );
         let json = serde_json::to_string(&book).unwrap();
         assert_eq!(serde_json::from_str::<FailureBook>(&json).unwrap(), book);
         book.retain_only("v3");

@@ -26,17 +26,27 @@ pub fn stderr_is_journal() -> bool {
 
 /// Install the global subscriber: `$IMAGEUPD_LOG`, else `default_filter`.
 pub fn init(default_filter: &str) {
-    let filter = || EnvFilter::try_from_env(LOG_ENV).unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let filter =
+        || EnvFilter::try_from_env(LOG_ENV).unwrap_or_else(|_| EnvFilter::new(default_filter));
     if stderr_is_journal() {
         match tracing_journald::layer() {
             Ok(layer) => {
                 let layer = layer.with_syslog_identifier("imageupd".into());
-                if tracing_subscriber::registry().with(filter()).with(layer).try_init().is_ok() {
+                if tracing_subscriber::registry()
+                    .with(filter())
+                    .with(layer)
+                    .try_init()
+                    .is_ok()
+                {
                     return;
                 }
             }
             Err(e) => eprintln!("imageupd: cannot log to the journal ({e}); logging to stderr"),
         }
     }
-    let _ = tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter())
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
 }

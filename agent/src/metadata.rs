@@ -154,7 +154,10 @@ fn py_json(v: &Value) -> String {
         Value::Array(a) => format!("[{}]", a.iter().map(py_json).collect::<Vec<_>>().join(", ")),
         Value::Object(m) => format!(
             "{{{}}}",
-            m.iter().map(|(k, v)| format!("{}: {}", py_str(k), py_json(v))).collect::<Vec<_>>().join(", ")
+            m.iter()
+                .map(|(k, v)| format!("{}: {}", py_str(k), py_json(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }
@@ -193,7 +196,11 @@ fn py_int(s: &str) -> Option<i64> {
         b'+' => (false, &t[1..]),
         _ => (false, t),
     };
-    if digits.is_empty() || digits.starts_with('_') || digits.ends_with('_') || digits.contains("__") {
+    if digits.is_empty()
+        || digits.starts_with('_')
+        || digits.ends_with('_')
+        || digits.contains("__")
+    {
         return None;
     }
     let clean: String = digits.chars().filter(|&c| c != '_').collect();
@@ -292,7 +299,10 @@ impl MetadataSource {
     /// The cached files' list file, for the OCC source.
     pub fn list_file(&self) -> Option<PathBuf> {
         match self {
-            MetadataSource::Occ { cache_dir, env_files: None } => Some(cache_dir.join(OS_CONFIG_FILES_JSON)),
+            MetadataSource::Occ {
+                cache_dir,
+                env_files: None,
+            } => Some(cache_dir.join(OS_CONFIG_FILES_JSON)),
             _ => None,
         }
     }
@@ -300,8 +310,13 @@ impl MetadataSource {
     /// One line for logs and status.
     pub fn describe(&self) -> String {
         match self {
-            MetadataSource::Occ { env_files: Some(v), .. } => format!("os-collect-config files from ${OS_CONFIG_FILES_ENV} ({v})"),
-            MetadataSource::Occ { cache_dir, .. } => format!("os-collect-config cache {}", cache_dir.join(OS_CONFIG_FILES_JSON).display()),
+            MetadataSource::Occ {
+                env_files: Some(v), ..
+            } => format!("os-collect-config files from ${OS_CONFIG_FILES_ENV} ({v})"),
+            MetadataSource::Occ { cache_dir, .. } => format!(
+                "os-collect-config cache {}",
+                cache_dir.join(OS_CONFIG_FILES_JSON).display()
+            ),
             MetadataSource::File(p) => format!("metadata file {}", p.display()),
         }
     }
@@ -311,13 +326,26 @@ impl MetadataSource {
     pub fn files(&self) -> Result<Vec<PathBuf>, MetadataError> {
         match self {
             MetadataSource::File(p) => Ok(vec![p.clone()]),
-            MetadataSource::Occ { env_files: Some(v), .. } => Ok(v.split(':').filter(|s| !s.is_empty()).map(PathBuf::from).collect()),
-            MetadataSource::Occ { cache_dir, env_files: None } => {
+            MetadataSource::Occ {
+                env_files: Some(v), ..
+            } => Ok(v
+                .split(':')
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+                .collect()),
+            MetadataSource::Occ {
+                cache_dir,
+                env_files: None,
+            } => {
                 let list = cache_dir.join(OS_CONFIG_FILES_JSON);
                 let Some(bytes) = read_opt(&list)? else {
                     return Ok(Vec::new());
                 };
-                let v: Value = serde_json::from_slice(&bytes).map_err(|e| MetadataError::Invalid { path: list.clone(), msg: e.to_string() })?;
+                let v: Value =
+                    serde_json::from_slice(&bytes).map_err(|e| MetadataError::Invalid {
+                        path: list.clone(),
+                        msg: e.to_string(),
+                    })?;
                 let Value::Array(items) = v else {
                     return Err(MetadataError::NotAList { path: list });
                 };
@@ -339,7 +367,11 @@ impl MetadataSource {
         let mut dirs: Vec<PathBuf> = Vec::new();
         let mut add = |p: &Path| {
             if let Some(d) = p.parent() {
-                let d = if d.as_os_str().is_empty() { Path::new(".") } else { d };
+                let d = if d.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    d
+                };
                 if !dirs.iter().any(|x| x == d) {
                     dirs.push(d.to_path_buf());
                 }
@@ -347,7 +379,10 @@ impl MetadataSource {
         };
         match self {
             MetadataSource::File(p) => add(p),
-            MetadataSource::Occ { cache_dir, env_files } => {
+            MetadataSource::Occ {
+                cache_dir,
+                env_files,
+            } => {
                 if env_files.is_none() {
                     add(&cache_dir.join(OS_CONFIG_FILES_JSON));
                 }
@@ -383,7 +418,10 @@ impl MetadataSource {
             let Some(bytes) = read_opt(&p)? else {
                 continue;
             };
-            let v: Value = serde_json::from_slice(&bytes).map_err(|e| MetadataError::Invalid { path: p.clone(), msg: e.to_string() })?;
+            let v: Value = serde_json::from_slice(&bytes).map_err(|e| MetadataError::Invalid {
+                path: p.clone(),
+                msg: e.to_string(),
+            })?;
             if let MetadataSource::File(_) = self {
                 if !v.is_object() {
                     return Err(MetadataError::NotAnObject { path: p });
@@ -393,7 +431,11 @@ impl MetadataSource {
             docs.push(v);
             files.push(p);
         }
-        Ok(Snapshot { doc: merge_all(&docs), files, changed_at: newest })
+        Ok(Snapshot {
+            doc: merge_all(&docs),
+            files,
+            changed_at: newest,
+        })
     }
 }
 
@@ -410,7 +452,12 @@ impl Snapshot {
             what: "image id",
             why: "it must be a string".into(),
         })?;
-        crate::manifest::validate_image_id(&id).map_err(|why| MetadataError::BadValue { key: id_key.to_owned(), value: render_raw(idv), what: "image id", why })?;
+        crate::manifest::validate_image_id(&id).map_err(|why| MetadataError::BadValue {
+            key: id_key.to_owned(),
+            value: render_raw(idv),
+            what: "image id",
+            why,
+        })?;
         let source = match lookup(&self.doc, source_key) {
             None => None,
             Some(Value::String(s)) if s.trim().is_empty() => None,
@@ -442,7 +489,10 @@ fn read_opt(p: &Path) -> Result<Option<Vec<u8>>, MetadataError> {
     match std::fs::read(p) {
         Ok(b) => Ok(Some(b)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(MetadataError::Read { path: p.to_path_buf(), source: e }),
+        Err(e) => Err(MetadataError::Read {
+            path: p.to_path_buf(),
+            source: e,
+        }),
     }
 }
 
@@ -460,13 +510,29 @@ mod tests {
         let a = json!({"x": {"a": 1, "b": {"c": 2}}, "l": [1, 2], "s": "old", "n": {"k": 1}});
         let b = json!({"x": {"b": {"d": 3}, "e": null}, "l": [3], "s": {"now": "obj"}, "n": null});
         let m = merge_all([&a, &b]);
-        assert_eq!(m, json!({"x": {"a": 1, "b": {"c": 2, "d": 3}, "e": null}, "l": [3], "s": {"now": "obj"}, "n": null}));
+        assert_eq!(
+            m,
+            json!({"x": {"a": 1, "b": {"c": 2, "d": 3}, "e": null}, "l": [3], "s": {"now": "obj"}, "n": null})
+        );
         // Non-object top levels and empty objects are ignored.
-        let m2 = merge_all([&a, &json!([1, 2]), &json!("str"), &json!(null), &json!({}), &json!(7)]);
+        let m2 = merge_all([
+            &a,
+            &json!([1, 2]),
+            &json!("str"),
+            &json!(null),
+            &json!({}),
+            &json!(7),
+        ]);
         assert_eq!(m2, a);
         // An object over a scalar replaces it; a scalar over an object too.
-        assert_eq!(merge_all([&json!({"k": 1}), &json!({"k": {"a": 1}})]), json!({"k": {"a": 1}}));
-        assert_eq!(merge_all([&json!({"k": {"a": 1}}), &json!({"k": 2})]), json!({"k": 2}));
+        assert_eq!(
+            merge_all([&json!({"k": 1}), &json!({"k": {"a": 1}})]),
+            json!({"k": {"a": 1}})
+        );
+        assert_eq!(
+            merge_all([&json!({"k": {"a": 1}}), &json!({"k": 2})]),
+            json!({"k": 2})
+        );
         assert_eq!(merge_all(std::iter::empty()), json!({}));
     }
 
@@ -477,7 +543,11 @@ mod tests {
         assert_eq!(lookup(&d, "a.b.1"), None, "null is missing");
         assert_eq!(lookup(&d, "a.b.1.c"), None);
         assert_eq!(lookup(&d, "a.b.2"), Some(&json!(5)));
-        assert_eq!(lookup(&d, "a.b.-1.0"), Some(&json!(true)), "negative index as in Python");
+        assert_eq!(
+            lookup(&d, "a.b.-1.0"),
+            Some(&json!(true)),
+            "negative index as in Python"
+        );
         assert_eq!(lookup(&d, "a.b.-5"), None);
         assert_eq!(lookup(&d, "a.b.4"), None);
         assert_eq!(lookup(&d, "a.b.+2"), Some(&json!(5)));
@@ -490,7 +560,11 @@ mod tests {
         assert_eq!(lookup(&d, "e"), Some(&json!("")));
         assert_eq!(lookup(&d, "missing"), None);
         assert_eq!(lookup(&d, "dot."), Some(&json!(1)));
-        assert_eq!(lookup(&json!({"a": {"0": "k"}}), "a.0"), Some(&json!("k")), "object keys are strings");
+        assert_eq!(
+            lookup(&json!({"a": {"0": "k"}}), "a.0"),
+            Some(&json!("k")),
+            "object keys are strings"
+        );
     }
 
     #[test]
@@ -502,20 +576,53 @@ mod tests {
         assert_eq!(render_raw(&json!(3.0)), "3.0");
         assert_eq!(render_raw(&json!(1e20)), "1e+20");
         assert_eq!(render_raw(&json!(true)), "true");
-        assert_eq!(render_raw(&json!([1, "a", null, {"k": false}])), r#"[1, "a", null, {"k": false}]"#);
+        assert_eq!(
+            render_raw(&json!([1, "a", null, {"k": false}])),
+            r#"[1, "a", null, {"k": false}]"#
+        );
         assert_eq!(render_raw(&json!({"é": "\n"})), r#"{"\u00e9": "\n"}"#);
     }
 
     #[test]
     fn wanted_validates_ids_and_sources() {
-        let s = |doc: Value| Snapshot { doc, files: vec![], changed_at: None };
-        let w = s(json!({"image_id": "v2", "image_source": " /srv/store "})).wanted("image_id", "image_source").unwrap();
-        assert_eq!(w, Some(Wanted { id: "v2".into(), source: Some("/srv/store".into()) }));
-        assert_eq!(s(json!({"image_id": null})).wanted("image_id", "image_source").unwrap(), None);
-        assert_eq!(s(json!({"a": {"b": [{"id": 42}]}})).wanted("a.b.0.id", "src").unwrap().unwrap().id, "42");
-        assert!(s(json!({"image_id": {"x": 1}})).wanted("image_id", "s").is_err());
-        assert!(s(json!({"image_id": "../etc"})).wanted("image_id", "s").is_err());
-        assert!(s(json!({"image_id": "v1", "s": 3})).wanted("image_id", "s").is_err());
+        let s = |doc: Value| Snapshot {
+            doc,
+            files: vec![],
+            changed_at: None,
+        };
+        let w = s(json!({"image_id": "v2", "image_source": " /srv/store "}))
+            .wanted("image_id", "image_source")
+            .unwrap();
+        assert_eq!(
+            w,
+            Some(Wanted {
+                id: "v2".into(),
+                source: Some("/srv/store".into())
+            })
+        );
+        assert_eq!(
+            s(json!({"image_id": null}))
+                .wanted("image_id", "image_source")
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            s(json!({"a": {"b": [{"id": 42}]}}))
+                .wanted("a.b.0.id", "src")
+                .unwrap()
+                .unwrap()
+                .id,
+            "42"
+        );
+        assert!(s(json!({"image_id": {"x": 1}}))
+            .wanted("image_id", "s")
+            .is_err());
+        assert!(s(json!({"image_id": "../etc"}))
+            .wanted("image_id", "s")
+            .is_err());
+        assert!(s(json!({"image_id": "v1", "s": 3}))
+            .wanted("image_id", "s")
+            .is_err());
     }
 
     #[test]
@@ -526,20 +633,33 @@ mod tests {
         std::fs::write(&a, r#"{"image_id": "v1", "x": {"y": 1}}"#).unwrap();
         std::fs::write(&b, r#"{"image_id": "v2"}"#).unwrap();
         let list = d.path().join(OS_CONFIG_FILES_JSON);
-        std::fs::write(&list, serde_json::to_vec(&json!([a, b, d.path().join("absent.json")])).unwrap()).unwrap();
-        let src = MetadataSource::Occ { cache_dir: d.path().to_path_buf(), env_files: None };
+        std::fs::write(
+            &list,
+            serde_json::to_vec(&json!([a, b, d.path().join("absent.json")])).unwrap(),
+        )
+        .unwrap();
+        let src = MetadataSource::Occ {
+            cache_dir: d.path().to_path_buf(),
+            env_files: None,
+        };
         let snap = src.read().unwrap();
         assert_eq!(snap.doc, json!({"image_id": "v2", "x": {"y": 1}}));
         assert_eq!(snap.files, vec![a.clone(), b.clone()]);
         assert!(snap.changed_at.is_some());
         assert_eq!(src.watch_dirs(), vec![d.path().to_path_buf()]);
         // $OS_CONFIG_FILES wins over the list file.
-        let env = MetadataSource::Occ { cache_dir: d.path().to_path_buf(), env_files: Some(format!("{}:", a.display())) };
+        let env = MetadataSource::Occ {
+            cache_dir: d.path().to_path_buf(),
+            env_files: Some(format!("{}:", a.display())),
+        };
         assert_eq!(env.read().unwrap().doc["image_id"], "v1");
         // Half-written: an error naming the file, never an empty document.
         std::fs::write(&b, r#"{"image_id": "v"#).unwrap();
         let e = src.read().unwrap_err();
-        assert!(matches!(&e, MetadataError::Invalid { path, .. } if path == &b), "{e}");
+        assert!(
+            matches!(&e, MetadataError::Invalid { path, .. } if path == &b),
+            "{e}"
+        );
         std::fs::write(&b, "").unwrap();
         assert!(src.read().is_err());
         std::fs::write(&list, "{\"not\": \"a list\"}").unwrap();
@@ -551,7 +671,10 @@ mod tests {
         let plain = MetadataSource::File(a.clone());
         assert_eq!(plain.read().unwrap().doc["image_id"], "v1");
         std::fs::write(&a, "[1]").unwrap();
-        assert!(matches!(plain.read(), Err(MetadataError::NotAnObject { .. })));
+        assert!(matches!(
+            plain.read(),
+            Err(MetadataError::NotAnObject { .. })
+        ));
         std::fs::remove_file(&a).unwrap();
         assert_eq!(plain.read().unwrap().files.len(), 0);
     }

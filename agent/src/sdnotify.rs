@@ -28,7 +28,10 @@ pub struct Notifier {
 impl Notifier {
     /// A notifier that does nothing.
     pub fn disabled() -> Self {
-        Notifier { target: None, watchdog: None }
+        Notifier {
+            target: None,
+            watchdog: None,
+        }
     }
 
     /// From the environment systemd gives a `Type=notify` service. A socket
@@ -41,7 +44,10 @@ impl Notifier {
         let target = socket.and_then(|s| match connect(&s.to_string_lossy()) {
             Ok(t) => Some(t),
             Err(e) => {
-                tracing::warn!("cannot use ${NOTIFY_SOCKET_ENV}={}: {e}", s.to_string_lossy());
+                tracing::warn!(
+                    "cannot use ${NOTIFY_SOCKET_ENV}={}: {e}",
+                    s.to_string_lossy()
+                );
                 None
             }
         });
@@ -51,7 +57,10 @@ impl Notifier {
 
     /// For tests: notify to `socket` with an optional watchdog interval.
     pub fn to_socket(socket: &str, watchdog: Option<Duration>) -> io::Result<Self> {
-        Ok(Notifier { target: Some(connect(socket)?), watchdog })
+        Ok(Notifier {
+            target: Some(connect(socket)?),
+            watchdog,
+        })
     }
 
     /// Whether a service manager listens.
@@ -104,7 +113,12 @@ fn connect(socket: &str) -> io::Result<(UnixDatagram, SocketAddr)> {
     let addr = match socket.strip_prefix('@') {
         Some(name) => SocketAddr::from_abstract_name(name.as_bytes())?,
         None if socket.starts_with('/') => SocketAddr::from_pathname(socket)?,
-        None => return Err(io::Error::new(io::ErrorKind::InvalidInput, "not an absolute path or @abstract name")),
+        None => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not an absolute path or @abstract name",
+            ))
+        }
     };
     Ok((UnixDatagram::unbound()?, addr))
 }
@@ -123,7 +137,10 @@ pub fn watchdog_interval(usec: Option<&str>, pid: Option<&str>, me: u32) -> Opti
 
 /// One line, at most [`MAX_STATUS_BYTES`].
 fn clean(s: &str) -> String {
-    let mut out: String = s.chars().map(|c| if c == '\n' || c == '\r' { ' ' } else { c }).collect();
+    let mut out: String = s
+        .chars()
+        .map(|c| if c == '\n' || c == '\r' { ' ' } else { c })
+        .collect();
     if out.len() > MAX_STATUS_BYTES {
         let mut cut = MAX_STATUS_BYTES;
         while !out.is_char_boundary(cut) {
@@ -143,7 +160,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("notify");
         let server = UnixDatagram::bind(&path).unwrap();
-        server.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         let n = Notifier::to_socket(path.to_str().unwrap(), None).unwrap();
         assert!(n.enabled());
         n.ready("watching\nmetadata");
@@ -163,9 +182,15 @@ mod tests {
     #[test]
     fn abstract_sockets_and_disabled() {
         let name = format!("imageupd-test-{}", std::process::id());
-        let server = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
-        server.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        Notifier::to_socket(&format!("@{name}"), None).unwrap().status("hi");
+        let server =
+            UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
+                .unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        Notifier::to_socket(&format!("@{name}"), None)
+            .unwrap()
+            .status("hi");
         let mut buf = [0u8; 64];
         let k = server.recv(&mut buf).unwrap();
         assert_eq!(&buf[..k], b"STATUS=hi");
@@ -177,8 +202,14 @@ mod tests {
 
     #[test]
     fn watchdog_interval_is_half_and_for_us() {
-        assert_eq!(watchdog_interval(Some("30000000"), None, 7), Some(Duration::from_secs(15)));
-        assert_eq!(watchdog_interval(Some("30000000"), Some("7"), 7), Some(Duration::from_secs(15)));
+        assert_eq!(
+            watchdog_interval(Some("30000000"), None, 7),
+            Some(Duration::from_secs(15))
+        );
+        assert_eq!(
+            watchdog_interval(Some("30000000"), Some("7"), 7),
+            Some(Duration::from_secs(15))
+        );
         assert_eq!(watchdog_interval(Some("30000000"), Some("8"), 7), None);
         assert_eq!(watchdog_interval(Some("0"), None, 7), None);
         assert_eq!(watchdog_interval(None, None, 7), None);

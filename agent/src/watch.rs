@@ -35,7 +35,12 @@ impl Debouncer {
     /// A debouncer with quiet time `quiet` and longest delay
     /// [`MAX_DELAY_FACTOR`]`·quiet`.
     pub fn new(quiet: Duration) -> Self {
-        Debouncer { quiet, max_delay: quiet * MAX_DELAY_FACTOR, first: None, last: None }
+        Debouncer {
+            quiet,
+            max_delay: quiet * MAX_DELAY_FACTOR,
+            first: None,
+            last: None,
+        }
     }
 
     /// An event happened at `now`.
@@ -91,17 +96,21 @@ impl DirWatcher {
     /// A watcher that calls `on_change` (from its own thread) for each
     /// event that may change the metadata.
     pub fn new<F: Fn() + Send + 'static>(on_change: F) -> Result<Self> {
-        let inner = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-            Ok(ev) if is_change(&ev.kind) => on_change(),
-            Ok(_) => {}
-            // Overflow and friends: let the caller rescan.
-            Err(e) => {
-                tracing::warn!("metadata watch error: {e}; rescanning");
-                on_change();
-            }
+        let inner =
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+                Ok(ev) if is_change(&ev.kind) => on_change(),
+                Ok(_) => {}
+                // Overflow and friends: let the caller rescan.
+                Err(e) => {
+                    tracing::warn!("metadata watch error: {e}; rescanning");
+                    on_change();
+                }
+            })
+            .context("starting the inotify watcher")?;
+        Ok(DirWatcher {
+            inner,
+            watched: Vec::new(),
         })
-        .context("starting the inotify watcher")?;
-        Ok(DirWatcher { inner, watched: Vec::new() })
     }
 
     /// Watch exactly `dirs` (or, for those that do not exist, their nearest
@@ -131,7 +140,10 @@ impl DirWatcher {
                     tracing::debug!("watching {}", d.display());
                     self.watched.push(d);
                 }
-                Err(e) => tracing::warn!("cannot watch {}: {e}; relying on the periodic rescan", d.display()),
+                Err(e) => tracing::warn!(
+                    "cannot watch {}: {e}; relying on the periodic rescan",
+                    d.display()
+                ),
             }
         }
     }
@@ -144,7 +156,9 @@ impl DirWatcher {
 
 /// `dir` itself if it is a directory, else its nearest existing ancestor.
 fn existing_ancestor(dir: &Path) -> Option<PathBuf> {
-    dir.ancestors().find(|a| !a.as_os_str().is_empty() && a.is_dir()).map(Path::to_path_buf)
+    dir.ancestors()
+        .find(|a| !a.as_os_str().is_empty() && a.is_dir())
+        .map(Path::to_path_buf)
 }
 
 #[cfg(test)]
@@ -184,11 +198,19 @@ mod tests {
     #[test]
     fn reads_are_not_changes() {
         use notify::event::{CreateKind, ModifyKind, RenameMode};
-        assert!(!is_change(&EventKind::Access(AccessKind::Open(AccessMode::Any))));
-        assert!(!is_change(&EventKind::Access(AccessKind::Close(AccessMode::Read))));
-        assert!(is_change(&EventKind::Access(AccessKind::Close(AccessMode::Write))));
+        assert!(!is_change(&EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        ))));
+        assert!(!is_change(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(is_change(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
         assert!(is_change(&EventKind::Create(CreateKind::File)));
-        assert!(is_change(&EventKind::Modify(ModifyKind::Name(RenameMode::To))));
+        assert!(is_change(&EventKind::Modify(ModifyKind::Name(
+            RenameMode::To
+        ))));
     }
 
     #[test]
@@ -203,7 +225,8 @@ mod tests {
         w.set(std::slice::from_ref(&meta));
         assert_eq!(w.watched(), &[d.path().to_path_buf()]);
         std::fs::create_dir(d.path().join("later")).unwrap();
-        rx.recv_timeout(Duration::from_secs(5)).expect("event for the created directory");
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("event for the created directory");
         std::fs::create_dir(&meta).unwrap();
         w.set(std::slice::from_ref(&meta));
         assert_eq!(w.watched(), std::slice::from_ref(&meta));
@@ -211,13 +234,20 @@ mod tests {
         // Reading is not an event.
         std::fs::write(d.path().join("x"), "1").unwrap();
         let _ = std::fs::read_dir(&meta).unwrap().count();
-        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "reads must not wake the watcher");
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "reads must not wake the watcher"
+        );
         let tmp = meta.join(".tmp");
         std::fs::write(&tmp, "{}").unwrap();
         std::fs::rename(&tmp, meta.join("m.json")).unwrap();
-        rx.recv_timeout(Duration::from_secs(5)).expect("event for the rename");
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("event for the rename");
         while rx.try_recv().is_ok() {}
         let _ = std::fs::read(meta.join("m.json")).unwrap();
-        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "reading a file must not wake the watcher");
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "reading a file must not wake the watcher"
+        );
     }
 }

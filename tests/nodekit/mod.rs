@@ -12,8 +12,15 @@ use crate::common::*;
 /// 14.1.0 (.ci/run creates it): `$IMAGEUPD_TEST_VENV`, default
 /// /opt/imageupd-venv.
 pub fn venv() -> PathBuf {
-    let v = std::env::var_os("IMAGEUPD_TEST_VENV").map(PathBuf::from).unwrap_or_else(|| "/opt/imageupd-venv".into());
-    for tool in ["os-collect-config", "os-apply-config", "os-refresh-config", "dib-run-parts"] {
+    let v = std::env::var_os("IMAGEUPD_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/opt/imageupd-venv".into());
+    for tool in [
+        "os-collect-config",
+        "os-apply-config",
+        "os-refresh-config",
+        "dib-run-parts",
+    ] {
         assert!(
             v.join("bin").join(tool).is_file(),
             "{} has no bin/{tool}: create it with `python3 -m venv {0} && {0}/bin/pip install os-collect-config==14.1.0 os-apply-config==14.1.0 os-refresh-config==14.1.0` (as .ci/run does), or point IMAGEUPD_TEST_VENV at one",
@@ -26,7 +33,12 @@ pub fn venv() -> PathBuf {
 /// PATH with the venv's tools and the imageupd binary first.
 pub fn tool_path() -> String {
     let bin_dir = Path::new(bin()).parent().expect("binary dir").to_path_buf();
-    format!("{}:{}:{}", venv().join("bin").display(), bin_dir.display(), std::env::var("PATH").unwrap_or_default())
+    format!(
+        "{}:{}:{}",
+        venv().join("bin").display(),
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
 }
 
 /// A node: an ext4 loop filesystem (mounted read-only) at image v1, trusting
@@ -66,7 +78,13 @@ impl TestNode {
         fs.remount(true);
         let marks = s.join("marks");
         std::fs::create_dir_all(&marks).unwrap();
-        TestNode { s, fs, root, store: store.dir.clone(), marks }
+        TestNode {
+            s,
+            fs,
+            root,
+            store: store.dir.clone(),
+            marks,
+        }
     }
 
     /// Change files in the (read-only) root: remount rw, run `f`, remount ro.
@@ -78,12 +96,22 @@ impl TestNode {
 
     /// Write a hook script into the root.
     pub fn hook(&self, phase: &str, name: &str, body: &str) {
-        self.edit(|r| write_script(&r.join("etc/imageupd/hooks").join(format!("{phase}.d")).join(name), body));
+        self.edit(|r| {
+            write_script(
+                &r.join("etc/imageupd/hooks")
+                    .join(format!("{phase}.d"))
+                    .join(name),
+                body,
+            )
+        });
     }
 
     /// `imageupd status --json --root ROOT`.
     pub fn status(&self) -> serde_json::Value {
-        imageupd(["status", "--json", "--root"]).arg(&self.root).ok().json()
+        imageupd(["status", "--json", "--root"])
+            .arg(&self.root)
+            .ok()
+            .json()
     }
 }
 
