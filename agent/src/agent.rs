@@ -447,6 +447,9 @@ struct Agent {
     running: Option<Running>,
     cancel: Arc<AtomicBool>,
     stopping: bool,
+    /// Failures kept in memory too, so that the backoff holds even when the
+    /// record cannot be written.
+    failures: FailureBook,
 }
 
 /// Run the agent for `root` until SIGTERM or SIGINT.
@@ -515,6 +518,7 @@ pub fn run(root: &Path) -> Result<()> {
         running: None,
         cancel: Arc::new(AtomicBool::new(false)),
         stopping: false,
+        failures: FailureBook::default(),
     };
     agent.record(|r| {
         r.agent_pid = Some(std::process::id());
@@ -601,6 +605,7 @@ impl Agent {
                         }
                         Err(e) => tracing::error!("keeping the old configuration: {e:#}"),
                     }
+                    self.failures = FailureBook::default();
                     self.record(|r| r.failures = FailureBook::default());
                     self.retry_at = None;
                     eval_now = true;
@@ -667,6 +672,9 @@ impl Agent {
                 });
             }
             Ok(Decision::Nothing { why, id }) => {
+                if id.is_some() {
+                    self.failures = FailureBook::default();
+                }
                 let running = self.running.is_some();
                 self.notifier.status(&if running {
                     "applying".to_owned()
@@ -705,9 +713,13 @@ impl Agent {
                 if self.running.is_some() {
                     return; // re-evaluated when it finishes
                 }
-                let wait = AgentRecord::load(&self.rt)
-                    .map(|r| r.failures.wait(&key, SystemTime::now()))
+                self.failures.retain_only(&key);
+                // The record also holds failures of `apply --from-metadata`.
+                let now = SystemTime::now();
+                let recorded = AgentRecord::load(&self.rt)
+                    .map(|r| r.failures.wait(&key, now))
                     .unwrap_or_default();
+                let wait = self.failures.wait(&key, now).max(recorded);
                 if !wait.is_zero() {
                     let at = Instant::now() + wait;
                     if self.retry_at.is_none_or(|t| t > at) {
@@ -791,14 +803,15 @@ impl Agent {
         }
         let policy = self.cfg.agent.backoff();
         let (id, from, key, started) = (run.id, run.from, run.key, run.started);
-        let attempts = AgentRecord::update(&self.rt, |r| {
-            record_outcome(r, &id, &from, &key, &res, started, &policy);
-            r.failures.by_target.get(&key).map(|f| f.attempts)
-        })
-        .unwrap_or_else(|e| {
-            tracing::warn!("cannot write the agent record: {e:#}");
-            None
-        });
+        match &res {
+            Err(e) if ExitKind::of(e) != ExitKind::PostApplyHook => {
+                self.failures
+                    .failed(&key, &format!("{e:#}"), SystemTime::now(), &policy);
+            }
+            _ => self.failures.succeeded(&key),
+        }
+        let attempts = self.failures.by_target.get(&key).map(|f| f.attempts);
+        self.record(|r| record_outcome(r, &id, &from, &key, &res, started, &policy));
         match &res {
             Ok(rep) => {
                 let msg = format!(
