@@ -442,6 +442,7 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     report.stage = stage_report;
     // The record of the new image is written now and only renamed at commit.
     if let Err(e) = write_next_record(&state, &resolved) {
+        drop(staging);
         return Err(abort_before_swap(ctx, &mut journal, &state, &mut rw, e, interrupted.is_some()));
     }
     fault::point("after-stage");
