@@ -64,7 +64,9 @@ pub struct ApplyOptions {
 
 impl ApplyOptions {
     fn cancelled(&self) -> bool {
-        self.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst))
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst))
     }
 }
 
@@ -130,7 +132,11 @@ struct Clock {
 impl Clock {
     fn new() -> Self {
         let now = Instant::now();
-        Clock { start: now, mark: now, phases: BTreeMap::new() }
+        Clock {
+            start: now,
+            mark: now,
+            phases: BTreeMap::new(),
+        }
     }
     fn lap(&mut self, name: &str) {
         let now = Instant::now();
@@ -191,7 +197,11 @@ impl Ctx<'_> {
 pub fn run(opts: &ApplyOptions, progress: &Progress) -> Result<ApplyReport> {
     let root = RootFs::open(&opts.root).context(ExitKind::Usage)?;
     let cfg = Config::load(&root.path)?;
-    let _lock = if opts.dry_run { None } else { Some(Lock::acquire(&root.runtime_dir())?) };
+    let _lock = if opts.dry_run {
+        None
+    } else {
+        Some(Lock::acquire(&root.runtime_dir())?)
+    };
     let status = Status {
         phase: Phase::Idle,
         current: root.image_id()?,
@@ -206,7 +216,14 @@ pub fn run(opts: &ApplyOptions, progress: &Progress) -> Result<ApplyReport> {
         updated: crate::publish::now_rfc3339(),
         pid: std::process::id(),
     };
-    let mut ctx = Ctx { opts, cfg, root, progress, lifecycle: Lifecycle::new(), status };
+    let mut ctx = Ctx {
+        opts,
+        cfg,
+        root,
+        progress,
+        lifecycle: Lifecycle::new(),
+        status,
+    };
     let res = run_inner(&mut ctx);
     if !opts.dry_run {
         let rt = ctx.root.runtime_dir();
@@ -219,14 +236,23 @@ pub fn run(opts: &ApplyOptions, progress: &Progress) -> Result<ApplyReport> {
                 ctx.status.reboot_required = r.kernel.changed;
                 ctx.status.reboot_reason = r.kernel.reason.clone();
                 if ctx.lifecycle.phase() == Phase::Resumed {
-                    let ev = if r.kernel.changed { Event::KernelChanged } else { Event::Reset };
+                    let ev = if r.kernel.changed {
+                        Event::KernelChanged
+                    } else {
+                        Event::Reset
+                    };
                     ctx.advance(ev);
                 } else if ctx.lifecycle.phase() == Phase::Planned {
                     ctx.advance(Event::NothingToDo);
                 }
             }
             Err(e) => {
-                ctx.status.result = if ExitKind::of(e) == ExitKind::PostApplyHook { "failed-committed" } else { "failed" }.into();
+                ctx.status.result = if ExitKind::of(e) == ExitKind::PostApplyHook {
+                    "failed-committed"
+                } else {
+                    "failed"
+                }
+                .into();
                 ctx.status.last_error = Some(format!("{e:#}"));
                 ctx.status.current = ctx.root.image_id().ok().flatten();
                 if ctx.lifecycle.phase() != Phase::Idle {
@@ -244,7 +270,10 @@ pub fn run(opts: &ApplyOptions, progress: &Progress) -> Result<ApplyReport> {
 
 fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     let mut clock = Clock::new();
-    let mut report = ApplyReport { root: ctx.root.path.display().to_string(), ..Default::default() };
+    let mut report = ApplyReport {
+        root: ctx.root.path.display().to_string(),
+        ..Default::default()
+    };
     let state = ctx.root.state_dir()?;
     let journal = match &state {
         Some(s) => Journal::load(s.as_fd())?,
@@ -263,12 +292,20 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
         .opts
         .from
         .clone()
-        .or_else(|| interrupted.as_ref().filter(|j| j.target == id).map(|j| j.source.clone()))
+        .or_else(|| {
+            interrupted
+                .as_ref()
+                .filter(|j| j.target == id)
+                .map(|j| j.source.clone())
+        })
         .ok_or_else(|| anyhow!("no source: pass --from STORE_OR_IMAGE_DIR"))
         .context(ExitKind::Usage)?;
     if let Some(j) = &interrupted {
         report.resumed = true;
-        ctx.progress.line(&format!("an update to {} was interrupted during {:?}; converging", j.target, j.phase));
+        ctx.progress.line(&format!(
+            "an update to {} was interrupted during {:?}; converging",
+            j.target, j.phase
+        ));
     }
     ctx.status.target = Some(id.clone());
     ctx.status.source = Some(from.clone());
@@ -294,25 +331,45 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     let running = rootfs::running_release();
     let mut preserve = Preserve::new(&ctx.cfg.preserve).map_err(anyhow::Error::msg)?;
     if let Some(r) = &running {
-        for p in [format!("/lib/modules/{r}/"), format!("/usr/lib/modules/{r}/")] {
+        for p in [
+            format!("/lib/modules/{r}/"),
+            format!("/usr/lib/modules/{r}/"),
+        ] {
             preserve.add(&p).map_err(anyhow::Error::msg)?;
         }
     }
     let skip = vec![RelPath(stage::STAGE_AT_TOP.as_bytes().to_vec())];
-    let nodes = scan::scan(ctx.root.fd(), &ScanOptions { preserve: Some(&preserve), skip })?;
+    let nodes = scan::scan(
+        ctx.root.fd(),
+        &ScanOptions {
+            preserve: Some(&preserve),
+            skip,
+        },
+    )?;
     let to_hash = plan::needs_hash(target, &nodes);
     let root_fd = ctx.root.fd();
     let hashed = scan::par_map(&to_hash, threads, |p| {
         let f = fsx::open_file_beneath(root_fd, p).with_context(|| format!("opening {p}"))?;
-        Ok((p.clone(), crate::stream::digest_of(std::io::BufReader::with_capacity(256 * 1024, f))?.0))
+        Ok((
+            p.clone(),
+            crate::stream::digest_of(std::io::BufReader::with_capacity(256 * 1024, f))?.0,
+        ))
     })?;
     let digests: HashMap<RelPath, _> = hashed.into_iter().collect();
-    let view = RootView { nodes: &nodes, digests: &digests };
+    let view = RootView {
+        nodes: &nodes,
+        digests: &digests,
+    };
     // The current image's record matters only for moved content, for
     // telling a legitimate symlink from a planted one, and for the kernel;
     // parse it only when one of those can make a difference.
     let parsed_current: Option<Manifest>;
-    let mut p = plan::plan(target, &view, cur.same_as_target.then_some(target), &preserve);
+    let mut p = plan::plan(
+        target,
+        &view,
+        cur.same_as_target.then_some(target),
+        &preserve,
+    );
     let current: Option<&Manifest> = if cur.same_as_target {
         Some(target)
     } else if cur.worth_parsing(&p) {
@@ -333,7 +390,9 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     let host = ctx.root.is_host_root();
     let reason = kernel::change_reason(
         target.kernel.as_ref(),
-        current.and_then(|c| c.kernel.as_ref()).or(cur.kernel.as_ref()),
+        current
+            .and_then(|c| c.kernel.as_ref())
+            .or(cur.kernel.as_ref()),
         if host { running.as_deref() } else { None },
     );
     report.kernel = KernelVerdict {
@@ -347,15 +406,21 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     // Preflight.
     if !p.conflicts.is_empty() {
         return Err(anyhow!("{}", p.conflicts.join("\n")))
-            .context(format!("refusing to apply {id}: the root has {} conflict(s); nothing was changed", p.conflicts.len()))
+            .context(format!(
+                "refusing to apply {id}: the root has {} conflict(s); nothing was changed",
+                p.conflicts.len()
+            ))
             .context(ExitKind::Preflight);
     }
     let (free, free_inodes) = fsx::free_space(ctx.root.fd()).context("statvfs of the root")?;
-    let need = p.stats.stage_bytes + p.stats.stage_objects * PER_OBJECT_OVERHEAD + (ctx.cfg.space_margin_mib << 20);
+    let need = p.stats.stage_bytes
+        + p.stats.stage_objects * PER_OBJECT_OVERHEAD
+        + (ctx.cfg.space_margin_mib << 20);
     report.space_needed = need;
     report.space_free = free;
     let skip_space = std::env::var_os("IMAGEUPD_SKIP_SPACE_CHECK").is_some_and(|v| v == "1");
-    let nothing = p.is_noop() && report.from_id.as_deref() == Some(id.as_str()) && interrupted.is_none();
+    let nothing =
+        p.is_noop() && report.from_id.as_deref() == Some(id.as_str()) && interrupted.is_none();
     if !nothing && !skip_space && (need > free || p.stats.stage_objects + 64 > free_inodes) {
         return Err(anyhow!(
             "not enough free space on the root's filesystem: staging needs {} ({} objects + {} MiB margin) but {} ({} inodes) are free; nothing was changed",
@@ -374,14 +439,20 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
         return Ok(report);
     }
     if nothing {
-        ctx.progress.line(&format!("nothing to do: {} already matches image {id}", ctx.root.path.display()));
+        ctx.progress.line(&format!(
+            "nothing to do: {} already matches image {id}",
+            ctx.root.path.display()
+        ));
         report.result = "nothing-to-do".into();
         report.phases = clock.phases;
         report.total_ms = clock.start.elapsed().as_millis() as u64;
         return Ok(report);
     }
     if ctx.opts.cancelled() {
-        bail!("stopped on request before the update to {id} started; {} was not changed", ctx.root.path.display());
+        bail!(
+            "stopped on request before the update to {id} started; {} was not changed",
+            ctx.root.path.display()
+        );
     }
     ctx.progress.line(&format!(
         "applying {id} over {} at {}: +{} ~{} -{} ={} (fetch {} in {} objects, {} local copies)",
@@ -403,7 +474,9 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     let was_remounted = interrupted.as_ref().is_some_and(|j| j.remounted_rw);
     if let Some(m) = &mount {
         if m.read_only() {
-            remount::remount(&m.mount_point, true).context("the root is read-only and could not be made writable; nothing was changed")?;
+            remount::remount(&m.mount_point, true).context(
+                "the root is read-only and could not be made writable; nothing was changed",
+            )?;
             rw.mount_point = Some(m.mount_point.clone());
         } else if was_remounted {
             rw.mount_point = Some(m.mount_point.clone());
@@ -421,7 +494,9 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     };
     let removed = stage::cleanup(ctx.root.fd(), ctx.root.dev)?;
     if removed > 0 {
-        ctx.progress.line(&format!("removed {removed} staging leftovers of an interrupted run"));
+        ctx.progress.line(&format!(
+            "removed {removed} staging leftovers of an interrupted run"
+        ));
     }
     journal.store(state.as_fd(), JournalPhase::Staging)?;
     fault::point("after-journal-begin");
@@ -429,21 +504,43 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     // Stage (fetch + write) while services run.
     ctx.advance(Event::Fetched);
     let staging = stage::prepare(ctx.root.fd(), ctx.root.dev, state.as_fd())?;
-    let staged = stage::stage(&p, target, ctx.root.fd(), &staging, &source, ctx.progress, threads);
+    let staged = stage::stage(
+        &p,
+        target,
+        ctx.root.fd(),
+        &staging,
+        &source,
+        ctx.progress,
+        threads,
+    );
     let (names, stage_report) = match staged {
         Ok(v) => v,
         Err(e) => {
             // Close the staging directory before it is removed: an open,
             // deleted inode keeps a read-only remount busy.
             drop(staging);
-            return Err(abort_before_swap(ctx, &mut journal, &state, &mut rw, e, interrupted.is_some()));
+            return Err(abort_before_swap(
+                ctx,
+                &mut journal,
+                &state,
+                &mut rw,
+                e,
+                interrupted.is_some(),
+            ));
         }
     };
     report.stage = stage_report;
     // The record of the new image is written now and only renamed at commit.
     if let Err(e) = write_next_record(&state, &resolved) {
         drop(staging);
-        return Err(abort_before_swap(ctx, &mut journal, &state, &mut rw, e, interrupted.is_some()));
+        return Err(abort_before_swap(
+            ctx,
+            &mut journal,
+            &state,
+            &mut rw,
+            e,
+            interrupted.is_some(),
+        ));
     }
     fault::point("after-stage");
     clock.lap("stage");
@@ -454,7 +551,14 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     if ctx.opts.cancelled() {
         let err = anyhow!("stopped on request after staging, before the swap");
         drop(staging);
-        return Err(abort_before_swap(ctx, &mut journal, &state, &mut rw, err, interrupted.is_some()));
+        return Err(abort_before_swap(
+            ctx,
+            &mut journal,
+            &state,
+            &mut rw,
+            err,
+            interrupted.is_some(),
+        ));
     }
 
     // Quiesce.
@@ -465,12 +569,16 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
         plan_path: write_plan_json(ctx, &report, &p, target)?,
         kernel_changed: report.kernel.changed,
     };
-    let runner = HookRunner::for_root(&ctx.root.path, Duration::from_secs(ctx.cfg.hook_timeout_secs));
+    let runner = HookRunner::for_root(
+        &ctx.root.path,
+        Duration::from_secs(ctx.cfg.hook_timeout_secs),
+    );
     journal.store(state.as_fd(), JournalPhase::Swapping)?;
     ctx.advance(Event::Quiesced);
     let quiesce_start = Instant::now();
     if let Err(e) = runner.run(HookPhase::PreApply, &hook_env) {
-        ctx.progress.line("a pre-apply hook failed; running abort hooks");
+        ctx.progress
+            .line("a pre-apply hook failed; running abort hooks");
         let abort = runner.run(HookPhase::Abort, &hook_env);
         let mut err = anyhow::Error::new(e);
         if let Err(a) = abort {
@@ -478,7 +586,14 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
         }
         let err = err.context(ExitKind::PreApplyHook);
         drop(staging);
-        return Err(abort_before_swap(ctx, &mut journal, &state, &mut rw, err, interrupted.is_some()));
+        return Err(abort_before_swap(
+            ctx,
+            &mut journal,
+            &state,
+            &mut rw,
+            err,
+            interrupted.is_some(),
+        ));
     }
     clock.lap("pre-apply-hooks");
 
@@ -501,7 +616,12 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
         fsx::syncfs(ctx.root.fd()).context("syncfs after the swap")?;
         write_image_id(&ctx.root, &id)?;
         fault::point("after-image-id");
-        swap::finalise_dirs(&forced_dirs(target), &target.entries, ctx.root.fd(), &mut sw)?;
+        swap::finalise_dirs(
+            &forced_dirs(target),
+            &target.entries,
+            ctx.root.fd(),
+            &mut sw,
+        )?;
         fault::point("after-dirmeta");
         fault::point("before-commit");
         journal.store_unsynced(state.as_fd(), JournalPhase::Committed)?;
@@ -533,7 +653,9 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     clock.lap("post-apply-hooks");
     if ro_pending {
         if let Err(e) = rw.restore() {
-            report.warnings.push(format!("the root stays read-write: {e:#}"));
+            report
+                .warnings
+                .push(format!("the root stays read-write: {e:#}"));
         }
     }
     report.phases = clock.phases;
@@ -541,7 +663,9 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     report.result = "applied".into();
     if let Err(e) = post {
         return Err(anyhow::Error::new(e))
-            .context(format!("the update to {id} is committed, but a post-apply hook failed"))
+            .context(format!(
+                "the update to {id} is committed, but a post-apply hook failed"
+            ))
             .context(ExitKind::PostApplyHook);
     }
     Ok(report)
@@ -562,17 +686,26 @@ fn abort_before_swap(
         err = err.context(format!("(staging leftovers could not be removed: {e:#})"));
     }
     // A run resuming an interrupted swap must keep the journal open.
-    let phase = if was_interrupted { JournalPhase::Swapping } else { JournalPhase::Aborted };
+    let phase = if was_interrupted {
+        JournalPhase::Swapping
+    } else {
+        JournalPhase::Aborted
+    };
     if let Err(e) = journal.store(state.as_fd(), phase) {
         err = err.context(format!("(journal not updated: {e:#})"));
     }
     if let Err(e) = rw.restore() {
-        err = err.context(format!("(the root could not be made read-only again: {e:#})"));
+        err = err.context(format!(
+            "(the root could not be made read-only again: {e:#})"
+        ));
     }
     let msg = if was_interrupted {
         "the update stopped before the swap; the root is as the interrupted run left it".to_string()
     } else {
-        format!("the update stopped before the swap; {} was not changed", ctx.root.path.display())
+        format!(
+            "the update stopped before the swap; {} was not changed",
+            ctx.root.path.display()
+        )
     };
     err.context(msg)
 }
@@ -580,7 +713,15 @@ fn abort_before_swap(
 /// Directories whose mtime our own bookkeeping touches.
 fn forced_dirs(target: &Manifest) -> Vec<usize> {
     let want: [&[u8]; 4] = [b"etc", b"var/lib", b"var", b"."];
-    target.entries.iter().enumerate().filter(|(_, e)| want.contains(&e.path.as_bytes()) && e.ftype == crate::manifest::FileType::Dir).map(|(i, _)| i).collect()
+    target
+        .entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| {
+            want.contains(&e.path.as_bytes()) && e.ftype == crate::manifest::FileType::Dir
+        })
+        .map(|(i, _)| i)
+        .collect()
 }
 
 /// Stored bytes of the record of the image being applied, until commit.
@@ -603,11 +744,21 @@ struct CurrentRecord {
 
 impl CurrentRecord {
     fn load(state: &Option<OwnedFd>, target_stored: &[u8]) -> CurrentRecord {
-        let none = CurrentRecord { json: None, same_as_target: false, kernel: None };
+        let none = CurrentRecord {
+            json: None,
+            same_as_target: false,
+            kernel: None,
+        };
         let Some(s) = state.as_ref() else { return none };
-        let Ok(bytes) = fsx::read_beneath(s.as_fd(), &RelPath(CURRENT_MANIFEST.to_vec())) else { return none };
+        let Ok(bytes) = fsx::read_beneath(s.as_fd(), &RelPath(CURRENT_MANIFEST.to_vec())) else {
+            return none;
+        };
         if bytes == target_stored {
-            return CurrentRecord { json: None, same_as_target: true, kernel: None };
+            return CurrentRecord {
+                json: None,
+                same_as_target: true,
+                kernel: None,
+            };
         }
         let json = match zstd::decode_all(&bytes[..]) {
             Ok(j) => j,
@@ -620,8 +771,14 @@ impl CurrentRecord {
         struct Head {
             kernel: Option<crate::manifest::KernelInfo>,
         }
-        let kernel = serde_json::from_slice::<Head>(&json).ok().and_then(|h| h.kernel);
-        CurrentRecord { json: Some(json), same_as_target: false, kernel }
+        let kernel = serde_json::from_slice::<Head>(&json)
+            .ok()
+            .and_then(|h| h.kernel);
+        CurrentRecord {
+            json: Some(json),
+            same_as_target: false,
+            kernel,
+        }
     }
 
     /// True when parsing the record can change the plan.
@@ -630,7 +787,9 @@ impl CurrentRecord {
         if !p.conflicts.is_empty() || p.fetch.len() > TEXT_SEARCH_MAX {
             return true;
         }
-        p.fetch.iter().any(|(d, _)| memchr::memmem::find(json, d.to_hex().as_bytes()).is_some())
+        p.fetch
+            .iter()
+            .any(|(d, _)| memchr::memmem::find(json, d.to_hex().as_bytes()).is_some())
     }
 
     fn parse(&self) -> Option<Manifest> {
@@ -656,7 +815,8 @@ fn write_next_record(state: &OwnedFd, r: &Resolved) -> Result<()> {
             Err(e) => return Err(e).context("removing a stale next.manifest signature"),
         },
     }
-    fsx::write_renamed(s, NEXT_MANIFEST, &r.stored, 0o644).context("recording the new image's manifest")
+    fsx::write_renamed(s, NEXT_MANIFEST, &r.stored, 0o644)
+        .context("recording the new image's manifest")
 }
 
 /// At commit: current becomes previous (when the image changes), next
@@ -674,15 +834,28 @@ fn promote_next_record(state: &OwnedFd, image_changes: bool) -> Result<()> {
     }
     ignore_missing(fsx::unlink_at(s, CURRENT_SIG))?;
     ignore_missing(fsx::rename_at(s, NEXT_SIG, s, CURRENT_SIG))?;
-    fsx::rename_at(s, NEXT_MANIFEST, s, CURRENT_MANIFEST).context("recording the new image's manifest")
+    fsx::rename_at(s, NEXT_MANIFEST, s, CURRENT_MANIFEST)
+        .context("recording the new image's manifest")
 }
 
 fn write_image_id(root: &RootFs, id: &str) -> Result<()> {
-    let etc = fsx::open_dir_beneath(root.fd(), &RelPath(b"etc".to_vec())).context("opening etc/ to record the image id")?;
-    fsx::write_atomic(etc.as_fd(), b"image_id", format!("{id}\n").as_bytes(), 0o644).context("writing etc/image_id")
+    let etc = fsx::open_dir_beneath(root.fd(), &RelPath(b"etc".to_vec()))
+        .context("opening etc/ to record the image id")?;
+    fsx::write_atomic(
+        etc.as_fd(),
+        b"image_id",
+        format!("{id}\n").as_bytes(),
+        0o644,
+    )
+    .context("writing etc/image_id")
 }
 
-fn write_plan_json(ctx: &Ctx<'_>, report: &ApplyReport, p: &Plan, target: &Manifest) -> Result<PathBuf> {
+fn write_plan_json(
+    ctx: &Ctx<'_>,
+    report: &ApplyReport,
+    p: &Plan,
+    target: &Manifest,
+) -> Result<PathBuf> {
     let changed: Vec<String> = p
         .actions
         .iter()
@@ -738,15 +911,25 @@ pub fn human_summary(r: &ApplyReport) -> String {
         human_bytes(r.space_free)
     ));
     match (&r.kernel.changed, &r.kernel.reason) {
-        (true, Some(why)) => s.push_str(&format!("  kernel: changes ({why}); policy {:?}\n", r.kernel.policy.unwrap_or(KernelPolicy::Kexec))),
+        (true, Some(why)) => s.push_str(&format!(
+            "  kernel: changes ({why}); policy {:?}\n",
+            r.kernel.policy.unwrap_or(KernelPolicy::Kexec)
+        )),
         _ => s.push_str("  kernel: unchanged\n"),
     }
     if !r.phases.is_empty() {
-        let ph: Vec<String> = r.phases.iter().map(|(k, v)| format!("{k} {v} ms")).collect();
+        let ph: Vec<String> = r
+            .phases
+            .iter()
+            .map(|(k, v)| format!("{k} {v} ms"))
+            .collect();
         s.push_str(&format!("  phases: {}\n", ph.join(", ")));
     }
     if let Some(q) = r.quiesce_ms {
-        s.push_str(&format!("  quiesce window: {q} ms; total {} ms\n", r.total_ms));
+        s.push_str(&format!(
+            "  quiesce window: {q} ms; total {} ms\n",
+            r.total_ms
+        ));
     }
     for w in &r.warnings {
         s.push_str(&format!("  warning: {w}\n"));

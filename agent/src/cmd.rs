@@ -8,7 +8,10 @@ use anyhow::{bail, Context, Result};
 /// exit status and its stderr.
 pub fn run(cmd: &mut Command) -> Result<Output> {
     let shown = format!("{cmd:?}");
-    let out = cmd.stdin(std::process::Stdio::null()).output().with_context(|| format!("starting {shown}"))?;
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("starting {shown}"))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         bail!("{shown} failed ({}): {}", out.status, stderr.trim());

@@ -33,7 +33,9 @@ impl std::str::FromStr for KernelPolicy {
             "kexec" => Ok(KernelPolicy::Kexec),
             "reboot" => Ok(KernelPolicy::Reboot),
             "defer" => Ok(KernelPolicy::Defer),
-            _ => Err(format!("unknown kernel policy {s:?} (expected kexec, reboot or defer)")),
+            _ => Err(format!(
+                "unknown kernel policy {s:?} (expected kexec, reboot or defer)"
+            )),
         }
     }
 }
@@ -91,7 +93,8 @@ struct Fragment {
 impl Config {
     /// Parse one fragment's text over `self`.
     pub fn merge_str(&mut self, text: &str, origin: &Path) -> Result<()> {
-        let f: Fragment = toml::from_str(text).with_context(|| format!("invalid configuration in {}", origin.display()))?;
+        let f: Fragment = toml::from_str(text)
+            .with_context(|| format!("invalid configuration in {}", origin.display()))?;
         if let Some(v) = f.allow_unsigned {
             self.allow_unsigned = v;
         }
@@ -102,11 +105,15 @@ impl Config {
             self.hook_timeout_secs = v;
         }
         if let Some(v) = f.preserve {
-            Preserve::new(&v).map_err(anyhow::Error::msg).with_context(|| format!("{}: key preserve", origin.display()))?;
+            Preserve::new(&v)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("{}: key preserve", origin.display()))?;
             self.preserve = v;
         }
         if let Some(v) = f.preserve_extra {
-            Preserve::new(&v).map_err(anyhow::Error::msg).with_context(|| format!("{}: key preserve_extra", origin.display()))?;
+            Preserve::new(&v)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("{}: key preserve_extra", origin.display()))?;
             self.preserve.extend(v);
         }
         if let Some(v) = f.kernel_policy {
@@ -119,7 +126,9 @@ impl Config {
             self.threads = v;
         }
         if let Some(a) = f.agent {
-            self.agent.merge(a).with_context(|| format!("{}: table [agent]", origin.display()))?;
+            self.agent
+                .merge(a)
+                .with_context(|| format!("{}: table [agent]", origin.display()))?;
         }
         self.sources.push(origin.to_path_buf());
         Ok(())
@@ -137,13 +146,17 @@ impl Config {
         }
         let dir = base.join("config.d");
         let mut frags: Vec<PathBuf> = match std::fs::read_dir(&dir) {
-            Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect(),
+            Ok(rd) => rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
         };
         frags.sort();
         for f in frags {
-            let t = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+            let t =
+                std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
             c.merge_str(&t, &f)?;
         }
         Ok(c)
@@ -154,7 +167,9 @@ impl Config {
         if self.threads > 0 {
             self.threads
         } else {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
         }
     }
 }
@@ -249,14 +264,20 @@ struct AgentFragment {
 
 impl AgentConfig {
     fn merge(&mut self, f: AgentFragment) -> Result<()> {
-        for (name, p) in [("metadata_dir", &f.metadata_dir), ("metadata_file", &f.metadata_file)] {
+        for (name, p) in [
+            ("metadata_dir", &f.metadata_dir),
+            ("metadata_file", &f.metadata_file),
+        ] {
             if let Some(p) = p {
                 if !p.is_absolute() {
                     bail!("{name} must be an absolute path, not {}", p.display());
                 }
             }
         }
-        for (name, k) in [("image_id_key", &f.image_id_key), ("image_source_key", &f.image_source_key)] {
+        for (name, k) in [
+            ("image_id_key", &f.image_id_key),
+            ("image_source_key", &f.image_source_key),
+        ] {
             if k.as_deref().is_some_and(|k| k.is_empty()) {
                 bail!("{name} must not be empty");
             }
@@ -270,7 +291,17 @@ impl AgentConfig {
         if f.backoff_min_secs == Some(0) || f.backoff_max_secs == Some(0) {
             bail!("backoff_min_secs and backoff_max_secs must be at least 1");
         }
-        let AgentFragment { metadata_dir, metadata_file, image_id_key, image_source_key, default_source, rescan_secs, debounce_ms, backoff_min_secs, backoff_max_secs } = f;
+        let AgentFragment {
+            metadata_dir,
+            metadata_file,
+            image_id_key,
+            image_source_key,
+            default_source,
+            rescan_secs,
+            debounce_ms,
+            backoff_min_secs,
+            backoff_max_secs,
+        } = f;
         set(&mut self.metadata_dir, metadata_dir);
         if metadata_file.is_some() {
             self.metadata_file = metadata_file;
@@ -292,7 +323,10 @@ impl AgentConfig {
     pub fn metadata_source(&self, env_files: Option<String>) -> crate::metadata::MetadataSource {
         match &self.metadata_file {
             Some(f) => crate::metadata::MetadataSource::File(f.clone()),
-            None => crate::metadata::MetadataSource::Occ { cache_dir: self.metadata_dir.clone(), env_files },
+            None => crate::metadata::MetadataSource::Occ {
+                cache_dir: self.metadata_dir.clone(),
+                env_files,
+            },
         }
     }
 
@@ -318,17 +352,31 @@ mod tests {
     #[test]
     fn fragments_override_and_errors_name_the_file() {
         let mut c = Config::default();
-        c.merge_str("allow_unsigned = true\nhook_timeout_secs = 5\n", Path::new("a.toml")).unwrap();
-        c.merge_str("hook_timeout_secs = 7\npreserve_extra = [\"/srv/data/\"]\n", Path::new("b.toml")).unwrap();
+        c.merge_str(
+            "allow_unsigned = true\nhook_timeout_secs = 5\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        c.merge_str(
+            "hook_timeout_secs = 7\npreserve_extra = [\"/srv/data/\"]\n",
+            Path::new("b.toml"),
+        )
+        .unwrap();
         assert!(c.allow_unsigned);
         assert_eq!(c.hook_timeout_secs, 7);
         assert!(c.preserve.iter().any(|p| p == "/srv/data/"));
-        let err = c.merge_str("bogus = 1\n", Path::new("/etc/imageupd/config.d/10-x.toml")).unwrap_err();
+        let err = c
+            .merge_str("bogus = 1\n", Path::new("/etc/imageupd/config.d/10-x.toml"))
+            .unwrap_err();
         let msg = format!("{err:#}");
         assert!(msg.contains("10-x.toml") && msg.contains("bogus"), "{msg}");
-        let err = c.merge_str("preserve = [\"relative\"]\n", Path::new("p.toml")).unwrap_err();
+        let err = c
+            .merge_str("preserve = [\"relative\"]\n", Path::new("p.toml"))
+            .unwrap_err();
         assert!(format!("{err:#}").contains("p.toml"));
-        let err = c.merge_str("kernel_policy = \"yolo\"\n", Path::new("k.toml")).unwrap_err();
+        let err = c
+            .merge_str("kernel_policy = \"yolo\"\n", Path::new("k.toml"))
+            .unwrap_err();
         assert!(format!("{err:#}").contains("k.toml"));
     }
 
@@ -337,16 +385,44 @@ mod tests {
         let mut c = Config::default();
         assert_eq!(c.agent.image_id_key, "image_id");
         c.merge_str("[agent]\nmetadata_file = \"/srv/meta.json\"\nimage_id_key = \"deploy.image\"\ndebounce_ms = 50\n", Path::new("a.toml")).unwrap();
-        c.merge_str("[agent]\nbackoff_min_secs = 5\nbackoff_max_secs = 2\ndefault_source = \"/store\"\n", Path::new("b.toml")).unwrap();
-        assert_eq!(c.agent.metadata_file.as_deref(), Some(Path::new("/srv/meta.json")));
+        c.merge_str(
+            "[agent]\nbackoff_min_secs = 5\nbackoff_max_secs = 2\ndefault_source = \"/store\"\n",
+            Path::new("b.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.agent.metadata_file.as_deref(),
+            Some(Path::new("/srv/meta.json"))
+        );
         assert_eq!(c.agent.image_id_key, "deploy.image");
         assert_eq!(c.agent.debounce_ms, 50);
         assert_eq!(c.agent.default_source.as_deref(), Some("/store"));
-        assert_eq!(c.agent.backoff().max, std::time::Duration::from_secs(5), "max is at least min");
-        assert!(matches!(c.agent.metadata_source(None), crate::metadata::MetadataSource::File(_)));
-        for bad in ["rescan_secs = 0", "metadata_dir = \"rel\"", "nope = 1", "debounce_ms = 999999", "image_id_key = \"\""] {
-            let err = c.merge_str(&format!("[agent]\n{bad}\n"), Path::new("/etc/imageupd/config.d/50-agent.toml")).unwrap_err();
-            assert!(format!("{err:#}").contains("50-agent.toml"), "{bad}: {err:#}");
+        assert_eq!(
+            c.agent.backoff().max,
+            std::time::Duration::from_secs(5),
+            "max is at least min"
+        );
+        assert!(matches!(
+            c.agent.metadata_source(None),
+            crate::metadata::MetadataSource::File(_)
+        ));
+        for bad in [
+            "rescan_secs = 0",
+            "metadata_dir = \"rel\"",
+            "nope = 1",
+            "debounce_ms = 999999",
+            "image_id_key = \"\"",
+        ] {
+            let err = c
+                .merge_str(
+                    &format!("[agent]\n{bad}\n"),
+                    Path::new("/etc/imageupd/config.d/50-agent.toml"),
+                )
+                .unwrap_err();
+            assert!(
+                format!("{err:#}").contains("50-agent.toml"),
+                "{bad}: {err:#}"
+            );
         }
     }
 }

@@ -47,7 +47,9 @@ impl ExitKind {
 
     /// Find the classification of an error, `Other` if none.
     pub fn of(err: &anyhow::Error) -> ExitKind {
-        err.downcast_ref::<ExitKind>().copied().unwrap_or(ExitKind::Other)
+        err.downcast_ref::<ExitKind>()
+            .copied()
+            .unwrap_or(ExitKind::Other)
     }
 }
 
@@ -75,7 +77,10 @@ mod tests {
     #[test]
     fn found_under_more_context() {
         let e: anyhow::Result<()> = Err(anyhow::anyhow!("bad sig"));
-        let e = e.context(ExitKind::Untrusted).context("applying v2").unwrap_err();
+        let e = e
+            .context(ExitKind::Untrusted)
+            .context("applying v2")
+            .unwrap_err();
         assert_eq!(ExitKind::of(&e), ExitKind::Untrusted);
         assert_eq!(ExitKind::of(&anyhow::anyhow!("x")), ExitKind::Other);
     }

@@ -70,7 +70,10 @@ impl Stat {
             uid: st.st_uid,
             gid: st.st_gid,
             size: st.st_size as u64,
-            mtime_ns: st.st_mtime.saturating_mul(1_000_000_000).saturating_add(st.st_mtime_nsec as i64),
+            mtime_ns: st
+                .st_mtime
+                .saturating_mul(1_000_000_000)
+                .saturating_add(st.st_mtime_nsec as i64),
             dev: st.st_dev,
             ino: st.st_ino,
             nlink: st.st_nlink,
@@ -80,18 +83,29 @@ impl Stat {
 }
 
 fn beneath() -> ResolveFlags {
-    ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_XDEV | ResolveFlags::NO_MAGICLINKS
+    ResolveFlags::BENEATH
+        | ResolveFlags::NO_SYMLINKS
+        | ResolveFlags::NO_XDEV
+        | ResolveFlags::NO_MAGICLINKS
 }
 
 /// Open a host directory (the root itself, a store, a source tree).
 pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
-    Ok(rfs::open(path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?)
+    Ok(rfs::open(
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
 }
 
 /// Open a directory below `root` without following any symlink or crossing
 /// a mount.
 pub fn open_dir_beneath(root: BorrowedFd<'_>, rel: &RelPath) -> io::Result<OwnedFd> {
-    let p: &OsStr = if rel.is_root() { OsStr::new(".") } else { rel.as_os_str() };
+    let p: &OsStr = if rel.is_root() {
+        OsStr::new(".")
+    } else {
+        rel.as_os_str()
+    };
     Ok(rfs::openat2(
         root,
         p,
@@ -173,7 +187,11 @@ pub fn read_xattrs(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Xattrs> {
     if len == 0 {
         return Ok(out);
     }
-    let names: Vec<Vec<u8>> = buf[..len].split(|&b| b == 0).filter(|n| !n.is_empty()).map(|n| n.to_vec()).collect();
+    let names: Vec<Vec<u8>> = buf[..len]
+        .split(|&b| b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|n| n.to_vec())
+        .collect();
     for n in names {
         let cname = OsStr::from_bytes(&n);
         let mut vbuf = vec![0u8; XATTR_BUF];
@@ -195,7 +213,12 @@ pub fn read_xattrs(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Xattrs> {
 }
 
 /// Make the xattrs of `name` in `dir` exactly `want`, given the current set.
-pub fn sync_xattrs(dir: BorrowedFd<'_>, name: &[u8], have: &Xattrs, want: &Xattrs) -> io::Result<()> {
+pub fn sync_xattrs(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    have: &Xattrs,
+    want: &Xattrs,
+) -> io::Result<()> {
     if have == want {
         return Ok(());
     }
@@ -210,8 +233,13 @@ pub fn sync_xattrs(dir: BorrowedFd<'_>, name: &[u8], have: &Xattrs, want: &Xattr
     }
     for (k, v) in want {
         if have.get(k) != Some(v) {
-            rfs::lsetxattr(&path, OsStr::from_bytes(&k.0), &v.0, rfs::XattrFlags::empty())
-                .map_err(|e| with_what(e.into(), "setting xattr", &k.0))?;
+            rfs::lsetxattr(
+                &path,
+                OsStr::from_bytes(&k.0),
+                &v.0,
+                rfs::XattrFlags::empty(),
+            )
+            .map_err(|e| with_what(e.into(), "setting xattr", &k.0))?;
         }
     }
     Ok(())
@@ -227,12 +255,18 @@ pub fn set_xattrs_fd(fd: BorrowedFd<'_>, want: &Xattrs) -> io::Result<()> {
 }
 
 fn with_what(e: io::Error, what: &str, name: &[u8]) -> io::Error {
-    io::Error::new(e.kind(), format!("{what} {}: {e}", String::from_utf8_lossy(name)))
+    io::Error::new(
+        e.kind(),
+        format!("{what} {}: {e}", String::from_utf8_lossy(name)),
+    )
 }
 
 fn timestamps(mtime_ns: i64) -> Timestamps {
     Timestamps {
-        last_access: Timespec { tv_sec: 0, tv_nsec: rfs::UTIME_OMIT },
+        last_access: Timespec {
+            tv_sec: 0,
+            tv_nsec: rfs::UTIME_OMIT,
+        },
         last_modification: Timespec {
             tv_sec: mtime_ns.div_euclid(1_000_000_000),
             tv_nsec: mtime_ns.rem_euclid(1_000_000_000) as _,
@@ -258,7 +292,12 @@ pub struct Meta<'a> {
 }
 
 /// Apply [`Meta`] to `name` in `dir`, given its current xattrs.
-pub fn set_meta_at(dir: BorrowedFd<'_>, name: &[u8], meta: &Meta<'_>, have_xattrs: &Xattrs) -> io::Result<()> {
+pub fn set_meta_at(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    meta: &Meta<'_>,
+    have_xattrs: &Xattrs,
+) -> io::Result<()> {
     let n = OsStr::from_bytes(name);
     rfs::chownat(
         dir,
@@ -280,7 +319,11 @@ pub fn set_meta_at(dir: BorrowedFd<'_>, name: &[u8], meta: &Meta<'_>, have_xattr
 
 /// Apply [`Meta`] to an open regular file we created.
 pub fn set_meta_fd(fd: BorrowedFd<'_>, meta: &Meta<'_>) -> io::Result<()> {
-    rfs::fchown(fd, Some(rfs::Uid::from_raw(meta.uid)), Some(rfs::Gid::from_raw(meta.gid)))?;
+    rfs::fchown(
+        fd,
+        Some(rfs::Uid::from_raw(meta.uid)),
+        Some(rfs::Gid::from_raw(meta.gid)),
+    )?;
     rfs::fchmod(fd, Mode::from_raw_mode(meta.mode))?;
     set_xattrs_fd(fd, meta.xattrs)
 }
@@ -288,7 +331,12 @@ pub fn set_meta_fd(fd: BorrowedFd<'_>, meta: &Meta<'_>) -> io::Result<()> {
 /// Set the mtime of `name` in `dir` (not following a symlink).
 pub fn set_mtime_at(dir: BorrowedFd<'_>, name: &[u8], mtime_ns: i64) -> io::Result<()> {
     let n: &OsStr = OsStr::from_bytes(name);
-    Ok(rfs::utimensat(dir, n, &timestamps(mtime_ns), AtFlags::SYMLINK_NOFOLLOW)?)
+    Ok(rfs::utimensat(
+        dir,
+        n,
+        &timestamps(mtime_ns),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )?)
 }
 
 /// Set the mtime of an open file.
@@ -297,7 +345,13 @@ pub fn set_mtime_fd(fd: BorrowedFd<'_>, mtime_ns: i64) -> io::Result<()> {
 }
 
 /// Create a special node (device, fifo, socket) named `name` in `dir`.
-pub fn mknod_at(dir: BorrowedFd<'_>, name: &[u8], ftype: FileType, mode: u32, rdev: u64) -> io::Result<()> {
+pub fn mknod_at(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    ftype: FileType,
+    mode: u32,
+    rdev: u64,
+) -> io::Result<()> {
     let ft = match ftype {
         FileType::Char => rfs::FileType::CharacterDevice,
         FileType::Block => rfs::FileType::BlockDevice,
@@ -305,17 +359,31 @@ pub fn mknod_at(dir: BorrowedFd<'_>, name: &[u8], ftype: FileType, mode: u32, rd
         FileType::Socket => rfs::FileType::Socket,
         other => return Err(io::Error::other(format!("mknod of a {}", other.label()))),
     };
-    Ok(rfs::mknodat(dir, OsStr::from_bytes(name), ft, Mode::from_raw_mode(mode & 0o777), rdev)?)
+    Ok(rfs::mknodat(
+        dir,
+        OsStr::from_bytes(name),
+        ft,
+        Mode::from_raw_mode(mode & 0o777),
+        rdev,
+    )?)
 }
 
 /// Create a symlink `name` in `dir` pointing at `target`.
 pub fn symlink_at(dir: BorrowedFd<'_>, name: &[u8], target: &[u8]) -> io::Result<()> {
-    Ok(rfs::symlinkat(OsStr::from_bytes(target), dir, OsStr::from_bytes(name))?)
+    Ok(rfs::symlinkat(
+        OsStr::from_bytes(target),
+        dir,
+        OsStr::from_bytes(name),
+    )?)
 }
 
 /// Create a directory.
 pub fn mkdir_at(dir: BorrowedFd<'_>, name: &[u8], mode: u32) -> io::Result<()> {
-    Ok(rfs::mkdirat(dir, OsStr::from_bytes(name), Mode::from_raw_mode(mode))?)
+    Ok(rfs::mkdirat(
+        dir,
+        OsStr::from_bytes(name),
+        Mode::from_raw_mode(mode),
+    )?)
 }
 
 /// Create a new, exclusive regular file for writing.
@@ -330,19 +398,45 @@ pub fn create_file_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<File> {
 }
 
 /// Hard-link `from` (in `from_dir`) as `to` (in `to_dir`).
-pub fn link_at(from_dir: BorrowedFd<'_>, from: &[u8], to_dir: BorrowedFd<'_>, to: &[u8]) -> io::Result<()> {
-    Ok(rfs::linkat(from_dir, OsStr::from_bytes(from), to_dir, OsStr::from_bytes(to), AtFlags::empty())?)
+pub fn link_at(
+    from_dir: BorrowedFd<'_>,
+    from: &[u8],
+    to_dir: BorrowedFd<'_>,
+    to: &[u8],
+) -> io::Result<()> {
+    Ok(rfs::linkat(
+        from_dir,
+        OsStr::from_bytes(from),
+        to_dir,
+        OsStr::from_bytes(to),
+        AtFlags::empty(),
+    )?)
 }
 
 /// Atomically replace `to` with `from` (plain `rename`).
-pub fn rename_at(from_dir: BorrowedFd<'_>, from: &[u8], to_dir: BorrowedFd<'_>, to: &[u8]) -> io::Result<()> {
-    Ok(rfs::renameat(from_dir, OsStr::from_bytes(from), to_dir, OsStr::from_bytes(to))?)
+pub fn rename_at(
+    from_dir: BorrowedFd<'_>,
+    from: &[u8],
+    to_dir: BorrowedFd<'_>,
+    to: &[u8],
+) -> io::Result<()> {
+    Ok(rfs::renameat(
+        from_dir,
+        OsStr::from_bytes(from),
+        to_dir,
+        OsStr::from_bytes(to),
+    )?)
 }
 
 /// Atomically swap two existing names (`RENAME_EXCHANGE`); used for type
 /// changes, where a plain rename cannot replace a directory by a file or the
 /// reverse.
-pub fn exchange_at(a_dir: BorrowedFd<'_>, a: &[u8], b_dir: BorrowedFd<'_>, b: &[u8]) -> io::Result<()> {
+pub fn exchange_at(
+    a_dir: BorrowedFd<'_>,
+    a: &[u8],
+    b_dir: BorrowedFd<'_>,
+    b: &[u8],
+) -> io::Result<()> {
     Ok(rfs::renameat_with(
         a_dir,
         OsStr::from_bytes(a),
@@ -354,12 +448,20 @@ pub fn exchange_at(a_dir: BorrowedFd<'_>, a: &[u8], b_dir: BorrowedFd<'_>, b: &[
 
 /// Remove a non-directory.
 pub fn unlink_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
-    Ok(rfs::unlinkat(dir, OsStr::from_bytes(name), AtFlags::empty())?)
+    Ok(rfs::unlinkat(
+        dir,
+        OsStr::from_bytes(name),
+        AtFlags::empty(),
+    )?)
 }
 
 /// Remove an empty directory.
 pub fn rmdir_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
-    Ok(rfs::unlinkat(dir, OsStr::from_bytes(name), AtFlags::REMOVEDIR)?)
+    Ok(rfs::unlinkat(
+        dir,
+        OsStr::from_bytes(name),
+        AtFlags::REMOVEDIR,
+    )?)
 }
 
 /// Remove `name` in `dir` and everything below it, staying on `dev` and

@@ -53,14 +53,17 @@ pub struct Journal {
 impl Journal {
     /// Read the journal from the state directory, if any.
     pub fn load(state: BorrowedFd<'_>) -> Result<Option<Journal>> {
-        let bytes = match fsx::read_beneath(state, &crate::manifest::RelPath(JOURNAL_NAME.to_vec())) {
+        let bytes = match fsx::read_beneath(state, &crate::manifest::RelPath(JOURNAL_NAME.to_vec()))
+        {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).context("reading the apply journal"),
         };
         // A torn journal cannot happen (atomic writes), but a hand-edited one
         // can: report it rather than guess.
-        serde_json::from_slice(&bytes).map(Some).context("the apply journal var/lib/imageupd/journal.json is corrupt; remove it to continue")
+        serde_json::from_slice(&bytes).map(Some).context(
+            "the apply journal var/lib/imageupd/journal.json is corrupt; remove it to continue",
+        )
     }
 
     /// Durably record the journal.

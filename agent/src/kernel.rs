@@ -48,7 +48,10 @@ pub fn detect(entries: &[Entry]) -> Option<KernelInfo> {
         }
         None
     };
-    let with_vmlinuz: Vec<&String> = releases.iter().filter(|r| file_of(&format!("boot/vmlinuz-{r}")).is_some()).collect();
+    let with_vmlinuz: Vec<&String> = releases
+        .iter()
+        .filter(|r| file_of(&format!("boot/vmlinuz-{r}")).is_some())
+        .collect();
     if with_vmlinuz.is_empty() {
         return None;
     }
@@ -61,7 +64,10 @@ pub fn detect(entries: &[Entry]) -> Option<KernelInfo> {
     });
     let release = match preferred {
         Some(r) => r.clone(),
-        None => with_vmlinuz.iter().max_by(|a, b| version_cmp(a, b)).map(|s| s.to_string())?,
+        None => with_vmlinuz
+            .iter()
+            .max_by(|a, b| version_cmp(a, b))
+            .map(|s| s.to_string())?,
     };
     let vm = file_of(&format!("boot/vmlinuz-{release}"));
     let rd = file_of(&format!("boot/initrd.img-{release}"));
@@ -77,7 +83,9 @@ pub fn detect(entries: &[Entry]) -> Option<KernelInfo> {
 /// Resolve a symlink target relative to the link's directory, lexically,
 /// inside the image. `None` if it escapes.
 fn resolve_link(link: &RelPath, target: &[u8]) -> Option<String> {
-    let parent = link.parent().filter(|p| !p.is_root() && !target.starts_with(b"/"));
+    let parent = link
+        .parent()
+        .filter(|p| !p.is_root() && !target.starts_with(b"/"));
     let mut parts: Vec<&[u8]> = Vec::new();
     if let Some(parent) = &parent {
         parts.extend(parent.as_bytes().split(|&b| b == b'/'));
@@ -126,19 +134,32 @@ pub fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
 }
 
 /// Why the kernel counts as changed, or `None` when it does not.
-pub fn change_reason(target: Option<&KernelInfo>, current: Option<&KernelInfo>, running_release: Option<&str>) -> Option<String> {
+pub fn change_reason(
+    target: Option<&KernelInfo>,
+    current: Option<&KernelInfo>,
+    running_release: Option<&str>,
+) -> Option<String> {
     let t = target?;
     if let Some(r) = running_release {
         if r != t.release {
-            return Some(format!("running kernel {r} differs from the image's {}", t.release));
+            return Some(format!(
+                "running kernel {r} differs from the image's {}",
+                t.release
+            ));
         }
     }
     match current {
-        None if running_release.is_none() => Some(format!("the root has no recorded kernel; the image boots {}", t.release)),
+        None if running_release.is_none() => Some(format!(
+            "the root has no recorded kernel; the image boots {}",
+            t.release
+        )),
         None => None,
         Some(c) => {
             if c.release != t.release {
-                Some(format!("kernel release changes from {} to {}", c.release, t.release))
+                Some(format!(
+                    "kernel release changes from {} to {}",
+                    c.release, t.release
+                ))
             } else if c.vmlinuz_sha256 != t.vmlinuz_sha256 {
                 Some(format!("vmlinuz of {} changed", t.release))
             } else if c.initrd_sha256 != t.initrd_sha256 {
@@ -163,7 +184,11 @@ mod tests {
             uid: 0,
             gid: 0,
             mtime_ns: 0,
-            size: if t == FileType::File { content.len() as u64 } else { 0 },
+            size: if t == FileType::File {
+                content.len() as u64
+            } else {
+                0
+            },
             sha256: (t == FileType::File).then(|| Digest::of(content)),
             target: target.map(|s| RawBytes(s.as_bytes().to_vec())),
             rdev: None,
@@ -175,12 +200,42 @@ mod tests {
         let mut v = vec![
             e(".", FileType::Dir, None, b""),
             e("boot", FileType::Dir, None, b""),
-            e("boot/initrd.img-6.1.0-47-cloud-amd64", FileType::File, None, b"i47"),
-            e("boot/initrd.img-6.1.0-50-cloud-amd64", FileType::File, None, b"i50"),
-            e("boot/vmlinuz-6.1.0-47-cloud-amd64", FileType::File, None, b"k47"),
-            e("boot/vmlinuz-6.1.0-50-cloud-amd64", FileType::File, None, b"k50"),
-            e("usr/lib/modules/6.1.0-47-cloud-amd64", FileType::Dir, None, b""),
-            e("usr/lib/modules/6.1.0-50-cloud-amd64", FileType::Dir, None, b""),
+            e(
+                "boot/initrd.img-6.1.0-47-cloud-amd64",
+                FileType::File,
+                None,
+                b"i47",
+            ),
+            e(
+                "boot/initrd.img-6.1.0-50-cloud-amd64",
+                FileType::File,
+                None,
+                b"i50",
+            ),
+            e(
+                "boot/vmlinuz-6.1.0-47-cloud-amd64",
+                FileType::File,
+                None,
+                b"k47",
+            ),
+            e(
+                "boot/vmlinuz-6.1.0-50-cloud-amd64",
+                FileType::File,
+                None,
+                b"k50",
+            ),
+            e(
+                "usr/lib/modules/6.1.0-47-cloud-amd64",
+                FileType::Dir,
+                None,
+                b"",
+            ),
+            e(
+                "usr/lib/modules/6.1.0-50-cloud-amd64",
+                FileType::Dir,
+                None,
+                b"",
+            ),
         ];
         v.extend(extra);
         v
@@ -192,7 +247,13 @@ mod tests {
         assert_eq!(k.release, "6.1.0-50-cloud-amd64");
         assert_eq!(k.vmlinuz_sha256, Some(Digest::of(b"k50")));
         assert_eq!(k.initrd_sha256, Some(Digest::of(b"i50")));
-        let k = detect(&tree(vec![e("vmlinuz", FileType::Symlink, Some("boot/vmlinuz-6.1.0-47-cloud-amd64"), b"")])).unwrap();
+        let k = detect(&tree(vec![e(
+            "vmlinuz",
+            FileType::Symlink,
+            Some("boot/vmlinuz-6.1.0-47-cloud-amd64"),
+            b"",
+        )]))
+        .unwrap();
         assert_eq!(k.release, "6.1.0-47-cloud-amd64");
     }
 
@@ -207,8 +268,14 @@ mod tests {
         let mut b = a.clone();
         assert!(change_reason(Some(&a), Some(&b), Some("6.1.0-50-cloud-amd64")).is_none());
         b.initrd_sha256 = Some(Digest::of(b"other"));
-        assert!(change_reason(Some(&a), Some(&b), None).unwrap().contains("initrd"));
-        assert!(change_reason(Some(&a), Some(&a), Some("6.1.0-47-cloud-amd64")).unwrap().contains("running kernel"));
+        assert!(change_reason(Some(&a), Some(&b), None)
+            .unwrap()
+            .contains("initrd"));
+        assert!(
+            change_reason(Some(&a), Some(&a), Some("6.1.0-47-cloud-amd64"))
+                .unwrap()
+                .contains("running kernel")
+        );
         assert!(change_reason(None, Some(&a), Some("x")).is_none());
         assert!(version_cmp("6.1.0-50", "6.1.0-9").is_gt());
     }

@@ -173,7 +173,11 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    imageupd::logging::init(if matches!(cli.cmd, Cmd::Agent { .. }) { "info" } else { "warn" });
+    imageupd::logging::init(if matches!(cli.cmd, Cmd::Agent { .. }) {
+        "info"
+    } else {
+        "warn"
+    });
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -194,12 +198,34 @@ fn run(cli: Cli) -> Result<u8> {
     match cli.cmd {
         Cmd::Keygen { out, comment } => {
             let vk = imageupd::sign::keygen(&out, &comment)?;
-            println!("wrote {} and {} (key id {})", out.display(), imageupd::sign::pub_path(&out).display(), imageupd::sign::key_id(&vk));
+            println!(
+                "wrote {} and {} (key id {})",
+                out.display(),
+                imageupd::sign::pub_path(&out).display(),
+                imageupd::sign::key_id(&vk)
+            );
             Ok(0)
         }
-        Cmd::Publish { store, id, key, parent, level, json, source } => {
-            let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-            let opts = PublishOptions { store, id, key, parent, level, threads };
+        Cmd::Publish {
+            store,
+            id,
+            key,
+            parent,
+            level,
+            json,
+            source,
+        } => {
+            let threads = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2);
+            let opts = PublishOptions {
+                store,
+                id,
+                key,
+                parent,
+                level,
+                threads,
+            };
             let r = publish::publish(&opts, &source, &Progress::new(json))?;
             if json {
                 print_json(&r)?;
@@ -213,24 +239,44 @@ fn run(cli: Cli) -> Result<u8> {
                     imageupd::progress::human_bytes(r.new_object_bytes),
                     r.reused_objects,
                     if r.signed { ", signed" } else { ", UNSIGNED" },
-                    r.kernel.map(|k| format!(", kernel {k}")).unwrap_or_default()
+                    r.kernel
+                        .map(|k| format!(", kernel {k}"))
+                        .unwrap_or_default()
                 );
             }
             Ok(0)
         }
         Cmd::Plan { target, root, json } => run_apply(target, root, None, json, true),
-        Cmd::Apply { target, root, kernel_policy, download_only, json } => run_apply(target, root, kernel_policy, json, download_only),
+        Cmd::Apply {
+            target,
+            root,
+            kernel_policy,
+            download_only,
+            json,
+        } => run_apply(target, root, kernel_policy, json, download_only),
         Cmd::Agent { root } => {
             imageupd::agent::run(&root.root)?;
             Ok(0)
         }
-        Cmd::Verify { root, checksum, json } => {
-            let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        Cmd::Verify {
+            root,
+            checksum,
+            json,
+        } => {
+            let threads = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2);
             let r = imageupd::verify::verify(&root.root, checksum, threads)?;
             if json {
                 print_json(&r)?;
             } else if r.clean() {
-                println!("{} matches image {} ({} entries checked{})", root.root.display(), r.id, r.checked, if checksum { ", contents hashed" } else { "" });
+                println!(
+                    "{} matches image {} ({} entries checked{})",
+                    root.root.display(),
+                    r.id,
+                    r.checked,
+                    if checksum { ", contents hashed" } else { "" }
+                );
             } else {
                 println!("{} drifted from image {}:", root.root.display(), r.id);
                 for d in &r.modified {
@@ -243,7 +289,11 @@ fn run(cli: Cli) -> Result<u8> {
                     println!("  extra    {p}");
                 }
             }
-            Ok(if r.clean() { 0 } else { ExitKind::Drift.code() as u8 })
+            Ok(if r.clean() {
+                0
+            } else {
+                ExitKind::Drift.code() as u8
+            })
         }
         Cmd::Status { root, json } => status(&root.root, json),
         Cmd::FaultPoints => {
@@ -255,9 +305,21 @@ fn run(cli: Cli) -> Result<u8> {
     }
 }
 
-fn run_apply(target: TargetArgs, root: RootArg, kernel_policy: Option<KernelPolicy>, json: bool, dry_run: bool) -> Result<u8> {
+fn run_apply(
+    target: TargetArgs,
+    root: RootArg,
+    kernel_policy: Option<KernelPolicy>,
+    json: bool,
+    dry_run: bool,
+) -> Result<u8> {
     let r = if target.from_metadata {
-        let o = imageupd::agent::FromMetadataOptions { root: root.root, from: target.from, allow_unsigned: target.allow_unsigned, kernel_policy, dry_run };
+        let o = imageupd::agent::FromMetadataOptions {
+            root: root.root,
+            from: target.from,
+            allow_unsigned: target.allow_unsigned,
+            kernel_policy,
+            dry_run,
+        };
         imageupd::agent::apply_from_metadata(&o, &Progress::new(json))?
     } else {
         let opts = ApplyOptions {
@@ -287,8 +349,13 @@ fn status(root: &std::path::Path, json: bool) -> Result<u8> {
         None => None,
     };
     let current = rf.image_id()?;
-    let pending = journal.as_ref().filter(|j| j.interrupted()).map(|j| j.target.clone());
-    let agent = imageupd::agent::AgentRecord::load(&rf.runtime_dir()).ok().filter(|a| *a != Default::default());
+    let pending = journal
+        .as_ref()
+        .filter(|j| j.interrupted())
+        .map(|j| j.target.clone());
+    let agent = imageupd::agent::AgentRecord::load(&rf.runtime_dir())
+        .ok()
+        .filter(|a| *a != Default::default());
     if json {
         print_json(&serde_json::json!({
             "root": rf.path,
@@ -307,9 +374,17 @@ fn status(root: &std::path::Path, json: bool) -> Result<u8> {
         }
         if let Some(s) = &live {
             println!("phase:    {}", s.phase);
-            println!("last:     {} {} at {}", s.result, s.target.as_deref().unwrap_or(""), s.updated);
+            println!(
+                "last:     {} {} at {}",
+                s.result,
+                s.target.as_deref().unwrap_or(""),
+                s.updated
+            );
             if s.reboot_required {
-                println!("reboot:   required ({})", s.reboot_reason.as_deref().unwrap_or(""));
+                println!(
+                    "reboot:   required ({})",
+                    s.reboot_reason.as_deref().unwrap_or("")
+                );
             }
             if let Some(q) = s.quiesce_ms {
                 println!("quiesce:  {q} ms");
@@ -321,18 +396,27 @@ fn status(root: &std::path::Path, json: bool) -> Result<u8> {
         if let Some(a) = &agent {
             println!("agent:    {} ({})", a.state, a.metadata_source);
             if let Some(w) = &a.wanted {
-                println!("wanted:   {w} from {}", a.wanted_source.as_deref().unwrap_or("?"));
+                println!(
+                    "wanted:   {w} from {}",
+                    a.wanted_source.as_deref().unwrap_or("?")
+                );
             }
             if let Some(e) = &a.metadata_error {
                 println!("metadata: {e}");
             }
             if let Some(l) = &a.last_applied {
                 if let Some(ms) = l.metadata_to_commit_ms {
-                    println!("latency:  {ms} ms from the metadata write to the commit of {}", l.id);
+                    println!(
+                        "latency:  {ms} ms from the metadata write to the commit of {}",
+                        l.id
+                    );
                 }
             }
             for (k, f) in &a.failures.by_target {
-                println!("failing:  {k}: {} attempt(s), last: {}", f.attempts, f.last_error);
+                println!(
+                    "failing:  {k}: {} attempt(s), last: {}",
+                    f.attempts, f.last_error
+                );
             }
         }
     }

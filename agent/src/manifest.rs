@@ -129,7 +129,8 @@ impl RelPath {
         if other.is_root() {
             return true;
         }
-        self.0.starts_with(&other.0) && (self.0.len() == other.0.len() || self.0[other.0.len()] == b'/')
+        self.0.starts_with(&other.0)
+            && (self.0.len() == other.0.len() || self.0[other.0.len()] == b'/')
     }
 
     /// Check that the path is relative, normalised and free of traversal.
@@ -198,7 +199,10 @@ struct HexRepr {
 fn ser_bytes<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
     match std::str::from_utf8(b) {
         Ok(t) => s.serialize_str(t),
-        Err(_) => HexRepr { hex: hex::encode(b) }.serialize(s),
+        Err(_) => HexRepr {
+            hex: hex::encode(b),
+        }
+        .serialize(s),
     }
 }
 
@@ -225,7 +229,9 @@ impl<'de> serde::de::Visitor<'de> for BytesVisitor {
         let mut out = None;
         while let Some(k) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             if k != "hex" || out.is_some() {
-                return Err(serde::de::Error::custom(format!("unexpected key {k:?} in a byte string")));
+                return Err(serde::de::Error::custom(format!(
+                    "unexpected key {k:?} in a byte string"
+                )));
             }
             let h: std::borrow::Cow<'de, str> = map.next_value()?;
             out = Some(hex::decode(h.as_bytes()).map_err(serde::de::Error::custom)?);
@@ -341,7 +347,9 @@ impl Digest {
     /// Parse 64 hex characters.
     pub fn from_hex(s: &str) -> Result<Self, String> {
         let v = hex::decode(s).map_err(|e| format!("bad sha256 {s:?}: {e}"))?;
-        let arr: [u8; 32] = v.try_into().map_err(|_| format!("bad sha256 {s:?}: not 32 bytes"))?;
+        let arr: [u8; 32] = v
+            .try_into()
+            .map_err(|_| format!("bad sha256 {s:?}: not 32 bytes"))?;
         Ok(Digest(arr))
     }
 
@@ -456,7 +464,9 @@ pub struct Manifest {
 pub fn validate_image_id(id: &str) -> Result<(), String> {
     let ok = !id.is_empty()
         && id.len() <= 128
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-:+".contains(&b))
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-:+".contains(&b))
         && !id.starts_with('.')
         && id.as_bytes()[0] != b'-';
     if ok {
@@ -477,7 +487,9 @@ impl Manifest {
         }
         let probe: VersionProbe = serde_json::from_slice(bytes)?;
         if probe.format != FORMAT_VERSION {
-            return Err(ManifestError::UnknownVersion { found: probe.format });
+            return Err(ManifestError::UnknownVersion {
+                found: probe.format,
+            });
         }
         let m: Manifest = serde_json::from_slice(bytes)?;
         m.validate()?;
@@ -490,9 +502,15 @@ impl Manifest {
         let mut head = serde_json::Map::new();
         head.insert("format".into(), self.format.into());
         head.insert("id".into(), self.id.clone().into());
-        head.insert("parent".into(), serde_json::to_value(&self.parent).unwrap_or_default());
+        head.insert(
+            "parent".into(),
+            serde_json::to_value(&self.parent).unwrap_or_default(),
+        );
         head.insert("created".into(), self.created.clone().into());
-        head.insert("kernel".into(), serde_json::to_value(&self.kernel).unwrap_or_default());
+        head.insert(
+            "kernel".into(),
+            serde_json::to_value(&self.kernel).unwrap_or_default(),
+        );
         let head = serde_json::to_vec(&serde_json::Value::Object(head)).unwrap_or_default();
         // Splice the entries in before the closing brace of the head object.
         out.extend_from_slice(&head[..head.len() - 1]);
@@ -510,14 +528,24 @@ impl Manifest {
 
     /// Validate paths, ordering, hardlink targets and per-type fields.
     pub fn validate(&self) -> Result<(), ManifestError> {
-        validate_image_id(&self.id).map_err(|why| ManifestError::BadEntry { path: "<id>".into(), why })?;
+        validate_image_id(&self.id).map_err(|why| ManifestError::BadEntry {
+            path: "<id>".into(),
+            why,
+        })?;
         if let Some(p) = &self.parent {
-            validate_image_id(p).map_err(|why| ManifestError::BadEntry { path: "<parent>".into(), why })?;
+            validate_image_id(p).map_err(|why| ManifestError::BadEntry {
+                path: "<parent>".into(),
+                why,
+            })?;
         }
         let mut prev: Option<&RelPath> = None;
-        let mut types: std::collections::HashMap<&RelPath, FileType> = std::collections::HashMap::new();
+        let mut types: std::collections::HashMap<&RelPath, FileType> =
+            std::collections::HashMap::new();
         for e in &self.entries {
-            let bad = |why: &'static str| ManifestError::BadPath { path: e.path.display(), why };
+            let bad = |why: &'static str| ManifestError::BadPath {
+                path: e.path.display(),
+                why,
+            };
             e.path.validate().map_err(bad)?;
             if let Some(p) = prev {
                 if p.tree_cmp(&e.path) != std::cmp::Ordering::Less {
@@ -529,7 +557,11 @@ impl Manifest {
             if let Some(parent) = e.path.parent() {
                 match types.get(&parent) {
                     Some(FileType::Dir) => {}
-                    Some(_) => return Err(bad("parent is not a directory (path escapes through a non-directory)")),
+                    Some(_) => {
+                        return Err(bad(
+                            "parent is not a directory (path escapes through a non-directory)",
+                        ))
+                    }
                     None => return Err(bad("parent directory is missing from the manifest")),
                 }
             }
@@ -545,23 +577,36 @@ impl Manifest {
             prev = Some(&e.path);
         }
         if self.entries.is_empty() {
-            return Err(ManifestError::BadEntry { path: ".".into(), why: "manifest has no entries".into() });
+            return Err(ManifestError::BadEntry {
+                path: ".".into(),
+                why: "manifest has no entries".into(),
+            });
         }
         if self.entries[0].ftype != FileType::Dir {
-            return Err(ManifestError::BadEntry { path: ".".into(), why: "top entry is not a directory".into() });
+            return Err(ManifestError::BadEntry {
+                path: ".".into(),
+                why: "top entry is not a directory".into(),
+            });
         }
         Ok(())
     }
 
     /// Total content bytes of regular files.
     pub fn content_bytes(&self) -> u64 {
-        self.entries.iter().filter(|e| e.ftype == FileType::File).map(|e| e.size).sum()
+        self.entries
+            .iter()
+            .filter(|e| e.ftype == FileType::File)
+            .map(|e| e.size)
+            .sum()
     }
 }
 
 impl Entry {
     fn check_fields(&self) -> Result<(), ManifestError> {
-        let bad = |why: String| ManifestError::BadEntry { path: self.path.display(), why };
+        let bad = |why: String| ManifestError::BadEntry {
+            path: self.path.display(),
+            why,
+        };
         if self.mode & !0o7777 != 0 {
             return Err(bad(format!("mode {:o} has bits outside 07777", self.mode)));
         }
@@ -572,7 +617,10 @@ impl Entry {
                 }
             }
             FileType::Symlink => {
-                let t = self.target.as_ref().ok_or_else(|| bad("symlink without target".into()))?;
+                let t = self
+                    .target
+                    .as_ref()
+                    .ok_or_else(|| bad("symlink without target".into()))?;
                 if t.0.is_empty() || t.0.contains(&0) {
                     return Err(bad("symlink target empty or contains NUL".into()));
                 }
@@ -632,30 +680,57 @@ mod tests {
     }
 
     fn file(p: &[u8]) -> Entry {
-        Entry { path: RelPath(p.to_vec()), ftype: FileType::File, sha256: Some(Digest::of(b"x")), size: 1, ..dir("x") }
+        Entry {
+            path: RelPath(p.to_vec()),
+            ftype: FileType::File,
+            sha256: Some(Digest::of(b"x")),
+            size: 1,
+            ..dir("x")
+        }
     }
 
     fn manifest(entries: Vec<Entry>) -> Manifest {
-        Manifest { format: FORMAT_VERSION, id: "v1".into(), parent: None, created: "now".into(), kernel: None, entries }
+        Manifest {
+            format: FORMAT_VERSION,
+            id: "v1".into(),
+            parent: None,
+            created: "now".into(),
+            kernel: None,
+            entries,
+        }
     }
 
     #[test]
     fn roundtrip_with_binary_names_and_xattrs() {
         let mut f = file(b"a/\xff\xfe");
-        f.xattrs.insert(RawBytes(b"security.capability".to_vec()), XattrValue(vec![1, 0, 0, 2, 0, 32]));
+        f.xattrs.insert(
+            RawBytes(b"security.capability".to_vec()),
+            XattrValue(vec![1, 0, 0, 2, 0, 32]),
+        );
         let m = manifest(vec![dir("."), dir("a"), f]);
         let bytes = m.to_json();
         let back = Manifest::parse(&bytes).unwrap();
         assert_eq!(m, back);
-        assert!(String::from_utf8_lossy(&bytes).contains("\"hex\":\"61 2fff fe\"".replace(' ', "").as_str()));
+        assert!(String::from_utf8_lossy(&bytes)
+            .contains("\"hex\":\"61 2fff fe\"".replace(' ', "").as_str()));
     }
 
     #[test]
     fn rejects_traversal_and_absolute() {
-        for bad in [&b"a/../etc"[..], b"/etc", b"a//b", b"a/./b", b"a/b\0c", b"a/"] {
+        for bad in [
+            &b"a/../etc"[..],
+            b"/etc",
+            b"a//b",
+            b"a/./b",
+            b"a/b\0c",
+            b"a/",
+        ] {
             let m = manifest(vec![dir("."), dir("a"), file(bad)]);
             let err = Manifest::parse(&m.to_json()).unwrap_err();
-            assert!(matches!(err, ManifestError::BadPath { .. }), "{bad:?}: {err}");
+            assert!(
+                matches!(err, ManifestError::BadPath { .. }),
+                "{bad:?}: {err}"
+            );
         }
     }
 
@@ -666,7 +741,10 @@ mod tests {
         l.target = Some(RawBytes(b"/etc".to_vec()));
         let m = manifest(vec![dir("."), l, file(b"a/passwd")]);
         let err = Manifest::parse(&m.to_json()).unwrap_err();
-        assert!(err.to_string().contains("parent is not a directory"), "{err}");
+        assert!(
+            err.to_string().contains("parent is not a directory"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -146,7 +146,11 @@ pub fn needs_hash(target: &Manifest, nodes: &[Node]) -> Vec<RelPath> {
     let mut out = Vec::new();
     join(&target.entries, nodes, |t, n| {
         if let (Some(t), Some(n)) = (t, n) {
-            if t.ftype == FileType::File && n.stat.ftype == FileType::File && n.stat.size == t.size && n.stat.mtime_ns != t.mtime_ns {
+            if t.ftype == FileType::File
+                && n.stat.ftype == FileType::File
+                && n.stat.size == t.size
+                && n.stat.mtime_ns != t.mtime_ns
+            {
                 out.push(n.path.clone());
             }
         }
@@ -155,7 +159,11 @@ pub fn needs_hash(target: &Manifest, nodes: &[Node]) -> Vec<RelPath> {
 }
 
 /// Merge-join target entries and root nodes by path, in manifest order.
-fn join<'a>(entries: &'a [Entry], nodes: &'a [Node], mut f: impl FnMut(Option<&'a Entry>, Option<&'a Node>)) {
+fn join<'a>(
+    entries: &'a [Entry],
+    nodes: &'a [Node],
+    mut f: impl FnMut(Option<&'a Entry>, Option<&'a Node>),
+) {
     let (mut i, mut j) = (0, 0);
     while i < entries.len() || j < nodes.len() {
         let ord = match (entries.get(i), nodes.get(j)) {
@@ -190,25 +198,48 @@ fn meta_equal(t: &Entry, n: &Node) -> bool {
 }
 
 /// Compute the plan that turns the root into `target`.
-pub fn plan(target: &Manifest, root: &RootView<'_>, current: Option<&Manifest>, preserve: &Preserve) -> Plan {
+pub fn plan(
+    target: &Manifest,
+    root: &RootView<'_>,
+    current: Option<&Manifest>,
+    preserve: &Preserve,
+) -> Plan {
     let mut p = Plan::default();
     let entries = &target.entries;
     let nodes = root.nodes;
-    let index_of: HashMap<&RelPath, usize> = entries.iter().enumerate().map(|(i, e)| (&e.path, i)).collect();
-    let node_of: HashMap<&RelPath, usize> = nodes.iter().enumerate().map(|(i, n)| (&n.path, i)).collect();
-    let current_of: HashMap<&RelPath, &Entry> =
-        current.map(|c| c.entries.iter().map(|e| (&e.path, e)).collect()).unwrap_or_default();
+    let index_of: HashMap<&RelPath, usize> = entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (&e.path, i))
+        .collect();
+    let node_of: HashMap<&RelPath, usize> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (&n.path, i))
+        .collect();
+    let current_of: HashMap<&RelPath, &Entry> = current
+        .map(|c| c.entries.iter().map(|e| (&e.path, e)).collect())
+        .unwrap_or_default();
     // Inode groups in the root, to know when in-place metadata changes would
     // leak into another name.
     let mut inode_names: HashMap<(u64, u64), Vec<&RelPath>> = HashMap::new();
-    for n in nodes.iter().filter(|n| n.stat.ftype == FileType::File && n.stat.nlink > 1) {
-        inode_names.entry((n.stat.dev, n.stat.ino)).or_default().push(&n.path);
+    for n in nodes
+        .iter()
+        .filter(|n| n.stat.ftype == FileType::File && n.stat.nlink > 1)
+    {
+        inode_names
+            .entry((n.stat.dev, n.stat.ino))
+            .or_default()
+            .push(&n.path);
     }
     let mut link_group: HashMap<&RelPath, Vec<&RelPath>> = HashMap::new();
     for e in entries.iter().filter(|e| e.ftype == FileType::Hardlink) {
         if let Some(t) = &e.target {
             if let Some(&ti) = index_of.get(&RelPath(t.0.clone())) {
-                link_group.entry(&entries[ti].path).or_default().push(&e.path);
+                link_group
+                    .entry(&entries[ti].path)
+                    .or_default()
+                    .push(&e.path);
             }
         }
     }
@@ -222,7 +253,11 @@ pub fn plan(target: &Manifest, root: &RootView<'_>, current: Option<&Manifest>, 
             continue;
         }
         if let Some(t) = t.filter(|t| t.ftype == FileType::File) {
-            let known = if quick_match(t, n) { t.sha256 } else { root.digests.get(&n.path).copied() };
+            let known = if quick_match(t, n) {
+                t.sha256
+            } else {
+                root.digests.get(&n.path).copied()
+            };
             if let Some(d) = known {
                 p.local.entry(d).or_insert_with(|| n.path.clone());
             }
@@ -243,13 +278,20 @@ pub fn plan(target: &Manifest, root: &RootView<'_>, current: Option<&Manifest>, 
     let mut dirmeta: HashSet<usize> = HashSet::new();
     let mut fetch_seen: HashSet<Digest> = HashSet::new();
 
-    let under = |list: &Vec<RelPath>, path: &RelPath| list.iter().any(|d| path.starts_with(d) && path != d);
+    let under =
+        |list: &Vec<RelPath>, path: &RelPath| list.iter().any(|d| path.starts_with(d) && path != d);
 
     for (t, n) in pairs(entries, nodes) {
-        let path = t.map(|t| &t.path).or(n.map(|n| &n.path)).cloned().unwrap_or_else(RelPath::root);
+        let path = t
+            .map(|t| &t.path)
+            .or(n.map(|n| &n.path))
+            .cloned()
+            .unwrap_or_else(RelPath::root);
         if under(&skip_below, &path) {
             if t.is_some() {
-                p.warnings.push(format!("{path}: lies on another mounted filesystem; left alone"));
+                p.warnings.push(format!(
+                    "{path}: lies on another mounted filesystem; left alone"
+                ));
             }
             continue;
         }
@@ -258,7 +300,10 @@ pub fn plan(target: &Manifest, root: &RootView<'_>, current: Option<&Manifest>, 
             if let Some(t) = t {
                 // A target entry below a directory that was replaced by a
                 // non-directory cannot exist (the manifest forbids it).
-                p.conflicts.push(format!("{}: internal: entry below a replaced directory", t.path));
+                p.conflicts.push(format!(
+                    "{}: internal: entry below a replaced directory",
+                    t.path
+                ));
             }
             continue;
         }
@@ -274,7 +319,15 @@ pub fn plan(target: &Manifest, root: &RootView<'_>, current: Option<&Manifest>, 
                     skip_below.push(n.path.clone());
                     continue;
                 }
-                p.deletes.push(Delete { path: n.path.clone(), ftype: n.stat.ftype, size: if n.stat.ftype == FileType::File { n.stat.size } else { 0 } });
+                p.deletes.push(Delete {
+                    path: n.path.clone(),
+                    ftype: n.stat.ftype,
+                    size: if n.stat.ftype == FileType::File {
+                        n.stat.size
+                    } else {
+                        0
+                    },
+                });
                 p.stats.deleted += 1;
                 if n.stat.ftype == FileType::File {
                     p.stats.deleted_bytes += n.stat.size;
@@ -294,9 +347,15 @@ pub fn plan(target: &Manifest, root: &RootView<'_>, current: Option<&Manifest>, 
                         p.actions.push(Action::MkDir { t: ti });
                         dirmeta.insert(ti);
                     }
-                    FileType::Hardlink => p.actions.push(Action::Link { t: ti, how: Replace::New }),
+                    FileType::Hardlink => p.actions.push(Action::Link {
+                        t: ti,
+                        how: Replace::New,
+                    }),
                     _ => {
-                        p.actions.push(Action::Place { t: ti, how: Replace::New });
+                        p.actions.push(Action::Place {
+                            t: ti,
+                            how: Replace::New,
+                        });
                         count_content(&mut p, t, &mut fetch_seen, false);
                     }
                 }
@@ -305,7 +364,11 @@ pub fn plan(target: &Manifest, root: &RootView<'_>, current: Option<&Manifest>, 
                 let ti = ti.unwrap_or_default();
                 if n.mountpoint {
                     if t.ftype != FileType::Dir {
-                        p.warnings.push(format!("{}: a filesystem is mounted here but the image has a {}; left alone", t.path, t.ftype.label()));
+                        p.warnings.push(format!(
+                            "{}: a filesystem is mounted here but the image has a {}; left alone",
+                            t.path,
+                            t.ftype.label()
+                        ));
                     }
                     skip_below.push(n.path.clone());
                     continue;
@@ -316,9 +379,10 @@ pub fn plan(target: &Manifest, root: &RootView<'_>, current: Option<&Manifest>, 
                 if want_dir != is_dir {
                     // Type change across the directory boundary.
                     if rt == FileType::Symlink {
-                        let legit = current_of
-                            .get(&t.path)
-                            .is_some_and(|c| c.ftype == FileType::Symlink && c.target.as_ref().map(|x| &x.0) == n.target.as_ref());
+                        let legit = current_of.get(&t.path).is_some_and(|c| {
+                            c.ftype == FileType::Symlink
+                                && c.target.as_ref().map(|x| &x.0) == n.target.as_ref()
+                        });
                         if !legit {
                             p.conflicts.push(format!(
                                 "{}: the image has a directory here but the root has a symlink to {:?} that the current image did not install; refusing to write there (remove or fix it, then re-run)",
@@ -337,7 +401,10 @@ pub fn plan(target: &Manifest, root: &RootView<'_>, current: Option<&Manifest>, 
                             ));
                             continue;
                         }
-                        if nodes.iter().any(|m| m.mountpoint && m.path.starts_with(&n.path)) {
+                        if nodes
+                            .iter()
+                            .any(|m| m.mountpoint && m.path.starts_with(&n.path))
+                        {
                             p.conflicts.push(format!(
                                 "{}: the image replaces this directory by a {}, but a filesystem is mounted below it",
                                 t.path,
@@ -347,7 +414,10 @@ pub fn plan(target: &Manifest, root: &RootView<'_>, current: Option<&Manifest>, 
                         }
                         gone_below.push(n.path.clone());
                         // Count what goes away with it.
-                        for m in nodes.iter().filter(|m| m.path.starts_with(&n.path) && m.path != n.path) {
+                        for m in nodes
+                            .iter()
+                            .filter(|m| m.path.starts_with(&n.path) && m.path != n.path)
+                        {
                             p.stats.deleted += 1;
                             if m.stat.ftype == FileType::File {
                                 p.stats.deleted_bytes += m.stat.size;
@@ -359,9 +429,15 @@ pub fn plan(target: &Manifest, root: &RootView<'_>, current: Option<&Manifest>, 
                         touched_dirs.insert(parent);
                     }
                     if t.ftype == FileType::Hardlink {
-                        p.actions.push(Action::Link { t: ti, how: Replace::Exchange });
+                        p.actions.push(Action::Link {
+                            t: ti,
+                            how: Replace::Exchange,
+                        });
                     } else {
-                        p.actions.push(Action::Place { t: ti, how: Replace::Exchange });
+                        p.actions.push(Action::Place {
+                            t: ti,
+                            how: Replace::Exchange,
+                        });
                         count_content(&mut p, t, &mut fetch_seen, true);
                     }
                     if want_dir {
@@ -378,33 +454,52 @@ pub fn plan(target: &Manifest, root: &RootView<'_>, current: Option<&Manifest>, 
                     }
                     FileType::File => {
                         let same_content = rt == FileType::File
-                            && (quick_match(t, n) || (n.stat.size == t.size && root.digests.get(&n.path) == t.sha256.as_ref()));
+                            && (quick_match(t, n)
+                                || (n.stat.size == t.size
+                                    && root.digests.get(&n.path) == t.sha256.as_ref()));
                         if !same_content {
                             replaced_files.insert(&t.path);
-                            p.actions.push(Action::Place { t: ti, how: Replace::Rename });
+                            p.actions.push(Action::Place {
+                                t: ti,
+                                how: Replace::Rename,
+                            });
                             p.stats.changed += 1;
                             count_content(&mut p, t, &mut fetch_seen, true);
                             if let Some(parent) = t.path.parent() {
                                 touched_dirs.insert(parent);
                             }
-                        } else if !meta_equal(t, n) || !same_group(n, &t.path, &inode_names, &link_group) {
-                            if n.stat.nlink > 1 && !same_group(n, &t.path, &inode_names, &link_group) {
+                        } else if !meta_equal(t, n)
+                            || !same_group(n, &t.path, &inode_names, &link_group)
+                        {
+                            if n.stat.nlink > 1
+                                && !same_group(n, &t.path, &inode_names, &link_group)
+                            {
                                 // Changing it in place would change other names too: re-stage.
                                 replaced_files.insert(&t.path);
-                                p.actions.push(Action::Place { t: ti, how: Replace::Rename });
+                                p.actions.push(Action::Place {
+                                    t: ti,
+                                    how: Replace::Rename,
+                                });
                                 p.stats.changed += 1;
                                 count_content(&mut p, t, &mut fetch_seen, true);
                                 if let Some(parent) = t.path.parent() {
                                     touched_dirs.insert(parent);
                                 }
                             } else {
-                                p.actions.push(Action::Meta { t: ti, r: node_of[&n.path] });
+                                p.actions.push(Action::Meta {
+                                    t: ti,
+                                    r: node_of[&n.path],
+                                });
                                 p.stats.metadata_only += 1;
                             }
                         }
                     }
                     FileType::Hardlink => {
-                        let tgt = t.target.as_ref().map(|x| RelPath(x.0.clone())).unwrap_or_else(RelPath::root);
+                        let tgt = t
+                            .target
+                            .as_ref()
+                            .map(|x| RelPath(x.0.clone()))
+                            .unwrap_or_else(RelPath::root);
                         let linked = rt == FileType::File
                             && !replaced_files.contains(&tgt)
                             && node_of.get(&tgt).is_some_and(|&ri| {
@@ -412,7 +507,10 @@ pub fn plan(target: &Manifest, root: &RootView<'_>, current: Option<&Manifest>, 
                                 a.dev == n.stat.dev && a.ino == n.stat.ino
                             });
                         if !linked {
-                            p.actions.push(Action::Link { t: ti, how: Replace::Rename });
+                            p.actions.push(Action::Link {
+                                t: ti,
+                                how: Replace::Rename,
+                            });
                             p.stats.changed += 1;
                             if let Some(parent) = t.path.parent() {
                                 touched_dirs.insert(parent);
@@ -420,28 +518,45 @@ pub fn plan(target: &Manifest, root: &RootView<'_>, current: Option<&Manifest>, 
                         }
                     }
                     FileType::Symlink => {
-                        if rt != FileType::Symlink || n.target.as_ref().map(|v| v.as_slice()) != t.target.as_ref().map(|v| v.0.as_slice()) {
-                            p.actions.push(Action::Place { t: ti, how: Replace::Rename });
+                        if rt != FileType::Symlink
+                            || n.target.as_deref() != t.target.as_ref().map(|v| v.0.as_slice())
+                        {
+                            p.actions.push(Action::Place {
+                                t: ti,
+                                how: Replace::Rename,
+                            });
                             p.stats.changed += 1;
                             p.stats.stage_objects += 1;
                             if let Some(parent) = t.path.parent() {
                                 touched_dirs.insert(parent);
                             }
                         } else if !meta_equal(t, n) {
-                            p.actions.push(Action::Meta { t: ti, r: node_of[&n.path] });
+                            p.actions.push(Action::Meta {
+                                t: ti,
+                                r: node_of[&n.path],
+                            });
                             p.stats.metadata_only += 1;
                         }
                     }
                     FileType::Char | FileType::Block | FileType::Fifo | FileType::Socket => {
-                        if rt != t.ftype || (matches!(rt, FileType::Char | FileType::Block) && Some(n.stat.rdev) != t.rdev) {
-                            p.actions.push(Action::Place { t: ti, how: Replace::Rename });
+                        if rt != t.ftype
+                            || (matches!(rt, FileType::Char | FileType::Block)
+                                && Some(n.stat.rdev) != t.rdev)
+                        {
+                            p.actions.push(Action::Place {
+                                t: ti,
+                                how: Replace::Rename,
+                            });
                             p.stats.changed += 1;
                             p.stats.stage_objects += 1;
                             if let Some(parent) = t.path.parent() {
                                 touched_dirs.insert(parent);
                             }
                         } else if !meta_equal(t, n) {
-                            p.actions.push(Action::Meta { t: ti, r: node_of[&n.path] });
+                            p.actions.push(Action::Meta {
+                                t: ti,
+                                r: node_of[&n.path],
+                            });
                             p.stats.metadata_only += 1;
                         }
                     }
@@ -450,14 +565,33 @@ pub fn plan(target: &Manifest, root: &RootView<'_>, current: Option<&Manifest>, 
         }
     }
     // Hardlinks whose target file is re-staged must follow it to the new inode.
-    let linked_already: HashSet<usize> =
-        p.actions.iter().filter_map(|a| if let Action::Link { t, .. } = a { Some(*t) } else { None }).collect();
+    let linked_already: HashSet<usize> = p
+        .actions
+        .iter()
+        .filter_map(|a| {
+            if let Action::Link { t, .. } = a {
+                Some(*t)
+            } else {
+                None
+            }
+        })
+        .collect();
     let mut extra_links = Vec::new();
     for (i, e) in entries.iter().enumerate() {
-        if e.ftype == FileType::Hardlink && !linked_already.contains(&i) && !preserve.matches(&e.path) {
-            let tgt = e.target.as_ref().map(|x| RelPath(x.0.clone())).unwrap_or_else(RelPath::root);
+        if e.ftype == FileType::Hardlink
+            && !linked_already.contains(&i)
+            && !preserve.matches(&e.path)
+        {
+            let tgt = e
+                .target
+                .as_ref()
+                .map(|x| RelPath(x.0.clone()))
+                .unwrap_or_else(RelPath::root);
             if replaced_files.contains(&tgt) && !under(&skip_below, &e.path) {
-                extra_links.push(Action::Link { t: i, how: Replace::Rename });
+                extra_links.push(Action::Link {
+                    t: i,
+                    how: Replace::Rename,
+                });
                 p.stats.changed += 1;
                 if let Some(parent) = e.path.parent() {
                     touched_dirs.insert(parent);
@@ -467,12 +601,17 @@ pub fn plan(target: &Manifest, root: &RootView<'_>, current: Option<&Manifest>, 
     }
     if !extra_links.is_empty() {
         p.actions.extend(extra_links);
-        p.actions.sort_by(|a, b| entries[action_t(a)].path.tree_cmp(&entries[action_t(b)].path));
+        p.actions.sort_by(|a, b| {
+            entries[action_t(a)]
+                .path
+                .tree_cmp(&entries[action_t(b)].path)
+        });
     }
     // Directories whose entries change get their mtime (and the rest) redone last.
     for d in touched_dirs {
         if let Some(&i) = index_of.get(&d) {
-            if entries[i].ftype == FileType::Dir && !preserve.matches(&d) && !under(&skip_below, &d) {
+            if entries[i].ftype == FileType::Dir && !preserve.matches(&d) && !under(&skip_below, &d)
+            {
                 dirmeta.insert(i);
             }
         }
@@ -487,11 +626,17 @@ pub fn plan(target: &Manifest, root: &RootView<'_>, current: Option<&Manifest>, 
 /// The target index an action is about.
 pub fn action_t(a: &Action) -> usize {
     match a {
-        Action::MkDir { t } | Action::Place { t, .. } | Action::Link { t, .. } | Action::Meta { t, .. } => *t,
+        Action::MkDir { t }
+        | Action::Place { t, .. }
+        | Action::Link { t, .. }
+        | Action::Meta { t, .. } => *t,
     }
 }
 
-fn pairs<'a>(entries: &'a [Entry], nodes: &'a [Node]) -> Vec<(Option<&'a Entry>, Option<&'a Node>)> {
+fn pairs<'a>(
+    entries: &'a [Entry],
+    nodes: &'a [Node],
+) -> Vec<(Option<&'a Entry>, Option<&'a Node>)> {
     let mut v = Vec::with_capacity(entries.len().max(nodes.len()));
     join(entries, nodes, |t, n| v.push((t, n)));
     v
@@ -505,11 +650,17 @@ fn same_group(
     link_group: &HashMap<&RelPath, Vec<&RelPath>>,
 ) -> bool {
     let root_names: HashSet<&RelPath> = if n.stat.nlink > 1 {
-        inode_names.get(&(n.stat.dev, n.stat.ino)).map(|v| v.iter().copied().collect()).unwrap_or_default()
+        inode_names
+            .get(&(n.stat.dev, n.stat.ino))
+            .map(|v| v.iter().copied().collect())
+            .unwrap_or_default()
     } else {
         std::iter::once(&n.path).collect()
     };
-    let mut want: HashSet<&RelPath> = link_group.get(path).map(|v| v.iter().copied().collect()).unwrap_or_default();
+    let mut want: HashSet<&RelPath> = link_group
+        .get(path)
+        .map(|v| v.iter().copied().collect())
+        .unwrap_or_default();
     want.insert(path);
     // Names of the inode outside the walk (preserved paths) are unknown; only
     // compare when the counts agree with what we saw.

@@ -63,12 +63,20 @@ impl Preserve {
     pub fn add(&mut self, pattern: &str) -> Result<(), String> {
         let t = pattern.trim();
         if !t.starts_with('/') {
-            return Err(format!("preserve pattern {pattern:?} must be an absolute path"));
+            return Err(format!(
+                "preserve pattern {pattern:?} must be an absolute path"
+            ));
         }
-        let comps: Vec<Vec<u8>> =
-            t.trim_matches('/').split('/').filter(|c| !c.is_empty()).map(|c| c.as_bytes().to_vec()).collect();
+        let comps: Vec<Vec<u8>> = t
+            .trim_matches('/')
+            .split('/')
+            .filter(|c| !c.is_empty())
+            .map(|c| c.as_bytes().to_vec())
+            .collect();
         if comps.is_empty() {
-            return Err(format!("preserve pattern {pattern:?} would preserve the whole root"));
+            return Err(format!(
+                "preserve pattern {pattern:?} would preserve the whole root"
+            ));
         }
         if comps.iter().any(|c| c == b"." || c == b"..") {
             return Err(format!("preserve pattern {pattern:?} contains '.' or '..'"));
@@ -97,9 +105,14 @@ impl Preserve {
     /// True when something below `dir` (but not `dir` itself) is preserved,
     /// i.e. the directory cannot simply be removed or replaced.
     pub fn has_preserved_below(&self, dir: &RelPath) -> bool {
-        let comps: Vec<&[u8]> =
-            if dir.is_root() { Vec::new() } else { dir.as_bytes().split(|&b| b == b'/').collect() };
-        self.patterns.iter().any(|pat| pat.len() > comps.len() && pat.iter().zip(&comps).all(|(p, c)| glob(p, c)))
+        let comps: Vec<&[u8]> = if dir.is_root() {
+            Vec::new()
+        } else {
+            dir.as_bytes().split(|&b| b == b'/').collect()
+        };
+        self.patterns
+            .iter()
+            .any(|pat| pat.len() > comps.len() && pat.iter().zip(&comps).all(|(p, c)| glob(p, c)))
     }
 }
 
@@ -154,7 +167,16 @@ mod tests {
         ] {
             assert!(p.matches(&rp(yes)), "{yes}");
         }
-        for no in ["etc", "etc/ssh", "etc/ssh/sshd_config", "var", "var/lib", "var/logs", "etc/image_id2", "lib/modules/6.1.0-47-cloud-amd64"] {
+        for no in [
+            "etc",
+            "etc/ssh",
+            "etc/ssh/sshd_config",
+            "var",
+            "var/lib",
+            "var/logs",
+            "etc/image_id2",
+            "lib/modules/6.1.0-47-cloud-amd64",
+        ] {
             assert!(!p.matches(&rp(no)), "{no}");
         }
         assert!(!p.matches(&RelPath::root()));

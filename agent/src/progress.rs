@@ -13,7 +13,10 @@ pub struct Progress {
 impl Progress {
     /// Bars when stderr is a terminal; nothing at all when `quiet`.
     pub fn new(quiet: bool) -> Self {
-        Progress { tty: std::io::stderr().is_terminal(), quiet }
+        Progress {
+            tty: std::io::stderr().is_terminal(),
+            quiet,
+        }
     }
 
     /// A plain progress line on stderr.
@@ -28,9 +31,11 @@ impl Progress {
         let pb = if self.tty && !self.quiet && total > 0 {
             let pb = indicatif::ProgressBar::new(total);
             pb.set_style(
-                indicatif::ProgressStyle::with_template("{msg:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                    .progress_chars("=> "),
+                indicatif::ProgressStyle::with_template(
+                    "{msg:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
             );
             pb.set_message(what.to_string());
             Some(pb)
@@ -40,7 +45,14 @@ impl Progress {
         if !self.tty && !self.quiet && total > 0 {
             eprintln!("imageupd: {what}: {} to process", human_bytes(total));
         }
-        Bar { pb, done: AtomicU64::new(0), total, what: what.to_string(), plain: !self.tty && !self.quiet, last_decile: AtomicU64::new(0) }
+        Bar {
+            pb,
+            done: AtomicU64::new(0),
+            total,
+            what: what.to_string(),
+            plain: !self.tty && !self.quiet,
+            last_decile: AtomicU64::new(0),
+        }
     }
 }
 

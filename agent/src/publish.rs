@@ -70,7 +70,10 @@ fn source_kind(p: &Path) -> Result<SourceKind> {
         return Ok(SourceKind::Dir);
     }
     if !p.is_file() {
-        bail!("source {} does not exist or is neither a directory nor a file", p.display());
+        bail!(
+            "source {} does not exist or is neither a directory nor a file",
+            p.display()
+        );
     }
     let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
     if name.ends_with(".tar") {
@@ -89,15 +92,23 @@ fn source_kind(p: &Path) -> Result<SourceKind> {
 /// Publish `source` as image `opts.id`.
 pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Result<PublishReport> {
     let t0 = Instant::now();
-    manifest::validate_image_id(&opts.id).map_err(anyhow::Error::msg).context(ExitKind::Usage)?;
+    manifest::validate_image_id(&opts.id)
+        .map_err(anyhow::Error::msg)
+        .context(ExitKind::Usage)?;
     if let Some(p) = &opts.parent {
-        manifest::validate_image_id(p).map_err(anyhow::Error::msg).context(ExitKind::Usage)?;
+        manifest::validate_image_id(p)
+            .map_err(anyhow::Error::msg)
+            .context(ExitKind::Usage)?;
     }
     let key = opts.key.as_deref().map(sign::load_secret).transpose()?;
     let kind = source_kind(source).context(ExitKind::Source)?;
     let st = Store::create_or_open(&opts.store)?;
     if st.has_image(&opts.id) {
-        bail!("image {:?} already exists in {}; image ids are immutable, pick a new id", opts.id, opts.store.display());
+        bail!(
+            "image {:?} already exists in {}; image ids are immutable, pick a new id",
+            opts.id,
+            opts.store.display()
+        );
     }
     if let Some(p) = &opts.parent {
         if !st.has_image(p) {
@@ -108,7 +119,9 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
     let tree: PathBuf = match kind {
         SourceKind::Dir => source.to_path_buf(),
         SourceKind::Tar(flag) => {
-            let dir = tempfile::Builder::new().prefix("unpack-").tempdir_in(st.tmp_dir()?)?;
+            let dir = tempfile::Builder::new()
+                .prefix("unpack-")
+                .tempdir_in(st.tmp_dir()?)?;
             progress.line(&format!("unpacking {}", source.display()));
             unpack_tar(source, flag, dir.path())?;
             let p = dir.path().to_path_buf();
@@ -116,11 +129,15 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
             p
         }
     };
-    let root = fsx::open_dir(&tree).with_context(|| format!("opening source {}", tree.display()))?;
+    let root =
+        fsx::open_dir(&tree).with_context(|| format!("opening source {}", tree.display()))?;
     progress.line(&format!("scanning {}", tree.display()));
     let nodes = scan::scan(root.as_fd(), &ScanOptions::default())?;
     if let Some(m) = nodes.iter().find(|n| n.mountpoint) {
-        progress.line(&format!("note: {} is another filesystem; only its mount point is recorded", m.path));
+        progress.line(&format!(
+            "note: {} is another filesystem; only its mount point is recorded",
+            m.path
+        ));
     }
     let entries = scan::to_entries(root.as_fd(), &nodes, opts.threads)?;
     // Objects: only the digests the store does not hold yet, each once.
@@ -145,7 +162,13 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
     let bar = progress.bar("compressing", total);
     let sizes = scan::par_map(&todo, opts.threads, |(d, p, size)| {
         let f = fsx::open_file_beneath(root.as_fd(), p).with_context(|| format!("opening {p}"))?;
-        let n = st.put_object(d, std::io::BufReader::with_capacity(256 * 1024, f), opts.level).with_context(|| format!("storing {p}"))?;
+        let n = st
+            .put_object(
+                d,
+                std::io::BufReader::with_capacity(256 * 1024, f),
+                opts.level,
+            )
+            .with_context(|| format!("storing {p}"))?;
         bar.inc(*size);
         Ok(n)
     })?;
@@ -159,7 +182,8 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
         kernel,
         entries,
     };
-    m.validate().context("the scanned tree does not form a valid manifest")?;
+    m.validate()
+        .context("the scanned tree does not form a valid manifest")?;
     let stored = store::encode_manifest(&m)?;
     let sig = key.as_ref().map(|k| sign::sign(k, &stored));
     st.put_image(&m, &stored, sig.as_deref())?;
@@ -183,12 +207,25 @@ fn unpack_tar(archive: &Path, flag: Option<&str>, dest: &Path) -> Result<()> {
         .arg(archive)
         .arg("--directory")
         .arg(dest)
-        .args(["--xattrs", "--xattrs-include=*", "--acls", "--selinux", "--numeric-owner", "--same-owner"])
-        .args(["--preserve-permissions", "--delay-directory-restore", "--no-overwrite-dir"]);
+        .args([
+            "--xattrs",
+            "--xattrs-include=*",
+            "--acls",
+            "--selinux",
+            "--numeric-owner",
+            "--same-owner",
+        ])
+        .args([
+            "--preserve-permissions",
+            "--delay-directory-restore",
+            "--no-overwrite-dir",
+        ]);
     if let Some(f) = flag {
         cmd.arg(f);
     }
-    crate::cmd::run(&mut cmd).with_context(|| format!("unpacking {}", archive.display())).context(ExitKind::Source)?;
+    crate::cmd::run(&mut cmd)
+        .with_context(|| format!("unpacking {}", archive.display()))
+        .context(ExitKind::Source)?;
     Ok(())
 }
 

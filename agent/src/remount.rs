@@ -29,7 +29,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -58,20 +61,35 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
 
 /// The mount that holds `path` (the last, longest matching mount point).
 pub fn mount_of<'a>(mounts: &'a [MountInfo], path: &Path) -> Option<&'a MountInfo> {
-    mounts.iter().filter(|m| path.starts_with(&m.mount_point)).max_by_key(|m| m.mount_point.as_os_str().len())
+    mounts
+        .iter()
+        .filter(|m| path.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.as_os_str().len())
 }
 
 /// Find the mount holding `root`.
 pub fn find(root: &Path) -> Result<Option<MountInfo>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let text =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     Ok(mount_of(&parse_mountinfo(&text), root).cloned())
 }
 
 /// Remount `mount_point` read-write (`rw = true`) or read-only.
 pub fn remount(mount_point: &Path, rw: bool) -> Result<()> {
     let opt = if rw { "remount,rw" } else { "remount,ro" };
-    crate::cmd::run(std::process::Command::new("mount").arg("-o").arg(opt).arg(mount_point))
-        .with_context(|| format!("remounting {} {}", mount_point.display(), if rw { "read-write" } else { "read-only" }))?;
+    crate::cmd::run(
+        std::process::Command::new("mount")
+            .arg("-o")
+            .arg(opt)
+            .arg(mount_point),
+    )
+    .with_context(|| {
+        format!(
+            "remounting {} {}",
+            mount_point.display(),
+            if rw { "read-write" } else { "read-only" }
+        )
+    })?;
     Ok(())
 }
 

@@ -27,10 +27,16 @@ pub struct RootFs {
 impl RootFs {
     /// Open a root directory.
     pub fn open(path: &Path) -> Result<RootFs> {
-        let canon = std::fs::canonicalize(path).with_context(|| format!("root {} does not exist", path.display()))?;
-        let fd = fsx::open_dir(&canon).with_context(|| format!("opening root {}", canon.display()))?;
+        let canon = std::fs::canonicalize(path)
+            .with_context(|| format!("root {} does not exist", path.display()))?;
+        let fd =
+            fsx::open_dir(&canon).with_context(|| format!("opening root {}", canon.display()))?;
         let dev = fsx::stat_fd(fd.as_fd())?.dev;
-        Ok(RootFs { path: canon, fd, dev })
+        Ok(RootFs {
+            path: canon,
+            fd,
+            dev,
+        })
     }
 
     /// Borrow the descriptor.
@@ -48,7 +54,9 @@ impl RootFs {
         match fsx::open_dir_beneath(self.fd(), &RelPath(STATE_DIR.as_bytes().to_vec())) {
             Ok(fd) => Ok(Some(fd)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("opening {}/{STATE_DIR}", self.path.display())),
+            Err(e) => {
+                Err(e).with_context(|| format!("opening {}/{STATE_DIR}", self.path.display()))
+            }
         }
     }
 
@@ -74,7 +82,9 @@ impl RootFs {
     /// The recorded current image id (`etc/image_id`), if any.
     pub fn image_id(&self) -> Result<Option<String>> {
         match fsx::read_beneath(self.fd(), &RelPath(b"etc/image_id".to_vec())) {
-            Ok(b) => Ok(Some(String::from_utf8_lossy(&b).trim().to_string()).filter(|s| !s.is_empty())),
+            Ok(b) => {
+                Ok(Some(String::from_utf8_lossy(&b).trim().to_string()).filter(|s| !s.is_empty()))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).context("reading etc/image_id"),
         }
@@ -83,5 +93,7 @@ impl RootFs {
 
 /// The running kernel release (`uname -r`).
 pub fn running_release() -> Option<String> {
-    nix::sys::utsname::uname().ok().map(|u| u.release().to_string_lossy().into_owned())
+    nix::sys::utsname::uname()
+        .ok()
+        .map(|u| u.release().to_string_lossy().into_owned())
 }

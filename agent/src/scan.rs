@@ -47,13 +47,20 @@ pub fn scan(root: BorrowedFd<'_>, opts: &ScanOptions<'_>) -> Result<Vec<Node>> {
 
 /// Threads for walking: directory reads are syscall-bound and scale with CPUs.
 pub fn scan_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(8)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .min(8)
 }
 
 /// Walk with an explicit thread count. Each directory is one job; a worker
 /// lists it, stats its entries and queues its subdirectories. The result is
 /// assembled in manifest order afterwards, so it does not depend on timing.
-pub fn scan_with(root: BorrowedFd<'_>, opts: &ScanOptions<'_>, threads: usize) -> Result<Vec<Node>> {
+pub fn scan_with(
+    root: BorrowedFd<'_>,
+    opts: &ScanOptions<'_>,
+    threads: usize,
+) -> Result<Vec<Node>> {
     use std::collections::HashMap;
     use std::sync::{Condvar, Mutex};
     let st = fsx::stat_fd(root).context("stat of the tree's top directory")?;
@@ -64,7 +71,11 @@ pub fn scan_with(root: BorrowedFd<'_>, opts: &ScanOptions<'_>, threads: usize) -
         pending: usize,
         failed: Option<anyhow::Error>,
     }
-    let shared = Mutex::new(Shared { queue: vec![RelPath::root()], pending: 1, failed: None });
+    let shared = Mutex::new(Shared {
+        queue: vec![RelPath::root()],
+        pending: 1,
+        failed: None,
+    });
     let cv = Condvar::new();
     let results: Mutex<HashMap<RelPath, Vec<Node>>> = Mutex::new(HashMap::new());
     let worker = || loop {
@@ -109,20 +120,36 @@ pub fn scan_with(root: BorrowedFd<'_>, opts: &ScanOptions<'_>, threads: usize) -
         }
         worker();
     });
-    let shared = shared.into_inner().map_err(|_| anyhow::anyhow!("scan worker panicked"))?;
+    let shared = shared
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("scan worker panicked"))?;
     if let Some(e) = shared.failed {
         return Err(e);
     }
-    let mut results = results.into_inner().map_err(|_| anyhow::anyhow!("scan worker panicked"))?;
+    let mut results = results
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("scan worker panicked"))?;
     let mut out = Vec::with_capacity(results.values().map(Vec::len).sum::<usize>() + 1);
-    out.push(Node { path: RelPath::root(), stat: st, xattrs, target: None, mountpoint: false });
+    out.push(Node {
+        path: RelPath::root(),
+        stat: st,
+        xattrs,
+        target: None,
+        mountpoint: false,
+    });
     emit(&RelPath::root(), &mut results, &mut out);
     Ok(out)
 }
 
 /// Append the children of `dir` (and recursively theirs) in manifest order.
-fn emit(dir: &RelPath, results: &mut std::collections::HashMap<RelPath, Vec<Node>>, out: &mut Vec<Node>) {
-    let Some(children) = results.remove(dir) else { return };
+fn emit(
+    dir: &RelPath,
+    results: &mut std::collections::HashMap<RelPath, Vec<Node>>,
+    out: &mut Vec<Node>,
+) {
+    let Some(children) = results.remove(dir) else {
+        return;
+    };
     for c in children {
         let is_dir = c.stat.ftype == FileType::Dir && !c.mountpoint;
         let p = c.path.clone();
@@ -135,11 +162,18 @@ fn emit(dir: &RelPath, results: &mut std::collections::HashMap<RelPath, Vec<Node
 
 /// List one directory: its entries (sorted by name) and the subdirectories
 /// to walk next.
-fn list_one(root: BorrowedFd<'_>, dir_path: &RelPath, dev: u64, opts: &ScanOptions<'_>) -> Result<(Vec<Node>, Vec<RelPath>)> {
+fn list_one(
+    root: BorrowedFd<'_>,
+    dir_path: &RelPath,
+    dev: u64,
+    opts: &ScanOptions<'_>,
+) -> Result<(Vec<Node>, Vec<RelPath>)> {
     let dir = match fsx::open_dir_beneath(root, dir_path) {
         Ok(fd) => fd,
         // Vanished (or replaced by a non-directory) while we looked.
-        Err(e) if e.kind() == io::ErrorKind::NotFound && !dir_path.is_root() => return Ok((Vec::new(), Vec::new())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !dir_path.is_root() => {
+            return Ok((Vec::new(), Vec::new()))
+        }
         Err(e) => return Err(e).with_context(|| format!("opening directory {dir_path}")),
     };
     let dir = dir.as_fd();
@@ -171,13 +205,23 @@ fn list_one(root: BorrowedFd<'_>, dir_path: &RelPath, dev: u64, opts: &ScanOptio
         if stat.ftype == FileType::Dir && !mountpoint {
             subdirs.push(path.clone());
         }
-        out.push(Node { path, stat, xattrs, target, mountpoint });
+        out.push(Node {
+            path,
+            stat,
+            xattrs,
+            target,
+            mountpoint,
+        });
     }
     Ok((out, subdirs))
 }
 
 /// Run `f` over `items` on `threads` threads; the first error wins.
-pub fn par_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> Result<R> + Sync) -> Result<Vec<R>> {
+pub fn par_map<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> Result<R> + Sync,
+) -> Result<Vec<R>> {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
@@ -222,7 +266,11 @@ pub fn par_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> 
 /// Turn walked nodes into manifest entries, hashing regular files on
 /// `threads` threads. The first name of a multiply-linked inode (in manifest
 /// order) is the file; later names become hardlinks to it.
-pub fn to_entries(root: BorrowedFd<'_>, nodes: &[Node], threads: usize) -> Result<Vec<crate::manifest::Entry>> {
+pub fn to_entries(
+    root: BorrowedFd<'_>,
+    nodes: &[Node],
+    threads: usize,
+) -> Result<Vec<crate::manifest::Entry>> {
     use crate::manifest::{Entry, RawBytes};
     use std::collections::HashMap;
     let mut first_name: HashMap<(u64, u64), RelPath> = HashMap::new();

@@ -58,13 +58,19 @@ impl Source {
         }
         let p = Path::new(from);
         if !p.is_dir() {
-            return Err(anyhow::anyhow!("source {from} is not a directory")).context(ExitKind::Source);
+            return Err(anyhow::anyhow!("source {from} is not a directory"))
+                .context(ExitKind::Source);
         }
         if Store::is_store(p) {
             Ok(Source::Store(Store::open(p).context(ExitKind::Source)?))
         } else {
-            let fd = fsx::open_dir(p).with_context(|| format!("opening source {from}")).context(ExitKind::Source)?;
-            Ok(Source::Dir { path: p.to_path_buf(), fd })
+            let fd = fsx::open_dir(p)
+                .with_context(|| format!("opening source {from}"))
+                .context(ExitKind::Source)?;
+            Ok(Source::Dir {
+                path: p.to_path_buf(),
+                fd,
+            })
         }
     }
 
@@ -92,7 +98,8 @@ impl Source {
                 verify_stored(id, stored, sig, trust)
             }
             Source::Dir { fd, .. } => {
-                let nodes = scan::scan(fd.as_fd(), &ScanOptions::default()).context("walking the image directory")?;
+                let nodes = scan::scan(fd.as_fd(), &ScanOptions::default())
+                    .context("walking the image directory")?;
                 let entries = scan::to_entries(fd.as_fd(), &nodes, threads)?;
                 let m = Manifest {
                     format: FORMAT_VERSION,
@@ -102,9 +109,16 @@ impl Source {
                     kernel: kernel::detect(&entries),
                     entries,
                 };
-                m.validate().context("the image directory does not form a valid image").context(ExitKind::Untrusted)?;
+                m.validate()
+                    .context("the image directory does not form a valid image")
+                    .context(ExitKind::Untrusted)?;
                 let stored = store::encode_manifest(&m)?;
-                Ok(Resolved { manifest: m, stored, sig: None, signed_by: None })
+                Ok(Resolved {
+                    manifest: m,
+                    stored,
+                    sig: None,
+                    signed_by: None,
+                })
             }
         }
     }
@@ -119,15 +133,35 @@ impl Source {
 }
 
 /// Check the signature over the stored bytes, then decompress and parse.
-pub fn verify_stored(id: &str, stored: Vec<u8>, sig: Option<Vec<u8>>, trust: &Trust<'_>) -> Result<Resolved> {
+pub fn verify_stored(
+    id: &str,
+    stored: Vec<u8>,
+    sig: Option<Vec<u8>>,
+    trust: &Trust<'_>,
+) -> Result<Resolved> {
     let signed_by = match sign::verify(&stored, sig.as_deref(), trust.keys, &trust.keys_dir) {
         Ok(k) => Some(k),
         Err(sign::SignatureError::Unsigned) if trust.allow_unsigned => None,
-        Err(e) => return Err(e).with_context(|| format!("manifest of image {id:?}")).context(ExitKind::Untrusted),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("manifest of image {id:?}"))
+                .context(ExitKind::Untrusted)
+        }
     };
-    let manifest = store::decode_manifest(&stored).with_context(|| format!("manifest of image {id:?}")).context(ExitKind::Untrusted)?;
+    let manifest = store::decode_manifest(&stored)
+        .with_context(|| format!("manifest of image {id:?}"))
+        .context(ExitKind::Untrusted)?;
     if manifest.id != id {
-        return Err(anyhow::anyhow!("manifest says it is image {:?}, not {id:?}", manifest.id)).context(ExitKind::Untrusted);
+        return Err(anyhow::anyhow!(
+            "manifest says it is image {:?}, not {id:?}",
+            manifest.id
+        ))
+        .context(ExitKind::Untrusted);
     }
-    Ok(Resolved { manifest, stored, sig, signed_by })
+    Ok(Resolved {
+        manifest,
+        stored,
+        sig,
+        signed_by,
+    })
 }

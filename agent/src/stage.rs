@@ -68,7 +68,8 @@ pub fn cleanup(root: BorrowedFd<'_>, dev: u64) -> Result<u64> {
             Err(e) if e.raw_os_error() == Some(libc::EXDEV) => continue,
             Err(e) => return Err(e).with_context(|| format!("opening {parent}")),
         };
-        n += fsx::remove_tree_at(pfd.as_fd(), rel.file_name(), dev).with_context(|| format!("removing staging leftovers in {rel}"))?;
+        n += fsx::remove_tree_at(pfd.as_fd(), rel.file_name(), dev)
+            .with_context(|| format!("removing staging leftovers in {rel}"))?;
     }
     Ok(n)
 }
@@ -77,19 +78,32 @@ pub fn cleanup(root: BorrowedFd<'_>, dev: u64) -> Result<u64> {
 pub fn prepare(root: BorrowedFd<'_>, dev: u64, state: BorrowedFd<'_>) -> Result<Staging> {
     let in_state = fsx::stat_fd(state).map(|s| s.dev == dev).unwrap_or(false);
     let (rel, parent) = if in_state {
-        (RelPath(STAGE_IN_STATE.as_bytes().to_vec()), fsx::open_dir_beneath(state, &RelPath::root())?)
+        (
+            RelPath(STAGE_IN_STATE.as_bytes().to_vec()),
+            fsx::open_dir_beneath(state, &RelPath::root())?,
+        )
     } else {
-        (RelPath(STAGE_AT_TOP.as_bytes().to_vec()), fsx::open_dir_beneath(root, &RelPath::root())?)
+        (
+            RelPath(STAGE_AT_TOP.as_bytes().to_vec()),
+            fsx::open_dir_beneath(root, &RelPath::root())?,
+        )
     };
     fsx::remove_tree_at(parent.as_fd(), rel.file_name(), dev)?;
-    fsx::mkdir_at(parent.as_fd(), rel.file_name(), 0o700).with_context(|| format!("creating staging directory {rel}"))?;
+    fsx::mkdir_at(parent.as_fd(), rel.file_name(), 0o700)
+        .with_context(|| format!("creating staging directory {rel}"))?;
     let fd = fsx::open_dir_beneath(parent.as_fd(), &RelPath(rel.file_name().to_vec()))?;
     Ok(Staging { rel, fd })
 }
 
 /// Metadata view of an entry.
 pub fn meta_of(e: &Entry) -> Meta<'_> {
-    Meta { ftype: e.ftype, mode: e.mode, uid: e.uid, gid: e.gid, xattrs: &e.xattrs }
+    Meta {
+        ftype: e.ftype,
+        mode: e.mode,
+        uid: e.uid,
+        gid: e.gid,
+        xattrs: &e.xattrs,
+    }
 }
 
 fn staged_name(t: usize) -> Vec<u8> {
@@ -136,15 +150,22 @@ pub fn stage(
             }
         }
     }
-    let total: u64 = primaries.iter().chain(&copies).map(|&t| entries[t].size).sum();
+    let total: u64 = primaries
+        .iter()
+        .chain(&copies)
+        .map(|&t| entries[t].size)
+        .sum();
     let bar = progress.bar("staging", total);
     let sfd = staging.fd.as_fd();
     let report = std::sync::Mutex::new(StageReport::default());
     let write_one = |t: usize, from_stage: Option<usize>| -> Result<()> {
         let e = &entries[t];
         let name = staged_name(t);
-        let mut out = fsx::create_file_at(sfd, &name).with_context(|| format!("creating staged file for {}", e.path))?;
-        let d = e.sha256.ok_or_else(|| anyhow!("{}: file without digest", e.path))?;
+        let mut out = fsx::create_file_at(sfd, &name)
+            .with_context(|| format!("creating staged file for {}", e.path))?;
+        let d = e
+            .sha256
+            .ok_or_else(|| anyhow!("{}: file without digest", e.path))?;
         let (mut fetched, mut local) = (0u64, 0u64);
         if e.size > 0 {
             // Where the bytes come from: an earlier staged copy, the root, or the source.
@@ -153,28 +174,49 @@ pub fn stage(
                 Box::new(fsx::open_file_beneath(sfd, &RelPath(staged_name(first)))?)
             } else if let Some(p) = plan.local.get(&d) {
                 local = e.size;
-                Box::new(fsx::open_file_beneath(root, p).with_context(|| format!("opening {p} to reuse its content"))?)
+                Box::new(
+                    fsx::open_file_beneath(root, p)
+                        .with_context(|| format!("opening {p} to reuse its content"))?,
+                )
             } else {
                 fetched = e.size;
                 source
                     .open_content(&d, e)
-                    .with_context(|| format!("object {d} for {} is missing from the {}", e.path, source.describe()))
+                    .with_context(|| {
+                        format!(
+                            "object {d} for {} is missing from the {}",
+                            e.path,
+                            source.describe()
+                        )
+                    })
                     .context(ExitKind::Source)?
             };
             let mut vr = VerifyReader::new(reader);
-            copy_sparse(&mut vr, &mut out, &bar).with_context(|| format!("writing staged content of {}", e.path))?;
+            copy_sparse(&mut vr, &mut out, &bar)
+                .with_context(|| format!("writing staged content of {}", e.path))?;
             match vr.finish(&d, e.size)? {
                 Ok(()) => {}
                 Err(v) if fetched > 0 => {
                     return Err(anyhow!(v))
-                        .with_context(|| format!("object for {} from the {} failed verification", e.path, source.describe()))
+                        .with_context(|| {
+                            format!(
+                                "object for {} from the {} failed verification",
+                                e.path,
+                                source.describe()
+                            )
+                        })
                         .context(ExitKind::Untrusted)
                 }
-                Err(v) => return Err(anyhow!(v)).with_context(|| format!("local copy of the content of {} changed under us", e.path)),
+                Err(v) => {
+                    return Err(anyhow!(v)).with_context(|| {
+                        format!("local copy of the content of {} changed under us", e.path)
+                    })
+                }
             }
         }
         out.set_len(e.size)?;
-        fsx::set_meta_fd(out.as_fd(), &meta_of(e)).with_context(|| format!("setting owner/mode/xattrs of staged {}", e.path))?;
+        fsx::set_meta_fd(out.as_fd(), &meta_of(e))
+            .with_context(|| format!("setting owner/mode/xattrs of staged {}", e.path))?;
         fsx::set_mtime_fd(out.as_fd(), e.mtime_ns)?;
         fault::point("mid-stage");
         if let Ok(mut r) = report.lock() {
@@ -195,7 +237,8 @@ pub fn stage(
     for t in others {
         let e = &entries[t];
         let name = staged_name(t);
-        stage_special(sfd, &name, e).with_context(|| format!("staging {} {}", e.ftype.label(), e.path))?;
+        stage_special(sfd, &name, e)
+            .with_context(|| format!("staging {} {}", e.ftype.label(), e.path))?;
         if let Ok(mut r) = report.lock() {
             r.objects += 1;
         }
@@ -208,7 +251,10 @@ fn stage_special(dir: BorrowedFd<'_>, name: &[u8], e: &Entry) -> Result<()> {
     let empty = Xattrs::new();
     match e.ftype {
         FileType::Symlink => {
-            let t = e.target.as_ref().ok_or_else(|| anyhow!("symlink without target"))?;
+            let t = e
+                .target
+                .as_ref()
+                .ok_or_else(|| anyhow!("symlink without target"))?;
             fsx::symlink_at(dir, name, &t.0)?;
         }
         FileType::Dir => fsx::mkdir_at(dir, name, 0o700)?,

@@ -54,9 +54,13 @@ impl Status {
     /// Read from `dir` if present.
     pub fn load(dir: &Path) -> Result<Option<Status>> {
         match std::fs::read(dir.join(STATUS_NAME)) {
-            Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("parsing {}", dir.join(STATUS_NAME).display()))?)),
+            Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| {
+                format!("parsing {}", dir.join(STATUS_NAME).display())
+            })?)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", dir.join(STATUS_NAME).display())),
+            Err(e) => {
+                Err(e).with_context(|| format!("reading {}", dir.join(STATUS_NAME).display()))
+            }
         }
     }
 }

@@ -81,9 +81,14 @@ pub fn object_rel(d: &Digest) -> String {
 pub fn decode_manifest(stored: &[u8]) -> Result<Manifest> {
     let dec = zstd::stream::read::Decoder::new(stored).context("manifest is not a zstd stream")?;
     let mut json = Vec::new();
-    dec.take(manifest::MAX_MANIFEST_BYTES + 1).read_to_end(&mut json).context("decompressing the manifest")?;
+    dec.take(manifest::MAX_MANIFEST_BYTES + 1)
+        .read_to_end(&mut json)
+        .context("decompressing the manifest")?;
     if json.len() as u64 > manifest::MAX_MANIFEST_BYTES {
-        bail!("manifest exceeds {} bytes uncompressed", manifest::MAX_MANIFEST_BYTES);
+        bail!(
+            "manifest exceeds {} bytes uncompressed",
+            manifest::MAX_MANIFEST_BYTES
+        );
     }
     Ok(Manifest::parse(&json)?)
 }
@@ -102,12 +107,21 @@ impl Store {
     /// Open an existing store, checking its format.
     pub fn open(path: &Path) -> Result<Store> {
         let marker = path.join(MARKER);
-        let text = fs::read(&marker).with_context(|| format!("{} is not an imageupd store (no {MARKER})", path.display()))?;
-        let m: MarkerFile = serde_json::from_slice(&text).with_context(|| format!("parsing {}", marker.display()))?;
+        let text = fs::read(&marker).with_context(|| {
+            format!("{} is not an imageupd store (no {MARKER})", path.display())
+        })?;
+        let m: MarkerFile = serde_json::from_slice(&text)
+            .with_context(|| format!("parsing {}", marker.display()))?;
         if m.format != STORE_FORMAT {
-            bail!("store {} has format {} but this imageupd reads format {STORE_FORMAT}", path.display(), m.format);
+            bail!(
+                "store {} has format {} but this imageupd reads format {STORE_FORMAT}",
+                path.display(),
+                m.format
+            );
         }
-        Ok(Store { path: path.to_path_buf() })
+        Ok(Store {
+            path: path.to_path_buf(),
+        })
     }
 
     /// Open a store, creating an empty one if the directory is new or empty.
@@ -115,11 +129,19 @@ impl Store {
         if Store::is_store(path) {
             return Store::open(path);
         }
-        fs::create_dir_all(path.join("objects")).with_context(|| format!("creating store {}", path.display()))?;
+        fs::create_dir_all(path.join("objects"))
+            .with_context(|| format!("creating store {}", path.display()))?;
         fs::create_dir_all(path.join("images"))?;
         fs::create_dir_all(path.join("tmp"))?;
-        write_atomic(&path.join(MARKER), &serde_json::to_vec(&MarkerFile { format: STORE_FORMAT })?)?;
-        Ok(Store { path: path.to_path_buf() })
+        write_atomic(
+            &path.join(MARKER),
+            &serde_json::to_vec(&MarkerFile {
+                format: STORE_FORMAT,
+            })?,
+        )?;
+        Ok(Store {
+            path: path.to_path_buf(),
+        })
     }
 
     /// The store's directory.
@@ -154,7 +176,8 @@ impl Store {
         }
         let dir = final_path.parent().unwrap_or(&self.path);
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let tmp = tempfile::NamedTempFile::new_in(self.tmp_dir()?).context("creating a temp object")?;
+        let tmp =
+            tempfile::NamedTempFile::new_in(self.tmp_dir()?).context("creating a temp object")?;
         let mut enc = zstd::stream::write::Encoder::new(tmp, level)?;
         enc.include_checksum(false)?;
         let mut vr = crate::stream::VerifyReader::new(r);
@@ -166,14 +189,19 @@ impl Store {
         }
         let size = tmp.as_file().metadata()?.len();
         // World-readable, so a stock web server running as another user can serve it.
-        tmp.as_file().set_permissions(fs::Permissions::from_mode(0o644))?;
-        tmp.persist(&final_path).with_context(|| format!("storing object {}", final_path.display()))?;
+        tmp.as_file()
+            .set_permissions(fs::Permissions::from_mode(0o644))?;
+        tmp.persist(&final_path)
+            .with_context(|| format!("storing object {}", final_path.display()))?;
         Ok(size)
     }
 
     /// Open an object for reading its decompressed content (unverified: wrap
     /// it in a [`crate::stream::VerifyReader`]).
-    pub fn open_object(&self, d: &Digest) -> io::Result<zstd::stream::read::Decoder<'static, io::BufReader<fs::File>>> {
+    pub fn open_object(
+        &self,
+        d: &Digest,
+    ) -> io::Result<zstd::stream::read::Decoder<'static, io::BufReader<fs::File>>> {
         let f = fs::File::open(self.object_path(d))?;
         zstd::stream::read::Decoder::new(f)
     }
@@ -193,12 +221,18 @@ impl Store {
         manifest::validate_image_id(id).map_err(anyhow::Error::msg)?;
         let dir = self.image_dir(id);
         let m = fs::read(dir.join(MANIFEST_NAME)).with_context(|| {
-            format!("image {id:?} is not in store {} (no {})", self.path.display(), dir.join(MANIFEST_NAME).display())
+            format!(
+                "image {id:?} is not in store {} (no {})",
+                self.path.display(),
+                dir.join(MANIFEST_NAME).display()
+            )
         })?;
         let sig = match fs::read(dir.join(SIG_NAME)) {
             Ok(s) => Some(s),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e).with_context(|| format!("reading {}", dir.join(SIG_NAME).display())),
+            Err(e) => {
+                return Err(e).with_context(|| format!("reading {}", dir.join(SIG_NAME).display()))
+            }
         };
         Ok((m, sig))
     }
@@ -207,7 +241,11 @@ impl Store {
     pub fn put_image(&self, m: &Manifest, stored: &[u8], sig: Option<&[u8]>) -> Result<()> {
         let dir = self.image_dir(&m.id);
         if dir.join(MANIFEST_NAME).exists() {
-            bail!("image {:?} already exists in {}; image ids are immutable", m.id, self.path.display());
+            bail!(
+                "image {:?} already exists in {}; image ids are immutable",
+                m.id,
+                self.path.display()
+            );
         }
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         if let Some(sig) = sig {
@@ -227,14 +265,20 @@ impl Store {
             bytes: m.content_bytes(),
             signed: sig.is_some(),
         });
-        write_atomic(&self.path.join("index.json"), &serde_json::to_vec_pretty(&idx)?)
+        write_atomic(
+            &self.path.join("index.json"),
+            &serde_json::to_vec_pretty(&idx)?,
+        )
     }
 
     /// The index (empty if absent).
     pub fn index(&self) -> Result<Index> {
         match fs::read(self.path.join("index.json")) {
             Ok(b) => serde_json::from_slice(&b).context("parsing index.json"),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Index { format: STORE_FORMAT, images: vec![] }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Index {
+                format: STORE_FORMAT,
+                images: vec![],
+            }),
             Err(e) => Err(e).context("reading index.json"),
         }
     }
@@ -243,10 +287,13 @@ impl Store {
 /// Write a file via temp + fsync + rename.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a temp file in {}", dir.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a temp file in {}", dir.display()))?;
     tmp.write_all(data)?;
-    tmp.as_file().set_permissions(fs::Permissions::from_mode(0o644))?;
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(0o644))?;
     tmp.as_file().sync_all()?;
-    tmp.persist(path).with_context(|| format!("writing {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

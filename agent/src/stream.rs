@@ -38,17 +38,30 @@ pub enum VerifyError {
 impl<R: Read> VerifyReader<R> {
     /// Wrap a reader.
     pub fn new(inner: R) -> Self {
-        VerifyReader { inner, hasher: Sha256::new(), bytes: 0 }
+        VerifyReader {
+            inner,
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
     }
 
     /// Drain whatever is left (so trailing garbage is hashed too) and compare.
-    pub fn finish(mut self, expected: &Digest, expected_size: u64) -> io::Result<Result<(), VerifyError>> {
+    pub fn finish(
+        mut self,
+        expected: &Digest,
+        expected_size: u64,
+    ) -> io::Result<Result<(), VerifyError>> {
         io::copy(&mut self, &mut io::sink())?;
         let actual = Digest(self.hasher.finalize().into());
         if &actual == expected && self.bytes == expected_size {
             Ok(Ok(()))
         } else {
-            Ok(Err(VerifyError::Mismatch { expected: *expected, actual, bytes: self.bytes, expected_size }))
+            Ok(Err(VerifyError::Mismatch {
+                expected: *expected,
+                actual,
+                bytes: self.bytes,
+                expected_size,
+            }))
         }
     }
 
@@ -88,6 +101,9 @@ mod tests {
         let r = VerifyReader::new(&b"abd"[..]);
         assert!(r.finish(&d, 3).unwrap().is_err());
         let r = VerifyReader::new(&b"abcx"[..]);
-        assert!(r.finish(&d, 3).unwrap().is_err(), "trailing bytes must fail");
+        assert!(
+            r.finish(&d, 3).unwrap().is_err(),
+            "trailing bytes must fail"
+        );
     }
 }

@@ -46,7 +46,11 @@ pub struct DirCache<'r> {
 impl<'r> DirCache<'r> {
     /// A cache over `root`.
     pub fn new(root: BorrowedFd<'r>) -> Self {
-        DirCache { root, path: None, fd: None }
+        DirCache {
+            root,
+            path: None,
+            fd: None,
+        }
     }
 
     /// Descriptor of the directory `rel` (opened beneath the root).
@@ -73,7 +77,10 @@ fn parent_and_name(p: &RelPath) -> (RelPath, Vec<u8>) {
     if p.is_root() {
         (RelPath::root(), b".".to_vec())
     } else {
-        (p.parent().unwrap_or_else(RelPath::root), p.file_name().to_vec())
+        (
+            p.parent().unwrap_or_else(RelPath::root),
+            p.file_name().to_vec(),
+        )
     }
 }
 
@@ -98,15 +105,24 @@ pub fn swap(
         let step = || format!("{}", e.path);
         match a {
             Action::MkDir { .. } => {
-                let pfd = dirs.get(&parent).with_context(|| format!("opening {parent}"))?;
-                fsx::mkdir_at(pfd, &name, 0o700).with_context(|| format!("creating directory {}", step()))?;
-                fsx::set_meta_at(pfd, &name, &meta_of(e), &empty).with_context(|| format!("setting metadata of {}", step()))?;
+                let pfd = dirs
+                    .get(&parent)
+                    .with_context(|| format!("opening {parent}"))?;
+                fsx::mkdir_at(pfd, &name, 0o700)
+                    .with_context(|| format!("creating directory {}", step()))?;
+                fsx::set_meta_at(pfd, &name, &meta_of(e), &empty)
+                    .with_context(|| format!("setting metadata of {}", step()))?;
                 report.mkdirs += 1;
             }
             Action::Place { how, .. } => {
-                let sname = staged.get(&t).ok_or_else(|| anyhow!("{}: nothing staged", e.path))?;
-                let pfd = dirs.get(&parent).with_context(|| format!("opening {parent}"))?;
-                put(sfd, sname, pfd, &name, *how).with_context(|| format!("moving new {} into place", step()))?;
+                let sname = staged
+                    .get(&t)
+                    .ok_or_else(|| anyhow!("{}: nothing staged", e.path))?;
+                let pfd = dirs
+                    .get(&parent)
+                    .with_context(|| format!("opening {parent}"))?;
+                put(sfd, sname, pfd, &name, *how)
+                    .with_context(|| format!("moving new {} into place", step()))?;
                 report.renames += 1;
             }
             Action::Link { how, .. } => {
@@ -114,21 +130,40 @@ pub fn swap(
                 let (tparent, tname) = parent_and_name(&tgt);
                 let tmp = format!("l{t:x}").into_bytes();
                 {
-                    let tfd = dirs.get(&tparent).with_context(|| format!("opening {tparent}"))?;
-                    fsx::link_at(tfd, &tname, sfd, &tmp).with_context(|| format!("linking {tgt} for {}", step()))?;
+                    let tfd = dirs
+                        .get(&tparent)
+                        .with_context(|| format!("opening {tparent}"))?;
+                    fsx::link_at(tfd, &tname, sfd, &tmp)
+                        .with_context(|| format!("linking {tgt} for {}", step()))?;
                 }
-                let pfd = dirs.get(&parent).with_context(|| format!("opening {parent}"))?;
-                put(sfd, &tmp, pfd, &name, *how).with_context(|| format!("moving hardlink {} into place", step()))?;
+                let pfd = dirs
+                    .get(&parent)
+                    .with_context(|| format!("opening {parent}"))?;
+                put(sfd, &tmp, pfd, &name, *how)
+                    .with_context(|| format!("moving hardlink {} into place", step()))?;
                 report.renames += 1;
             }
             Action::Meta { r, .. } => {
-                let pfd = dirs.get(&parent).with_context(|| format!("opening {parent}"))?;
-                fsx::set_meta_at(pfd, &name, &meta_of(e), &nodes[*r].xattrs).with_context(|| format!("setting metadata of {}", step()))?;
-                fsx::set_mtime_at(pfd, &name, e.mtime_ns).with_context(|| format!("setting mtime of {}", step()))?;
+                let pfd = dirs
+                    .get(&parent)
+                    .with_context(|| format!("opening {parent}"))?;
+                fsx::set_meta_at(pfd, &name, &meta_of(e), &nodes[*r].xattrs)
+                    .with_context(|| format!("setting metadata of {}", step()))?;
+                fsx::set_mtime_at(pfd, &name, e.mtime_ns)
+                    .with_context(|| format!("setting mtime of {}", step()))?;
                 report.metadata += 1;
             }
         }
-        if matches!(a, Action::Place { how: Replace::Exchange, .. } | Action::Link { how: Replace::Exchange, .. }) {
+        if matches!(
+            a,
+            Action::Place {
+                how: Replace::Exchange,
+                ..
+            } | Action::Link {
+                how: Replace::Exchange,
+                ..
+            }
+        ) {
             dirs.invalidate();
         }
         fault::point("mid-swap");
@@ -136,7 +171,13 @@ pub fn swap(
     Ok(())
 }
 
-fn put(sfd: BorrowedFd<'_>, sname: &[u8], pfd: BorrowedFd<'_>, name: &[u8], how: Replace) -> io::Result<()> {
+fn put(
+    sfd: BorrowedFd<'_>,
+    sname: &[u8],
+    pfd: BorrowedFd<'_>,
+    name: &[u8],
+    how: Replace,
+) -> io::Result<()> {
     match how {
         Replace::New | Replace::Rename => fsx::rename_at(sfd, sname, pfd, name),
         Replace::Exchange => match fsx::exchange_at(sfd, sname, pfd, name) {
@@ -160,11 +201,19 @@ pub fn delete(plan: &Plan, root: BorrowedFd<'_>, report: &mut SwapReport) -> Res
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e).with_context(|| format!("opening {parent}")),
         };
-        let res = if d.ftype == FileType::Dir { fsx::rmdir_at(pfd, &name) } else { fsx::unlink_at(pfd, &name) };
+        let res = if d.ftype == FileType::Dir {
+            fsx::rmdir_at(pfd, &name)
+        } else {
+            fsx::unlink_at(pfd, &name)
+        };
         match res {
             Ok(()) => report.deleted += 1,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) if d.ftype == FileType::Dir && (e.raw_os_error() == Some(libc::ENOTEMPTY) || e.raw_os_error() == Some(libc::EBUSY)) => {
+            Err(e)
+                if d.ftype == FileType::Dir
+                    && (e.raw_os_error() == Some(libc::ENOTEMPTY)
+                        || e.raw_os_error() == Some(libc::EBUSY)) =>
+            {
                 tracing::warn!(path = %d.path, "kept directory: it still holds preserved or foreign content");
                 report.kept.push(d.path.to_string());
             }
@@ -176,7 +225,12 @@ pub fn delete(plan: &Plan, root: BorrowedFd<'_>, report: &mut SwapReport) -> Res
 }
 
 /// Make directory metadata exact (deepest first), re-reading what is there.
-pub fn finalise_dirs(indices: &[usize], entries: &[Entry], root: BorrowedFd<'_>, report: &mut SwapReport) -> Result<()> {
+pub fn finalise_dirs(
+    indices: &[usize],
+    entries: &[Entry],
+    root: BorrowedFd<'_>,
+    report: &mut SwapReport,
+) -> Result<()> {
     let mut dirs = DirCache::new(root);
     for &i in indices {
         let e = &entries[i];
@@ -188,17 +242,24 @@ pub fn finalise_dirs(indices: &[usize], entries: &[Entry], root: BorrowedFd<'_>,
         };
         let st = fsx::stat_at(pfd, &name).with_context(|| format!("stat of {}", e.path))?;
         if st.ftype != FileType::Dir {
-            return Err(anyhow!("{} is a {} where the image has a directory", e.path, st.ftype.label()));
+            return Err(anyhow!(
+                "{} is a {} where the image has a directory",
+                e.path,
+                st.ftype.label()
+            ));
         }
         if st.mode != e.mode || st.uid != e.uid || st.gid != e.gid {
             let have = fsx::read_xattrs(pfd, &name)?;
-            fsx::set_meta_at(pfd, &name, &meta_of(e), &have).with_context(|| format!("setting metadata of {}", e.path))?;
+            fsx::set_meta_at(pfd, &name, &meta_of(e), &have)
+                .with_context(|| format!("setting metadata of {}", e.path))?;
         } else {
             let have = fsx::read_xattrs(pfd, &name)?;
-            fsx::sync_xattrs(pfd, &name, &have, &e.xattrs).with_context(|| format!("setting xattrs of {}", e.path))?;
+            fsx::sync_xattrs(pfd, &name, &have, &e.xattrs)
+                .with_context(|| format!("setting xattrs of {}", e.path))?;
         }
         if st.mtime_ns != e.mtime_ns {
-            fsx::set_mtime_at(pfd, &name, e.mtime_ns).with_context(|| format!("setting mtime of {}", e.path))?;
+            fsx::set_mtime_at(pfd, &name, e.mtime_ns)
+                .with_context(|| format!("setting mtime of {}", e.path))?;
         }
         report.dirs_finalised += 1;
     }

@@ -55,9 +55,22 @@ impl DriftReport {
 pub fn verify(root_path: &Path, checksum: bool, threads: usize) -> Result<DriftReport> {
     let root = RootFs::open(root_path).context(ExitKind::Usage)?;
     let cfg = Config::load(&root.path)?;
-    let state = root.state_dir()?.ok_or_else(|| anyhow!("{} has no imageupd state: nothing was ever applied here", root.path.display()))?;
-    let bytes = fsx::read_beneath(state.as_fd(), &RelPath(crate::apply::CURRENT_MANIFEST.to_vec()))
-        .with_context(|| format!("reading the current image's manifest in {}/var/lib/imageupd", root.path.display()))?;
+    let state = root.state_dir()?.ok_or_else(|| {
+        anyhow!(
+            "{} has no imageupd state: nothing was ever applied here",
+            root.path.display()
+        )
+    })?;
+    let bytes = fsx::read_beneath(
+        state.as_fd(),
+        &RelPath(crate::apply::CURRENT_MANIFEST.to_vec()),
+    )
+    .with_context(|| {
+        format!(
+            "reading the current image's manifest in {}/var/lib/imageupd",
+            root.path.display()
+        )
+    })?;
     let m = crate::store::decode_manifest(&bytes)?;
     let mut preserve = Preserve::new(&cfg.preserve).map_err(anyhow::Error::msg)?;
     if let Some(r) = crate::rootfs::running_release() {
@@ -65,11 +78,25 @@ pub fn verify(root_path: &Path, checksum: bool, threads: usize) -> Result<DriftR
         let _ = preserve.add(&format!("/usr/lib/modules/{r}/"));
     }
     let skip = vec![RelPath(stage::STAGE_AT_TOP.as_bytes().to_vec())];
-    let nodes = scan::scan(root.fd(), &ScanOptions { preserve: Some(&preserve), skip })?;
+    let nodes = scan::scan(
+        root.fd(),
+        &ScanOptions {
+            preserve: Some(&preserve),
+            skip,
+        },
+    )?;
     let by_path: HashMap<&RelPath, &Node> = nodes.iter().map(|n| (&n.path, n)).collect();
-    let mut r = DriftReport { id: m.id.clone(), checksum, ..Default::default() };
+    let mut r = DriftReport {
+        id: m.id.clone(),
+        checksum,
+        ..Default::default()
+    };
     let mut to_hash = Vec::new();
-    let mut mount_points: Vec<&RelPath> = nodes.iter().filter(|n| n.mountpoint).map(|n| &n.path).collect();
+    let mut mount_points: Vec<&RelPath> = nodes
+        .iter()
+        .filter(|n| n.mountpoint)
+        .map(|n| &n.path)
+        .collect();
     mount_points.sort();
     let below_mount = |p: &RelPath| mount_points.iter().any(|m| p.starts_with(m) && p != *m);
     for e in &m.entries {
@@ -85,9 +112,17 @@ pub fn verify(root_path: &Path, checksum: bool, threads: usize) -> Result<DriftR
             continue;
         }
         let mut what = Vec::new();
-        let want_type = if e.ftype == FileType::Hardlink { FileType::File } else { e.ftype };
+        let want_type = if e.ftype == FileType::Hardlink {
+            FileType::File
+        } else {
+            e.ftype
+        };
         if n.stat.ftype != want_type {
-            what.push(format!("type ({} instead of {})", n.stat.ftype.label(), e.ftype.label()));
+            what.push(format!(
+                "type ({} instead of {})",
+                n.stat.ftype.label(),
+                e.ftype.label()
+            ));
         } else if e.ftype == FileType::Hardlink {
             let t = RelPath(e.target.as_ref().map(|x| x.0.clone()).unwrap_or_default());
             if by_path.get(&t).is_none_or(|a| a.stat.ino != n.stat.ino) {
@@ -98,7 +133,10 @@ pub fn verify(root_path: &Path, checksum: bool, threads: usize) -> Result<DriftR
                 what.push(format!("mode ({:o} instead of {:o})", n.stat.mode, e.mode));
             }
             if n.stat.uid != e.uid || n.stat.gid != e.gid {
-                what.push(format!("owner ({}:{} instead of {}:{})", n.stat.uid, n.stat.gid, e.uid, e.gid));
+                what.push(format!(
+                    "owner ({}:{} instead of {}:{})",
+                    n.stat.uid, n.stat.gid, e.uid, e.gid
+                ));
             }
             if n.stat.mtime_ns != e.mtime_ns {
                 what.push("mtime".into());
@@ -114,21 +152,22 @@ pub fn verify(root_path: &Path, checksum: bool, threads: usize) -> Result<DriftR
                         to_hash.push(e);
                     }
                 }
-                FileType::Symlink => {
-                    if n.target.as_deref() != e.target.as_ref().map(|t| t.0.as_slice()) {
-                        what.push("symlink target".into());
-                    }
+                FileType::Symlink
+                    if n.target.as_deref() != e.target.as_ref().map(|t| t.0.as_slice()) =>
+                {
+                    what.push("symlink target".into());
                 }
-                FileType::Char | FileType::Block => {
-                    if Some(n.stat.rdev) != e.rdev {
-                        what.push("device number".into());
-                    }
+                FileType::Char | FileType::Block if Some(n.stat.rdev) != e.rdev => {
+                    what.push("device number".into());
                 }
                 _ => {}
             }
         }
         if !what.is_empty() {
-            r.modified.push(crate::verify::Drift { path: e.path.to_string(), what });
+            r.modified.push(crate::verify::Drift {
+                path: e.path.to_string(),
+                what,
+            });
         }
     }
     let in_image: std::collections::HashSet<&RelPath> = m.entries.iter().map(|e| &e.path).collect();
@@ -139,14 +178,18 @@ pub fn verify(root_path: &Path, checksum: bool, threads: usize) -> Result<DriftR
     }
     let root_fd = root.fd();
     let bad = scan::par_map(&to_hash, threads, |e| {
-        let f = fsx::open_file_beneath(root_fd, &e.path).with_context(|| format!("opening {}", e.path))?;
+        let f = fsx::open_file_beneath(root_fd, &e.path)
+            .with_context(|| format!("opening {}", e.path))?;
         let (d, _) = crate::stream::digest_of(std::io::BufReader::with_capacity(256 * 1024, f))?;
         Ok((Some(d) != e.sha256).then(|| e.path.to_string()))
     })?;
     for p in bad.into_iter().flatten() {
         match r.modified.iter_mut().find(|d| d.path == p) {
             Some(d) => d.what.push("content".into()),
-            None => r.modified.push(Drift { path: p, what: vec!["content".into()] }),
+            None => r.modified.push(Drift {
+                path: p,
+                what: vec!["content".into()],
+            }),
         }
     }
     r.modified.sort_by(|a, b| a.path.cmp(&b.path));
