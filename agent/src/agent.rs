@@ -476,6 +476,11 @@ pub fn run(root: &Path) -> Result<()> {
         })
         .context(ExitKind::Locked)?;
     let cfg = Config::load(&root)?;
+    // Settle a kernel change recorded before this boot, and drop the
+    // modules no kernel needs any more (logged; never fatal).
+    if let Err(e) = RootFs::open(&root).and_then(|rf| crate::reboot::confirm_boot(&rf)) {
+        tracing::warn!("boot check: {e:#}");
+    }
     // Hooks can tell they run under the agent (and e.g. re-run configuration).
     // Set before any thread starts.
     std::env::set_var(MODE_ENV, "agent");

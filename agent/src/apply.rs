@@ -81,6 +81,11 @@ pub struct KernelVerdict {
     pub target_release: Option<String>,
     /// Policy that applies.
     pub policy: Option<KernelPolicy>,
+    /// The target's kernel, as its manifest records it.
+    pub target_kernel: Option<crate::manifest::KernelInfo>,
+    /// What was done about a change: kexec, reboot, deferred,
+    /// not-host-root or failed ([`crate::reboot::Action`]).
+    pub action: Option<String>,
 }
 
 /// The outcome, printed by the CLI (human or `--json`).
@@ -224,7 +229,7 @@ pub fn run(opts: &ApplyOptions, progress: &Progress) -> Result<ApplyReport> {
         lifecycle: Lifecycle::new(),
         status,
     };
-    let res = run_inner(&mut ctx);
+    let mut res = run_inner(&mut ctx);
     if !opts.dry_run {
         let rt = ctx.root.runtime_dir();
         match &res {
@@ -264,6 +269,11 @@ pub fn run(opts: &ApplyOptions, progress: &Progress) -> Result<ApplyReport> {
         if let Err(e) = ctx.status.save(&rt) {
             tracing::warn!("could not write status: {e:#}");
         }
+    }
+    // SPEC §5 step 8, once the status says reboot-pending.
+    if let (false, Ok(r)) = (opts.dry_run, &mut res) {
+        let policy = opts.kernel_policy.unwrap_or(ctx.cfg.kernel_policy);
+        crate::reboot::after_apply(&crate::reboot::Actuator::host(), &ctx.root, &ctx.cfg, policy, r, progress);
     }
     res
 }
@@ -400,6 +410,8 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
         reason,
         target_release: target.kernel.as_ref().map(|k| k.release.clone()),
         policy: Some(ctx.opts.kernel_policy.unwrap_or(ctx.cfg.kernel_policy)),
+        target_kernel: target.kernel.clone(),
+        action: None,
     };
     clock.lap("plan");
 
@@ -912,8 +924,10 @@ pub fn human_summary(r: &ApplyReport) -> String {
     ));
     match (&r.kernel.changed, &r.kernel.reason) {
         (true, Some(why)) => s.push_str(&format!(
-            "  kernel: changes ({why}); policy {:?}\n",
-            r.kernel.policy.unwrap_or(KernelPolicy::Kexec)
+            "  kernel: changes ({why}): the node must boot {}; policy {}{}\n",
+            r.kernel.target_release.as_deref().unwrap_or("the new kernel"),
+            crate::reboot::policy_word(r.kernel.policy.unwrap_or(KernelPolicy::Kexec)),
+            r.kernel.action.as_deref().map(|a| format!(", done: {a}")).unwrap_or_default()
         )),
         _ => s.push_str("  kernel: unchanged\n"),
     }

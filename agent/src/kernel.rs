@@ -154,6 +154,10 @@ pub fn change_reason(
             t.release
         )),
         None => None,
+        // The root's image boots another release, but the node still runs
+        // the target's (a change that was deferred, then rolled back): the
+        // current image says nothing about the running kernel's files.
+        Some(c) if c.release != t.release && running_release.is_some() => None,
         Some(c) => {
             if c.release != t.release {
                 Some(format!(
@@ -278,5 +282,10 @@ mod tests {
         );
         assert!(change_reason(None, Some(&a), Some("x")).is_none());
         assert!(version_cmp("6.1.0-50", "6.1.0-9").is_gt());
+        // Rolling back to the running kernel after a deferred change.
+        let mut old = a.clone();
+        old.release = "6.1.0-47-cloud-amd64".into();
+        assert!(change_reason(Some(&old), Some(&a), Some("6.1.0-47-cloud-amd64")).is_none());
+        assert!(change_reason(Some(&old), Some(&a), None).unwrap().contains("from 6.1.0-50-cloud-amd64 to 6.1.0-47"));
     }
 }

@@ -9,6 +9,8 @@
 //! - [`stage`], [`swap`], [`journal`], [`apply`]: changing it crash-safely;
 //! - [`hooks`], [`lifecycle`], [`status`], [`lock`]: around the swap;
 //! - [`verify`], [`kernel`], [`config`]: checks and settings;
+//! - [`reboot`], [`dbus`], [`kexec_sys`]: acting on a kernel change
+//!   (kexec, reboot or defer) and confirming the boot afterwards;
 //! - [`agent`], [`metadata`], [`watch`], [`backoff`], [`sdnotify`],
 //!   [`logging`]: the node agent and `apply --from-metadata`;
 //! - [`fsx`], [`stream`], [`remount`], [`rootfs`]: system edges.
@@ -18,11 +20,13 @@ pub mod apply;
 pub mod backoff;
 pub mod cmd;
 pub mod config;
+pub mod dbus;
 pub mod error;
 pub mod fault;
 pub mod fsx;
 pub mod hooks;
 pub mod journal;
+pub mod kexec_sys;
 pub mod kernel;
 pub mod lifecycle;
 pub mod lock;
@@ -33,6 +37,7 @@ pub mod plan;
 pub mod preserve;
 pub mod progress;
 pub mod publish;
+pub mod reboot;
 pub mod remount;
 pub mod rootfs;
 pub mod scan;

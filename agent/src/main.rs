@@ -142,6 +142,29 @@ enum Cmd {
         #[command(flatten)]
         root: RootArg,
     },
+    /// Boot the kernel of the current image now, after a deferred kernel change.
+    ///
+    /// Runs the pre-reboot hooks, then kexecs into the image's kernel with
+    /// the running command line (falling back to a reboot), or reboots.
+    /// Does nothing when no kernel change is pending.
+    Reboot {
+        #[command(flatten)]
+        root: RootArg,
+        /// kexec or reboot (default: the configured policy; defer means kexec).
+        #[arg(long)]
+        kernel_policy: Option<KernelPolicy>,
+    },
+    /// After a boot: record a pending kernel change complete (the image's
+    /// kernel runs) or failed, and remove module directories neither the
+    /// image nor the running kernel uses. Run at boot by
+    /// imageupd-boot-check.service and by the agent at start.
+    BootCheck {
+        #[command(flatten)]
+        root: RootArg,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the deterministic fault points (for crash tests).
     #[command(hide = true)]
     FaultPoints,
@@ -296,6 +319,37 @@ fn run(cli: Cli) -> Result<u8> {
             })
         }
         Cmd::Status { root, json } => status(&root.root, json),
+        Cmd::Reboot {
+            root,
+            kernel_policy,
+        } => {
+            let rf = imageupd::rootfs::RootFs::open(&root.root).context(ExitKind::Usage)?;
+            let cfg = imageupd::config::Config::load(&rf.path)?;
+            let act = imageupd::reboot::Actuator::host();
+            match imageupd::reboot::reboot_now(&act, &rf, &cfg, kernel_policy, &Progress::new(false))? {
+                Some(a) => println!("{}: {}", rf.path.display(), a.as_str()),
+                None => println!("no kernel change is pending on {}: nothing to do", rf.path.display()),
+            }
+            Ok(0)
+        }
+        Cmd::BootCheck { root, json } => {
+            let rf = imageupd::rootfs::RootFs::open(&root.root).context(ExitKind::Usage)?;
+            let r = imageupd::reboot::confirm_boot(&rf)?;
+            if json {
+                print_json(&r)?;
+            } else {
+                if let Some(rec) = &r.record {
+                    println!("kernel:   {}", rec.describe());
+                }
+                for p in &r.pruned {
+                    println!("removed stale modules {p}");
+                }
+            }
+            Ok(match &r.record {
+                Some(rec) if rec.state == imageupd::reboot::KernelState::Failed && r.confirmed => 1,
+                _ => 0,
+            })
+        }
         Cmd::FaultPoints => {
             for p in imageupd::fault::POINTS {
                 println!("{p}");
@@ -356,6 +410,10 @@ fn status(root: &std::path::Path, json: bool) -> Result<u8> {
     let agent = imageupd::agent::AgentRecord::load(&rf.runtime_dir())
         .ok()
         .filter(|a| *a != Default::default());
+    let kernel = imageupd::reboot::load(&rf)?;
+    let reboot_required = kernel
+        .as_ref()
+        .is_some_and(|k| k.state == imageupd::reboot::KernelState::Pending);
     if json {
         print_json(&serde_json::json!({
             "root": rf.path,
@@ -365,6 +423,11 @@ fn status(root: &std::path::Path, json: bool) -> Result<u8> {
             "journal": journal,
             "status": live,
             "agent": agent,
+            "kernel": {
+                "running": imageupd::rootfs::running_release().filter(|_| rf.is_host_root()),
+                "reboot_required": reboot_required,
+                "record": kernel,
+            },
         }))?;
     } else {
         println!("root:     {}", rf.path.display());
@@ -392,6 +455,10 @@ fn status(root: &std::path::Path, json: bool) -> Result<u8> {
             if let Some(e) = &s.last_error {
                 println!("error:    {e}");
             }
+        }
+        if let Some(k) = &kernel {
+            let what = if reboot_required { "reboot:  " } else { "kernel:  " };
+            println!("{what} {}", k.describe());
         }
         if let Some(a) = &agent {
             println!("agent:    {} ({})", a.state, a.metadata_source);
