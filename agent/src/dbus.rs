@@ -40,6 +40,9 @@ const LOGIND_ABSENT: [&str; 4] = [
     "org.freedesktop.DBus.Error.UnknownObject",
     "org.freedesktop.DBus.Error.UnknownMethod",
 ];
+/// Prefix of the errors of a failed bus activation (logind could not be
+/// started): also "not there".
+const ACTIVATION_FAILED: &str = "org.freedesktop.DBus.Error.Spawn.";
 
 /// Which bus to call.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -113,7 +116,7 @@ impl Manager {
         let logind = self.conn.call_method(Some(LOGIND_DEST), LOGIND_PATH, Some(LOGIND_MANAGER), "Reboot", &(false,));
         match logind {
             Ok(_) => Ok(RebootVia::Logind),
-            Err(zbus::Error::MethodError(name, _, _)) if LOGIND_ABSENT.contains(&name.as_str()) => {
+            Err(zbus::Error::MethodError(name, _, _)) if LOGIND_ABSENT.contains(&name.as_str()) || name.starts_with(ACTIVATION_FAILED) => {
                 tracing::info!("logind is not available ({name}); asking systemd for {REBOOT_TARGET}");
                 self.start_unit(REBOOT_TARGET, JOB_MODE).map(|_| RebootVia::Systemd)
             }
@@ -135,9 +138,26 @@ pub mod testbus {
     /// Calls the fakes received, e.g. `StartUnit kexec.target replace-irreversibly`.
     pub type Calls = Arc<Mutex<Vec<String>>>;
 
-    /// A `dbus-daemon --session` of our own, killed on drop.
+    /// A bus of our own: every name may be owned, nothing is activated.
+    const CONFIG: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:tmpdir=/tmp</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>
+"#;
+
+    /// A private `dbus-daemon` (a session bus without service activation),
+    /// killed on drop.
     pub struct PrivateBus {
         child: Child,
+        _config: tempfile::NamedTempFile,
         /// Its address.
         pub address: String,
     }
@@ -145,8 +165,11 @@ pub mod testbus {
     impl PrivateBus {
         /// Start one (needs the `dbus-daemon` binary: package `dbus`).
         pub fn start() -> PrivateBus {
+            let config = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(config.path(), CONFIG).unwrap();
             let mut child = Command::new("dbus-daemon")
-                .args(["--session", "--nofork", "--nopidfile", "--print-address=1"])
+                .arg(format!("--config-file={}", config.path().display()))
+                .args(["--nofork", "--nopidfile", "--print-address=1"])
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
@@ -155,7 +178,7 @@ pub mod testbus {
             let mut line = String::new();
             BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("reading the bus address");
             assert!(!line.trim().is_empty(), "dbus-daemon printed no address");
-            PrivateBus { child, address: line.trim().to_string() }
+            PrivateBus { child, _config: config, address: line.trim().to_string() }
         }
     }
 

@@ -82,8 +82,10 @@ impl Node {
             let r = publish::publish(&o, &t, &Progress::new(true)).unwrap();
             assert_eq!(r.kernel.as_deref(), Some(k), "kernel detection of image {id}");
         }
+        // Adopt `a` over a copy of its tree, as a node built from it would.
         let root = dir.path().join("root");
-        std::fs::create_dir(&root).unwrap();
+        let cp = std::process::Command::new("cp").arg("-a").arg(dir.path().join("tree-a")).arg(&root).status().unwrap();
+        assert!(cp.success());
         let n = Node { dir, root, store };
         n.apply("a", None).unwrap();
         // Adopting `a` on a scratch root counts as a kernel change
@@ -166,7 +168,7 @@ fn plan_and_defer_record_why_a_reboot_is_needed() {
     let rec = n.record();
     assert_eq!((rec.state, rec.action, rec.image_id.as_str(), rec.from_image.as_deref()), (KernelState::Pending, Action::Deferred, "b", Some("a")));
     assert_eq!(rec.target.release, KB);
-    assert_eq!(rec.target.vmlinuz.as_ref().unwrap().to_string(), format!("boot/vmlinuz-{KB}"));
+    assert_eq!(rec.target.vmlinuz.as_ref().unwrap().to_string(), format!("/boot/vmlinuz-{KB}"));
     assert!(rec.describe().contains("imageupd reboot"), "{}", rec.describe());
 }
 
@@ -200,7 +202,7 @@ fn kexec_loads_the_new_kernel_with_the_running_cmdline_then_starts_kexec_target(
     let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), 1);
     let (k, i, c, bytes) = &seen[0];
-    assert_eq!((k.as_str(), i.as_str(), c.as_str()), (&*format!("boot/vmlinuz-{KB}"), &*format!("boot/initrd.img-{KB}"), "console=ttyS0 root=/dev/vda ro quiet"));
+    assert_eq!((k.as_str(), i.as_str(), c.as_str()), (&*format!("/boot/vmlinuz-{KB}"), &*format!("/boot/initrd.img-{KB}"), "console=ttyS0 root=/dev/vda ro quiet"));
     assert_eq!(bytes, format!("kernel {KB}").as_bytes(), "the descriptor must be the updated root's kernel");
     assert_eq!(calls(&fakes), ["StartUnit kexec.target replace-irreversibly"]);
     assert_eq!(*unloads.lock().unwrap(), 0);
