@@ -1,0 +1,624 @@
+//! End to end in a VM: real Debian bookworm images with systemd and the
+//! cloud kernel, booted under qemu (TCG), updated in place by imageupd
+//! running inside the guest.
+//!
+//! Images (trees from tests/fixtures/build-vm-trees.sh, with the imageupd
+//! binary, its units and the guest harness of tests/vm/guest laid over
+//! them through overlayfs):
+//!
+//! - v1: kernel 6.1.0-47-cloud-amd64, `vm-hello` says "hello from v1";
+//! - v2: v1 with only `vm-hello` changed (a userspace-only update);
+//! - v3: kernel 6.1.0-50-cloud-amd64 instead, `vm-hello` says v3.
+//!
+//! The guest boots v1 with direct kernel boot, a read-only root on
+//! /dev/vda and the store plus the metadata on /dev/vdb. The host talks to
+//! the guest harness through the second serial port and reads markers from
+//! the console log. Scenarios:
+//!
+//! 1. v1 → v2 in place: `vm-hello` answers v2, same boot id, `imageupd
+//!    verify` clean in the guest;
+//! 2. v2 → v3 with policy kexec: the guest comes back on the new kernel
+//!    with a new boot id, image v3, the kernel record complete, the old
+//!    kernel's modules gone, `verify` clean;
+//! 3. v1 → v3 with policy reboot. With direct kernel boot a reboot would
+//!    start the same `-kernel` again, so the test plays the boot loader: qemu
+//!    runs with `-no-reboot` and exits when the guest reboots, the test reads
+//!    the `/vmlinuz` and `/initrd.img` links of the updated disk (what a boot
+//!    loader's default entry points at) and starts qemu again with them.
+//!
+//! Who applies inside the guest is [`DRIVER`]: the agent, or a oneshot unit
+//! that runs `imageupd apply --id <id from the metadata> --kernel-policy
+//! <p>`. Switching is that one line.
+//!
+//! Needs root, qemu-system-x86_64, mkfs.ext4, overlayfs, and the network
+//! for the first build of the trees. `IMAGEUPD_TEST_NO_VM=1` skips (and
+//! says so). `IMAGEUPD_VM_DEBUG=1` forwards the guest's journal to the
+//! console log.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::*;
+
+/// Who applies updates inside the guest.
+const DRIVER: Driver = Driver::Oneshot;
+
+/// The kernel of v1 and v2.
+const K_OLD: &str = "6.1.0-47-cloud-amd64";
+/// The kernel of v3.
+const K_NEW: &str = "6.1.0-50-cloud-amd64";
+/// Size of the root disk image (sparse), in MiB.
+const ROOT_DISK_MIB: u64 = 2048;
+/// Size of the data disk image (sparse), in MiB.
+const DATA_DISK_MIB: u64 = 1024;
+/// Longest wait for a boot (qemu start or kexec/reboot to the harness).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest wait for an in-place update to show.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest wait for one harness command's answer.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Driver {
+    /// `imageupd agent` (systemd/imageupd-agent.service).
+    Agent,
+    /// tests/vm/guest's imageupd-vm-apply.{path,service}.
+    Oneshot,
+}
+
+fn skip() -> bool {
+    if std::env::var_os("IMAGEUPD_TEST_NO_VM").is_some_and(|v| v == "1") {
+        eprintln!("SKIPPED: IMAGEUPD_TEST_NO_VM=1");
+        return true;
+    }
+    false
+}
+
+// ---------------------------------------------------------------------------
+// Images, disks and the store.
+
+/// Everything the scenarios boot from, built once per test process.
+struct Prep {
+    _scratch: Scratch,
+    dir: PathBuf,
+    store: PathBuf,
+    /// Root disk with node policy kexec.
+    root_kexec: PathBuf,
+    /// Root disk with node policy reboot.
+    root_reboot: PathBuf,
+    /// Data disk contents (store + metadata).
+    data_dir: PathBuf,
+    /// `imageupd plan --json` on the v1 node, for v2 and v3.
+    plan_v2: serde_json::Value,
+    plan_v3: serde_json::Value,
+    /// Human plan on the v1 node for v3.
+    plan_v3_text: String,
+    /// Preparation time.
+    took: Duration,
+}
+
+/// An overlay mount, unmounted on drop.
+struct Overlay {
+    merged: PathBuf,
+}
+
+impl Overlay {
+    fn mount(lower: &[&Path], upper: &Path, work: &Path, merged: &Path) -> Overlay {
+        for d in [upper, work, merged] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let lowers: Vec<String> = lower.iter().map(|p| p.display().to_string()).collect();
+        cmd(
+            "mount",
+            [
+                "-t".to_string(),
+                "overlay".into(),
+                "overlay".into(),
+                "-o".into(),
+                format!("lowerdir={},upperdir={},workdir={}", lowers.join(":"), upper.display(), work.display()),
+                merged.display().to_string(),
+            ],
+        );
+        Overlay { merged: merged.to_path_buf() }
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.merged).status();
+    }
+}
+
+fn vm_trees() -> PathBuf {
+    Run::new(repo_root().join("tests/fixtures/build-vm-trees.sh")).timeout(Duration::from_secs(1800)).ok();
+    cache_dir().join("vm")
+}
+
+/// Copy a directory's mode, owner and mtime from the same path in `lower`,
+/// for every directory of `upper` (so a layer changes no directory's
+/// metadata but its own files').
+fn match_dirs(upper: &Path, lower: &Path) {
+    sh(&format!(
+        "cd {u} && find . -mindepth 1 -type d -print0 | sort -rz | while IFS= read -r -d '' d; do \
+           if [ -d {l}/\"$d\" ]; then chmod --reference={l}/\"$d\" \"$d\"; chown --reference={l}/\"$d\" \"$d\"; touch -h -r {l}/\"$d\" \"$d\"; fi; done",
+        u = upper.display(),
+        l = lower.display()
+    ));
+}
+
+/// The layer that makes tree `lower` image `id`.
+fn image_layer(dir: &Path, id: &str, lower: &Path) -> PathBuf {
+    let up = dir.join(format!("layer-{id}"));
+    std::fs::create_dir_all(up.join("usr/bin")).unwrap();
+    std::fs::create_dir_all(up.join("usr/local/bin")).unwrap();
+    // The binary under test, without debug info.
+    cmd("strip", [OsArg::from("--strip-debug"), OsArg::from("-o"), up.join("usr/bin/imageupd").into(), OsArg::from(bin())]);
+    sh(&format!("cp -a {}/. {}/", repo_root().join("tests/vm/guest").display(), up.display()));
+    let units = up.join("etc/systemd/system");
+    for u in ["imageupd-agent.service", "imageupd-boot-check.service"] {
+        std::fs::copy(repo_root().join("systemd").join(u), units.join(u)).unwrap();
+    }
+    let wants = units.join("multi-user.target.wants");
+    std::fs::create_dir_all(&wants).unwrap();
+    let mut enabled = vec!["imageupd-boot-check.service", "imageupd-vm-harness.service"];
+    enabled.push(match DRIVER {
+        Driver::Agent => "imageupd-agent.service",
+        Driver::Oneshot => "imageupd-vm-apply.path",
+    });
+    for u in enabled {
+        std::os::unix::fs::symlink(format!("/etc/systemd/system/{u}"), wants.join(u)).unwrap();
+    }
+    let hello = up.join("usr/local/bin/vm-hello");
+    std::fs::write(&hello, format!("#!/bin/sh\necho hello from {id}\n")).unwrap();
+    sh(&format!("chmod 755 {}", hello.display()));
+    match_dirs(&up, lower);
+    up
+}
+
+/// A short alias for command arguments.
+type OsArg = std::ffi::OsString;
+
+fn mkfs(dir: &Path, img: &Path, mib: u64, label: &str) {
+    let _ = std::fs::remove_file(img);
+    cmd(
+        "mkfs.ext4",
+        [
+            OsArg::from("-q"),
+            OsArg::from("-F"),
+            OsArg::from("-L"),
+            OsArg::from(label),
+            OsArg::from("-m"),
+            OsArg::from("0"),
+            OsArg::from("-d"),
+            dir.into(),
+            img.into(),
+            OsArg::from(format!("{mib}M")),
+        ],
+    );
+}
+
+fn node_config(policy: &str) -> String {
+    let mut s = format!("kernel_policy = \"{policy}\"\n");
+    if DRIVER == Driver::Agent {
+        s.push_str("\n[agent]\nmetadata_file = \"/mnt/data/metadata.json\"\ndefault_source = \"/mnt/data/store\"\ndebounce_ms = 200\n");
+    }
+    s
+}
+
+fn prep() -> &'static Prep {
+    static P: OnceLock<Prep> = OnceLock::new();
+    P.get_or_init(|| {
+        let t0 = Instant::now();
+        assert!(
+            Command::new("qemu-system-x86_64").arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success()),
+            "qemu-system-x86_64 is required (apt-get install qemu-system-x86), or set IMAGEUPD_TEST_NO_VM=1 to skip"
+        );
+        let trees = vm_trees();
+        let (k47, k50) = (trees.join("k47"), trees.join("k50"));
+        let scratch = scratch("vm");
+        let dir = scratch.path().to_path_buf();
+        let key = keygen(&dir.join("keys"), "vm");
+        let store = dir.join("data/store");
+        let mut parent: Option<&str> = None;
+        for (id, lower) in [("v1", &k47), ("v2", &k47), ("v3", &k50)] {
+            let layer = image_layer(&dir, id, lower);
+            let ov = Overlay::mount(&[&layer, lower], &dir.join(format!("upper-{id}")), &dir.join(format!("work-{id}")), &dir.join(format!("image-{id}")));
+            publish(&store, id, Some(&key), parent, &ov.merged);
+            parent = Some(id);
+        }
+        // The node: v1 plus node-local files, adopted by an apply of v1.
+        let node_up = dir.join("node-upper");
+        trust(&node_up, &key);
+        std::fs::create_dir_all(node_up.join("etc/imageupd/config.d")).unwrap();
+        std::fs::write(
+            node_up.join("etc/fstab"),
+            "/dev/vda  /          ext4  ro,errors=remount-ro  0 0\n/dev/vdb  /mnt/data  ext4  rw                    0 0\n",
+        )
+        .unwrap();
+        let node = Overlay::mount(&[&dir.join("layer-v1"), &k47], &node_up, &dir.join("node-work"), &dir.join("node"));
+        apply(&store, "v1", &node.merged, &[]).expect_ok();
+        assert_eq!(image_id(&node.merged).as_deref(), Some("v1"));
+        // Adopting counts as a kernel change on a plain directory; the node
+        // starts without one.
+        let _ = std::fs::remove_file(node.merged.join("var/lib/imageupd/kernel.json"));
+        let plan = |id: &str, json: bool| {
+            let mut r = imageupd(["plan", "--from"]).arg(&store).args(["--id", id, "--root"]).arg(&node.merged);
+            if json {
+                r = r.arg("--json");
+            }
+            r.ok()
+        };
+        let plan_v2 = plan("v2", true).json();
+        let plan_v3 = plan("v3", true).json();
+        let plan_v3_text = plan("v3", false).stdout;
+        let cfg = node.merged.join("etc/imageupd/config.d/50-vm.toml");
+        let root_kexec = dir.join("root-kexec.img");
+        let root_reboot = dir.join("root-reboot.img");
+        std::fs::write(&cfg, node_config("kexec")).unwrap();
+        mkfs(&node.merged, &root_kexec, ROOT_DISK_MIB, "root");
+        std::fs::write(&cfg, node_config("reboot")).unwrap();
+        mkfs(&node.merged, &root_reboot, ROOT_DISK_MIB, "root");
+        drop(node);
+        std::fs::write(dir.join("data/metadata.json"), "{\"image_id\": \"v1\"}\n").unwrap();
+        let took = t0.elapsed();
+        eprintln!("vm: images, store and disks ready in {took:.1?}");
+        Prep { dir: dir.clone(), store, root_kexec, root_reboot, data_dir: dir.join("data"), plan_v2, plan_v3, plan_v3_text, took, _scratch: scratch }
+    })
+}
+
+// ---------------------------------------------------------------------------
+// The VM.
+
+/// One `@@VM kind key=value ...@@` line.
+#[derive(Debug, Clone)]
+struct Marker {
+    kind: String,
+    kv: HashMap<String, String>,
+}
+
+impl Marker {
+    fn parse(line: &str) -> Option<Marker> {
+        let start = line.find("@@VM ")? + 5;
+        let end = start + line[start..].find("@@")?;
+        let mut words = line[start..end].split_whitespace();
+        let kind = words.next()?.to_string();
+        let kv = words.filter_map(|w| w.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Some(Marker { kind, kv })
+    }
+
+    fn get(&self, k: &str) -> &str {
+        self.kv.get(k).map(String::as_str).unwrap_or_else(|| panic!("marker {self:?} has no {k}"))
+    }
+
+    fn b64(&self, k: &str) -> String {
+        let raw = base64::engine::general_purpose::STANDARD.decode(self.get(k)).unwrap_or_default();
+        String::from_utf8_lossy(&raw).into_owned()
+    }
+}
+
+/// A running qemu, killed on drop.
+struct Vm {
+    name: String,
+    child: Child,
+    console: PathBuf,
+    sock: PathBuf,
+    ctl: Option<UnixStream>,
+    /// Bytes of the console log already consumed.
+    cursor: usize,
+}
+
+impl Vm {
+    fn boot(name: &str, dir: &Path, kernel: &Path, initrd: &Path, root: &Path, data: &Path) -> Vm {
+        let console = dir.join(format!("{name}.console.log"));
+        let sock = dir.join(format!("{name}.ctl.sock"));
+        let _ = std::fs::remove_file(&console);
+        let _ = std::fs::remove_file(&sock);
+        let mut append = "console=ttyS0 root=/dev/vda ro quiet loglevel=3 panic=-1 systemd.show_status=false".to_string();
+        if std::env::var_os("IMAGEUPD_VM_DEBUG").is_some() {
+            append.push_str(" systemd.journald.forward_to_console=1");
+        }
+        let stderr = std::fs::File::create(dir.join(format!("{name}.qemu.err"))).unwrap();
+        let child = Command::new("qemu-system-x86_64")
+            .args(["-accel", "tcg", "-m", "1024", "-smp", "2", "-nodefaults", "-display", "none", "-no-reboot"])
+            .arg("-kernel")
+            .arg(kernel)
+            .arg("-initrd")
+            .arg(initrd)
+            .args(["-append", &append])
+            .arg("-drive")
+            .arg(format!("file={},if=virtio,format=raw", root.display()))
+            .arg("-drive")
+            .arg(format!("file={},if=virtio,format=raw", data.display()))
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .arg("-serial")
+            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("starting qemu-system-x86_64");
+        eprintln!("vm {name}: qemu started (pid {}), kernel {}", child.id(), kernel.display());
+        Vm { name: name.into(), child, console, sock, ctl: None, cursor: 0 }
+    }
+
+    fn console_tail(&self) -> String {
+        let text = String::from_utf8_lossy(&std::fs::read(&self.console).unwrap_or_default()).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        let from = lines.len().saturating_sub(80);
+        format!("--- last console lines of vm {} ({}) ---\n{}", self.name, self.console.display(), lines[from..].join("\n"))
+    }
+
+    /// Wait for a marker of `kind` that `pred` accepts, after the cursor.
+    #[track_caller]
+    fn wait(&mut self, kind: &str, timeout: Duration, pred: impl Fn(&Marker) -> bool) -> Marker {
+        let start = Instant::now();
+        loop {
+            let bytes = std::fs::read(&self.console).unwrap_or_default();
+            if bytes.len() > self.cursor {
+                let text = &bytes[self.cursor..];
+                // Only whole lines.
+                if let Some(last_nl) = text.iter().rposition(|&b| b == b'\n') {
+                    let chunk = String::from_utf8_lossy(&text[..=last_nl]).into_owned();
+                    let mut consumed = 0;
+                    for line in chunk.split_inclusive('\n') {
+                        consumed += line.len();
+                        if let Some(m) = Marker::parse(line) {
+                            if m.kind == "error" {
+                                panic!("vm {}: the harness failed: {line}\n{}", self.name, self.console_tail());
+                            }
+                            if m.kind == kind && pred(&m) {
+                                self.cursor += consumed;
+                                return m;
+                            }
+                        }
+                    }
+                    self.cursor += consumed;
+                }
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("vm {}: qemu exited ({st}) while waiting for {kind}\n{}", self.name, self.console_tail());
+            }
+            if start.elapsed() > timeout {
+                panic!("vm {}: no {kind} marker within {timeout:?}\n{}", self.name, self.console_tail());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Send one command line to the harness.
+    fn send(&mut self, line: &str) {
+        if self.ctl.is_none() {
+            self.ctl = Some(UnixStream::connect(&self.sock).unwrap_or_else(|e| panic!("connecting to {}: {e}", self.sock.display())));
+        }
+        let s = self.ctl.as_mut().unwrap();
+        s.write_all(format!("{line}\n").as_bytes()).expect("writing to the guest's serial port");
+        s.flush().unwrap();
+    }
+
+    #[track_caller]
+    fn probe(&mut self, tag: &str) -> Marker {
+        self.send(&format!("probe {tag}"));
+        self.wait("probe", COMMAND_TIMEOUT, |m| m.kv.get("tag").map(String::as_str) == Some(tag))
+    }
+
+    #[track_caller]
+    fn verify(&mut self, tag: &str) -> Marker {
+        self.send(&format!("verify {tag}"));
+        self.wait("verify", COMMAND_TIMEOUT, |m| m.kv.get("tag").map(String::as_str) == Some(tag))
+    }
+
+    /// Write the metadata in the guest (what os-collect-config would do).
+    fn metadata(&mut self, id: &str, policy: &str) {
+        self.send(&format!("meta {{\"image_id\": \"{id}\", \"kernel_policy\": \"{policy}\"}}"));
+        self.wait("meta-written", COMMAND_TIMEOUT, |_| true);
+    }
+
+    /// Wait for qemu to exit by itself.
+    #[track_caller]
+    fn wait_exit(&mut self, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            if start.elapsed() > timeout {
+                panic!("vm {}: qemu did not exit within {timeout:?}\n{}", self.name, self.console_tail());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn poweroff(mut self) {
+        self.send("poweroff");
+        self.wait_exit(Duration::from_secs(120));
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The `imageupd status --json` a probe carried.
+fn status_of(m: &Marker) -> serde_json::Value {
+    let text = m.b64("status");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("status in {m:?} is not JSON ({e}): {text}"))
+}
+
+fn data_disk(p: &Prep, name: &str) -> PathBuf {
+    let img = p.dir.join(format!("{name}.data.img"));
+    mkfs(&p.data_dir, &img, DATA_DISK_MIB, "data");
+    img
+}
+
+fn copy_disk(src: &Path, name: &str, p: &Prep) -> PathBuf {
+    let img = p.dir.join(format!("{name}.root.img"));
+    cmd("cp", [OsArg::from("--sparse=always"), src.into(), img.clone().into()]);
+    img
+}
+
+/// Kernel and initrd of the v1 image, from the cached tree.
+fn v1_kernel() -> (PathBuf, PathBuf) {
+    let t = cache_dir().join("vm/k47/boot");
+    (t.join(format!("vmlinuz-{K_OLD}")), t.join(format!("initrd.img-{K_OLD}")))
+}
+
+/// Play the boot loader: the kernel and initrd the updated disk's
+/// `/vmlinuz` and `/initrd.img` links point at, copied out; plus the disk's
+/// image id and kernel record.
+fn boot_loader(disk: &Path, dir: &Path) -> (PathBuf, PathBuf, String, serde_json::Value) {
+    let mnt = dir.join("bootloader-mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    cmd("mount", [OsArg::from("-o"), OsArg::from("loop,ro,noload"), disk.into(), mnt.clone().into()]);
+    let res = std::panic::catch_unwind(|| {
+        let pick = |link: &str| {
+            let target = std::fs::read_link(mnt.join(link)).unwrap_or_else(|e| panic!("{link} on the updated disk: {e}"));
+            let src = mnt.join(target.strip_prefix("/").unwrap_or(&target));
+            let dst = dir.join(format!("booted-{link}"));
+            std::fs::copy(&src, &dst).unwrap_or_else(|e| panic!("copying {}: {e}", src.display()));
+            dst
+        };
+        let (k, i) = (pick("vmlinuz"), pick("initrd.img"));
+        let id = std::fs::read_to_string(mnt.join("etc/image_id")).unwrap().trim().to_string();
+        let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(mnt.join("var/lib/imageupd/kernel.json")).unwrap()).unwrap();
+        (k, i, id, rec)
+    });
+    cmd("umount", [&mnt]);
+    res.unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+// ---------------------------------------------------------------------------
+// Tests.
+
+/// Kernel detection on the real trees, and what `plan` says about it.
+#[test]
+fn kernel_detection_on_real_images() {
+    if skip() {
+        return;
+    }
+    let p = prep();
+    for (id, rel, tree) in [("v1", K_OLD, "k47"), ("v2", K_OLD, "k47"), ("v3", K_NEW, "k50")] {
+        let k = &read_manifest(&p.store, id)["kernel"];
+        assert_eq!(k["release"], rel, "kernel of {id}: {k}");
+        let boot = cache_dir().join("vm").join(tree).join("boot");
+        assert_eq!(k["vmlinuz_sha256"], sha256_file(&boot.join(format!("vmlinuz-{rel}"))), "vmlinuz digest of {id}");
+        assert_eq!(k["initrd_sha256"], sha256_file(&boot.join(format!("initrd.img-{rel}"))), "initrd digest of {id}");
+        assert!(k["vmlinuz"].as_str().unwrap().ends_with(&format!("boot/vmlinuz-{rel}")), "{k}");
+    }
+    assert_eq!(p.plan_v2["kernel"]["changed"], false, "v1 -> v2 keeps the kernel: {}", p.plan_v2["kernel"]);
+    let k3 = &p.plan_v3["kernel"];
+    assert_eq!(k3["changed"], true, "{k3}");
+    assert_eq!(k3["target_release"], K_NEW);
+    assert_eq!(k3["policy"], "kexec", "the node's configured policy: {k3}");
+    let why = k3["reason"].as_str().unwrap();
+    assert!(why.contains(K_OLD) && why.contains(K_NEW), "{why}");
+    assert!(p.plan_v3_text.contains(&format!("must boot {K_NEW}")), "{}", p.plan_v3_text);
+}
+
+/// Scenarios 1 to 3 (see the module documentation), in one test so the
+/// VMs never run at the same time.
+#[test]
+fn vm_in_place_kexec_and_reboot() {
+    if skip() {
+        return;
+    }
+    let p = prep();
+    let mut times: Vec<(String, Duration)> = vec![("prepare images, store, disks".into(), p.took)];
+    let (k1, i1) = v1_kernel();
+
+    // --- VM A: v1 -> v2 in place, then v2 -> v3 with kexec.
+    let root = copy_disk(&p.root_kexec, "a", p);
+    let data = data_disk(p, "a");
+    let t = Instant::now();
+    let mut vm = Vm::boot("a", &p.dir, &k1, &i1, &root, &data);
+    let ready = vm.wait("ready", BOOT_TIMEOUT, |_| true);
+    times.push(("boot v1 (qemu start -> harness ready)".into(), t.elapsed()));
+    assert_eq!((ready.get("uname"), ready.get("image_id"), ready.get("hello")), (K_OLD, "v1", "hello-from-v1"), "{ready:?}");
+    let boot1 = ready.get("boot_id").to_string();
+
+    // 1. v2 in place.
+    let t = Instant::now();
+    vm.metadata("v2", "kexec");
+    let mut n = 0;
+    let pr = loop {
+        n += 1;
+        let pr = vm.probe(&format!("v2-{n}"));
+        if pr.get("image_id") == "v2" && pr.get("hello") == "hello-from-v2" {
+            break pr;
+        }
+        assert!(t.elapsed() < APPLY_TIMEOUT, "v2 not applied within {APPLY_TIMEOUT:?}: {pr:?}\n{}", vm.console_tail());
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    times.push(("v2 in place: metadata write -> service answers v2".into(), t.elapsed()));
+    assert_eq!(pr.get("boot_id"), boot1, "an update without a kernel change must not reboot");
+    assert_eq!(pr.get("uname"), K_OLD);
+    let st = status_of(&pr);
+    assert_eq!(st["kernel"]["reboot_required"], false, "{st}");
+    let v = vm.verify("after-v2");
+    assert_eq!(v.get("rc"), "0", "imageupd verify in the guest after v2:\n{}", v.b64("out"));
+
+    // 2. v3 with kexec.
+    let t = Instant::now();
+    vm.metadata("v3", "kexec");
+    let ready = vm.wait("ready", BOOT_TIMEOUT + APPLY_TIMEOUT, |m| m.kv.get("boot_id") != Some(&boot1));
+    times.push(("v3 kexec: metadata write -> new kernel's harness ready".into(), t.elapsed()));
+    assert_eq!((ready.get("uname"), ready.get("image_id"), ready.get("hello")), (K_NEW, "v3", "hello-from-v3"), "{ready:?}");
+    let pr = vm.probe("after-kexec");
+    let st = status_of(&pr);
+    let rec = &st["kernel"]["record"];
+    assert_eq!(rec["state"], "complete", "{st}");
+    assert_eq!(rec["action"], "kexec", "{st}");
+    assert_eq!(rec["booted_release"], K_NEW);
+    assert_eq!(st["kernel"]["reboot_required"], false);
+    assert_eq!(pr.get("modules"), format!("{K_NEW},"), "the old kernel's modules must be gone once the new one runs");
+    if let Some(ms) = rec["request_to_confirm_ms"].as_u64() {
+        times.push(("v3 kexec: kexec requested -> boot check (guest clock)".into(), Duration::from_millis(ms)));
+    }
+    let v = vm.verify("after-kexec");
+    assert_eq!(v.get("rc"), "0", "imageupd verify in the guest after the kexec:\n{}", v.b64("out"));
+    vm.poweroff();
+
+    // --- VM B: 3. v1 -> v3 with policy reboot.
+    let root = copy_disk(&p.root_reboot, "b", p);
+    let data = data_disk(p, "b");
+    let mut vm = Vm::boot("b", &p.dir, &k1, &i1, &root, &data);
+    let ready = vm.wait("ready", BOOT_TIMEOUT, |_| true);
+    assert_eq!((ready.get("uname"), ready.get("image_id")), (K_OLD, "v1"), "{ready:?}");
+    let boot1 = ready.get("boot_id").to_string();
+    let t = Instant::now();
+    vm.metadata("v3", "reboot");
+    vm.wait_exit(BOOT_TIMEOUT + APPLY_TIMEOUT);
+    times.push(("v3 reboot: metadata write -> guest reset".into(), t.elapsed()));
+    drop(vm);
+    let (k3, i3, id, rec) = boot_loader(&root, &p.dir);
+    assert_eq!(id, "v3", "the disk must hold v3 when the guest reboots");
+    assert_eq!((rec["state"].as_str(), rec["action"].as_str()), (Some("pending"), Some("reboot")), "{rec}");
+    assert!(k3.exists() && i3.exists());
+    let mut vm = Vm::boot("b2", &p.dir, &k3, &i3, &root, &data);
+    let ready = vm.wait("ready", BOOT_TIMEOUT, |_| true);
+    times.push(("v3 reboot: metadata write -> new kernel's harness ready".into(), t.elapsed()));
+    assert_ne!(ready.get("boot_id"), boot1);
+    assert_eq!((ready.get("uname"), ready.get("image_id"), ready.get("hello")), (K_NEW, "v3", "hello-from-v3"), "{ready:?}");
+    let st = status_of(&vm.probe("after-reboot"));
+    let rec = &st["kernel"]["record"];
+    assert_eq!((rec["state"].as_str(), rec["action"].as_str()), (Some("complete"), Some("reboot")), "{st}");
+    vm.poweroff();
+
+    eprintln!("vm timings (driver {DRIVER:?}, qemu TCG, host load included):");
+    for (what, d) in &times {
+        eprintln!("  {:>7.1} s  {what}", d.as_secs_f64());
+    }
+}
