@@ -285,13 +285,19 @@ struct Marker {
 }
 
 impl Marker {
-    fn parse(line: &str) -> Option<Marker> {
-        let start = line.find("@@VM ")? + 5;
-        let end = start + line[start..].find("@@")?;
-        let mut words = line[start..end].split_whitespace();
-        let kind = words.next()?.to_string();
-        let kv = words.filter_map(|w| w.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        Some(Marker { kind, kv })
+    /// Every complete marker in a line (a marker can follow the cut-off
+    /// rest of one whose writer died in a kexec).
+    fn parse_all(line: &str) -> Vec<Marker> {
+        line.split("@@VM ")
+            .skip(1)
+            .filter_map(|seg| {
+                let body = &seg[..seg.find("@@")?];
+                let mut words = body.split_whitespace();
+                let kind = words.next()?.to_string();
+                let kv = words.filter_map(|w| w.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
+                Some(Marker { kind, kv })
+            })
+            .collect()
     }
 
     fn get(&self, k: &str) -> &str {
@@ -371,7 +377,7 @@ impl Vm {
                     let mut consumed = 0;
                     for line in chunk.split_inclusive('\n') {
                         consumed += line.len();
-                        if let Some(m) = Marker::parse(line) {
+                        for m in Marker::parse_all(line) {
                             if m.kind == "error" {
                                 panic!("vm {}: the harness failed: {line}\n{}", self.name, self.console_tail());
                             }
@@ -397,7 +403,10 @@ impl Vm {
     /// Send one command line to the harness.
     fn send(&mut self, line: &str) {
         if self.ctl.is_none() {
-            self.ctl = Some(UnixStream::connect(&self.sock).unwrap_or_else(|e| panic!("connecting to {}: {e}", self.sock.display())));
+            let mut s = UnixStream::connect(&self.sock).unwrap_or_else(|e| panic!("connecting to {}: {e}", self.sock.display()));
+            // An empty line first: it ends anything half-received.
+            s.write_all(b"\n").unwrap();
+            self.ctl = Some(s);
         }
         let s = self.ctl.as_mut().unwrap();
         s.write_all(format!("{line}\n").as_bytes()).expect("writing to the guest's serial port");

@@ -539,8 +539,16 @@ pub fn confirm_boot(root: &RootFs) -> Result<BootCheck> {
     Ok(out)
 }
 
+/// What the current image says about module directories.
+struct ImageModules {
+    /// Releases whose module directory the image holds.
+    releases: BTreeSet<Vec<u8>>,
+    /// The image's mtime of each of [`MODULE_DIRS`] it holds, ns.
+    dir_mtimes: Vec<(&'static str, i64)>,
+}
+
 /// Releases whose module directory the current image holds.
-fn image_module_releases(root: &RootFs) -> Result<Option<BTreeSet<Vec<u8>>>> {
+fn image_module_releases(root: &RootFs) -> Result<Option<ImageModules>> {
     let Some(state) = root.state_dir()? else { return Ok(None) };
     let bytes = match fsx::read_beneath(state.as_fd(), &RelPath(crate::apply::CURRENT_MANIFEST.to_vec())) {
         Ok(b) => b,
@@ -548,12 +556,15 @@ fn image_module_releases(root: &RootFs) -> Result<Option<BTreeSet<Vec<u8>>>> {
         Err(e) => return Err(e).context("reading the current image's manifest"),
     };
     let m = crate::store::decode_manifest(&bytes)?;
-    let mut out = BTreeSet::new();
+    let mut out = ImageModules { releases: BTreeSet::new(), dir_mtimes: Vec::new() };
     for e in m.entries.iter().filter(|e| e.ftype == FileType::Dir) {
         for base in MODULE_DIRS {
+            if e.path.as_bytes() == base.as_bytes() {
+                out.dir_mtimes.push((base, e.mtime_ns));
+            }
             if let Some(rest) = e.path.as_bytes().strip_prefix(base.as_bytes()).and_then(|r| r.strip_prefix(b"/")) {
                 if !rest.is_empty() && !rest.contains(&b'/') {
-                    out.insert(rest.to_vec());
+                    out.releases.insert(rest.to_vec());
                 }
             }
         }
@@ -562,8 +573,9 @@ fn image_module_releases(root: &RootFs) -> Result<Option<BTreeSet<Vec<u8>>>> {
 }
 
 /// Remove `lib/modules/<release>` directories that the current image does
-/// not contain, except the running kernel's and preserved paths. Nothing is
-/// removed when the root has no record of its current image.
+/// not contain, except the running kernel's and preserved paths, and give
+/// the parent directory its mtime from the image again. Nothing is removed
+/// when the root has no record of its current image.
 pub fn prune_stale_modules(root: &RootFs, cfg: &Config, running: &str) -> Result<Vec<String>> {
     let Some(keep) = image_module_releases(root)? else { return Ok(Vec::new()) };
     let preserve = Preserve::new(&cfg.preserve).map_err(anyhow::Error::msg)?;
@@ -575,7 +587,7 @@ pub fn prune_stale_modules(root: &RootFs, cfg: &Config, running: &str) -> Result
         for name in fsx::read_dir_names(dir.as_fd()).with_context(|| format!("listing {base}"))? {
             let rel = RelPath([base.as_bytes(), b"/", &name].concat());
             let is_dir = fsx::stat_at(dir.as_fd(), &name).is_ok_and(|s| s.ftype == FileType::Dir);
-            if is_dir && name != running.as_bytes() && !keep.contains(&name) && !preserve.matches(&rel) {
+            if is_dir && name != running.as_bytes() && !keep.releases.contains(&name) && !preserve.matches(&rel) {
                 stale.push((base, name));
             }
         }
@@ -591,6 +603,9 @@ pub fn prune_stale_modules(root: &RootFs, cfg: &Config, running: &str) -> Result
             fsx::remove_tree_at(dir.as_fd(), name, root.dev).with_context(|| format!("removing stale modules {shown}"))?;
             tracing::info!("removed {shown}: neither the current image nor the running kernel {running} uses it");
             removed.push(shown);
+            if let Some((_, mtime)) = keep.dir_mtimes.iter().find(|(b, _)| b == base) {
+                fsx::set_mtime_fd(dir.as_fd(), *mtime).with_context(|| format!("restoring the mtime of {base}"))?;
+            }
         }
         Ok(removed)
     })

@@ -351,7 +351,9 @@ fn stale_module_directories_go_once_another_kernel_runs() {
     write(&n.root.join("etc/imageupd/config.d/50-keep.toml"), "preserve_extra = [\"/usr/lib/modules/keep-me/\"]\n");
     let cfg = Config::load(&n.root).unwrap();
     let root = n.rootfs();
+    let image_mtime = std::fs::metadata(n.dir.path().join("tree-b/usr/lib/modules")).unwrap().modified().unwrap();
     assert_eq!(prune_stale_modules(&root, &cfg, KA).unwrap(), ["usr/lib/modules/0.9-stray"]);
+    assert_eq!(std::fs::metadata(n.root.join("usr/lib/modules")).unwrap().modified().unwrap(), image_mtime, "the image's mtime again");
     assert!(n.root.join(format!("usr/lib/modules/{KA}")).is_dir(), "the running kernel's modules stay");
     assert_eq!(prune_stale_modules(&root, &cfg, KB).unwrap(), [format!("usr/lib/modules/{KA}")]);
     for keep in [KB, "keep-me", "not-a-dir"] {
