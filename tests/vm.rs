@@ -49,7 +49,7 @@ use base64::Engine as _;
 use common::*;
 
 /// Who applies updates inside the guest.
-const DRIVER: Driver = Driver::Oneshot;
+const DRIVER: Driver = Driver::Agent;
 
 /// The kernel of v1 and v2.
 const K_OLD: &str = "6.1.0-47-cloud-amd64";
@@ -67,6 +67,7 @@ const APPLY_TIMEOUT: Duration = Duration::from_secs(300);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[allow(dead_code)] // one of the two is not selected
 enum Driver {
     /// `imageupd agent` (systemd/imageupd-agent.service).
     Agent,
@@ -123,11 +124,18 @@ impl Overlay {
                 "overlay".into(),
                 "overlay".into(),
                 "-o".into(),
-                format!("lowerdir={},upperdir={},workdir={}", lowers.join(":"), upper.display(), work.display()),
+                format!(
+                    "lowerdir={},upperdir={},workdir={}",
+                    lowers.join(":"),
+                    upper.display(),
+                    work.display()
+                ),
                 merged.display().to_string(),
             ],
         );
-        Overlay { merged: merged.to_path_buf() }
+        Overlay {
+            merged: merged.to_path_buf(),
+        }
     }
 }
 
@@ -138,7 +146,9 @@ impl Drop for Overlay {
 }
 
 fn vm_trees() -> PathBuf {
-    Run::new(repo_root().join("tests/fixtures/build-vm-trees.sh")).timeout(Duration::from_secs(1800)).ok();
+    Run::new(repo_root().join("tests/fixtures/build-vm-trees.sh"))
+        .timeout(Duration::from_secs(1800))
+        .ok();
     cache_dir().join("vm")
 }
 
@@ -160,8 +170,20 @@ fn image_layer(dir: &Path, id: &str, lower: &Path) -> PathBuf {
     std::fs::create_dir_all(up.join("usr/bin")).unwrap();
     std::fs::create_dir_all(up.join("usr/local/bin")).unwrap();
     // The binary under test, without debug info.
-    cmd("strip", [OsArg::from("--strip-debug"), OsArg::from("-o"), up.join("usr/bin/imageupd").into(), OsArg::from(bin())]);
-    sh(&format!("cp -a {}/. {}/", repo_root().join("tests/vm/guest").display(), up.display()));
+    cmd(
+        "strip",
+        [
+            OsArg::from("--strip-debug"),
+            OsArg::from("-o"),
+            up.join("usr/bin/imageupd").into(),
+            OsArg::from(bin()),
+        ],
+    );
+    sh(&format!(
+        "cp -a {}/. {}/",
+        repo_root().join("tests/vm/guest").display(),
+        up.display()
+    ));
     let units = up.join("etc/systemd/system");
     for u in ["imageupd-agent.service", "imageupd-boot-check.service"] {
         std::fs::copy(repo_root().join("systemd").join(u), units.join(u)).unwrap();
@@ -294,18 +316,26 @@ impl Marker {
                 let body = &seg[..seg.find("@@")?];
                 let mut words = body.split_whitespace();
                 let kind = words.next()?.to_string();
-                let kv = words.filter_map(|w| w.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
+                let kv = words
+                    .filter_map(|w| w.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
                 Some(Marker { kind, kv })
             })
             .collect()
     }
 
     fn get(&self, k: &str) -> &str {
-        self.kv.get(k).map(String::as_str).unwrap_or_else(|| panic!("marker {self:?} has no {k}"))
+        self.kv
+            .get(k)
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("marker {self:?} has no {k}"))
     }
 
     fn b64(&self, k: &str) -> String {
-        let raw = base64::engine::general_purpose::STANDARD.decode(self.get(k)).unwrap_or_default();
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(self.get(k))
+            .unwrap_or_default();
         String::from_utf8_lossy(&raw).into_owned()
     }
 }
@@ -327,13 +357,26 @@ impl Vm {
         let sock = dir.join(format!("{name}.ctl.sock"));
         let _ = std::fs::remove_file(&console);
         let _ = std::fs::remove_file(&sock);
-        let mut append = "console=ttyS0 root=/dev/vda ro quiet loglevel=3 panic=-1 systemd.show_status=false".to_string();
+        let mut append =
+            "console=ttyS0 root=/dev/vda ro quiet loglevel=3 panic=-1 systemd.show_status=false"
+                .to_string();
         if std::env::var_os("IMAGEUPD_VM_DEBUG").is_some() {
             append.push_str(" systemd.journald.forward_to_console=1");
         }
         let stderr = std::fs::File::create(dir.join(format!("{name}.qemu.err"))).unwrap();
         let child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-m", "1024", "-smp", "2", "-nodefaults", "-display", "none", "-no-reboot"])
+            .args([
+                "-accel",
+                "tcg",
+                "-m",
+                "1024",
+                "-smp",
+                "2",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-no-reboot",
+            ])
             .arg("-kernel")
             .arg(kernel)
             .arg("-initrd")
@@ -352,15 +395,32 @@ impl Vm {
             .stderr(stderr)
             .spawn()
             .expect("starting qemu-system-x86_64");
-        eprintln!("vm {name}: qemu started (pid {}), kernel {}", child.id(), kernel.display());
-        Vm { name: name.into(), child, console, sock, ctl: None, cursor: 0 }
+        eprintln!(
+            "vm {name}: qemu started (pid {}), kernel {}",
+            child.id(),
+            kernel.display()
+        );
+        Vm {
+            name: name.into(),
+            child,
+            console,
+            sock,
+            ctl: None,
+            cursor: 0,
+        }
     }
 
     fn console_tail(&self) -> String {
-        let text = String::from_utf8_lossy(&std::fs::read(&self.console).unwrap_or_default()).into_owned();
+        let text =
+            String::from_utf8_lossy(&std::fs::read(&self.console).unwrap_or_default()).into_owned();
         let lines: Vec<&str> = text.lines().collect();
         let from = lines.len().saturating_sub(80);
-        format!("--- last console lines of vm {} ({}) ---\n{}", self.name, self.console.display(), lines[from..].join("\n"))
+        format!(
+            "--- last console lines of vm {} ({}) ---\n{}",
+            self.name,
+            self.console.display(),
+            lines[from..].join("\n")
+        )
     }
 
     /// Wait for a marker of `kind` that `pred` accepts, after the cursor.
@@ -379,7 +439,11 @@ impl Vm {
                         consumed += line.len();
                         for m in Marker::parse_all(line) {
                             if m.kind == "error" {
-                                panic!("vm {}: the harness failed: {line}\n{}", self.name, self.console_tail());
+                                panic!(
+                                    "vm {}: the harness failed: {line}\n{}",
+                                    self.name,
+                                    self.console_tail()
+                                );
                             }
                             if m.kind == kind && pred(&m) {
                                 self.cursor += consumed;
@@ -391,10 +455,18 @@ impl Vm {
                 }
             }
             if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("vm {}: qemu exited ({st}) while waiting for {kind}\n{}", self.name, self.console_tail());
+                panic!(
+                    "vm {}: qemu exited ({st}) while waiting for {kind}\n{}",
+                    self.name,
+                    self.console_tail()
+                );
             }
             if start.elapsed() > timeout {
-                panic!("vm {}: no {kind} marker within {timeout:?}\n{}", self.name, self.console_tail());
+                panic!(
+                    "vm {}: no {kind} marker within {timeout:?}\n{}",
+                    self.name,
+                    self.console_tail()
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -403,31 +475,39 @@ impl Vm {
     /// Send one command line to the harness.
     fn send(&mut self, line: &str) {
         if self.ctl.is_none() {
-            let mut s = UnixStream::connect(&self.sock).unwrap_or_else(|e| panic!("connecting to {}: {e}", self.sock.display()));
+            let mut s = UnixStream::connect(&self.sock)
+                .unwrap_or_else(|e| panic!("connecting to {}: {e}", self.sock.display()));
             // An empty line first: it ends anything half-received.
             s.write_all(b"\n").unwrap();
             self.ctl = Some(s);
         }
         let s = self.ctl.as_mut().unwrap();
-        s.write_all(format!("{line}\n").as_bytes()).expect("writing to the guest's serial port");
+        s.write_all(format!("{line}\n").as_bytes())
+            .expect("writing to the guest's serial port");
         s.flush().unwrap();
     }
 
     #[track_caller]
     fn probe(&mut self, tag: &str) -> Marker {
         self.send(&format!("probe {tag}"));
-        self.wait("probe", COMMAND_TIMEOUT, |m| m.kv.get("tag").map(String::as_str) == Some(tag))
+        self.wait("probe", COMMAND_TIMEOUT, |m| {
+            m.kv.get("tag").map(String::as_str) == Some(tag)
+        })
     }
 
     #[track_caller]
     fn verify(&mut self, tag: &str) -> Marker {
         self.send(&format!("verify {tag}"));
-        self.wait("verify", COMMAND_TIMEOUT, |m| m.kv.get("tag").map(String::as_str) == Some(tag))
+        self.wait("verify", COMMAND_TIMEOUT, |m| {
+            m.kv.get("tag").map(String::as_str) == Some(tag)
+        })
     }
 
     /// Write the metadata in the guest (what os-collect-config would do).
     fn metadata(&mut self, id: &str, policy: &str) {
-        self.send(&format!("meta {{\"image_id\": \"{id}\", \"kernel_policy\": \"{policy}\"}}"));
+        self.send(&format!(
+            "meta {{\"image_id\": \"{id}\", \"kernel_policy\": \"{policy}\"}}"
+        ));
         self.wait("meta-written", COMMAND_TIMEOUT, |_| true);
     }
 
@@ -440,7 +520,11 @@ impl Vm {
                 return;
             }
             if start.elapsed() > timeout {
-                panic!("vm {}: qemu did not exit within {timeout:?}\n{}", self.name, self.console_tail());
+                panic!(
+                    "vm {}: qemu did not exit within {timeout:?}\n{}",
+                    self.name,
+                    self.console_tail()
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -464,7 +548,8 @@ impl Drop for Vm {
 /// The `imageupd status --json` a probe carried.
 fn status_of(m: &Marker) -> serde_json::Value {
     let text = m.b64("status");
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("status in {m:?} is not JSON ({e}): {text}"))
+    serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("status in {m:?} is not JSON ({e}): {text}"))
 }
 
 fn data_disk(p: &Prep, name: &str) -> PathBuf {
@@ -475,14 +560,24 @@ fn data_disk(p: &Prep, name: &str) -> PathBuf {
 
 fn copy_disk(src: &Path, name: &str, p: &Prep) -> PathBuf {
     let img = p.dir.join(format!("{name}.root.img"));
-    cmd("cp", [OsArg::from("--sparse=always"), src.into(), img.clone().into()]);
+    cmd(
+        "cp",
+        [
+            OsArg::from("--sparse=always"),
+            src.into(),
+            img.clone().into(),
+        ],
+    );
     img
 }
 
 /// Kernel and initrd of the v1 image, from the cached tree.
 fn v1_kernel() -> (PathBuf, PathBuf) {
     let t = cache_dir().join("vm/k47/boot");
-    (t.join(format!("vmlinuz-{K_OLD}")), t.join(format!("initrd.img-{K_OLD}")))
+    (
+        t.join(format!("vmlinuz-{K_OLD}")),
+        t.join(format!("initrd.img-{K_OLD}")),
+    )
 }
 
 /// Play the boot loader: the kernel and initrd the updated disk's
@@ -491,18 +586,33 @@ fn v1_kernel() -> (PathBuf, PathBuf) {
 fn boot_loader(disk: &Path, dir: &Path) -> (PathBuf, PathBuf, String, serde_json::Value) {
     let mnt = dir.join("bootloader-mnt");
     std::fs::create_dir_all(&mnt).unwrap();
-    cmd("mount", [OsArg::from("-o"), OsArg::from("loop,ro,noload"), disk.into(), mnt.clone().into()]);
+    cmd(
+        "mount",
+        [
+            OsArg::from("-o"),
+            OsArg::from("loop,ro,noload"),
+            disk.into(),
+            mnt.clone().into(),
+        ],
+    );
     let res = std::panic::catch_unwind(|| {
         let pick = |link: &str| {
-            let target = std::fs::read_link(mnt.join(link)).unwrap_or_else(|e| panic!("{link} on the updated disk: {e}"));
+            let target = std::fs::read_link(mnt.join(link))
+                .unwrap_or_else(|e| panic!("{link} on the updated disk: {e}"));
             let src = mnt.join(target.strip_prefix("/").unwrap_or(&target));
             let dst = dir.join(format!("booted-{link}"));
             std::fs::copy(&src, &dst).unwrap_or_else(|e| panic!("copying {}: {e}", src.display()));
             dst
         };
         let (k, i) = (pick("vmlinuz"), pick("initrd.img"));
-        let id = std::fs::read_to_string(mnt.join("etc/image_id")).unwrap().trim().to_string();
-        let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(mnt.join("var/lib/imageupd/kernel.json")).unwrap()).unwrap();
+        let id = std::fs::read_to_string(mnt.join("etc/image_id"))
+            .unwrap()
+            .trim()
+            .to_string();
+        let rec: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(mnt.join("var/lib/imageupd/kernel.json")).unwrap(),
+        )
+        .unwrap();
         (k, i, id, rec)
     });
     cmd("umount", [&mnt]);
@@ -519,22 +629,48 @@ fn kernel_detection_on_real_images() {
         return;
     }
     let p = prep();
-    for (id, rel, tree) in [("v1", K_OLD, "k47"), ("v2", K_OLD, "k47"), ("v3", K_NEW, "k50")] {
+    for (id, rel, tree) in [
+        ("v1", K_OLD, "k47"),
+        ("v2", K_OLD, "k47"),
+        ("v3", K_NEW, "k50"),
+    ] {
         let k = &read_manifest(&p.store, id)["kernel"];
         assert_eq!(k["release"], rel, "kernel of {id}: {k}");
         let boot = cache_dir().join("vm").join(tree).join("boot");
-        assert_eq!(k["vmlinuz_sha256"], sha256_file(&boot.join(format!("vmlinuz-{rel}"))), "vmlinuz digest of {id}");
-        assert_eq!(k["initrd_sha256"], sha256_file(&boot.join(format!("initrd.img-{rel}"))), "initrd digest of {id}");
-        assert!(k["vmlinuz"].as_str().unwrap().ends_with(&format!("boot/vmlinuz-{rel}")), "{k}");
+        assert_eq!(
+            k["vmlinuz_sha256"],
+            sha256_file(&boot.join(format!("vmlinuz-{rel}"))),
+            "vmlinuz digest of {id}"
+        );
+        assert_eq!(
+            k["initrd_sha256"],
+            sha256_file(&boot.join(format!("initrd.img-{rel}"))),
+            "initrd digest of {id}"
+        );
+        assert!(
+            k["vmlinuz"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("boot/vmlinuz-{rel}")),
+            "{k}"
+        );
     }
-    assert_eq!(p.plan_v2["kernel"]["changed"], false, "v1 -> v2 keeps the kernel: {}", p.plan_v2["kernel"]);
+    assert_eq!(
+        p.plan_v2["kernel"]["changed"], false,
+        "v1 -> v2 keeps the kernel: {}",
+        p.plan_v2["kernel"]
+    );
     let k3 = &p.plan_v3["kernel"];
     assert_eq!(k3["changed"], true, "{k3}");
     assert_eq!(k3["target_release"], K_NEW);
     assert_eq!(k3["policy"], "kexec", "the node's configured policy: {k3}");
     let why = k3["reason"].as_str().unwrap();
     assert!(why.contains(K_OLD) && why.contains(K_NEW), "{why}");
-    assert!(p.plan_v3_text.contains(&format!("must boot {K_NEW}")), "{}", p.plan_v3_text);
+    assert!(
+        p.plan_v3_text.contains(&format!("must boot {K_NEW}")),
+        "{}",
+        p.plan_v3_text
+    );
 }
 
 /// Scenarios 1 to 3 (see the module documentation), in one test so the
@@ -555,7 +691,15 @@ fn vm_in_place_kexec_and_reboot() {
     let mut vm = Vm::boot("a", &p.dir, &k1, &i1, &root, &data);
     let ready = vm.wait("ready", BOOT_TIMEOUT, |_| true);
     times.push(("boot v1 (qemu start -> harness ready)".into(), t.elapsed()));
-    assert_eq!((ready.get("uname"), ready.get("image_id"), ready.get("hello")), (K_OLD, "v1", "hello-from-v1"), "{ready:?}");
+    assert_eq!(
+        (
+            ready.get("uname"),
+            ready.get("image_id"),
+            ready.get("hello")
+        ),
+        (K_OLD, "v1", "hello-from-v1"),
+        "{ready:?}"
+    );
     let boot1 = ready.get("boot_id").to_string();
 
     // 1. v2 in place.
@@ -568,23 +712,64 @@ fn vm_in_place_kexec_and_reboot() {
         if pr.get("image_id") == "v2" && pr.get("hello") == "hello-from-v2" {
             break pr;
         }
-        assert!(t.elapsed() < APPLY_TIMEOUT, "v2 not applied within {APPLY_TIMEOUT:?}: {pr:?}\n{}", vm.console_tail());
+        assert!(
+            t.elapsed() < APPLY_TIMEOUT,
+            "v2 not applied within {APPLY_TIMEOUT:?}: {pr:?}\n{}",
+            vm.console_tail()
+        );
         std::thread::sleep(Duration::from_secs(1));
     };
-    times.push(("v2 in place: metadata write -> service answers v2".into(), t.elapsed()));
-    assert_eq!(pr.get("boot_id"), boot1, "an update without a kernel change must not reboot");
+    times.push((
+        "v2 in place: metadata write -> service answers v2".into(),
+        t.elapsed(),
+    ));
+    assert_eq!(
+        pr.get("boot_id"),
+        boot1,
+        "an update without a kernel change must not reboot"
+    );
     assert_eq!(pr.get("uname"), K_OLD);
     let st = status_of(&pr);
     assert_eq!(st["kernel"]["reboot_required"], false, "{st}");
+    if let Some(ms) = st["agent"]["last_applied"]["metadata_to_commit_ms"].as_u64() {
+        times.push((
+            "v2 in place: metadata write -> commit (agent's record)".into(),
+            Duration::from_millis(ms),
+        ));
+    }
+    if let Some(ms) = st["status"]["quiesce_ms"].as_u64() {
+        times.push((
+            "v2 in place: quiesce window".into(),
+            Duration::from_millis(ms),
+        ));
+    }
     let v = vm.verify("after-v2");
-    assert_eq!(v.get("rc"), "0", "imageupd verify in the guest after v2:\n{}", v.b64("out"));
+    assert_eq!(
+        v.get("rc"),
+        "0",
+        "imageupd verify in the guest after v2:\n{}",
+        v.b64("out")
+    );
 
     // 2. v3 with kexec.
     let t = Instant::now();
     vm.metadata("v3", "kexec");
-    let ready = vm.wait("ready", BOOT_TIMEOUT + APPLY_TIMEOUT, |m| m.kv.get("boot_id") != Some(&boot1));
-    times.push(("v3 kexec: metadata write -> new kernel's harness ready".into(), t.elapsed()));
-    assert_eq!((ready.get("uname"), ready.get("image_id"), ready.get("hello")), (K_NEW, "v3", "hello-from-v3"), "{ready:?}");
+    let ready = vm.wait("ready", BOOT_TIMEOUT + APPLY_TIMEOUT, |m| {
+        m.kv.get("boot_id") != Some(&boot1)
+    });
+    times.push((
+        "v3 kexec: metadata write -> new kernel's harness ready".into(),
+        t.elapsed(),
+    ));
+    assert_eq!(
+        (
+            ready.get("uname"),
+            ready.get("image_id"),
+            ready.get("hello")
+        ),
+        (K_NEW, "v3", "hello-from-v3"),
+        "{ready:?}"
+    );
     let pr = vm.probe("after-kexec");
     let st = status_of(&pr);
     let rec = &st["kernel"]["record"];
@@ -592,12 +777,24 @@ fn vm_in_place_kexec_and_reboot() {
     assert_eq!(rec["action"], "kexec", "{st}");
     assert_eq!(rec["booted_release"], K_NEW);
     assert_eq!(st["kernel"]["reboot_required"], false);
-    assert_eq!(pr.get("modules"), format!("{K_NEW},"), "the old kernel's modules must be gone once the new one runs");
+    assert_eq!(
+        pr.get("modules"),
+        format!("{K_NEW},"),
+        "the old kernel's modules must be gone once the new one runs"
+    );
     if let Some(ms) = rec["request_to_confirm_ms"].as_u64() {
-        times.push(("v3 kexec: kexec requested -> boot check (guest clock)".into(), Duration::from_millis(ms)));
+        times.push((
+            "v3 kexec: kexec requested -> boot check (guest clock)".into(),
+            Duration::from_millis(ms),
+        ));
     }
     let v = vm.verify("after-kexec");
-    assert_eq!(v.get("rc"), "0", "imageupd verify in the guest after the kexec:\n{}", v.b64("out"));
+    assert_eq!(
+        v.get("rc"),
+        "0",
+        "imageupd verify in the guest after the kexec:\n{}",
+        v.b64("out")
+    );
     vm.poweroff();
 
     // --- VM B: 3. v1 -> v3 with policy reboot.
@@ -605,25 +802,51 @@ fn vm_in_place_kexec_and_reboot() {
     let data = data_disk(p, "b");
     let mut vm = Vm::boot("b", &p.dir, &k1, &i1, &root, &data);
     let ready = vm.wait("ready", BOOT_TIMEOUT, |_| true);
-    assert_eq!((ready.get("uname"), ready.get("image_id")), (K_OLD, "v1"), "{ready:?}");
+    assert_eq!(
+        (ready.get("uname"), ready.get("image_id")),
+        (K_OLD, "v1"),
+        "{ready:?}"
+    );
     let boot1 = ready.get("boot_id").to_string();
     let t = Instant::now();
     vm.metadata("v3", "reboot");
     vm.wait_exit(BOOT_TIMEOUT + APPLY_TIMEOUT);
-    times.push(("v3 reboot: metadata write -> guest reset".into(), t.elapsed()));
+    times.push((
+        "v3 reboot: metadata write -> guest reset".into(),
+        t.elapsed(),
+    ));
     drop(vm);
     let (k3, i3, id, rec) = boot_loader(&root, &p.dir);
     assert_eq!(id, "v3", "the disk must hold v3 when the guest reboots");
-    assert_eq!((rec["state"].as_str(), rec["action"].as_str()), (Some("pending"), Some("reboot")), "{rec}");
+    assert_eq!(
+        (rec["state"].as_str(), rec["action"].as_str()),
+        (Some("pending"), Some("reboot")),
+        "{rec}"
+    );
     assert!(k3.exists() && i3.exists());
     let mut vm = Vm::boot("b2", &p.dir, &k3, &i3, &root, &data);
     let ready = vm.wait("ready", BOOT_TIMEOUT, |_| true);
-    times.push(("v3 reboot: metadata write -> new kernel's harness ready".into(), t.elapsed()));
+    times.push((
+        "v3 reboot: metadata write -> new kernel's harness ready".into(),
+        t.elapsed(),
+    ));
     assert_ne!(ready.get("boot_id"), boot1);
-    assert_eq!((ready.get("uname"), ready.get("image_id"), ready.get("hello")), (K_NEW, "v3", "hello-from-v3"), "{ready:?}");
+    assert_eq!(
+        (
+            ready.get("uname"),
+            ready.get("image_id"),
+            ready.get("hello")
+        ),
+        (K_NEW, "v3", "hello-from-v3"),
+        "{ready:?}"
+    );
     let st = status_of(&vm.probe("after-reboot"));
     let rec = &st["kernel"]["record"];
-    assert_eq!((rec["state"].as_str(), rec["action"].as_str()), (Some("complete"), Some("reboot")), "{st}");
+    assert_eq!(
+        (rec["state"].as_str(), rec["action"].as_str()),
+        (Some("complete"), Some("reboot")),
+        "{st}"
+    );
     vm.poweroff();
 
     eprintln!("vm timings (driver {DRIVER:?}, qemu TCG, host load included):");

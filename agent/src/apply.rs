@@ -273,7 +273,14 @@ pub fn run(opts: &ApplyOptions, progress: &Progress) -> Result<ApplyReport> {
     // SPEC §5 step 8, once the status says reboot-pending.
     if let (false, Ok(r)) = (opts.dry_run, &mut res) {
         let policy = opts.kernel_policy.unwrap_or(ctx.cfg.kernel_policy);
-        crate::reboot::after_apply(&crate::reboot::Actuator::host(), &ctx.root, &ctx.cfg, policy, r, progress);
+        crate::reboot::after_apply(
+            &crate::reboot::Actuator::host(),
+            &ctx.root,
+            &ctx.cfg,
+            policy,
+            r,
+            progress,
+        );
     }
     res
 }
@@ -925,9 +932,16 @@ pub fn human_summary(r: &ApplyReport) -> String {
     match (&r.kernel.changed, &r.kernel.reason) {
         (true, Some(why)) => s.push_str(&format!(
             "  kernel: changes ({why}): the node must boot {}; policy {}{}\n",
-            r.kernel.target_release.as_deref().unwrap_or("the new kernel"),
+            r.kernel
+                .target_release
+                .as_deref()
+                .unwrap_or("the new kernel"),
             crate::reboot::policy_word(r.kernel.policy.unwrap_or(KernelPolicy::Kexec)),
-            r.kernel.action.as_deref().map(|a| format!(", done: {a}")).unwrap_or_default()
+            r.kernel
+                .action
+                .as_deref()
+                .map(|a| format!(", done: {a}"))
+                .unwrap_or_default()
         )),
         _ => s.push_str("  kernel: unchanged\n"),
     }

@@ -91,16 +91,33 @@ impl Manager {
             .method_timeout(Duration::from_secs(CALL_TIMEOUT_SECS))
             .build()
             .with_context(|| format!("connecting to {}", bus.describe()))?;
-        Ok(Manager { conn, bus: bus.clone() })
+        Ok(Manager {
+            conn,
+            bus: bus.clone(),
+        })
     }
 
     /// systemd's `StartUnit(unit, mode)`; returns the job's object path.
     pub fn start_unit(&self, unit: &str, mode: &str) -> Result<String> {
         let reply = self
             .conn
-            .call_method(Some(SYSTEMD_DEST), SYSTEMD_PATH, Some(SYSTEMD_MANAGER), "StartUnit", &(unit, mode))
-            .with_context(|| format!("asking systemd on {} to start {unit} ({mode})", self.bus.describe()))?;
-        let job: OwnedObjectPath = reply.body().deserialize().with_context(|| format!("reading systemd's reply to StartUnit({unit})"))?;
+            .call_method(
+                Some(SYSTEMD_DEST),
+                SYSTEMD_PATH,
+                Some(SYSTEMD_MANAGER),
+                "StartUnit",
+                &(unit, mode),
+            )
+            .with_context(|| {
+                format!(
+                    "asking systemd on {} to start {unit} ({mode})",
+                    self.bus.describe()
+                )
+            })?;
+        let job: OwnedObjectPath = reply
+            .body()
+            .deserialize()
+            .with_context(|| format!("reading systemd's reply to StartUnit({unit})"))?;
         Ok(job.as_str().to_string())
     }
 
@@ -113,14 +130,27 @@ impl Manager {
     /// Reboot: logind's `Reboot(false)`, or `reboot.target` through systemd
     /// when logind is not on the bus.
     pub fn reboot(&self) -> Result<RebootVia> {
-        let logind = self.conn.call_method(Some(LOGIND_DEST), LOGIND_PATH, Some(LOGIND_MANAGER), "Reboot", &(false,));
+        let logind = self.conn.call_method(
+            Some(LOGIND_DEST),
+            LOGIND_PATH,
+            Some(LOGIND_MANAGER),
+            "Reboot",
+            &(false,),
+        );
         match logind {
             Ok(_) => Ok(RebootVia::Logind),
-            Err(zbus::Error::MethodError(name, _, _)) if LOGIND_ABSENT.contains(&name.as_str()) || name.starts_with(ACTIVATION_FAILED) => {
-                tracing::info!("logind is not available ({name}); asking systemd for {REBOOT_TARGET}");
-                self.start_unit(REBOOT_TARGET, JOB_MODE).map(|_| RebootVia::Systemd)
+            Err(zbus::Error::MethodError(name, _, _))
+                if LOGIND_ABSENT.contains(&name.as_str())
+                    || name.starts_with(ACTIVATION_FAILED) =>
+            {
+                tracing::info!(
+                    "logind is not available ({name}); asking systemd for {REBOOT_TARGET}"
+                );
+                self.start_unit(REBOOT_TARGET, JOB_MODE)
+                    .map(|_| RebootVia::Systemd)
             }
-            Err(e) => Err(e).with_context(|| format!("asking logind on {} to reboot", self.bus.describe())),
+            Err(e) => Err(e)
+                .with_context(|| format!("asking logind on {} to reboot", self.bus.describe())),
         }
     }
 }
@@ -176,9 +206,15 @@ pub mod testbus {
                 .spawn()
                 .expect("starting dbus-daemon (install the dbus package)");
             let mut line = String::new();
-            BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("reading the bus address");
+            BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut line)
+                .expect("reading the bus address");
             assert!(!line.trim().is_empty(), "dbus-daemon printed no address");
-            PrivateBus { child, _config: config, address: line.trim().to_string() }
+            PrivateBus {
+                child,
+                _config: config,
+                address: line.trim().to_string(),
+            }
         }
     }
 
@@ -196,7 +232,10 @@ pub mod testbus {
     #[zbus::interface(name = "org.freedesktop.systemd1.Manager")]
     impl FakeSystemd {
         fn start_unit(&self, name: String, mode: String) -> zbus::fdo::Result<OwnedObjectPath> {
-            self.calls.lock().unwrap().push(format!("StartUnit {name} {mode}"));
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("StartUnit {name} {mode}"));
             if name == "fail.target" {
                 return Err(zbus::fdo::Error::Failed("refused by the fake".into()));
             }
@@ -212,7 +251,10 @@ pub mod testbus {
     #[zbus::interface(name = "org.freedesktop.login1.Manager")]
     impl FakeLogind {
         fn reboot(&self, interactive: bool) -> zbus::fdo::Result<()> {
-            self.calls.lock().unwrap().push(format!("Reboot {interactive}"));
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("Reboot {interactive}"));
             if self.deny {
                 return Err(zbus::fdo::Error::AccessDenied("denied by the fake".into()));
             }
@@ -235,7 +277,12 @@ pub mod testbus {
             .unwrap()
             .name(super::SYSTEMD_DEST)
             .unwrap()
-            .serve_at(super::SYSTEMD_PATH, FakeSystemd { calls: calls.clone() })
+            .serve_at(
+                super::SYSTEMD_PATH,
+                FakeSystemd {
+                    calls: calls.clone(),
+                },
+            )
             .unwrap()
             .build()
             .expect("serving the fake systemd")];
@@ -245,13 +292,22 @@ pub mod testbus {
                     .unwrap()
                     .name(super::LOGIND_DEST)
                     .unwrap()
-                    .serve_at(super::LOGIND_PATH, FakeLogind { calls: calls.clone(), deny })
+                    .serve_at(
+                        super::LOGIND_PATH,
+                        FakeLogind {
+                            calls: calls.clone(),
+                            deny,
+                        },
+                    )
                     .unwrap()
                     .build()
                     .expect("serving the fake logind"),
             );
         }
-        Fakes { _conns: conns, calls }
+        Fakes {
+            _conns: conns,
+            calls,
+        }
     }
 }
 
@@ -270,7 +326,10 @@ mod tests {
         let fakes = serve(&bus.address, Some(false));
         let m = Manager::connect(&Bus::Address(bus.address.clone())).unwrap();
         assert_eq!(m.kexec().unwrap(), "/org/freedesktop/systemd1/job/42");
-        assert_eq!(calls(&fakes), ["StartUnit kexec.target replace-irreversibly"]);
+        assert_eq!(
+            calls(&fakes),
+            ["StartUnit kexec.target replace-irreversibly"]
+        );
     }
 
     #[test]
@@ -279,13 +338,22 @@ mod tests {
         let addr = Bus::Address(bus.address.clone());
         {
             let fakes = serve(&bus.address, Some(false));
-            assert_eq!(Manager::connect(&addr).unwrap().reboot().unwrap(), RebootVia::Logind);
+            assert_eq!(
+                Manager::connect(&addr).unwrap().reboot().unwrap(),
+                RebootVia::Logind
+            );
             assert_eq!(calls(&fakes), ["Reboot false"]);
         }
         // Without logind on the bus, systemd's reboot.target.
         let fakes = serve(&bus.address, None);
-        assert_eq!(Manager::connect(&addr).unwrap().reboot().unwrap(), RebootVia::Systemd);
-        assert_eq!(calls(&fakes), ["StartUnit reboot.target replace-irreversibly"]);
+        assert_eq!(
+            Manager::connect(&addr).unwrap().reboot().unwrap(),
+            RebootVia::Systemd
+        );
+        assert_eq!(
+            calls(&fakes),
+            ["StartUnit reboot.target replace-irreversibly"]
+        );
     }
 
     #[test]
@@ -293,15 +361,45 @@ mod tests {
         let bus = PrivateBus::start();
         let addr = Bus::Address(bus.address.clone());
         let fakes = serve(&bus.address, Some(true));
-        let err = format!("{:#}", Manager::connect(&addr).unwrap().reboot().unwrap_err());
-        assert!(err.contains("logind") && err.contains("denied by the fake"), "{err}");
-        assert_eq!(calls(&fakes), ["Reboot false"], "a denial must not fall back to systemd");
-        let err = format!("{:#}", Manager::connect(&addr).unwrap().start_unit("fail.target", JOB_MODE).unwrap_err());
-        assert!(err.contains("fail.target") && err.contains("refused by the fake"), "{err}");
+        let err = format!(
+            "{:#}",
+            Manager::connect(&addr).unwrap().reboot().unwrap_err()
+        );
+        assert!(
+            err.contains("logind") && err.contains("denied by the fake"),
+            "{err}"
+        );
+        assert_eq!(
+            calls(&fakes),
+            ["Reboot false"],
+            "a denial must not fall back to systemd"
+        );
+        let err = format!(
+            "{:#}",
+            Manager::connect(&addr)
+                .unwrap()
+                .start_unit("fail.target", JOB_MODE)
+                .unwrap_err()
+        );
+        assert!(
+            err.contains("fail.target") && err.contains("refused by the fake"),
+            "{err}"
+        );
         drop(fakes);
-        let err = format!("{:#}", Manager::connect(&addr).unwrap().kexec().unwrap_err());
-        assert!(err.contains("kexec.target") && err.contains("ServiceUnknown"), "{err}");
-        let err = format!("{:#}", Manager::connect(&Bus::Address("unix:path=/nonexistent/bus".into())).err().unwrap());
+        let err = format!(
+            "{:#}",
+            Manager::connect(&addr).unwrap().kexec().unwrap_err()
+        );
+        assert!(
+            err.contains("kexec.target") && err.contains("ServiceUnknown"),
+            "{err}"
+        );
+        let err = format!(
+            "{:#}",
+            Manager::connect(&Bus::Address("unix:path=/nonexistent/bus".into()))
+                .err()
+                .unwrap()
+        );
         assert!(err.contains("/nonexistent/bus"), "{err}");
     }
 }

@@ -286,6 +286,8 @@ mod tests {
         let mut old = a.clone();
         old.release = "6.1.0-47-cloud-amd64".into();
         assert!(change_reason(Some(&old), Some(&a), Some("6.1.0-47-cloud-amd64")).is_none());
-        assert!(change_reason(Some(&old), Some(&a), None).unwrap().contains("from 6.1.0-50-cloud-amd64 to 6.1.0-47"));
+        assert!(change_reason(Some(&old), Some(&a), None)
+            .unwrap()
+            .contains("from 6.1.0-50-cloud-amd64 to 6.1.0-47"));
     }
 }

@@ -20,8 +20,16 @@ pub const KEXEC_LOADED: &str = "/sys/kernel/kexec_loaded";
 
 /// Load `kernel` (and `initrd`, if any) with command line `cmdline` as the
 /// kernel that a later kexec reboot starts. Needs `CAP_SYS_BOOT`.
-pub fn load(kernel: BorrowedFd<'_>, initrd: Option<BorrowedFd<'_>>, cmdline: &CStr) -> io::Result<()> {
-    let flags = if initrd.is_some() { 0 } else { KEXEC_FILE_NO_INITRAMFS };
+pub fn load(
+    kernel: BorrowedFd<'_>,
+    initrd: Option<BorrowedFd<'_>>,
+    cmdline: &CStr,
+) -> io::Result<()> {
+    let flags = if initrd.is_some() {
+        0
+    } else {
+        KEXEC_FILE_NO_INITRAMFS
+    };
     let initrd_fd = initrd.map_or(-1, |f| f.as_raw_fd());
     raw(kernel.as_raw_fd(), initrd_fd, cmdline, flags)
 }
@@ -44,14 +52,28 @@ pub fn loaded() -> bool {
     target_arch = "powerpc64",
     target_arch = "loongarch64"
 ))]
-fn raw(kernel_fd: libc::c_int, initrd_fd: libc::c_int, cmdline: &CStr, flags: libc::c_ulong) -> io::Result<()> {
+fn raw(
+    kernel_fd: libc::c_int,
+    initrd_fd: libc::c_int,
+    cmdline: &CStr,
+    flags: libc::c_ulong,
+) -> io::Result<()> {
     // The length includes the terminating NUL, as the system call requires.
     let len = cmdline.to_bytes_with_nul().len() as libc::c_ulong;
     // SAFETY: kexec_file_load(2) takes two descriptors (the kernel never
     // keeps them past the call), a length, and a pointer to `len` readable
     // bytes ending in NUL: `cmdline` is a valid CStr borrowed for the whole
     // call. It writes to no memory of ours.
-    let rc = unsafe { libc::syscall(libc::SYS_kexec_file_load, kernel_fd, initrd_fd, len, cmdline.as_ptr(), flags) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_kexec_file_load,
+            kernel_fd,
+            initrd_fd,
+            len,
+            cmdline.as_ptr(),
+            flags,
+        )
+    };
     if rc == 0 {
         Ok(())
     } else {
@@ -68,7 +90,10 @@ fn raw(kernel_fd: libc::c_int, initrd_fd: libc::c_int, cmdline: &CStr, flags: li
     target_arch = "loongarch64"
 )))]
 fn raw(_: libc::c_int, _: libc::c_int, _: &CStr, _: libc::c_ulong) -> io::Result<()> {
-    Err(io::Error::new(io::ErrorKind::Unsupported, "kexec_file_load is not available on this architecture"))
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "kexec_file_load is not available on this architecture",
+    ))
 }
 
 #[cfg(test)]

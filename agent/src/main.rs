@@ -326,9 +326,18 @@ fn run(cli: Cli) -> Result<u8> {
             let rf = imageupd::rootfs::RootFs::open(&root.root).context(ExitKind::Usage)?;
             let cfg = imageupd::config::Config::load(&rf.path)?;
             let act = imageupd::reboot::Actuator::host();
-            match imageupd::reboot::reboot_now(&act, &rf, &cfg, kernel_policy, &Progress::new(false))? {
+            match imageupd::reboot::reboot_now(
+                &act,
+                &rf,
+                &cfg,
+                kernel_policy,
+                &Progress::new(false),
+            )? {
                 Some(a) => println!("{}: {}", rf.path.display(), a.as_str()),
-                None => println!("no kernel change is pending on {}: nothing to do", rf.path.display()),
+                None => println!(
+                    "no kernel change is pending on {}: nothing to do",
+                    rf.path.display()
+                ),
             }
             Ok(0)
         }
@@ -457,7 +466,11 @@ fn status(root: &std::path::Path, json: bool) -> Result<u8> {
             }
         }
         if let Some(k) = &kernel {
-            let what = if reboot_required { "reboot:  " } else { "kernel:  " };
+            let what = if reboot_required {
+                "reboot:  "
+            } else {
+                "kernel:  "
+            };
             println!("{what} {}", k.describe());
         }
         if let Some(a) = &agent {

@@ -151,23 +151,51 @@ impl KernelRecord {
                     Action::NotHostRoot => "not the running system's root".to_string(),
                     Action::Kexec => "kexec requested".to_string(),
                     Action::Reboot => "reboot requested".to_string(),
-                    Action::Failed => format!("the reboot could not be requested: {}", self.action_error.as_deref().unwrap_or("")),
+                    Action::Failed => format!(
+                        "the reboot could not be requested: {}",
+                        self.action_error.as_deref().unwrap_or("")
+                    ),
                 }
             ),
-            KernelState::Complete => format!("image {} runs its kernel {t} (complete {})", self.image_id, self.confirmed.as_deref().unwrap_or("")),
-            KernelState::Failed => format!("update to image {} failed: {}", self.image_id, self.error.as_deref().unwrap_or("")),
-            KernelState::Superseded => format!("change to {t} for image {} superseded: the root's kernel is the running one again", self.image_id),
+            KernelState::Complete => format!(
+                "image {} runs its kernel {t} (complete {})",
+                self.image_id,
+                self.confirmed.as_deref().unwrap_or("")
+            ),
+            KernelState::Failed => format!(
+                "update to image {} failed: {}",
+                self.image_id,
+                self.error.as_deref().unwrap_or("")
+            ),
+            KernelState::Superseded => format!(
+                "change to {t} for image {} superseded: the root's kernel is the running one again",
+                self.image_id
+            ),
         }
     }
 }
 
 /// Read the kernel record of `root`, if any.
 pub fn load(root: &RootFs) -> Result<Option<KernelRecord>> {
-    let Some(state) = root.state_dir()? else { return Ok(None) };
+    let Some(state) = root.state_dir()? else {
+        return Ok(None);
+    };
     match fsx::read_beneath(state.as_fd(), &RelPath(RECORD_NAME.to_vec())) {
-        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("parsing {}/{}/kernel.json", root.path.display(), rootfs::STATE_DIR))?)),
+        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| {
+            format!(
+                "parsing {}/{}/kernel.json",
+                root.path.display(),
+                rootfs::STATE_DIR
+            )
+        })?)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {}/{}/kernel.json", root.path.display(), rootfs::STATE_DIR)),
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "reading {}/{}/kernel.json",
+                root.path.display(),
+                rootfs::STATE_DIR
+            )
+        }),
     }
 }
 
@@ -177,7 +205,8 @@ fn with_writable<T>(root: &RootFs, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let mount = remount::find(&root.path)?;
     let remounted = match &mount {
         Some(m) if m.read_only() => {
-            remount::remount(&m.mount_point, true).context("the root is read-only and could not be made writable")?;
+            remount::remount(&m.mount_point, true)
+                .context("the root is read-only and could not be made writable")?;
             Some(m.mount_point.clone())
         }
         _ => None,
@@ -199,7 +228,8 @@ pub fn save(root: &RootFs, rec: &KernelRecord) -> Result<()> {
     let json = serde_json::to_vec_pretty(rec)?;
     with_writable(root, || {
         let state = root.ensure_state_dir()?;
-        fsx::write_atomic(state.as_fd(), RECORD_NAME, &json, 0o644).context("writing the kernel record (var/lib/imageupd/kernel.json)")
+        fsx::write_atomic(state.as_fd(), RECORD_NAME, &json, 0o644)
+            .context("writing the kernel record (var/lib/imageupd/kernel.json)")
     })
 }
 
@@ -230,11 +260,18 @@ pub struct SyscallLoader;
 
 impl KexecLoader for SyscallLoader {
     fn load(&self, img: &KexecImage) -> Result<()> {
-        kexec_sys::load(img.kernel.as_fd(), img.initrd.as_ref().map(|f| f.as_fd()), &img.cmdline).map_err(|e| {
+        kexec_sys::load(
+            img.kernel.as_fd(),
+            img.initrd.as_ref().map(|f| f.as_fd()),
+            &img.cmdline,
+        )
+        .map_err(|e| {
             anyhow!(
                 "kexec_file_load of {} (initrd {}) with command line {:?} failed: {e}",
                 img.kernel_path,
-                img.initrd_path.as_ref().map_or("none".to_string(), |p| p.to_string()),
+                img.initrd_path
+                    .as_ref()
+                    .map_or("none".to_string(), |p| p.to_string()),
                 img.cmdline
             )
         })
@@ -264,17 +301,27 @@ impl Actuator {
     /// The real thing: the system bus and `kexec_file_load(2)`, acting only
     /// on `/`.
     pub fn host() -> Actuator {
-        Actuator { bus: Bus::System, loader: Box::new(SyscallLoader), cmdline_path: PathBuf::from(PROC_CMDLINE), any_root: false }
+        Actuator {
+            bus: Bus::System,
+            loader: Box::new(SyscallLoader),
+            cmdline_path: PathBuf::from(PROC_CMDLINE),
+            any_root: false,
+        }
     }
 }
 
 /// Open `rel` inside the root and check it against `want`.
 fn open_checked(root: &RootFs, rel: &RelPath, want: Option<&Digest>) -> Result<File> {
-    let mut f = fsx::open_file_beneath(root.fd(), rel).with_context(|| format!("opening {rel} in {}", root.path.display()))?;
+    let mut f = fsx::open_file_beneath(root.fd(), rel)
+        .with_context(|| format!("opening {rel} in {}", root.path.display()))?;
     if let Some(want) = want {
-        let (got, _) = crate::stream::digest_of(std::io::BufReader::with_capacity(256 * 1024, &f)).with_context(|| format!("reading {rel}"))?;
+        let (got, _) = crate::stream::digest_of(std::io::BufReader::with_capacity(256 * 1024, &f))
+            .with_context(|| format!("reading {rel}"))?;
         if &got != want {
-            bail!("{rel} in {} does not match the image's manifest (sha256 {got}, expected {want})", root.path.display());
+            bail!(
+                "{rel} in {} does not match the image's manifest (sha256 {got}, expected {want})",
+                root.path.display()
+            );
         }
         f.seek(SeekFrom::Start(0))?;
     }
@@ -284,25 +331,40 @@ fn open_checked(root: &RootFs, rel: &RelPath, want: Option<&Digest>) -> Result<F
 /// Open the target kernel and initrd inside the (updated) root and read the
 /// command line to pass on.
 pub fn prepare_kexec(root: &RootFs, k: &KernelInfo, cmdline_path: &Path) -> Result<KexecImage> {
-    let kernel_path = k.vmlinuz.clone().ok_or_else(|| anyhow!("the image's manifest records no vmlinuz for {}", k.release))?;
+    let kernel_path = k
+        .vmlinuz
+        .clone()
+        .ok_or_else(|| anyhow!("the image's manifest records no vmlinuz for {}", k.release))?;
     let kernel = open_checked(root, &kernel_path, k.vmlinuz_sha256.as_ref())?;
     let initrd = match &k.initrd {
         Some(p) => Some(open_checked(root, p, k.initrd_sha256.as_ref())?),
         None => None,
     };
-    let text = std::fs::read_to_string(cmdline_path).with_context(|| format!("reading {}", cmdline_path.display()))?;
-    let cmdline = CString::new(text.trim_end_matches(['\n', '\0']).to_string()).with_context(|| format!("{} holds a NUL byte", cmdline_path.display()))?;
-    Ok(KexecImage { kernel_path, kernel, initrd_path: k.initrd.clone(), initrd, cmdline })
+    let text = std::fs::read_to_string(cmdline_path)
+        .with_context(|| format!("reading {}", cmdline_path.display()))?;
+    let cmdline = CString::new(text.trim_end_matches(['\n', '\0']).to_string())
+        .with_context(|| format!("{} holds a NUL byte", cmdline_path.display()))?;
+    Ok(KexecImage {
+        kernel_path,
+        kernel,
+        initrd_path: k.initrd.clone(),
+        initrd,
+        cmdline,
+    })
 }
 
 /// Milliseconds since the Unix epoch.
 fn epoch_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// This boot's id, if the kernel tells.
 pub fn boot_id() -> Option<String> {
-    std::fs::read_to_string(BOOT_ID).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(BOOT_ID)
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 /// The hooks' view of a kernel change.
@@ -320,7 +382,14 @@ impl Actuator {
     /// Act on `rec` (pending) with `policy`: record, run the pre-reboot
     /// hooks, kexec or reboot. Returns what was done; the record on disk
     /// says the same. An error means no reboot was requested.
-    pub fn act(&self, root: &RootFs, cfg: &Config, rec: &mut KernelRecord, policy: KernelPolicy, progress: &Progress) -> Result<Action> {
+    pub fn act(
+        &self,
+        root: &RootFs,
+        cfg: &Config,
+        rec: &mut KernelRecord,
+        policy: KernelPolicy,
+        progress: &Progress,
+    ) -> Result<Action> {
         rec.policy = policy;
         if policy == KernelPolicy::Defer {
             rec.action = Action::Deferred;
@@ -337,14 +406,21 @@ impl Actuator {
             rec.action = Action::Deferred;
             rec.action_error = Some(format!("{e}"));
             save(root, rec)?;
-            return Err(anyhow::Error::new(e).context(format!("no {} into {}: a pre-reboot hook failed; run `imageupd reboot` when it is fixed", policy_word(policy), rec.target.release)));
+            return Err(anyhow::Error::new(e).context(format!(
+                "no {} into {}: a pre-reboot hook failed; run `imageupd reboot` when it is fixed",
+                policy_word(policy),
+                rec.target.release
+            )));
         }
         let mut errors: Vec<String> = Vec::new();
         if policy == KernelPolicy::Kexec {
             match self.kexec(root, rec, progress) {
                 Ok(()) => return Ok(Action::Kexec),
                 Err(e) => {
-                    let msg = format!("kexec into {} failed, rebooting instead: {e:#}", rec.target.release);
+                    let msg = format!(
+                        "kexec into {} failed, rebooting instead: {e:#}",
+                        rec.target.release
+                    );
                     tracing::warn!("{msg}");
                     progress.line(&msg);
                     errors.push(format!("{e:#}"));
@@ -355,7 +431,10 @@ impl Actuator {
         rec.action_error = (!errors.is_empty()).then(|| errors.join("; "));
         rec.requested_ms = Some(epoch_ms());
         save(root, rec)?;
-        progress.line(&format!("rebooting into {} for image {}", rec.target.release, rec.image_id));
+        progress.line(&format!(
+            "rebooting into {} for image {}",
+            rec.target.release, rec.image_id
+        ));
         let res = dbus::Manager::connect(&self.bus).and_then(|m| m.reboot());
         match res {
             Ok(via) => {
@@ -380,7 +459,10 @@ impl Actuator {
         rec.action = Action::Kexec;
         rec.requested_ms = Some(epoch_ms());
         let started = save(root, rec).and_then(|()| {
-            progress.line(&format!("kexec into {} for image {} (command line {:?})", rec.target.release, rec.image_id, img.cmdline));
+            progress.line(&format!(
+                "kexec into {} for image {} (command line {:?})",
+                rec.target.release, rec.image_id, img.cmdline
+            ));
             dbus::Manager::connect(&self.bus)?.kexec()
         });
         match started {
@@ -410,7 +492,14 @@ pub fn policy_word(p: KernelPolicy) -> &'static str {
 /// one again, mark an older pending change superseded. Fills
 /// `report.kernel.action`; problems become warnings (the update itself is
 /// committed either way).
-pub fn after_apply(act: &Actuator, root: &RootFs, cfg: &Config, policy: KernelPolicy, report: &mut ApplyReport, progress: &Progress) {
+pub fn after_apply(
+    act: &Actuator,
+    root: &RootFs,
+    cfg: &Config,
+    policy: KernelPolicy,
+    report: &mut ApplyReport,
+    progress: &Progress,
+) {
     if report.result != "applied" {
         return;
     }
@@ -427,7 +516,9 @@ pub fn after_apply(act: &Actuator, root: &RootFs, cfg: &Config, policy: KernelPo
         }
         return;
     }
-    let Some(target) = report.kernel.target_kernel.clone() else { return };
+    let Some(target) = report.kernel.target_kernel.clone() else {
+        return;
+    };
     let mut rec = KernelRecord {
         image_id: report.id.clone(),
         from_image: report.from_id.clone(),
@@ -458,15 +549,30 @@ pub fn after_apply(act: &Actuator, root: &RootFs, cfg: &Config, policy: KernelPo
 /// `imageupd reboot`: act now on a pending kernel change, with `policy`
 /// (default: the configured one; `defer` means kexec here, since the
 /// operator asks for the reboot). `Ok(None)` when nothing is pending.
-pub fn reboot_now(act: &Actuator, root: &RootFs, cfg: &Config, policy: Option<KernelPolicy>, progress: &Progress) -> Result<Option<Action>> {
+pub fn reboot_now(
+    act: &Actuator,
+    root: &RootFs,
+    cfg: &Config,
+    policy: Option<KernelPolicy>,
+    progress: &Progress,
+) -> Result<Option<Action>> {
     let _lock = Lock::acquire(&root.runtime_dir())?;
-    let Some(mut rec) = load(root)? else { return Ok(None) };
+    let Some(mut rec) = load(root)? else {
+        return Ok(None);
+    };
     if rec.state != KernelState::Pending {
         return Ok(None);
     }
-    if root.is_host_root() && rootfs::running_release().as_deref() == Some(rec.target.release.as_str()) {
+    if root.is_host_root()
+        && rootfs::running_release().as_deref() == Some(rec.target.release.as_str())
+    {
         // Booted into it already (the boot check has not run yet).
-        confirm(root, &mut rec, rootfs::running_release().as_deref(), boot_id().as_deref())?;
+        confirm(
+            root,
+            &mut rec,
+            rootfs::running_release().as_deref(),
+            boot_id().as_deref(),
+        )?;
         return Ok(None);
     }
     let policy = match policy.unwrap_or(cfg.kernel_policy) {
@@ -480,11 +586,19 @@ pub fn reboot_now(act: &Actuator, root: &RootFs, cfg: &Config, policy: Option<Ke
 
 /// Compare the running kernel (`running`, in the boot `this_boot`) with a
 /// pending record and record the outcome. True when the state changed.
-pub fn confirm(root: &RootFs, rec: &mut KernelRecord, running: Option<&str>, this_boot: Option<&str>) -> Result<bool> {
+pub fn confirm(
+    root: &RootFs,
+    rec: &mut KernelRecord,
+    running: Option<&str>,
+    this_boot: Option<&str>,
+) -> Result<bool> {
     let now_ms = epoch_ms();
     if running == Some(rec.target.release.as_str()) {
         rec.state = KernelState::Complete;
-    } else if rec.boot_id.is_some() && this_boot != rec.boot_id.as_deref() && matches!(rec.action, Action::Kexec | Action::Reboot) {
+    } else if rec.boot_id.is_some()
+        && this_boot != rec.boot_id.as_deref()
+        && matches!(rec.action, Action::Kexec | Action::Reboot)
+    {
         rec.state = KernelState::Failed;
         rec.error = Some(format!(
             "after the {} the node runs kernel {}, not the image's {} (with a reboot, does the boot loader's default entry boot the image's kernel?)",
@@ -518,13 +632,25 @@ pub struct BootCheck {
 /// module directories. Only the running system's root has a running
 /// kernel; for other roots this reads the record and changes nothing.
 pub fn confirm_boot(root: &RootFs) -> Result<BootCheck> {
-    let mut out = BootCheck { record: load(root)?, ..Default::default() };
+    let mut out = BootCheck {
+        record: load(root)?,
+        ..Default::default()
+    };
     if !root.is_host_root() {
         return Ok(out);
     }
     let _lock = Lock::acquire(&root.runtime_dir())?;
-    if let Some(rec) = out.record.as_mut().filter(|r| r.state == KernelState::Pending) {
-        out.confirmed = confirm(root, rec, rootfs::running_release().as_deref(), boot_id().as_deref())?;
+    if let Some(rec) = out
+        .record
+        .as_mut()
+        .filter(|r| r.state == KernelState::Pending)
+    {
+        out.confirmed = confirm(
+            root,
+            rec,
+            rootfs::running_release().as_deref(),
+            boot_id().as_deref(),
+        )?;
         if out.confirmed {
             match rec.state {
                 KernelState::Complete => tracing::info!("{}", rec.describe()),
@@ -549,20 +675,33 @@ struct ImageModules {
 
 /// Releases whose module directory the current image holds.
 fn image_module_releases(root: &RootFs) -> Result<Option<ImageModules>> {
-    let Some(state) = root.state_dir()? else { return Ok(None) };
-    let bytes = match fsx::read_beneath(state.as_fd(), &RelPath(crate::apply::CURRENT_MANIFEST.to_vec())) {
+    let Some(state) = root.state_dir()? else {
+        return Ok(None);
+    };
+    let bytes = match fsx::read_beneath(
+        state.as_fd(),
+        &RelPath(crate::apply::CURRENT_MANIFEST.to_vec()),
+    ) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).context("reading the current image's manifest"),
     };
     let m = crate::store::decode_manifest(&bytes)?;
-    let mut out = ImageModules { releases: BTreeSet::new(), dir_mtimes: Vec::new() };
+    let mut out = ImageModules {
+        releases: BTreeSet::new(),
+        dir_mtimes: Vec::new(),
+    };
     for e in m.entries.iter().filter(|e| e.ftype == FileType::Dir) {
         for base in MODULE_DIRS {
             if e.path.as_bytes() == base.as_bytes() {
                 out.dir_mtimes.push((base, e.mtime_ns));
             }
-            if let Some(rest) = e.path.as_bytes().strip_prefix(base.as_bytes()).and_then(|r| r.strip_prefix(b"/")) {
+            if let Some(rest) = e
+                .path
+                .as_bytes()
+                .strip_prefix(base.as_bytes())
+                .and_then(|r| r.strip_prefix(b"/"))
+            {
                 if !rest.is_empty() && !rest.contains(&b'/') {
                     out.releases.insert(rest.to_vec());
                 }
@@ -577,17 +716,25 @@ fn image_module_releases(root: &RootFs) -> Result<Option<ImageModules>> {
 /// the parent directory its mtime from the image again. Nothing is removed
 /// when the root has no record of its current image.
 pub fn prune_stale_modules(root: &RootFs, cfg: &Config, running: &str) -> Result<Vec<String>> {
-    let Some(keep) = image_module_releases(root)? else { return Ok(Vec::new()) };
+    let Some(keep) = image_module_releases(root)? else {
+        return Ok(Vec::new());
+    };
     let preserve = Preserve::new(&cfg.preserve).map_err(anyhow::Error::msg)?;
     let mut stale: Vec<(&str, Vec<u8>)> = Vec::new();
     for base in MODULE_DIRS {
         // `lib` is a symlink to `usr/lib` on merged-/usr systems; opening
         // never follows it, so each directory is visited once.
-        let Ok(dir) = fsx::open_dir_beneath(root.fd(), &RelPath(base.as_bytes().to_vec())) else { continue };
+        let Ok(dir) = fsx::open_dir_beneath(root.fd(), &RelPath(base.as_bytes().to_vec())) else {
+            continue;
+        };
         for name in fsx::read_dir_names(dir.as_fd()).with_context(|| format!("listing {base}"))? {
             let rel = RelPath([base.as_bytes(), b"/", &name].concat());
             let is_dir = fsx::stat_at(dir.as_fd(), &name).is_ok_and(|s| s.ftype == FileType::Dir);
-            if is_dir && name != running.as_bytes() && !keep.releases.contains(&name) && !preserve.matches(&rel) {
+            if is_dir
+                && name != running.as_bytes()
+                && !keep.releases.contains(&name)
+                && !preserve.matches(&rel)
+            {
                 stale.push((base, name));
             }
         }
@@ -598,13 +745,16 @@ pub fn prune_stale_modules(root: &RootFs, cfg: &Config, running: &str) -> Result
     with_writable(root, || {
         let mut removed = Vec::new();
         for (base, name) in &stale {
-            let dir = fsx::open_dir_beneath(root.fd(), &RelPath(base.as_bytes().to_vec())).with_context(|| format!("opening {base}"))?;
+            let dir = fsx::open_dir_beneath(root.fd(), &RelPath(base.as_bytes().to_vec()))
+                .with_context(|| format!("opening {base}"))?;
             let shown = format!("{base}/{}", String::from_utf8_lossy(name));
-            fsx::remove_tree_at(dir.as_fd(), name, root.dev).with_context(|| format!("removing stale modules {shown}"))?;
+            fsx::remove_tree_at(dir.as_fd(), name, root.dev)
+                .with_context(|| format!("removing stale modules {shown}"))?;
             tracing::info!("removed {shown}: neither the current image nor the running kernel {running} uses it");
             removed.push(shown);
             if let Some((_, mtime)) = keep.dir_mtimes.iter().find(|(b, _)| b == base) {
-                fsx::set_mtime_fd(dir.as_fd(), *mtime).with_context(|| format!("restoring the mtime of {base}"))?;
+                fsx::set_mtime_fd(dir.as_fd(), *mtime)
+                    .with_context(|| format!("restoring the mtime of {base}"))?;
             }
         }
         Ok(removed)
