@@ -15,11 +15,14 @@ use crate::publish::{self, PublishOptions};
 const KA: &str = "1.0-a";
 const KB: &str = "2.0-b";
 
-/// What the fake loader saw: kernel path, initrd path, command line, and
-/// the bytes behind the kernel descriptor. Fails when `fail` is set.
+/// One load the fake saw: kernel path, initrd path, command line, and the
+/// bytes behind the kernel descriptor.
+type Seen = (String, String, String, Vec<u8>);
+
+/// A kexec loader that records what it is given; fails when `fail` is set.
 #[derive(Default)]
 struct FakeLoader {
-    seen: Arc<Mutex<Vec<(String, String, String, Vec<u8>)>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
     unloads: Arc<Mutex<u32>>,
     fail: bool,
     /// A file that must exist when the kernel is loaded (the pre-reboot
