@@ -673,6 +673,65 @@ fn kernel_detection_on_real_images() {
     );
 }
 
+/// The kernel commands on a scratch root (never acted on): a deferred
+/// change shows in `status`, `reboot` and `boot-check` leave it alone.
+#[test]
+fn kernel_commands_on_a_scratch_root() {
+    if skip() {
+        return;
+    }
+    let p = prep();
+    let key_pub = p.dir.join("keys/vm.pub");
+    let up = p.dir.join("cli-upper");
+    std::fs::create_dir_all(up.join("etc/imageupd/trusted.d")).unwrap();
+    std::fs::copy(&key_pub, up.join("etc/imageupd/trusted.d/vm.pub")).unwrap();
+    let k47 = cache_dir().join("vm/k47");
+    let ov = Overlay::mount(
+        &[&p.dir.join("layer-v1"), &k47],
+        &up,
+        &p.dir.join("cli-work"),
+        &p.dir.join("cli-root"),
+    );
+    let root = ov.merged.clone();
+    apply(&p.store, "v1", &root, &[]).expect_ok();
+    let out = apply(&p.store, "v3", &root, &["--kernel-policy", "defer"]).expect_ok();
+    let k = &out.json()["kernel"];
+    assert_eq!(
+        (k["changed"].as_bool(), k["action"].as_str()),
+        (Some(true), Some("deferred")),
+        "{}",
+        out.describe()
+    );
+    let st = imageupd(["status", "--json", "--root"])
+        .arg(&root)
+        .ok()
+        .json();
+    assert_eq!(st["kernel"]["reboot_required"], true, "{st}");
+    assert_eq!(st["kernel"]["record"]["target"]["release"], K_NEW, "{st}");
+    let text = imageupd(["status", "--root"]).arg(&root).ok().stdout;
+    assert!(
+        text.contains(&format!("reboot required into {K_NEW}")) && text.contains("imageupd reboot"),
+        "{text}"
+    );
+    let out = imageupd(["reboot", "--root"]).arg(&root).ok();
+    assert!(out.stdout.contains("not-host-root"), "{}", out.describe());
+    let st = imageupd(["status", "--json", "--root"])
+        .arg(&root)
+        .ok()
+        .json();
+    assert_eq!(st["kernel"]["record"]["action"], "not-host-root", "{st}");
+    let bc = imageupd(["boot-check", "--json", "--root"])
+        .arg(&root)
+        .ok()
+        .json();
+    assert_eq!(
+        (bc["confirmed"].as_bool(), bc["record"]["state"].as_str()),
+        (Some(false), Some("pending")),
+        "{bc}"
+    );
+    assert!(root.join(format!("usr/lib/modules/{K_NEW}")).is_dir());
+}
+
 /// Scenarios 1 to 3 (see the module documentation), in one test so the
 /// VMs never run at the same time.
 #[test]
