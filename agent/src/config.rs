@@ -53,6 +53,8 @@ pub struct Config {
     pub space_margin_mib: u64,
     /// Worker threads for hashing, decompression and copying (0 = CPUs).
     pub threads: usize,
+    /// Extra CA certificate(s) (PEM) for `https://` sources, a path on the node.
+    pub ca_file: Option<PathBuf>,
     /// Files that contributed, in order.
     pub sources: Vec<PathBuf>,
 }
@@ -66,6 +68,7 @@ impl Default for Config {
             kernel_policy: KernelPolicy::Kexec,
             space_margin_mib: DEFAULT_SPACE_MARGIN_MIB,
             threads: 0,
+            ca_file: None,
             sources: Vec::new(),
         }
     }
@@ -82,6 +85,7 @@ struct Fragment {
     kernel_policy: Option<KernelPolicy>,
     space_margin_mib: Option<u64>,
     threads: Option<usize>,
+    ca_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -113,6 +117,9 @@ impl Config {
         }
         if let Some(v) = f.threads {
             self.threads = v;
+        }
+        if let Some(v) = f.ca_file {
+            self.ca_file = Some(v);
         }
         self.sources.push(origin.to_path_buf());
         Ok(())

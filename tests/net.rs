@@ -1,0 +1,1 @@
+//! Network tests (placeholder).
