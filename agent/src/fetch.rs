@@ -168,10 +168,7 @@ impl HttpStore {
         }
         let client = b.build().context("setting up the HTTP client")?;
         let h = HttpStore { base, client, counters: Counters::default(), cache: OnceLock::new() };
-        let marker = h
-            .get_small(store::MARKER, MAX_SMALL_BYTES)
-            .with_context(|| format!("{} is not a reachable imageupd store", h.url()))
-            .context(ExitKind::Source)?;
+        let marker = h.get_small(store::MARKER, MAX_SMALL_BYTES).with_context(|| format!("{} is not a reachable imageupd store", h.url()))?;
         let format = serde_json::from_slice::<serde_json::Value>(&marker)
             .ok()
             .and_then(|v| v.get("format").and_then(|f| f.as_u64()))
@@ -264,6 +261,7 @@ impl HttpStore {
         loop {
             match f() {
                 Ok(v) => return Ok(v),
+                Err(Attempt::Fatal(e)) if e.downcast_ref::<ExitKind>().is_some() => return Err(e),
                 Err(Attempt::Fatal(e)) => return Err(e).context(ExitKind::Source),
                 Err(Attempt::Retry(e)) if attempt >= MAX_ATTEMPTS => {
                     return Err(e).with_context(|| format!("giving up on {url} after {MAX_ATTEMPTS} attempts")).context(ExitKind::Source)
@@ -479,19 +477,19 @@ fn is_status(e: &anyhow::Error, codes: &[u16]) -> bool {
     e.chain().any(|c| c.downcast_ref::<StatusError>().is_some_and(|s| codes.contains(&s.status)))
 }
 
-/// A certificate or handshake failure: retrying cannot help.
+/// A certificate or handshake failure: retrying cannot help. (rustls
+/// errors arrive wrapped in `io::Error`s, whose `source()` skips the
+/// wrapped error, so those are unwrapped with `get_ref()`.)
 fn is_tls_failure(e: &reqwest::Error) -> bool {
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = src {
         if s.downcast_ref::<rustls::Error>().is_some() {
             return true;
         }
-        if let Some(io) = s.downcast_ref::<io::Error>() {
-            if io.get_ref().is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()) {
-                return true;
-            }
-        }
-        src = s.source();
+        src = match s.downcast_ref::<io::Error>() {
+            Some(io) => io.get_ref().map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => s.source(),
+        };
     }
     false
 }

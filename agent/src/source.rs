@@ -104,7 +104,7 @@ impl Source {
                 verify_stored(id, stored, sig, trust)
             }
             Source::Http(h) => {
-                let (stored, sig) = h.read_manifest_raw(id).context(ExitKind::Source)?;
+                let (stored, sig) = h.read_manifest_raw(id)?;
                 verify_stored(id, stored, sig, trust)
             }
             Source::Dir { fd, .. } => {
