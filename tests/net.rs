@@ -45,10 +45,19 @@ impl Server {
     /// access log) goes to LOG.
     #[track_caller]
     fn start(store: &Path, listen: &str, extra: &[&OsStr], log: &Path) -> Server {
-        let (mut c, desc) = imageupd(["serve", "--store"]).arg(store).args(["--listen", listen]).args(extra).into_command();
+        let (mut c, desc) = imageupd(["serve", "--store"])
+            .arg(store)
+            .args(["--listen", listen])
+            .args(extra)
+            .into_command();
         let logf = std::fs::File::create(log).expect("create server log");
-        c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(logf).env("IMAGEUPD_LOG", "info");
-        let mut child = c.spawn().unwrap_or_else(|e| panic!("cannot start {desc}: {e}"));
+        c.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(logf)
+            .env("IMAGEUPD_LOG", "info");
+        let mut child = c
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {desc}: {e}"));
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -61,13 +70,31 @@ impl Server {
             other => {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("{desc} did not start ({other:?}); log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+                panic!(
+                    "{desc} did not start ({other:?}); log:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
             }
         };
-        let url = line.split_whitespace().nth(2).expect("URL in the listening line").to_string();
-        let hostport = url.split("://").nth(1).and_then(|r| r.split('/').next()).expect("host:port in URL");
-        let addr: SocketAddr = hostport.parse().unwrap_or_else(|e| panic!("bad address {hostport}: {e}"));
-        Server { child: Some(child), url, addr, log: log.to_path_buf() }
+        let url = line
+            .split_whitespace()
+            .nth(2)
+            .expect("URL in the listening line")
+            .to_string();
+        let hostport = url
+            .split("://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .expect("host:port in URL");
+        let addr: SocketAddr = hostport
+            .parse()
+            .unwrap_or_else(|e| panic!("bad address {hostport}: {e}"));
+        Server {
+            child: Some(child),
+            url,
+            addr,
+            log: log.to_path_buf(),
+        }
     }
 
     /// The access log so far.
@@ -145,13 +172,21 @@ impl Nginx {
             .stderr(std::fs::File::create(dir.join("stderr.log")).expect("nginx stderr"))
             .spawn()
             .expect("start nginx (apt package nginx)");
-        let mut n = Nginx { child, url: format!("http://127.0.0.1:{port}/"), dir: dir.to_path_buf() };
+        let mut n = Nginx {
+            child,
+            url: format!("http://127.0.0.1:{port}/"),
+            dir: dir.to_path_buf(),
+        };
         let t0 = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Ok(Some(s)) = n.child.try_wait() {
                 panic!("nginx exited ({s}):\n{}", n.logs());
             }
-            assert!(t0.elapsed() < STARTUP, "nginx did not listen on {port}:\n{}", n.logs());
+            assert!(
+                t0.elapsed() < STARTUP,
+                "nginx did not listen on {port}:\n{}",
+                n.logs()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         n
@@ -160,7 +195,12 @@ impl Nginx {
     fn logs(&self) -> String {
         ["startup.log", "stderr.log", "error.log"]
             .iter()
-            .map(|f| format!("--- {f} ---\n{}", std::fs::read_to_string(self.dir.join(f)).unwrap_or_default()))
+            .map(|f| {
+                format!(
+                    "--- {f} ---\n{}",
+                    std::fs::read_to_string(self.dir.join(f)).unwrap_or_default()
+                )
+            })
             .collect()
     }
 }
@@ -174,7 +214,11 @@ impl Drop for Nginx {
 
 /// A loopback port free right now.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 // ---------------------------------------------------------------------------
@@ -189,7 +233,10 @@ struct Resp {
 
 impl Resp {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -198,7 +245,8 @@ impl Resp {
 #[track_caller]
 fn raw(addr: SocketAddr, method: &str, target: &str, extra: &[&str]) -> Resp {
     let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
     let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for h in extra {
         req.push_str(h);
@@ -208,13 +256,29 @@ fn raw(addr: SocketAddr, method: &str, target: &str, extra: &[&str]) -> Resp {
     s.write_all(req.as_bytes()).expect("send request");
     let mut all = Vec::new();
     s.read_to_end(&mut all).expect("read response");
-    let split = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(&all)));
+    let split = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(&all)));
     let head = String::from_utf8_lossy(&all[..split]).into_owned();
     let mut lines = head.split("\r\n");
     let status_line = lines.next().expect("status line");
-    let status = status_line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-    let headers = lines.filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))).collect();
-    Resp { status, headers, body: all[split + 4..].to_vec() }
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers = lines
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect();
+    Resp {
+        status,
+        headers,
+        body: all[split + 4..].to_vec(),
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -237,7 +301,14 @@ fn largest_new_object(store: &Path, from: &str, to: &str) -> (String, u64) {
     let old = digests(store, from);
     digests(store, to)
         .difference(&old)
-        .map(|d| (d.clone(), std::fs::metadata(object_path(store, d)).expect("object").len()))
+        .map(|d| {
+            (
+                d.clone(),
+                std::fs::metadata(object_path(store, d))
+                    .expect("object")
+                    .len(),
+            )
+        })
         .max_by_key(|(_, len)| *len)
         .expect("v2 has new objects")
 }
@@ -248,7 +319,10 @@ fn store_copy(dst: &Path) -> PathBuf {
     let store = shared_store();
     store.image("v1");
     store.image("v2");
-    cmd("cp", [OsStr::new("-al"), store.dir.as_os_str(), dst.as_os_str()]);
+    cmd(
+        "cp",
+        [OsStr::new("-al"), store.dir.as_os_str(), dst.as_os_str()],
+    );
     dst.to_path_buf()
 }
 
@@ -263,15 +337,30 @@ fn node_at_v1(root: &Path) {
 
 /// `imageupd apply --from URL --id v2 --root ROOT --json` + EXTRA.
 fn apply_url(url: &str, root: &Path, extra: &[&str]) -> Out {
-    imageupd(["apply", "--from", url, "--id", "v2", "--root"]).arg(root).arg("--json").args(extra).run()
+    imageupd(["apply", "--from", url, "--id", "v2", "--root"])
+        .arg(root)
+        .arg("--json")
+        .args(extra)
+        .run()
 }
 
 /// Check the `download` block of `apply --json`.
 #[track_caller]
 fn download_report(out: &Out) -> serde_json::Value {
     let d = out.json()["download"].clone();
-    assert!(d.is_object(), "apply --json from a URL has no \"download\" block\n{}", out.describe());
-    for k in ["requests", "retries", "bytes", "objects", "cached_objects", "resumed"] {
+    assert!(
+        d.is_object(),
+        "apply --json from a URL has no \"download\" block\n{}",
+        out.describe()
+    );
+    for k in [
+        "requests",
+        "retries",
+        "bytes",
+        "objects",
+        "cached_objects",
+        "resumed",
+    ] {
         assert!(d[k].is_u64(), "download.{k} missing\n{}", out.describe());
     }
     d
@@ -281,7 +370,11 @@ fn download_report(out: &Out) -> serde_json::Value {
 #[track_caller]
 fn assert_no_cache(root: &Path) {
     let c = root.join("var/lib/imageupd/cache");
-    assert!(!c.exists(), "the download cache {} is still there after the commit", c.display());
+    assert!(
+        !c.exists(),
+        "the download cache {} is still there after the commit",
+        c.display()
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -298,24 +391,56 @@ fn apply_v1_to_v2_from_imageupd_serve() {
     let mut srv = Server::start(&store.dir, "127.0.0.1:0", &[], &s.join("serve.log"));
 
     let before = snapshot_root(&root);
-    let plan = imageupd(["plan", "--from", &srv.url, "--id", "v2", "--root"]).arg(&root).arg("--json").ok();
-    assert!(plan.json()["plan"]["fetch_objects"].as_u64().unwrap_or(0) > 0, "plan fetches nothing?\n{}", plan.describe());
+    let plan = imageupd(["plan", "--from", &srv.url, "--id", "v2", "--root"])
+        .arg(&root)
+        .arg("--json")
+        .ok();
+    assert!(
+        plan.json()["plan"]["fetch_objects"].as_u64().unwrap_or(0) > 0,
+        "plan fetches nothing?\n{}",
+        plan.describe()
+    );
     assert_unchanged(&root, &before, "plan from a URL");
 
     let out = apply_url(&srv.url, &root, &[]).expect_ok();
     eprintln!("apply v1 -> v2 over HTTP: {:.2?}", out.elapsed);
     let d = download_report(&out);
-    let want = out.json()["plan"]["fetch_objects"].as_u64().expect("fetch_objects");
-    assert_eq!(d["objects"].as_u64(), Some(want), "every planned object downloaded once\n{}", out.describe());
-    assert!(d["bytes"].as_u64().unwrap_or(0) > 0 && d["requests"].as_u64().unwrap_or(0) > want, "{}", out.describe());
-    assert_eq!(d["retries"].as_u64(), Some(0), "no retries against a healthy server\n{}", out.describe());
+    let want = out.json()["plan"]["fetch_objects"]
+        .as_u64()
+        .expect("fetch_objects");
+    assert_eq!(
+        d["objects"].as_u64(),
+        Some(want),
+        "every planned object downloaded once\n{}",
+        out.describe()
+    );
+    assert!(
+        d["bytes"].as_u64().unwrap_or(0) > 0 && d["requests"].as_u64().unwrap_or(0) > want,
+        "{}",
+        out.describe()
+    );
+    assert_eq!(
+        d["retries"].as_u64(),
+        Some(0),
+        "no retries against a healthy server\n{}",
+        out.describe()
+    );
     assert_applied(&v2, &root, "v2", "apply v1 -> v2 from imageupd serve");
     assert_no_cache(&root);
-    assert!(srv.log().contains("\"GET /objects/"), "no access log lines:\n{}", clip(&srv.log(), 20));
+    assert!(
+        srv.log().contains("\"GET /objects/"),
+        "no access log lines:\n{}",
+        clip(&srv.log(), 20)
+    );
 
     // Same URL again: nothing to do, no object requested.
     let again = apply_url(&srv.url, &root, &[]).expect_ok();
-    assert_eq!(again.json()["result"].as_str(), Some("nothing-to-do"), "{}", again.describe());
+    assert_eq!(
+        again.json()["result"].as_str(),
+        Some("nothing-to-do"),
+        "{}",
+        again.describe()
+    );
 
     let st = srv.term();
     assert_eq!(st.code(), Some(0), "serve must exit 0 on SIGTERM ({st})");
@@ -331,7 +456,13 @@ fn apply_v1_to_v2_from_nginx() {
     make_root(&v1, &root, &store.key);
     let nginx = Nginx::start(&store.dir, &s.join("nginx"));
     let out = apply_url(&nginx.url, &root, &[]);
-    assert_eq!(out.code(), Some(EXIT_OK), "apply from nginx failed\n{}\n{}", out.describe(), nginx.logs());
+    assert_eq!(
+        out.code(),
+        Some(EXIT_OK),
+        "apply from nginx failed\n{}\n{}",
+        out.describe(),
+        nginx.logs()
+    );
     download_report(&out);
     assert_applied(&v2, &root, "v2", "apply v1 -> v2 from nginx");
     assert_no_cache(&root);
@@ -348,15 +479,30 @@ fn publisher_killed_and_restarted_mid_transfer() {
     let (big, big_len) = largest_new_object(&store, "v1", "v2");
     // Bodies go out in 256 KiB frames, the first at once and the next after
     // a throttle pause, so a large object is half sent for a while.
-    assert!(big_len > 300 * 1024, "fixture v2 has no object larger than 300 KiB to interrupt ({big_len} bytes)");
+    assert!(
+        big_len > 300 * 1024,
+        "fixture v2 has no object larger than 300 KiB to interrupt ({big_len} bytes)"
+    );
     let throttle = 128 * 1024;
-    let mut srv = Server::start(&store, "127.0.0.1:0", &[OsStr::new("--throttle"), OsStr::new(&throttle.to_string())], &s.join("serve1.log"));
+    let mut srv = Server::start(
+        &store,
+        "127.0.0.1:0",
+        &[OsStr::new("--throttle"), OsStr::new(&throttle.to_string())],
+        &s.join("serve1.log"),
+    );
     let url = srv.url.clone();
     let port = srv.addr.port();
 
-    let (mut c, desc) = imageupd(["apply", "--from", &url, "--id", "v2", "--root"]).arg(&root).arg("--json").into_command();
-    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap_or_else(|e| panic!("cannot start {desc}: {e}"));
+    let (mut c, desc) = imageupd(["apply", "--from", &url, "--id", "v2", "--root"])
+        .arg(&root)
+        .arg("--json")
+        .into_command();
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {desc}: {e}"));
     let mut so = child.stdout.take().expect("stdout");
     let mut se = child.stderr.take().expect("stderr");
     let t_out = std::thread::spawn(move || {
@@ -375,20 +521,35 @@ fn publisher_killed_and_restarted_mid_transfer() {
     let t0 = Instant::now();
     while !srv.log().contains(&needle) {
         if let Ok(Some(st)) = child.try_wait() {
-            panic!("apply ended ({st}) before the big object was requested; log:\n{}", clip(&srv.log(), 40));
+            panic!(
+                "apply ended ({st}) before the big object was requested; log:\n{}",
+                clip(&srv.log(), 40)
+            );
         }
-        assert!(t0.elapsed() < Duration::from_secs(120), "object {big} never requested; log:\n{}", clip(&srv.log(), 40));
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "object {big} never requested; log:\n{}",
+            clip(&srv.log(), 40)
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(400));
     srv.kill();
     let part = root.join("var/lib/imageupd/cache/partial").join(&big);
     let part_len = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
-    assert!(part_len > 0 && part_len < big_len, "expected a partial download of {big} ({part_len} of {big_len} bytes)");
+    assert!(
+        part_len > 0 && part_len < big_len,
+        "expected a partial download of {big} ({part_len} of {big_len} bytes)"
+    );
     // Down for a while (the apply backs off and retries), then back on the
     // same port, unthrottled.
     std::thread::sleep(Duration::from_millis(1500));
-    let srv2 = Server::start(&store, &format!("127.0.0.1:{port}"), &[], &s.join("serve2.log"));
+    let srv2 = Server::start(
+        &store,
+        &format!("127.0.0.1:{port}"),
+        &[],
+        &s.join("serve2.log"),
+    );
 
     let t0 = Instant::now();
     let status = loop {
@@ -403,18 +564,36 @@ fn publisher_killed_and_restarted_mid_transfer() {
     };
     let stdout = t_out.join().unwrap_or_default();
     let stderr = t_err.join().unwrap_or_default();
-    assert_eq!(status.code(), Some(EXIT_OK), "apply across a publisher restart failed\nstdout:\n{stdout}\nstderr:\n{}", clip(&stderr, 60));
+    assert_eq!(
+        status.code(),
+        Some(EXIT_OK),
+        "apply across a publisher restart failed\nstdout:\n{stdout}\nstderr:\n{}",
+        clip(&stderr, 60)
+    );
     let j: serde_json::Value = serde_json::from_str(stdout.trim()).expect("apply --json");
     let d = &j["download"];
-    assert!(d["retries"].as_u64().unwrap_or(0) >= 1, "no retries counted: {d}");
-    assert!(d["resumed"].as_u64().unwrap_or(0) >= 1, "the half-sent object was not resumed: {d}");
+    assert!(
+        d["retries"].as_u64().unwrap_or(0) >= 1,
+        "no retries counted: {d}"
+    );
+    assert!(
+        d["resumed"].as_u64().unwrap_or(0) >= 1,
+        "the half-sent object was not resumed: {d}"
+    );
     let resumed_line = format!("GET /objects/{}/{big}\" 206", &big[..2]);
     assert!(
-        srv2.log().lines().any(|l| l.contains(&resumed_line) && l.contains(&format!("range=bytes={part_len}-"))),
+        srv2.log()
+            .lines()
+            .any(|l| l.contains(&resumed_line) && l.contains(&format!("range=bytes={part_len}-"))),
         "the restarted publisher saw no Range request for bytes {part_len}- of {big}:\n{}",
         clip(&srv2.log(), 40)
     );
-    assert_applied(&v2, &root, "v2", "apply v1 -> v2 across a publisher restart");
+    assert_applied(
+        &v2,
+        &root,
+        "v2",
+        "apply v1 -> v2 across a publisher restart",
+    );
     assert_no_cache(&root);
 }
 
@@ -430,23 +609,58 @@ fn missing_object_fails_cleanly() {
     let before = snapshot_root(&root);
     let t0 = Instant::now();
     let out = apply_url(&srv.url, &root, &[]).expect_code(EXIT_SOURCE);
-    assert!(t0.elapsed() < Duration::from_secs(60), "a 404 must not be retried for long ({:.1?})", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "a 404 must not be retried for long ({:.1?})",
+        t0.elapsed()
+    );
     let err = out.all_output();
     let obj_url = format!("{}objects/{}/{big}", srv.url, &big[..2]);
-    assert!(err.contains(&big) && err.contains(&obj_url) && err.contains("404"), "the error must name the object, its URL and the 404\n{}", out.describe());
-    assert!(err.contains("was not changed"), "the error must say the root is untouched\n{}", out.describe());
+    assert!(
+        err.contains(&big) && err.contains(&obj_url) && err.contains("404"),
+        "the error must name the object, its URL and the 404\n{}",
+        out.describe()
+    );
+    assert!(
+        err.contains("was not changed"),
+        "the error must say the root is untouched\n{}",
+        out.describe()
+    );
     assert_unchanged(&root, &before, "404 of an object");
-    assert_eq!(srv.log().matches(&format!("/{big}\"")).count(), 1, "a 404 must not be retried:\n{}", clip(&srv.log(), 20));
+    assert_eq!(
+        srv.log().matches(&format!("/{big}\"")).count(),
+        1,
+        "a 404 must not be retried:\n{}",
+        clip(&srv.log(), 20)
+    );
 
     // Once the publisher has the object again, the next run reuses what the
     // failed run downloaded and converges.
-    std::fs::hard_link(object_path(&shared_store().dir, &big), object_path(&store, &big)).expect("restore object");
+    std::fs::hard_link(
+        object_path(&shared_store().dir, &big),
+        object_path(&store, &big),
+    )
+    .expect("restore object");
     let out = apply_url(&srv.url, &root, &[]).expect_ok();
     let d = download_report(&out);
-    let want = out.json()["plan"]["fetch_objects"].as_u64().expect("fetch_objects");
-    assert!(d["cached_objects"].as_u64().unwrap_or(0) > 0, "nothing reused from the failed run's downloads: {d}");
-    assert_eq!(d["cached_objects"].as_u64().unwrap_or(0) + d["objects"].as_u64().unwrap_or(0), want, "{d}");
-    assert_applied(&fixture_tree("v2"), &root, "v2", "apply v1 -> v2 after a 404 was fixed");
+    let want = out.json()["plan"]["fetch_objects"]
+        .as_u64()
+        .expect("fetch_objects");
+    assert!(
+        d["cached_objects"].as_u64().unwrap_or(0) > 0,
+        "nothing reused from the failed run's downloads: {d}"
+    );
+    assert_eq!(
+        d["cached_objects"].as_u64().unwrap_or(0) + d["objects"].as_u64().unwrap_or(0),
+        want,
+        "{d}"
+    );
+    assert_applied(
+        &fixture_tree("v2"),
+        &root,
+        "v2",
+        "apply v1 -> v2 after a 404 was fixed",
+    );
     assert_no_cache(&root);
 }
 
@@ -460,14 +674,28 @@ fn altered_object_is_refused() {
     let p = object_path(&store, &big);
     // Replace (not rewrite: the copy shares inodes with the shared store).
     std::fs::remove_file(&p).expect("remove object");
-    std::fs::write(&p, zstd::encode_all(&b"#!/bin/sh\necho owned\n"[..], 3).expect("zstd")).expect("write altered object");
+    std::fs::write(
+        &p,
+        zstd::encode_all(&b"#!/bin/sh\necho owned\n"[..], 3).expect("zstd"),
+    )
+    .expect("write altered object");
     let srv = Server::start(&store, "127.0.0.1:0", &[], &s.join("serve.log"));
     let before = snapshot_root(&root);
     let out = apply_url(&srv.url, &root, &[]).expect_code(EXIT_UNTRUSTED);
-    assert!(out.all_output().contains(&big), "the error must name the object\n{}", out.describe());
+    assert!(
+        out.all_output().contains(&big),
+        "the error must name the object\n{}",
+        out.describe()
+    );
     assert_unchanged(&root, &before, "altered object");
-    let cached = root.join("var/lib/imageupd/cache/objects").join(&big[..2]).join(&big);
-    assert!(!cached.exists(), "an object that failed verification is in the cache");
+    let cached = root
+        .join("var/lib/imageupd/cache/objects")
+        .join(&big[..2])
+        .join(&big);
+    assert!(
+        !cached.exists(),
+        "an object that failed verification is in the cache"
+    );
 }
 
 #[test]
@@ -484,8 +712,10 @@ fn serve_confines_paths_and_speaks_http_properly() {
     let content: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(store.join("objects/ab/abcdef"), &content).expect("object");
     std::fs::write(store.join("disks/SHA256SUMS"), "0000  img.raw\n").expect("sums");
-    std::os::unix::fs::symlink("../../../secret.txt", store.join("objects/ab/rel-link")).expect("symlink");
-    std::os::unix::fs::symlink(s.join("secret.txt"), store.join("objects/ab/abs-link")).expect("symlink");
+    std::os::unix::fs::symlink("../../../secret.txt", store.join("objects/ab/rel-link"))
+        .expect("symlink");
+    std::os::unix::fs::symlink(s.join("secret.txt"), store.join("objects/ab/abs-link"))
+        .expect("symlink");
     std::os::unix::fs::symlink(s.path(), store.join("images/dir-link")).expect("symlink");
     std::os::unix::fs::symlink(s.path(), store.join("disks/up")).expect("symlink");
     let mut srv = Server::start(&store, "127.0.0.1:0", &[], &s.join("serve.log"));
@@ -493,16 +723,34 @@ fn serve_confines_paths_and_speaks_http_properly() {
 
     // A positive control, so the refusals below mean something.
     let r = raw(a, "GET", "/objects/ab/abcdef", &[]);
-    assert_eq!((r.status, r.body.as_slice()), (200, content.as_slice()), "plain GET");
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, content.as_slice()),
+        "plain GET"
+    );
     assert_eq!(r.header("content-length"), Some("10000"));
-    assert_eq!(r.header("cache-control"), Some("public, max-age=31536000, immutable"));
+    assert_eq!(
+        r.header("cache-control"),
+        Some("public, max-age=31536000, immutable")
+    );
     let r = raw(a, "GET", "/index.json", &[]);
     assert_eq!(r.status, 200);
-    assert_eq!(r.header("cache-control"), Some("no-cache"), "index.json must be revalidated");
+    assert_eq!(
+        r.header("cache-control"),
+        Some("no-cache"),
+        "index.json must be revalidated"
+    );
     let r = raw(a, "GET", "/disks/SHA256SUMS", &[]);
-    assert_eq!((r.status, r.body.as_slice()), (200, &b"0000  img.raw\n"[..]), "disks/ is served");
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, &b"0000  img.raw\n"[..]),
+        "disks/ is served"
+    );
     let r = raw(a, "GET", "/objects/%61b/abcdef", &[]);
-    assert_eq!(r.status, 200, "percent-encoded ordinary characters are fine");
+    assert_eq!(
+        r.status, 200,
+        "percent-encoded ordinary characters are fine"
+    );
 
     for target in [
         "/../secret.txt",
@@ -527,16 +775,30 @@ fn serve_confines_paths_and_speaks_http_properly() {
     ] {
         let r = raw(a, "GET", target, &[]);
         let body = String::from_utf8_lossy(&r.body);
-        assert!(r.status == 400 || r.status == 404, "GET {target} answered {} (want 400/404)", r.status);
-        assert!(!body.contains(secret) && !body.contains("root:"), "GET {target} leaked file content: {body}");
+        assert!(
+            r.status == 400 || r.status == 404,
+            "GET {target} answered {} (want 400/404)",
+            r.status
+        );
+        assert!(
+            !body.contains(secret) && !body.contains("root:"),
+            "GET {target} leaked file content: {body}"
+        );
     }
 
     // HEAD: Content-Length and Last-Modified, no body.
     let r = raw(a, "HEAD", "/objects/ab/abcdef", &[]);
     assert_eq!(r.status, 200);
-    assert_eq!(r.header("content-length"), Some("10000"), "HEAD needs Content-Length");
+    assert_eq!(
+        r.header("content-length"),
+        Some("10000"),
+        "HEAD needs Content-Length"
+    );
     let lm = r.header("last-modified").expect("HEAD needs Last-Modified");
-    assert!(lm.ends_with(" GMT") && lm.len() == 29, "Last-Modified is an HTTP date: {lm}");
+    assert!(
+        lm.ends_with(" GMT") && lm.len() == 29,
+        "Last-Modified is an HTTP date: {lm}"
+    );
     assert!(r.body.is_empty(), "HEAD has no body");
 
     // Ranges.
@@ -578,7 +840,12 @@ fn make_pki(dir: &Path) -> Pki {
         printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\nbasicConstraints=CA:FALSE\\nextendedKeyUsage=serverAuth\\n' > ext.cnf
         openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 2 -extfile ext.cnf 2>&1"
     ));
-    Pki { ca: dir.join("ca.pem"), wrong_ca: dir.join("wrong.pem"), cert: dir.join("srv.pem"), key: dir.join("srv.key") }
+    Pki {
+        ca: dir.join("ca.pem"),
+        wrong_ca: dir.join("wrong.pem"),
+        cert: dir.join("srv.pem"),
+        key: dir.join("srv.key"),
+    }
 }
 
 #[test]
@@ -591,7 +858,12 @@ fn https_with_a_test_ca_and_wrong_ca_refused() {
     let srv = Server::start(
         &store.dir,
         "127.0.0.1:0",
-        &[OsStr::new("--tls-cert"), pki.cert.as_os_str(), OsStr::new("--tls-key"), pki.key.as_os_str()],
+        &[
+            OsStr::new("--tls-cert"),
+            pki.cert.as_os_str(),
+            OsStr::new("--tls-key"),
+            pki.key.as_os_str(),
+        ],
         &s.join("serve.log"),
     );
     assert!(srv.url.starts_with("https://"), "{}", srv.url);
@@ -600,22 +872,45 @@ fn https_with_a_test_ca_and_wrong_ca_refused() {
     let before = snapshot_root(&root);
 
     // A certificate from an unknown CA is refused, at once and for good.
-    for extra in [vec![], vec![OsStr::new("--ca-file"), pki.wrong_ca.as_os_str()]] {
+    for extra in [
+        vec![],
+        vec![OsStr::new("--ca-file"), pki.wrong_ca.as_os_str()],
+    ] {
         let t0 = Instant::now();
-        let out = imageupd(["apply", "--from", &srv.url, "--id", "v2", "--root"]).arg(&root).arg("--json").args(&extra).code(EXIT_SOURCE);
-        assert!(out.all_output().to_lowercase().contains("certificate"), "the error must be about the certificate\n{}", out.describe());
-        assert!(t0.elapsed() < Duration::from_secs(20), "a certificate failure must not be retried ({:.1?})", t0.elapsed());
+        let out = imageupd(["apply", "--from", &srv.url, "--id", "v2", "--root"])
+            .arg(&root)
+            .arg("--json")
+            .args(&extra)
+            .code(EXIT_SOURCE);
+        assert!(
+            out.all_output().to_lowercase().contains("certificate"),
+            "the error must be about the certificate\n{}",
+            out.describe()
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "a certificate failure must not be retried ({:.1?})",
+            t0.elapsed()
+        );
     }
     assert_unchanged(&root, &before, "wrong CA");
 
     // The CA named in the node's config (a path on the node) is trusted.
     std::fs::copy(&pki.ca, root.join("etc/imageupd/test-ca.pem")).expect("copy CA");
     write_config(&root, "ca_file = \"/etc/imageupd/test-ca.pem\"\n");
-    imageupd(["plan", "--from", &srv.url, "--id", "v2", "--root"]).arg(&root).arg("--json").ok();
+    imageupd(["plan", "--from", &srv.url, "--id", "v2", "--root"])
+        .arg(&root)
+        .arg("--json")
+        .ok();
     std::fs::remove_file(root.join("etc/imageupd/config.toml")).expect("rm config");
 
     // And --ca-file; a full apply over HTTPS.
-    let out = apply_url(&srv.url, &root, &["--ca-file", pki.ca.to_str().expect("utf-8 path")]).expect_ok();
+    let out = apply_url(
+        &srv.url,
+        &root,
+        &["--ca-file", pki.ca.to_str().expect("utf-8 path")],
+    )
+    .expect_ok();
     download_report(&out);
     assert_applied(&v2, &root, "v2", "apply v1 -> v2 over HTTPS");
 }

@@ -72,7 +72,11 @@ impl NetOptions {
     /// Settings for a node: `--ca-file` (a host path) wins over the config
     /// key `ca_file`, which names a path on the node and so is read below
     /// `root`.
-    pub fn for_root(cli_ca_file: Option<&Path>, config_ca_file: Option<&Path>, root: &Path) -> NetOptions {
+    pub fn for_root(
+        cli_ca_file: Option<&Path>,
+        config_ca_file: Option<&Path>,
+        root: &Path,
+    ) -> NetOptions {
         let ca_file = cli_ca_file
             .map(Path::to_path_buf)
             .or_else(|| config_ca_file.map(|p| root.join(p.strip_prefix("/").unwrap_or(p))));
@@ -139,9 +143,17 @@ pub struct HttpStore {
 impl HttpStore {
     /// Connect to the store at `url` and check its marker and format.
     pub fn open(url: &str, opts: &NetOptions) -> Result<HttpStore> {
-        let mut base = reqwest::Url::parse(url).with_context(|| format!("invalid store URL {url:?}")).context(ExitKind::Usage)?;
-        if !matches!(base.scheme(), "http" | "https") || base.query().is_some() || base.fragment().is_some() {
-            return Err(anyhow!("store URL {url:?} must be plain http:// or https:// without query or fragment")).context(ExitKind::Usage);
+        let mut base = reqwest::Url::parse(url)
+            .with_context(|| format!("invalid store URL {url:?}"))
+            .context(ExitKind::Usage)?;
+        if !matches!(base.scheme(), "http" | "https")
+            || base.query().is_some()
+            || base.fragment().is_some()
+        {
+            return Err(anyhow!(
+                "store URL {url:?} must be plain http:// or https:// without query or fragment"
+            ))
+            .context(ExitKind::Usage);
         }
         if !base.path().ends_with('/') {
             let p = format!("{}/", base.path());
@@ -155,28 +167,48 @@ impl HttpStore {
             .user_agent(concat!("imageupd/", env!("CARGO_PKG_VERSION")))
             .http1_only();
         if let Some(ca) = &opts.ca_file {
-            let pem = std::fs::read(ca).with_context(|| format!("reading CA file {}", ca.display())).context(ExitKind::Usage)?;
+            let pem = std::fs::read(ca)
+                .with_context(|| format!("reading CA file {}", ca.display()))
+                .context(ExitKind::Usage)?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .with_context(|| format!("CA file {} holds no valid PEM certificate", ca.display()))
                 .context(ExitKind::Usage)?;
             if certs.is_empty() {
-                return Err(anyhow!("CA file {} holds no certificate", ca.display())).context(ExitKind::Usage);
+                return Err(anyhow!("CA file {} holds no certificate", ca.display()))
+                    .context(ExitKind::Usage);
             }
             for c in certs {
                 b = b.add_root_certificate(c);
             }
         }
         let client = b.build().context("setting up the HTTP client")?;
-        let h = HttpStore { base, client, counters: Counters::default(), cache: OnceLock::new() };
-        let marker = h.get_small(store::MARKER, MAX_SMALL_BYTES).with_context(|| format!("{} is not a reachable imageupd store", h.url()))?;
+        let h = HttpStore {
+            base,
+            client,
+            counters: Counters::default(),
+            cache: OnceLock::new(),
+        };
+        let marker = h
+            .get_small(store::MARKER, MAX_SMALL_BYTES)
+            .with_context(|| format!("{} is not a reachable imageupd store", h.url()))?;
         let format = serde_json::from_slice::<serde_json::Value>(&marker)
             .ok()
             .and_then(|v| v.get("format").and_then(|f| f.as_u64()))
-            .ok_or_else(|| anyhow!("{}{} is not an imageupd store marker", h.url(), store::MARKER))
+            .ok_or_else(|| {
+                anyhow!(
+                    "{}{} is not an imageupd store marker",
+                    h.url(),
+                    store::MARKER
+                )
+            })
             .context(ExitKind::Source)?;
         if format != u64::from(store::STORE_FORMAT) {
-            return Err(anyhow!("store {} has format {format} but this imageupd reads format {}", h.url(), store::STORE_FORMAT))
-                .context(ExitKind::Source);
+            return Err(anyhow!(
+                "store {} has format {format} but this imageupd reads format {}",
+                h.url(),
+                store::STORE_FORMAT
+            ))
+            .context(ExitKind::Source);
         }
         Ok(h)
     }
@@ -187,24 +219,32 @@ impl HttpStore {
     }
 
     fn join(&self, rel: &str) -> Result<reqwest::Url> {
-        self.base.join(rel).with_context(|| format!("building the URL of {rel}"))
+        self.base
+            .join(rel)
+            .with_context(|| format!("building the URL of {rel}"))
     }
 
     /// Stored manifest bytes and signature (None when the store has none)
     /// of image `id`. Not verified: see [`crate::source::verify_stored`].
     pub fn read_manifest_raw(&self, id: &str) -> Result<(Vec<u8>, Option<Vec<u8>>)> {
-        crate::manifest::validate_image_id(id).map_err(anyhow::Error::msg).context(ExitKind::Usage)?;
+        crate::manifest::validate_image_id(id)
+            .map_err(anyhow::Error::msg)
+            .context(ExitKind::Usage)?;
         let m = format!("images/{id}/{}", store::MANIFEST_NAME);
         let stored = self.get_small(&m, MAX_MANIFEST_BYTES).map_err(|e| {
             if is_status(&e, &[404, 410]) {
-                e.context(format!("image {id:?} is not in the store at {}", self.url()))
+                e.context(format!(
+                    "image {id:?} is not in the store at {}",
+                    self.url()
+                ))
             } else {
                 e.context(format!("fetching the manifest of image {id:?}"))
             }
         })?;
         // S3-style servers answer 403 for a missing key; without a signature
         // the manifest is refused anyway unless unsigned images are allowed.
-        let sig = match self.get_small(&format!("images/{id}/{}", store::SIG_NAME), MAX_SMALL_BYTES) {
+        let sig = match self.get_small(&format!("images/{id}/{}", store::SIG_NAME), MAX_SMALL_BYTES)
+        {
             Ok(s) => Some(s),
             Err(e) if is_status(&e, &[403, 404, 410]) => None,
             Err(e) => return Err(e.context(format!("fetching the signature of image {id:?}"))),
@@ -218,9 +258,14 @@ impl HttpStore {
         self.retrying(&url, || {
             let resp = self.send(&url, None)?;
             let mut body = Vec::new();
-            let mut r = CountingReader { inner: resp, counter: &self.counters.bytes };
+            let mut r = CountingReader {
+                inner: resp,
+                counter: &self.counters.bytes,
+            };
             match (&mut r).take(limit + 1).read_to_end(&mut body) {
-                Ok(_) if body.len() as u64 > limit => Err(Attempt::Fatal(anyhow!("{url} is larger than {limit} bytes"))),
+                Ok(_) if body.len() as u64 > limit => Err(Attempt::Fatal(anyhow!(
+                    "{url} is larger than {limit} bytes"
+                ))),
                 Ok(_) => Ok(body),
                 Err(e) => Err(Attempt::Retry(anyhow!(e).context(format!("reading {url}")))),
             }
@@ -229,7 +274,11 @@ impl HttpStore {
 
     /// Send one GET (from byte `from` on, if given). Success and 416 are
     /// returned; everything else is classified for [`Self::retrying`].
-    fn send(&self, url: &reqwest::Url, from: Option<u64>) -> Result<reqwest::blocking::Response, Attempt> {
+    fn send(
+        &self,
+        url: &reqwest::Url,
+        from: Option<u64>,
+    ) -> Result<reqwest::blocking::Response, Attempt> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let mut rb = self.client.get(url.clone());
         if let Some(off) = from {
@@ -238,16 +287,28 @@ impl HttpStore {
         let resp = match rb.send() {
             Ok(r) => r,
             Err(e) if e.is_builder() || e.is_redirect() || is_tls_failure(&e) => {
-                return Err(Attempt::Fatal(anyhow!(e).context(format!("requesting {url}"))))
+                return Err(Attempt::Fatal(
+                    anyhow!(e).context(format!("requesting {url}")),
+                ))
             }
-            Err(e) => return Err(Attempt::Retry(anyhow!(e).context(format!("requesting {url}")))),
+            Err(e) => {
+                return Err(Attempt::Retry(
+                    anyhow!(e).context(format!("requesting {url}")),
+                ))
+            }
         };
         let s = resp.status();
         if s.is_success() || s == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
             return Ok(resp);
         }
-        let err = anyhow!(StatusError { url: url.to_string(), status: s.as_u16() });
-        if s == reqwest::StatusCode::REQUEST_TIMEOUT || s == reqwest::StatusCode::TOO_MANY_REQUESTS || s.is_server_error() {
+        let err = anyhow!(StatusError {
+            url: url.to_string(),
+            status: s.as_u16()
+        });
+        if s == reqwest::StatusCode::REQUEST_TIMEOUT
+            || s == reqwest::StatusCode::TOO_MANY_REQUESTS
+            || s.is_server_error()
+        {
             Err(Attempt::Retry(err))
         } else {
             Err(Attempt::Fatal(err))
@@ -255,7 +316,11 @@ impl HttpStore {
     }
 
     /// Run `f` until it succeeds, fails for good, or [`MAX_ATTEMPTS`] are spent.
-    fn retrying<T>(&self, url: &reqwest::Url, mut f: impl FnMut() -> Result<T, Attempt>) -> Result<T> {
+    fn retrying<T>(
+        &self,
+        url: &reqwest::Url,
+        mut f: impl FnMut() -> Result<T, Attempt>,
+    ) -> Result<T> {
         let mut delay = BACKOFF_INITIAL;
         let mut attempt = 1;
         loop {
@@ -264,11 +329,18 @@ impl HttpStore {
                 Err(Attempt::Fatal(e)) if e.downcast_ref::<ExitKind>().is_some() => return Err(e),
                 Err(Attempt::Fatal(e)) => return Err(e).context(ExitKind::Source),
                 Err(Attempt::Retry(e)) if attempt >= MAX_ATTEMPTS => {
-                    return Err(e).with_context(|| format!("giving up on {url} after {MAX_ATTEMPTS} attempts")).context(ExitKind::Source)
+                    return Err(e)
+                        .with_context(|| {
+                            format!("giving up on {url} after {MAX_ATTEMPTS} attempts")
+                        })
+                        .context(ExitKind::Source)
                 }
                 Err(Attempt::Retry(e)) => {
                     let d = jitter(delay);
-                    tracing::warn!("{e:#}; retrying in {d:.1?} (attempt {}/{MAX_ATTEMPTS})", attempt + 1);
+                    tracing::warn!(
+                        "{e:#}; retrying in {d:.1?} (attempt {}/{MAX_ATTEMPTS})",
+                        attempt + 1
+                    );
                     std::thread::sleep(d);
                     self.counters.retries.fetch_add(1, Ordering::Relaxed);
                     delay = (delay * 2).min(BACKOFF_MAX);
@@ -286,7 +358,12 @@ impl HttpStore {
     /// yet in the download cache below `state` (the state directory), in
     /// parallel, verifying each. Afterwards [`Self::open_content`] reads
     /// from the cache.
-    pub fn prefetch(&self, fetch: &[(Digest, u64)], state: BorrowedFd<'_>, progress: &Progress) -> Result<()> {
+    pub fn prefetch(
+        &self,
+        fetch: &[(Digest, u64)],
+        state: BorrowedFd<'_>,
+        progress: &Progress,
+    ) -> Result<()> {
         let t0 = Instant::now();
         let cache = Cache::create(state).context("opening the download cache")?;
         let keep: HashSet<Digest> = fetch.iter().map(|(d, _)| *d).collect();
@@ -296,9 +373,13 @@ impl HttpStore {
         }
         let total: u64 = fetch.iter().map(|(_, s)| *s).sum();
         let bar = progress.bar("download", total);
-        let res = crate::scan::par_map(fetch, PARALLEL_DOWNLOADS, |(d, size)| self.fetch_object(&cache, d, *size, &bar));
+        let res = crate::scan::par_map(fetch, PARALLEL_DOWNLOADS, |(d, size)| {
+            self.fetch_object(&cache, d, *size, &bar)
+        });
         bar.finish();
-        self.counters.ms.fetch_add(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.counters
+            .ms
+            .fetch_add(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
         res?;
         let _ = self.cache.set(cache);
         Ok(())
@@ -324,12 +405,23 @@ impl HttpStore {
         let mut fresh = false;
         loop {
             let resumed = self
-                .retrying(&url, || self.download_part(cache, d, &url, limit, size, bar, &mut shown))
-                .with_context(|| format!("downloading object {d} ({size} bytes) from the store at {}", self.url()))?;
-            let part = cache.open_part(d, false).with_context(|| format!("reopening the download of {d}"))?;
+                .retrying(&url, || {
+                    self.download_part(cache, d, &url, limit, size, bar, &mut shown)
+                })
+                .with_context(|| {
+                    format!(
+                        "downloading object {d} ({size} bytes) from the store at {}",
+                        self.url()
+                    )
+                })?;
+            let part = cache
+                .open_part(d, false)
+                .with_context(|| format!("reopening the download of {d}"))?;
             match cache.verify(&part, d, size) {
                 Ok(()) => {
-                    cache.commit(d).with_context(|| format!("moving object {d} into the download cache"))?;
+                    cache
+                        .commit(d)
+                        .with_context(|| format!("moving object {d} into the download cache"))?;
                     self.counters.objects.fetch_add(1, Ordering::Relaxed);
                     bar.inc(size.saturating_sub(shown));
                     return Ok(());
@@ -353,9 +445,22 @@ impl HttpStore {
     /// One attempt at completing `partial/<digest>`; returns whether it
     /// continued an earlier partial download.
     #[allow(clippy::too_many_arguments)]
-    fn download_part(&self, cache: &Cache, d: &Digest, url: &reqwest::Url, limit: u64, size: u64, bar: &Bar, shown: &mut u64) -> Result<bool, Attempt> {
-        let fatal = |e: io::Error, what: &str| Attempt::Fatal(anyhow!(e).context(format!("{what} the download cache")));
-        let mut f = cache.open_part(d, true).map_err(|e| fatal(e, "writing to"))?;
+    fn download_part(
+        &self,
+        cache: &Cache,
+        d: &Digest,
+        url: &reqwest::Url,
+        limit: u64,
+        size: u64,
+        bar: &Bar,
+        shown: &mut u64,
+    ) -> Result<bool, Attempt> {
+        let fatal = |e: io::Error, what: &str| {
+            Attempt::Fatal(anyhow!(e).context(format!("{what} the download cache")))
+        };
+        let mut f = cache
+            .open_part(d, true)
+            .map_err(|e| fatal(e, "writing to"))?;
         let mut have = f.metadata().map_err(|e| fatal(e, "reading"))?.len();
         if have > limit {
             f.set_len(0).map_err(|e| fatal(e, "writing to"))?;
@@ -365,10 +470,16 @@ impl HttpStore {
         let mut resumed = false;
         match resp.status().as_u16() {
             206 if have > 0 => {
-                let cr = resp.headers().get(reqwest::header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).unwrap_or("");
+                let cr = resp
+                    .headers()
+                    .get(reqwest::header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
                 if !cr.starts_with(&format!("bytes {have}-")) {
                     f.set_len(0).map_err(|e| fatal(e, "writing to"))?;
-                    return Err(Attempt::Retry(anyhow!("{url}: asked for bytes {have}- but got range {cr:?}; restarting it")));
+                    return Err(Attempt::Retry(anyhow!(
+                        "{url}: asked for bytes {have}- but got range {cr:?}; restarting it"
+                    )));
                 }
                 resumed = true;
                 self.counters.resumed.fetch_add(1, Ordering::Relaxed);
@@ -381,7 +492,8 @@ impl HttpStore {
             }
             s => return Err(Attempt::Fatal(anyhow!("{url}: unexpected HTTP {s}"))),
         }
-        f.seek(SeekFrom::Start(have)).map_err(|e| fatal(e, "writing to"))?;
+        f.seek(SeekFrom::Start(have))
+            .map_err(|e| fatal(e, "writing to"))?;
         let expect = have + resp.content_length().unwrap_or(0);
         let mut buf = vec![0u8; BUF];
         loop {
@@ -389,7 +501,11 @@ impl HttpStore {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Attempt::Retry(anyhow!(e).context(format!("download of {url} broke off after {have} bytes")))),
+                Err(e) => {
+                    return Err(Attempt::Retry(anyhow!(e).context(format!(
+                        "download of {url} broke off after {have} bytes"
+                    ))))
+                }
             };
             have += n as u64;
             self.counters.bytes.fetch_add(n as u64, Ordering::Relaxed);
@@ -402,7 +518,8 @@ impl HttpStore {
             f.write_all(&buf[..n]).map_err(|e| fatal(e, "writing to"))?;
             // Progress in content bytes, scaled by how much of the body arrived.
             if expect > 0 {
-                let target = (u128::from(have.min(expect)) * u128::from(size) / u128::from(expect)) as u64;
+                let target =
+                    (u128::from(have.min(expect)) * u128::from(size) / u128::from(expect)) as u64;
                 if target > *shown {
                     bar.inc(target - *shown);
                     *shown = target;
@@ -426,10 +543,22 @@ impl HttpStore {
         let url = self.object_url(d).map_err(io::Error::other)?;
         let resp = match self.send(&url, None) {
             Ok(r) if r.status() == reqwest::StatusCode::OK => r,
-            Ok(r) => return Err(io::Error::other(format!("{url}: unexpected HTTP {}", r.status()))),
-            Err(Attempt::Retry(e) | Attempt::Fatal(e)) => return Err(io::Error::other(format!("{e:#}"))),
+            Ok(r) => {
+                return Err(io::Error::other(format!(
+                    "{url}: unexpected HTTP {}",
+                    r.status()
+                )))
+            }
+            Err(Attempt::Retry(e) | Attempt::Fatal(e)) => {
+                return Err(io::Error::other(format!("{e:#}")))
+            }
         };
-        Ok(Box::new(zstd::stream::read::Decoder::new(CountingReader { inner: resp, counter: &self.counters.bytes })?))
+        Ok(Box::new(zstd::stream::read::Decoder::new(
+            CountingReader {
+                inner: resp,
+                counter: &self.counters.bytes,
+            },
+        )?))
     }
 
     /// The counters so far.
@@ -468,13 +597,20 @@ fn max_compressed(size: u64) -> u64 {
 
 fn jitter(d: Duration) -> Duration {
     let mut b = [0u8; 2];
-    let r = if getrandom::getrandom(&mut b).is_ok() { u16::from_le_bytes(b) } else { 32768 };
+    let r = if getrandom::getrandom(&mut b).is_ok() {
+        u16::from_le_bytes(b)
+    } else {
+        32768
+    };
     // Factor in [0.75, 1.25).
     d.mul_f64(0.75 + f64::from(r) / 131072.0)
 }
 
 fn is_status(e: &anyhow::Error, codes: &[u16]) -> bool {
-    e.chain().any(|c| c.downcast_ref::<StatusError>().is_some_and(|s| codes.contains(&s.status)))
+    e.chain().any(|c| {
+        c.downcast_ref::<StatusError>()
+            .is_some_and(|s| codes.contains(&s.status))
+    })
 }
 
 /// A certificate or handshake failure: retrying cannot help. (rustls
@@ -487,7 +623,9 @@ fn is_tls_failure(e: &reqwest::Error) -> bool {
             return true;
         }
         src = match s.downcast_ref::<io::Error>() {
-            Some(io) => io.get_ref().map(|inner| inner as &(dyn std::error::Error + 'static)),
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
             None => s.source(),
         };
     }
@@ -516,8 +654,17 @@ struct Cache {
 
 impl Cache {
     fn create(state: BorrowedFd<'_>) -> io::Result<Cache> {
-        let sub = |s: &str| fsx::ensure_dir_beneath(state, &RelPath(format!("{CACHE_DIR}/{s}").into_bytes()), 0o700);
-        Ok(Cache { objects: sub("objects")?, partial: sub("partial")? })
+        let sub = |s: &str| {
+            fsx::ensure_dir_beneath(
+                state,
+                &RelPath(format!("{CACHE_DIR}/{s}").into_bytes()),
+                0o700,
+            )
+        };
+        Ok(Cache {
+            objects: sub("objects")?,
+            partial: sub("partial")?,
+        })
     }
 
     fn rel(d: &Digest) -> RelPath {
@@ -534,7 +681,12 @@ impl Cache {
         if create {
             flags |= OFlags::CREATE;
         }
-        let fd = rustix::fs::openat(self.partial.as_fd(), d.to_hex(), flags, Mode::from_raw_mode(0o600))?;
+        let fd = rustix::fs::openat(
+            self.partial.as_fd(),
+            d.to_hex(),
+            flags,
+            Mode::from_raw_mode(0o600),
+        )?;
         Ok(File::from(fd))
     }
 
@@ -543,31 +695,52 @@ impl Cache {
         let mut f = f.try_clone()?;
         f.seek(SeekFrom::Start(0))?;
         let dec = zstd::stream::read::Decoder::new(f).context("not a zstd frame")?;
-        VerifyReader::new(dec).finish(d, size).context("not a valid zstd frame")?.map_err(anyhow::Error::new)
+        VerifyReader::new(dec)
+            .finish(d, size)
+            .context("not a valid zstd frame")?
+            .map_err(anyhow::Error::new)
     }
 
     fn commit(&self, d: &Digest) -> io::Result<()> {
         let h = d.to_hex();
-        let sub = fsx::ensure_dir_beneath(self.objects.as_fd(), &RelPath(h[..2].as_bytes().to_vec()), 0o700)?;
-        fsx::rename_at(self.partial.as_fd(), h.as_bytes(), sub.as_fd(), h.as_bytes())
+        let sub = fsx::ensure_dir_beneath(
+            self.objects.as_fd(),
+            &RelPath(h.as_bytes()[..2].to_vec()),
+            0o700,
+        )?;
+        fsx::rename_at(
+            self.partial.as_fd(),
+            h.as_bytes(),
+            sub.as_fd(),
+            h.as_bytes(),
+        )
     }
 
     fn remove(&self, d: &Digest) -> Result<()> {
         let h = d.to_hex();
-        let sub = fsx::open_dir_beneath(self.objects.as_fd(), &RelPath(h[..2].as_bytes().to_vec()))?;
-        fsx::unlink_at(sub.as_fd(), h.as_bytes()).with_context(|| format!("removing damaged cached object {d}"))
+        let sub =
+            fsx::open_dir_beneath(self.objects.as_fd(), &RelPath(h.as_bytes()[..2].to_vec()))?;
+        fsx::unlink_at(sub.as_fd(), h.as_bytes())
+            .with_context(|| format!("removing damaged cached object {d}"))
     }
 
     fn remove_part(&self, d: &Digest) -> Result<()> {
         match fsx::unlink_at(self.partial.as_fd(), d.to_hex().as_bytes()) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e).with_context(|| format!("removing the download of {d}")),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing the download of {d}"))
+            }
             _ => Ok(()),
         }
     }
 
     /// Remove everything not named in `keep`; returns how many entries went.
     fn prune(&self, keep: &HashSet<Digest>) -> Result<u64> {
-        let wanted = |name: &[u8]| std::str::from_utf8(name).ok().and_then(|s| Digest::from_hex(s).ok()).is_some_and(|d| keep.contains(&d));
+        let wanted = |name: &[u8]| {
+            std::str::from_utf8(name)
+                .ok()
+                .and_then(|s| Digest::from_hex(s).ok())
+                .is_some_and(|d| keep.contains(&d))
+        };
         let mut n = 0;
         for name in fsx::read_dir_names(self.partial.as_fd())? {
             if !wanted(&name) {
@@ -596,4 +769,3 @@ impl Cache {
 pub fn is_url(from: &str) -> bool {
     from.starts_with("http://") || from.starts_with("https://")
 }
-

@@ -99,9 +99,15 @@ pub enum CacheClass {
 /// Map a request's raw (still percent-encoded) path to a path below the
 /// store, or refuse it.
 pub fn resolve_path(raw: &str) -> Result<(RelPath, CacheClass), PathRefusal> {
-    let Some(rest) = raw.strip_prefix('/') else { return Err(PathRefusal::Bad("not absolute")) };
+    let Some(rest) = raw.strip_prefix('/') else {
+        return Err(PathRefusal::Bad("not absolute"));
+    };
     let lower = rest.to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%00") || rest.contains('\\') {
+    if lower.contains("%2f")
+        || lower.contains("%5c")
+        || lower.contains("%00")
+        || rest.contains('\\')
+    {
         return Err(PathRefusal::Bad("encoded separator or NUL"));
     }
     let decoded = percent_decode(rest).ok_or(PathRefusal::Bad("invalid percent-encoding"))?;
@@ -167,21 +173,32 @@ pub enum RangeSpec {
 /// honoured; multiple ranges and malformed values are ignored (the whole
 /// file is sent), as RFC 9110 allows.
 pub fn parse_range(value: &str, len: u64) -> RangeSpec {
-    let Some(spec) = value.trim().strip_prefix("bytes=") else { return RangeSpec::Full };
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return RangeSpec::Full;
+    };
     if spec.contains(',') {
         return RangeSpec::Full;
     }
-    let Some((a, b)) = spec.trim().split_once('-') else { return RangeSpec::Full };
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return RangeSpec::Full;
+    };
     let (a, b) = (a.trim(), b.trim());
     if a.is_empty() {
         // Suffix: the last N bytes.
-        let Ok(n) = b.parse::<u64>() else { return RangeSpec::Full };
+        let Ok(n) = b.parse::<u64>() else {
+            return RangeSpec::Full;
+        };
         if n == 0 || len == 0 {
             return RangeSpec::Unsatisfiable;
         }
-        return RangeSpec::Part { start: len.saturating_sub(n), end: len - 1 };
+        return RangeSpec::Part {
+            start: len.saturating_sub(n),
+            end: len - 1,
+        };
     }
-    let Ok(start) = a.parse::<u64>() else { return RangeSpec::Full };
+    let Ok(start) = a.parse::<u64>() else {
+        return RangeSpec::Full;
+    };
     let end = if b.is_empty() {
         u64::MAX
     } else {
@@ -193,7 +210,10 @@ pub fn parse_range(value: &str, len: u64) -> RangeSpec {
     if start >= len {
         return RangeSpec::Unsatisfiable;
     }
-    RangeSpec::Part { start, end: end.min(len - 1) }
+    RangeSpec::Part {
+        start,
+        end: end.min(len - 1),
+    }
 }
 
 /// Shared server state.
@@ -206,14 +226,25 @@ struct State {
 /// once the socket is bound.
 pub fn serve(opts: &ServeOptions) -> Result<()> {
     let store = Store::open(&opts.store)?;
-    let fd = fsx::open_dir(store.path()).with_context(|| format!("opening store {}", store.path().display()))?;
+    let fd = fsx::open_dir(store.path())
+        .with_context(|| format!("opening store {}", store.path().display()))?;
     let tls = match (&opts.tls_cert, &opts.tls_key) {
         (Some(c), Some(k)) => Some(tls_acceptor(c, k)?),
         (None, None) => None,
         _ => bail!("--tls-cert and --tls-key go together"),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
-    rt.block_on(run(opts, State { store: fd, throttle_bps: opts.throttle_bps.filter(|&b| b > 0) }, tls))
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(run(
+        opts,
+        State {
+            store: fd,
+            throttle_bps: opts.throttle_bps.filter(|&b| b > 0),
+        },
+        tls,
+    ))
 }
 
 fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor> {
@@ -225,7 +256,8 @@ fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor> {
     if certs.is_empty() {
         bail!("no certificate in {}", cert.display());
     }
-    let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading TLS private key from {}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("reading TLS private key from {}", key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -237,23 +269,36 @@ fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor> {
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 
-async fn run(opts: &ServeOptions, state: State, tls: Option<tokio_rustls::TlsAcceptor>) -> Result<()> {
-    let listener = TcpListener::bind(&opts.listen).await.with_context(|| format!("listening on {}", opts.listen))?;
+async fn run(
+    opts: &ServeOptions,
+    state: State,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> Result<()> {
+    let listener = TcpListener::bind(&opts.listen)
+        .await
+        .with_context(|| format!("listening on {}", opts.listen))?;
     let local = listener.local_addr()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
-        writeln!(out, "listening on {scheme}://{local}/ serving {}", opts.store.display())?;
+        writeln!(
+            out,
+            "listening on {scheme}://{local}/ serving {}",
+            opts.store.display()
+        )?;
         out.flush()?;
     }
     tracing::info!("serving {} on {scheme}://{local}/", opts.store.display());
     let state = Arc::new(state);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("installing SIGINT handler")?;
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing SIGTERM handler")?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing SIGINT handler")?;
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -280,9 +325,17 @@ async fn run(opts: &ServeOptions, state: State, tls: Option<tokio_rustls::TlsAcc
         let tls = tls.clone();
         tokio::spawn(async move {
             let res = match tls {
-                None => watcher.watch(http.serve_connection(TokioIo::new(tcp), svc)).await,
+                None => {
+                    watcher
+                        .watch(http.serve_connection(TokioIo::new(tcp), svc))
+                        .await
+                }
                 Some(acc) => match acc.accept(tcp).await {
-                    Ok(s) => watcher.watch(http.serve_connection(TokioIo::new(s), svc)).await,
+                    Ok(s) => {
+                        watcher
+                            .watch(http.serve_connection(TokioIo::new(s), svc))
+                            .await
+                    }
                     Err(e) => {
                         tracing::info!("TLS handshake with {peer} failed: {e}");
                         return;
@@ -302,11 +355,19 @@ async fn run(opts: &ServeOptions, state: State, tls: Option<tokio_rustls::TlsAcc
     Ok(())
 }
 
-async fn handle(state: Arc<State>, peer: SocketAddr, req: Request<Incoming>) -> Result<Response<ServeBody>, Infallible> {
+async fn handle(
+    state: Arc<State>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<ServeBody>, Infallible> {
     let t0 = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let range = req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let range = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let resp = respond(&state, &method, &path, req.headers()).await;
     tracing::info!(
         target: "imageupd::access",
@@ -322,8 +383,14 @@ async fn handle(state: Arc<State>, peer: SocketAddr, req: Request<Incoming>) -> 
 fn plain(status: StatusCode, msg: &str) -> Response<ServeBody> {
     let mut r = Response::new(ServeBody::Bytes(Some(Bytes::from(format!("{msg}\n")))));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static(CACHE_REVALIDATE));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(CACHE_REVALIDATE),
+    );
     r
 }
 
@@ -337,18 +404,30 @@ struct Opened {
 fn open_served(store: &OwnedFd, rel: &RelPath) -> io::Result<Opened> {
     let file = fsx::open_file_beneath(store.as_fd(), rel)?;
     let md = file.metadata()?;
-    Ok(Opened { len: md.len(), mtime: md.modified().unwrap_or(SystemTime::UNIX_EPOCH), file })
+    Ok(Opened {
+        len: md.len(),
+        mtime: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        file,
+    })
 }
 
-async fn respond(state: &Arc<State>, method: &Method, raw: &str, headers: &HeaderMap) -> Response<ServeBody> {
+async fn respond(
+    state: &Arc<State>,
+    method: &Method,
+    raw: &str,
+    headers: &HeaderMap,
+) -> Response<ServeBody> {
     if method != Method::GET && method != Method::HEAD {
         let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD");
-        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return r;
     }
     let (rel, class) = match resolve_path(raw) {
         Ok(v) => v,
-        Err(PathRefusal::Bad(why)) => return plain(StatusCode::BAD_REQUEST, &format!("bad path: {why}")),
+        Err(PathRefusal::Bad(why)) => {
+            return plain(StatusCode::BAD_REQUEST, &format!("bad path: {why}"))
+        }
         Err(PathRefusal::NotFound) => return plain(StatusCode::NOT_FOUND, "not found"),
     };
     let st = state.clone();
@@ -367,16 +446,37 @@ async fn respond(state: &Arc<State>, method: &Method, raw: &str, headers: &Heade
     };
     let len = opened.len;
     let last_modified = httpdate::fmt_http_date(opened.mtime);
-    let mtime_s = opened.mtime.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let mtime_s = opened
+        .mtime
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let etag = format!("\"{len:x}-{mtime_s:x}\"");
     let mut builder = Response::builder()
         .header(header::LAST_MODIFIED, &last_modified)
         .header(header::ETAG, &etag)
         .header(header::ACCEPT_RANGES, "bytes")
-        .header(header::CACHE_CONTROL, if class == CacheClass::Immutable { CACHE_IMMUTABLE } else { CACHE_REVALIDATE })
-        .header(header::CONTENT_TYPE, if raw.ends_with(".json") { "application/json" } else { "application/octet-stream" });
+        .header(
+            header::CACHE_CONTROL,
+            if class == CacheClass::Immutable {
+                CACHE_IMMUTABLE
+            } else {
+                CACHE_REVALIDATE
+            },
+        )
+        .header(
+            header::CONTENT_TYPE,
+            if raw.ends_with(".json") {
+                "application/json"
+            } else {
+                "application/octet-stream"
+            },
+        );
     if not_modified(headers, &etag, opened.mtime) {
-        return builder.status(StatusCode::NOT_MODIFIED).body(ServeBody::Bytes(None)).unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error"));
+        return builder
+            .status(StatusCode::NOT_MODIFIED)
+            .body(ServeBody::Bytes(None))
+            .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error"));
     }
     let mut spec = RangeSpec::Full;
     if method == Method::GET {
@@ -423,17 +523,29 @@ async fn respond(state: &Arc<State>, method: &Method, raw: &str, headers: &Heade
             sleep: None,
         })
     };
-    builder.body(body).unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))
+    builder
+        .body(body)
+        .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))
 }
 
 /// `If-None-Match` (preferred) or `If-Modified-Since` says the client's copy is current.
 fn not_modified(headers: &HeaderMap, etag: &str, mtime: SystemTime) -> bool {
-    if let Some(inm) = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+    if let Some(inm) = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+    {
         return inm.split(',').any(|t| t.trim() == etag || t.trim() == "*");
     }
-    if let Some(ims) = headers.get(header::IF_MODIFIED_SINCE).and_then(|v| v.to_str().ok()) {
+    if let Some(ims) = headers
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+    {
         if let Ok(since) = httpdate::parse_http_date(ims) {
-            let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let secs = |t: SystemTime| {
+                t.duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            };
             return secs(mtime) <= secs(since);
         }
     }
@@ -462,7 +574,10 @@ impl http_body::Body for ServeBody {
     type Data = Bytes;
     type Error = io::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         match self.get_mut() {
             ServeBody::Bytes(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ServeBody::File(f) => f.poll_chunk(cx),
@@ -485,7 +600,10 @@ impl http_body::Body for ServeBody {
 }
 
 impl FileBody {
-    fn poll_chunk(&mut self, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+    fn poll_chunk(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         if let Some(s) = &mut self.sleep {
             ready!(s.as_mut().poll(cx));
             self.sleep = None;
@@ -500,7 +618,10 @@ impl FileBody {
         }
         let n = rb.filled().len();
         if n == 0 {
-            return Poll::Ready(Some(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while being served"))));
+            return Poll::Ready(Some(Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "file shrank while being served",
+            ))));
         }
         self.remaining -= n as u64;
         if let Some(bps) = self.throttle_bps {
@@ -517,27 +638,81 @@ mod tests {
 
     #[test]
     fn paths_are_confined() {
-        let ok = |p: &str| resolve_path(p).map(|(r, c)| (String::from_utf8_lossy(&r.0).into_owned(), c));
-        assert_eq!(ok("/index.json"), Ok(("index.json".into(), CacheClass::Revalidate)));
-        assert_eq!(ok("/imageupd-store.json").map(|x| x.1), Ok(CacheClass::Revalidate));
-        assert_eq!(ok("/objects/ab/abcd"), Ok(("objects/ab/abcd".into(), CacheClass::Immutable)));
-        assert_eq!(ok("/images/v1%3A2/manifest.json.zst").map(|x| x.0), Ok("images/v1:2/manifest.json.zst".into()));
-        assert_eq!(ok("/disks/SHA256SUMS").map(|x| x.1), Ok(CacheClass::Revalidate));
-        for bad in ["/../etc/passwd", "/objects/../../etc/passwd", "/%2e%2e/etc/passwd", "/objects/%2E%2E/x", "/objects%2f..%2fx", "/objects/a%00b", "/objects//x", "objects/x", "/objects/./x", "/objects/a\\b", "/objects/%zz"] {
-            assert!(matches!(resolve_path(bad), Err(PathRefusal::Bad(_))), "{bad} must be refused as bad");
+        let ok =
+            |p: &str| resolve_path(p).map(|(r, c)| (String::from_utf8_lossy(&r.0).into_owned(), c));
+        assert_eq!(
+            ok("/index.json"),
+            Ok(("index.json".into(), CacheClass::Revalidate))
+        );
+        assert_eq!(
+            ok("/imageupd-store.json").map(|x| x.1),
+            Ok(CacheClass::Revalidate)
+        );
+        assert_eq!(
+            ok("/objects/ab/abcd"),
+            Ok(("objects/ab/abcd".into(), CacheClass::Immutable))
+        );
+        assert_eq!(
+            ok("/images/v1%3A2/manifest.json.zst").map(|x| x.0),
+            Ok("images/v1:2/manifest.json.zst".into())
+        );
+        assert_eq!(
+            ok("/disks/SHA256SUMS").map(|x| x.1),
+            Ok(CacheClass::Revalidate)
+        );
+        for bad in [
+            "/../etc/passwd",
+            "/objects/../../etc/passwd",
+            "/%2e%2e/etc/passwd",
+            "/objects/%2E%2E/x",
+            "/objects%2f..%2fx",
+            "/objects/a%00b",
+            "/objects//x",
+            "objects/x",
+            "/objects/./x",
+            "/objects/a\\b",
+            "/objects/%zz",
+        ] {
+            assert!(
+                matches!(resolve_path(bad), Err(PathRefusal::Bad(_))),
+                "{bad} must be refused as bad"
+            );
         }
-        for nf in ["/", "/tmp/x", "/objects", "/etc/passwd", "/objects/.tmp123", "/index.json/x", "/images/"] {
+        for nf in [
+            "/",
+            "/tmp/x",
+            "/objects",
+            "/etc/passwd",
+            "/objects/.tmp123",
+            "/index.json/x",
+            "/images/",
+        ] {
             assert!(resolve_path(nf).is_err(), "{nf} must not be served");
         }
     }
 
     #[test]
     fn ranges() {
-        assert_eq!(parse_range("bytes=0-9", 100), RangeSpec::Part { start: 0, end: 9 });
-        assert_eq!(parse_range("bytes=90-", 100), RangeSpec::Part { start: 90, end: 99 });
-        assert_eq!(parse_range("bytes=90-200", 100), RangeSpec::Part { start: 90, end: 99 });
-        assert_eq!(parse_range("bytes=-10", 100), RangeSpec::Part { start: 90, end: 99 });
-        assert_eq!(parse_range("bytes=-1000", 100), RangeSpec::Part { start: 0, end: 99 });
+        assert_eq!(
+            parse_range("bytes=0-9", 100),
+            RangeSpec::Part { start: 0, end: 9 }
+        );
+        assert_eq!(
+            parse_range("bytes=90-", 100),
+            RangeSpec::Part { start: 90, end: 99 }
+        );
+        assert_eq!(
+            parse_range("bytes=90-200", 100),
+            RangeSpec::Part { start: 90, end: 99 }
+        );
+        assert_eq!(
+            parse_range("bytes=-10", 100),
+            RangeSpec::Part { start: 90, end: 99 }
+        );
+        assert_eq!(
+            parse_range("bytes=-1000", 100),
+            RangeSpec::Part { start: 0, end: 99 }
+        );
         assert_eq!(parse_range("bytes=100-", 100), RangeSpec::Unsatisfiable);
         assert_eq!(parse_range("bytes=-0", 100), RangeSpec::Unsatisfiable);
         assert_eq!(parse_range("bytes=0-", 0), RangeSpec::Unsatisfiable);
