@@ -16,12 +16,13 @@
 
 mod common;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -913,4 +914,123 @@ fn https_with_a_test_ca_and_wrong_ca_refused() {
     .expect_ok();
     download_report(&out);
     assert_applied(&v2, &root, "v2", "apply v1 -> v2 over HTTPS");
+}
+
+/// A minimal keep-alive HTTP/1.1 file server over STORE that answers the
+/// first request for the marker with 503, for a manifest with 429, and for
+/// objects whose name starts with `0` or `1` with 503 or 408; later
+/// requests get the file. Returns its address and the per-path counts.
+fn flaky_server(store: PathBuf) -> (SocketAddr, Arc<Mutex<HashMap<String, u32>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let (store, seen) = (store.clone(), seen2.clone());
+            std::thread::spawn(move || {
+                let mut w = conn.try_clone().expect("clone stream");
+                let mut r = BufReader::new(conn);
+                loop {
+                    let mut first = String::new();
+                    if r.read_line(&mut first).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                            break;
+                        }
+                    }
+                    let path = first.split_whitespace().nth(1).unwrap_or("/").to_string();
+                    let n = {
+                        let mut g = seen.lock().expect("lock");
+                        let c = g.entry(path.clone()).or_insert(0);
+                        *c += 1;
+                        *c
+                    };
+                    let name = path.rsplit('/').next().unwrap_or("");
+                    let flake = match () {
+                        _ if n > 1 => None,
+                        _ if path == "/imageupd-store.json" => Some("503 Service Unavailable"),
+                        _ if path.ends_with("/manifest.json.zst") => Some("429 Too Many Requests"),
+                        _ if path.starts_with("/objects/") && name.starts_with('0') => {
+                            Some("503 Service Unavailable")
+                        }
+                        _ if path.starts_with("/objects/") && name.starts_with('1') => {
+                            Some("408 Request Timeout")
+                        }
+                        _ => None,
+                    };
+                    let (status, body) = match (
+                        flake,
+                        std::fs::read(store.join(path.trim_start_matches('/'))),
+                    ) {
+                        (Some(st), _) => (st, Vec::new()),
+                        (None, Ok(b)) => ("200 OK", b),
+                        (None, Err(_)) => ("404 Not Found", Vec::new()),
+                    };
+                    let head = format!(
+                        "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    if w.write_all(head.as_bytes())
+                        .and_then(|_| w.write_all(&body))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[test]
+fn transient_statuses_are_retried() {
+    let store = shared_store();
+    store.image("v1");
+    let v2 = store.image("v2");
+    let s = scratch("net-flaky");
+    let root = s.join("root");
+    node_at_v1(&root);
+    let (addr, seen) = flaky_server(store.dir.clone());
+    let out = apply_url(&format!("http://{addr}/"), &root, &[]).expect_ok();
+    let d = download_report(&out);
+    let g = seen.lock().expect("lock");
+    let flaky: Vec<(&String, &u32)> = g
+        .iter()
+        .filter(|(p, _)| {
+            p.starts_with("/objects/")
+                && matches!(
+                    p.rsplit('/').next().and_then(|n| n.chars().next()),
+                    Some('0' | '1')
+                )
+        })
+        .collect();
+    assert!(
+        !flaky.is_empty(),
+        "no object starting with 0 or 1 was fetched: {g:?}"
+    );
+    assert!(
+        flaky.iter().all(|(_, &n)| n == 2),
+        "each flaky object is fetched exactly twice: {flaky:?}"
+    );
+    // The marker, the manifest, and each flaky object failed once.
+    assert_eq!(d["retries"].as_u64(), Some(2 + flaky.len() as u64), "{d}");
+    assert_eq!(g.get("/imageupd-store.json"), Some(&2));
+    assert_eq!(g.get("/images/v2/manifest.json.zst"), Some(&2));
+    assert!(
+        g.values().all(|&n| n <= 2),
+        "something was asked for more than twice: {g:?}"
+    );
+    drop(g);
+    assert_applied(
+        &v2,
+        &root,
+        "v2",
+        "apply v1 -> v2 through 503/429/408 answers",
+    );
 }
