@@ -20,6 +20,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -473,75 +474,19 @@ fn apply_v1_to_v2_from_nginx() {
 fn publisher_killed_and_restarted_mid_transfer() {
     let s = scratch("net-restart");
     let store = store_copy(&s.join("store"));
-    let v1 = fixture_tree("v1");
-    let v2 = fixture_tree("v2");
     let root = s.join("root");
-    make_root(&v1, &root, &shared_store().key);
+    make_root(&fixture_tree("v1"), &root, &shared_store().key);
     let (big, big_len) = largest_new_object(&store, "v1", "v2");
-    // Bodies go out in 256 KiB frames, the first at once and the next after
-    // a throttle pause, so a large object is half sent for a while.
-    assert!(
-        big_len > 300 * 1024,
-        "fixture v2 has no object larger than 300 KiB to interrupt ({big_len} bytes)"
-    );
-    let throttle = 128 * 1024;
-    let mut srv = Server::start(
-        &store,
-        "127.0.0.1:0",
-        &[OsStr::new("--throttle"), OsStr::new(&throttle.to_string())],
-        &s.join("serve1.log"),
-    );
-    let url = srv.url.clone();
+    let mut srv = throttled_server(&store, &s.join("serve1.log"));
     let port = srv.addr.port();
-
-    let (mut c, desc) = imageupd(["apply", "--from", &url, "--id", "v2", "--root"])
-        .arg(&root)
-        .arg("--json")
-        .into_command();
-    c.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {desc}: {e}"));
-    let mut so = child.stdout.take().expect("stdout");
-    let mut se = child.stderr.take().expect("stderr");
-    let t_out = std::thread::spawn(move || {
-        let mut v = String::new();
-        let _ = so.read_to_string(&mut v);
-        v
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut v = String::new();
-        let _ = se.read_to_string(&mut v);
-        v
-    });
-
-    // Wait until the big object is being sent, then kill the publisher.
-    let needle = format!("GET /objects/{}/{big}\" 200", &big[..2]);
-    let t0 = Instant::now();
-    while !srv.log().contains(&needle) {
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!(
-                "apply ended ({st}) before the big object was requested; log:\n{}",
-                clip(&srv.log(), 40)
-            );
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "object {big} never requested; log:\n{}",
-            clip(&srv.log(), 40)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(400));
-    srv.kill();
-    let part = root.join("var/lib/imageupd/cache/partial").join(&big);
-    let part_len = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
-    assert!(
-        part_len > 0 && part_len < big_len,
-        "expected a partial download of {big} ({part_len} of {big_len} bytes)"
+    let mut apply = Bg::spawn(
+        imageupd(["apply", "--from", &srv.url, "--id", "v2", "--root"])
+            .arg(&root)
+            .arg("--json"),
     );
+    wait_until_sending(&srv, &big, &mut apply);
+    srv.kill();
+    let part_len = half_downloaded(&root, &big, big_len);
     // Down for a while (the apply backs off and retries), then back on the
     // same port, unthrottled.
     std::thread::sleep(Duration::from_millis(1500));
@@ -551,20 +496,7 @@ fn publisher_killed_and_restarted_mid_transfer() {
         &[],
         &s.join("serve2.log"),
     );
-
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            break st;
-        }
-        if t0.elapsed() > Duration::from_secs(240) {
-            let _ = child.kill();
-            panic!("apply did not finish after the publisher came back");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let stdout = t_out.join().unwrap_or_default();
-    let stderr = t_err.join().unwrap_or_default();
+    let (status, stdout, stderr) = apply.wait();
     assert_eq!(
         status.code(),
         Some(EXIT_OK),
@@ -581,21 +513,189 @@ fn publisher_killed_and_restarted_mid_transfer() {
         d["resumed"].as_u64().unwrap_or(0) >= 1,
         "the half-sent object was not resumed: {d}"
     );
-    let resumed_line = format!("GET /objects/{}/{big}\" 206", &big[..2]);
-    assert!(
-        srv2.log()
-            .lines()
-            .any(|l| l.contains(&resumed_line) && l.contains(&format!("range=bytes={part_len}-"))),
-        "the restarted publisher saw no Range request for bytes {part_len}- of {big}:\n{}",
-        clip(&srv2.log(), 40)
-    );
+    assert_range_request(&srv2, &big, part_len);
     assert_applied(
-        &v2,
+        &fixture_tree("v2"),
         &root,
         "v2",
         "apply v1 -> v2 across a publisher restart",
     );
     assert_no_cache(&root);
+}
+
+#[test]
+fn apply_killed_mid_download_resumes_in_the_next_run() {
+    let s = scratch("net-client-kill");
+    let store = store_copy(&s.join("store"));
+    let root = s.join("root");
+    make_root(&fixture_tree("v1"), &root, &shared_store().key);
+    let (big, big_len) = largest_new_object(&store, "v1", "v2");
+    let mut srv = throttled_server(&store, &s.join("serve1.log"));
+    let port = srv.addr.port();
+    let mut apply = Bg::spawn(
+        imageupd(["apply", "--from", &srv.url, "--id", "v2", "--root"])
+            .arg(&root)
+            .arg("--json"),
+    );
+    wait_until_sending(&srv, &big, &mut apply);
+    apply.child.kill().expect("SIGKILL apply");
+    let (status, _, _) = apply.wait();
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "apply should have died of SIGKILL ({status})"
+    );
+    let part_len = half_downloaded(&root, &big, big_len);
+    srv.kill();
+    let srv2 = Server::start(
+        &store,
+        &format!("127.0.0.1:{port}"),
+        &[],
+        &s.join("serve2.log"),
+    );
+    // No --from/--id: the journal names the interrupted target and its URL.
+    let out = imageupd(["apply", "--root"]).arg(&root).arg("--json").ok();
+    let j = out.json();
+    assert_eq!(j["resumed"].as_bool(), Some(true), "{}", out.describe());
+    let d = download_report(&out);
+    assert!(
+        d["resumed"].as_u64().unwrap_or(0) >= 1,
+        "the partial download was not resumed: {d}"
+    );
+    assert!(
+        d["cached_objects"].as_u64().unwrap_or(0) >= 1,
+        "nothing reused from the killed run: {d}"
+    );
+    assert_range_request(&srv2, &big, part_len);
+    assert_applied(
+        &fixture_tree("v2"),
+        &root,
+        "v2",
+        "apply v1 -> v2 resumed after kill -9",
+    );
+    assert_no_cache(&root);
+}
+
+/// `imageupd serve` sending each body at 128 KiB/s in 256 KiB frames (the
+/// first at once, the next after a pause): a large object stays half sent
+/// for a while.
+fn throttled_server(store: &Path, log: &Path) -> Server {
+    Server::start(
+        store,
+        "127.0.0.1:0",
+        &[OsStr::new("--throttle"), OsStr::new("131072")],
+        log,
+    )
+}
+
+/// A process in the background with its output collected.
+struct Bg {
+    child: Child,
+    desc: String,
+    out: std::thread::JoinHandle<String>,
+    err: std::thread::JoinHandle<String>,
+}
+
+impl Bg {
+    #[track_caller]
+    fn spawn(run: Run) -> Bg {
+        let (mut c, desc) = run.into_command();
+        c.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {desc}: {e}"));
+        let collect = |mut r: Box<dyn Read + Send>| {
+            std::thread::spawn(move || {
+                let mut v = String::new();
+                let _ = r.read_to_string(&mut v);
+                v
+            })
+        };
+        let out = collect(Box::new(child.stdout.take().expect("stdout")));
+        let err = collect(Box::new(child.stderr.take().expect("stderr")));
+        Bg {
+            child,
+            desc,
+            out,
+            err,
+        }
+    }
+
+    /// Wait (at most 240 s) for the exit; status, stdout, stderr.
+    #[track_caller]
+    fn wait(mut self) -> (std::process::ExitStatus, String, String) {
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                break st;
+            }
+            if t0.elapsed() > Duration::from_secs(240) {
+                let _ = self.child.kill();
+                panic!("{} did not finish within 240 s", self.desc);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        (
+            status,
+            self.out.join().unwrap_or_default(),
+            self.err.join().unwrap_or_default(),
+        )
+    }
+}
+
+/// Wait until SRV has started sending object BIG, then a little more.
+#[track_caller]
+fn wait_until_sending(srv: &Server, big: &str, apply: &mut Bg) {
+    let needle = format!("GET /objects/{}/{big}\" 200", &big[..2]);
+    let t0 = Instant::now();
+    while !srv.log().contains(&needle) {
+        if let Ok(Some(st)) = apply.child.try_wait() {
+            panic!(
+                "apply ended ({st}) before object {big} was requested; log:\n{}",
+                clip(&srv.log(), 40)
+            );
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "object {big} never requested; log:\n{}",
+            clip(&srv.log(), 40)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(400));
+}
+
+/// The partial download of BIG in ROOT's cache: its length, asserted to be
+/// strictly between 0 and the whole object.
+#[track_caller]
+fn half_downloaded(root: &Path, big: &str, big_len: u64) -> u64 {
+    // The first frame is 256 KiB; the object must be larger to be cut.
+    assert!(
+        big_len > 300 * 1024,
+        "fixture v2 has no object larger than 300 KiB to interrupt ({big_len} bytes)"
+    );
+    let part = root.join("var/lib/imageupd/cache/partial").join(big);
+    let len = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        len > 0 && len < big_len,
+        "expected a partial download of {big} ({len} of {big_len} bytes)"
+    );
+    len
+}
+
+/// SRV answered a Range request for BIG from byte FROM on with 206.
+#[track_caller]
+fn assert_range_request(srv: &Server, big: &str, from: u64) {
+    let line = format!("GET /objects/{}/{big}\" 206", &big[..2]);
+    assert!(
+        srv.log()
+            .lines()
+            .any(|l| l.contains(&line) && l.contains(&format!("range=bytes={from}-"))),
+        "the publisher saw no Range request for bytes {from}- of {big}:\n{}",
+        clip(&srv.log(), 40)
+    );
 }
 
 #[test]
