@@ -919,6 +919,35 @@ fn serve_confines_paths_and_speaks_http_properly() {
 
     let st = srv.term();
     assert_eq!(st.code(), Some(0), "serve must exit 0 on SIGTERM ({st})");
+
+    // Graceful: a response in flight when SIGTERM arrives is finished.
+    let big: Vec<u8> = (0..600_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(store.join("objects/ab/big"), &big).expect("big object");
+    let mut slow = throttled_server(&store, &s.join("slow.log"));
+    let a = slow.addr;
+    let t = std::thread::spawn(move || raw(a, "GET", "/objects/ab/big", &[]));
+    let t0 = Instant::now();
+    while !slow.log().contains("GET /objects/ab/big") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the slow GET never arrived"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let st = slow.term();
+    assert_eq!(st.code(), Some(0), "serve must exit 0 on SIGTERM ({st})");
+    let r = t.join().expect("slow GET");
+    assert_eq!(r.status, 200);
+    assert!(
+        r.body == big,
+        "the response in flight at SIGTERM was cut ({} of {} bytes)",
+        r.body.len(),
+        big.len()
+    );
+    assert!(
+        TcpStream::connect(a).is_err(),
+        "still accepting connections after SIGTERM"
+    );
 }
 
 /// A CA, a server certificate for 127.0.0.1 signed by it, and an unrelated CA.
