@@ -368,7 +368,8 @@ fn download_report(out: &Out) -> serde_json::Value {
     d
 }
 
-/// The download cache is gone after a committed update.
+/// The download cache is gone after a committed update (it is dropped once
+/// staging is done).
 #[track_caller]
 fn assert_no_cache(root: &Path) {
     let c = root.join("var/lib/imageupd/cache");

@@ -441,6 +441,10 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     }
     fault::point("after-stage");
     clock.lap("stage");
+    // Staged: the download cache is spent (outside the quiesce window).
+    if let Err(e) = source.drop_cache(state.as_fd()) {
+        report.warnings.push(format!("{e:#}"));
+    }
     ctx.advance(Event::Staged);
     fsx::syncfs(ctx.root.fd()).context("syncfs before the swap")?;
     fault::point("after-presync");
@@ -505,9 +509,6 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
         )));
     }
     clock.lap("swap");
-    if let Err(e) = source.drop_cache(state.as_fd()) {
-        report.warnings.push(format!("{e:#}"));
-    }
     // Read-only again before services come back; busy (deleted files still
     // open) is retried after the post-apply hooks restarted them.
     let mut ro_pending = false;

@@ -17,7 +17,9 @@
 //!   to its digest; a partial download survives a failed or killed run and
 //!   is resumed with a `Range` request. Staging then reads (and verifies
 //!   again) from the cache. The cache is pruned to the current plan's
-//!   objects when a prefetch starts, and removed once an update commits.
+//!   objects when a prefetch starts, and removed once staging has copied
+//!   everything onto the root (before the quiesce window; a run converging
+//!   after a crash in the swap downloads again only what it still lacks).
 //! - Connect errors, timeouts, broken bodies, 408, 429 and 5xx are retried
 //!   with exponential backoff ([`MAX_ATTEMPTS`], [`BACKOFF_INITIAL`],
 //!   [`BACKOFF_MAX`]); other 4xx and TLS certificate failures are final.
@@ -578,8 +580,8 @@ impl HttpStore {
     }
 }
 
-/// Remove the download cache below the state directory `state` (after a
-/// committed update its objects are in the root).
+/// Remove the download cache below the state directory `state` (once
+/// staging has copied its objects onto the root).
 pub fn drop_cache(state: BorrowedFd<'_>) -> Result<u64> {
     let dev = match fsx::stat_at(state, CACHE_DIR.as_bytes()) {
         Ok(st) => st.dev,

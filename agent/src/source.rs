@@ -161,7 +161,7 @@ impl Source {
         }
     }
 
-    /// After a committed update: drop the download cache below `state`.
+    /// Once staging is done: drop the download cache below `state`.
     pub fn drop_cache(&self, state: BorrowedFd<'_>) -> Result<()> {
         match self {
             Source::Http(_) => crate::fetch::drop_cache(state).map(|_| ()),
