@@ -57,6 +57,8 @@ pub struct ApplyOptions {
     pub kernel_policy: Option<KernelPolicy>,
     /// Plan only (`imageupd plan`).
     pub dry_run: bool,
+    /// `--ca-file`: extra CA certificate(s) for an `https://` source (host path).
+    pub ca_file: Option<PathBuf>,
     /// Set (by the agent on SIGTERM) to stop at the next safe point before
     /// the swap; once the swap has begun, the update finishes.
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
@@ -108,6 +110,8 @@ pub struct ApplyReport {
     pub stage: StageReport,
     /// Swap counts.
     pub swap: SwapReport,
+    /// Network counters (HTTP(S) sources only).
+    pub download: Option<crate::fetch::DownloadReport>,
     /// Kernel verdict.
     pub kernel: KernelVerdict,
     /// Duration of each phase, ms.
@@ -312,7 +316,12 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     report.id = id.clone();
     report.from_id = ctx.root.image_id()?;
     ctx.advance(Event::Planned);
-    let source = Source::open(&from)?;
+    let net = crate::fetch::NetOptions::for_root(
+        ctx.opts.ca_file.as_deref(),
+        ctx.cfg.ca_file.as_deref(),
+        &ctx.root.path,
+    );
+    let source = Source::open_with(&from, &net)?;
     report.source = source.describe();
     let keys_dir = ctx.root.path.join("etc/imageupd/trusted.d");
     let keys = sign::load_trusted(&keys_dir)?;
@@ -324,6 +333,7 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     let threads = ctx.cfg.threads();
     let resolved = source.manifest(&id, &trust, threads)?;
     report.signed_by = resolved.signed_by.clone();
+    report.download = source.download_report();
     let target = &resolved.manifest;
     clock.lap("resolve");
 
@@ -416,6 +426,7 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     let need = p.stats.stage_bytes
         + p.stats.stage_objects * PER_OBJECT_OVERHEAD
         + (ctx.cfg.space_margin_mib << 20);
+    let need = need + source.cache_space(&p.fetch);
     report.space_needed = need;
     report.space_free = free;
     let skip_space = std::env::var_os("IMAGEUPD_SKIP_SPACE_CHECK").is_some_and(|v| v == "1");
@@ -501,7 +512,19 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     journal.store(state.as_fd(), JournalPhase::Staging)?;
     fault::point("after-journal-begin");
 
-    // Stage (fetch + write) while services run.
+    // Fetch (remote sources) and stage while services run.
+    if let Err(e) = source.prefetch(&p.fetch, state.as_fd(), ctx.progress) {
+        return Err(abort_before_swap(
+            ctx,
+            &mut journal,
+            &state,
+            &mut rw,
+            e,
+            interrupted.is_some(),
+        ));
+    }
+    report.download = source.download_report();
+    clock.lap("fetch");
     ctx.advance(Event::Fetched);
     let staging = stage::prepare(ctx.root.fd(), ctx.root.dev, state.as_fd())?;
     let staged = stage::stage(
@@ -544,6 +567,10 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     }
     fault::point("after-stage");
     clock.lap("stage");
+    // Staged: the download cache is spent (outside the quiesce window).
+    if let Err(e) = source.drop_cache(state.as_fd()) {
+        report.warnings.push(format!("{e:#}"));
+    }
     ctx.advance(Event::Staged);
     fsx::syncfs(ctx.root.fd()).context("syncfs before the swap")?;
     fault::point("after-presync");
@@ -910,6 +937,17 @@ pub fn human_summary(r: &ApplyReport) -> String {
         human_bytes(r.space_needed),
         human_bytes(r.space_free)
     ));
+    if let Some(d) = &r.download {
+        s.push_str(&format!(
+            "  download: {} in {} requests ({} retries, {} resumed); {} objects downloaded, {} from the cache\n",
+            human_bytes(d.bytes),
+            d.requests,
+            d.retries,
+            d.resumed,
+            d.objects,
+            d.cached_objects
+        ));
+    }
     match (&r.kernel.changed, &r.kernel.reason) {
         (true, Some(why)) => s.push_str(&format!(
             "  kernel: changes ({why}); policy {:?}\n",
