@@ -318,7 +318,7 @@ fn manifest_diffs(a: &Value, b: &Value, what: &str) -> Vec<String> {
     diffs
 }
 
-/// tar --xattrs --xattrs-include='*' --numeric-owner of TREE into OUT, with
+/// tar --xattrs --xattrs-include='*' --acls --numeric-owner of TREE into OUT, with
 /// the compression flag for OUT's suffix.
 fn make_tar(tree: &Path, out: &Path) {
     let name = out.to_string_lossy();
@@ -332,6 +332,8 @@ fn make_tar(tree: &Path, out: &Path) {
     let mut args: Vec<&OsStr> = vec![
         OsStr::new("--xattrs"),
         OsStr::new("--xattrs-include=*"),
+        // GNU tar keeps POSIX ACLs (system.posix_acl_*) only with --acls.
+        OsStr::new("--acls"),
         OsStr::new("--numeric-owner"),
         OsStr::new("--format=posix"),
     ];

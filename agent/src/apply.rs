@@ -356,7 +356,20 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
             skip,
         },
     )?;
-    let to_hash = plan::needs_hash(target, &nodes);
+    // The node's record of its current image says what each unchanged root
+    // file holds (even where two images share size and mtime but not
+    // content); it is parsed unless it is the target itself.
+    let parsed_current: Option<Manifest> = if cur.same_as_target {
+        None
+    } else {
+        cur.parse()
+    };
+    let current: Option<&Manifest> = if cur.same_as_target {
+        Some(target)
+    } else {
+        parsed_current.as_ref()
+    };
+    let to_hash = plan::needs_hash(target, &nodes, current);
     let root_fd = ctx.root.fd();
     let hashed = scan::par_map(&to_hash, threads, |p| {
         let f = fsx::open_file_beneath(root_fd, p).with_context(|| format!("opening {p}"))?;
@@ -370,27 +383,7 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
         nodes: &nodes,
         digests: &digests,
     };
-    // The current image's record matters only for moved content, for
-    // telling a legitimate symlink from a planted one, and for the kernel;
-    // parse it only when one of those can make a difference.
-    let parsed_current: Option<Manifest>;
-    let mut p = plan::plan(
-        target,
-        &view,
-        cur.same_as_target.then_some(target),
-        &preserve,
-    );
-    let current: Option<&Manifest> = if cur.same_as_target {
-        Some(target)
-    } else if cur.worth_parsing(&p) {
-        parsed_current = cur.parse();
-        if parsed_current.is_some() {
-            p = plan::plan(target, &view, parsed_current.as_ref(), &preserve);
-        }
-        parsed_current.as_ref()
-    } else {
-        None
-    };
+    let p = plan::plan(target, &view, current, &preserve);
     report.plan = p.stats.clone();
     report.warnings = p.warnings.clone();
     for w in &p.warnings {
@@ -755,10 +748,6 @@ fn forced_dirs(target: &Manifest) -> Vec<usize> {
 const NEXT_MANIFEST: &[u8] = b"next.manifest.json.zst";
 /// Its signature.
 const NEXT_SIG: &[u8] = b"next.manifest.json.zst.sig";
-/// Up to this many fetched contents, the current record is searched as text
-/// for them before paying for a full parse.
-const TEXT_SEARCH_MAX: usize = 16;
-
 /// The node's record of its current image, parsed only on demand.
 struct CurrentRecord {
     /// Decompressed JSON, when present and different from the target.
@@ -806,17 +795,6 @@ impl CurrentRecord {
             same_as_target: false,
             kernel,
         }
-    }
-
-    /// True when parsing the record can change the plan.
-    fn worth_parsing(&self, p: &Plan) -> bool {
-        let Some(json) = &self.json else { return false };
-        if !p.conflicts.is_empty() || p.fetch.len() > TEXT_SEARCH_MAX {
-            return true;
-        }
-        p.fetch
-            .iter()
-            .any(|(d, _)| memchr::memmem::find(json, d.to_hex().as_bytes()).is_some())
     }
 
     fn parse(&self) -> Option<Manifest> {
