@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -23,22 +23,15 @@ use crate::manifest::{Manifest, RelPath};
 use crate::plan::{self, Plan, PlanStats, RootView};
 use crate::preserve::Preserve;
 use crate::progress::{human_bytes, Progress};
+use crate::record::{promote_next_record, write_image_id, write_next_record, CurrentRecord};
 use crate::rootfs::{self, RootFs};
 use crate::scan::{self, ScanOptions};
-use crate::source::{Resolved, Source, Trust};
+use crate::source::{Source, Trust};
 use crate::stage::{self, StageReport};
 use crate::status::Status;
 use crate::swap::{self, SwapReport};
 use crate::{fault, fsx, kernel, lock::Lock, remount, sign, store};
 
-/// Stored current manifest, in the state directory.
-pub const CURRENT_MANIFEST: &[u8] = b"current.manifest.json.zst";
-/// Its signature.
-pub const CURRENT_SIG: &[u8] = b"current.manifest.json.zst.sig";
-/// The previous image's manifest (for rollback).
-pub const PREVIOUS_MANIFEST: &[u8] = b"previous.manifest.json.zst";
-/// Its signature.
-pub const PREVIOUS_SIG: &[u8] = b"previous.manifest.json.zst.sig";
 /// Space per staged object beyond its content, for block rounding and inodes, in bytes.
 const PER_OBJECT_OVERHEAD: u64 = 4096;
 
@@ -744,117 +737,6 @@ fn forced_dirs(target: &Manifest) -> Vec<usize> {
         .collect()
 }
 
-/// Stored bytes of the record of the image being applied, until commit.
-const NEXT_MANIFEST: &[u8] = b"next.manifest.json.zst";
-/// Its signature.
-const NEXT_SIG: &[u8] = b"next.manifest.json.zst.sig";
-/// The node's record of its current image, parsed only on demand.
-struct CurrentRecord {
-    /// Decompressed JSON, when present and different from the target.
-    json: Option<Vec<u8>>,
-    /// The record is byte-identical to the target's manifest.
-    same_as_target: bool,
-    /// Its kernel (cheap to extract).
-    kernel: Option<crate::manifest::KernelInfo>,
-}
-
-impl CurrentRecord {
-    fn load(state: &Option<OwnedFd>, target_stored: &[u8]) -> CurrentRecord {
-        let none = CurrentRecord {
-            json: None,
-            same_as_target: false,
-            kernel: None,
-        };
-        let Some(s) = state.as_ref() else { return none };
-        let Ok(bytes) = fsx::read_beneath(s.as_fd(), &RelPath(CURRENT_MANIFEST.to_vec())) else {
-            return none;
-        };
-        if bytes == target_stored {
-            return CurrentRecord {
-                json: None,
-                same_as_target: true,
-                kernel: None,
-            };
-        }
-        let json = match zstd::decode_all(&bytes[..]) {
-            Ok(j) => j,
-            Err(e) => {
-                tracing::warn!("ignoring unreadable record of the current image: {e}");
-                return none;
-            }
-        };
-        #[derive(serde::Deserialize)]
-        struct Head {
-            kernel: Option<crate::manifest::KernelInfo>,
-        }
-        let kernel = serde_json::from_slice::<Head>(&json)
-            .ok()
-            .and_then(|h| h.kernel);
-        CurrentRecord {
-            json: Some(json),
-            same_as_target: false,
-            kernel,
-        }
-    }
-
-    fn parse(&self) -> Option<Manifest> {
-        match Manifest::parse(self.json.as_ref()?) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                tracing::warn!("ignoring unreadable record of the current image: {e}");
-                None
-            }
-        }
-    }
-}
-
-/// Write the new image's record under a temporary name (made durable by the
-/// syncfs before the swap).
-fn write_next_record(state: &OwnedFd, r: &Resolved) -> Result<()> {
-    let s = state.as_fd();
-    match &r.sig {
-        Some(sig) => fsx::write_renamed(s, NEXT_SIG, sig, 0o644)?,
-        None => match fsx::unlink_at(s, NEXT_SIG) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).context("removing a stale next.manifest signature"),
-        },
-    }
-    fsx::write_renamed(s, NEXT_MANIFEST, &r.stored, 0o644)
-        .context("recording the new image's manifest")
-}
-
-/// At commit: current becomes previous (when the image changes), next
-/// becomes current. Renames only.
-fn promote_next_record(state: &OwnedFd, image_changes: bool) -> Result<()> {
-    let s = state.as_fd();
-    let ignore_missing = |r: std::io::Result<()>| match r {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    };
-    if image_changes {
-        ignore_missing(fsx::rename_at(s, CURRENT_MANIFEST, s, PREVIOUS_MANIFEST))?;
-        ignore_missing(fsx::unlink_at(s, PREVIOUS_SIG))?;
-        ignore_missing(fsx::rename_at(s, CURRENT_SIG, s, PREVIOUS_SIG))?;
-    }
-    ignore_missing(fsx::unlink_at(s, CURRENT_SIG))?;
-    ignore_missing(fsx::rename_at(s, NEXT_SIG, s, CURRENT_SIG))?;
-    fsx::rename_at(s, NEXT_MANIFEST, s, CURRENT_MANIFEST)
-        .context("recording the new image's manifest")
-}
-
-fn write_image_id(root: &RootFs, id: &str) -> Result<()> {
-    let etc = fsx::open_dir_beneath(root.fd(), &RelPath(b"etc".to_vec()))
-        .context("opening etc/ to record the image id")?;
-    fsx::write_atomic(
-        etc.as_fd(),
-        b"image_id",
-        format!("{id}\n").as_bytes(),
-        0o644,
-    )
-    .context("writing etc/image_id")
-}
-
 fn write_plan_json(
     ctx: &Ctx<'_>,
     report: &ApplyReport,
@@ -951,12 +833,4 @@ pub fn human_summary(r: &ApplyReport) -> String {
         s.push_str(&format!("  warning: {w}\n"));
     }
     s
-}
-
-/// Refuse obviously wrong roots before doing anything.
-pub fn check_root_arg(root: &Path) -> Result<()> {
-    if !root.is_dir() {
-        bail!("--root {} is not a directory", root.display());
-    }
-    Ok(())
 }

@@ -35,6 +35,7 @@ pub mod plan;
 pub mod preserve;
 pub mod progress;
 pub mod publish;
+pub mod record;
 pub mod remount;
 pub mod rootfs;
 pub mod scan;
