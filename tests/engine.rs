@@ -131,6 +131,17 @@ fn real_trees_v1_v2_v3_v1_and_noop() {
         "status --json does not mention the current image v1\n{}",
         st.describe()
     );
+
+    // Rollback returns to the image before the last update (v3), from the
+    // source that update used, and then back again.
+    let out = imageupd(["rollback", "--root"])
+        .arg(&root)
+        .arg("--json")
+        .ok();
+    assert_eq!(out.json()["id"], "v3", "{}", out.describe());
+    assert_applied(&v3, &root, "v3", "rollback to v3");
+    imageupd(["rollback", "--root"]).arg(&root).ok();
+    assert_applied(&v1, &root, "v1", "rollback of the rollback");
 }
 
 #[test]

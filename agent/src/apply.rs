@@ -834,3 +834,46 @@ pub fn human_summary(r: &ApplyReport) -> String {
     }
     s
 }
+
+/// `imageupd rollback`: apply the previous image again, from the source the
+/// last update came from. Its record (kept since that update) names it.
+pub fn rollback(
+    root: &std::path::Path,
+    from: Option<String>,
+    progress: &Progress,
+) -> Result<ApplyReport> {
+    let rf = RootFs::open(root).context(ExitKind::Usage)?;
+    let state = rf
+        .state_dir()?
+        .ok_or_else(|| {
+            anyhow!(
+                "{} has no imageupd state: nothing to roll back to",
+                rf.path.display()
+            )
+        })
+        .context(ExitKind::Usage)?;
+    let prev = crate::record::previous_id(state.as_fd())?
+        .ok_or_else(|| {
+            anyhow!(
+                "{} has no previous image recorded: nothing to roll back to",
+                rf.path.display()
+            )
+        })
+        .context(ExitKind::Usage)?;
+    let from = match from {
+        Some(f) => f,
+        None => Journal::load(state.as_fd())?
+            .map(|j| j.source)
+            .ok_or_else(|| anyhow!("no record of where the last update came from; pass --from"))
+            .context(ExitKind::Usage)?,
+    };
+    progress.line(&format!("rolling back to {prev} from {from}"));
+    let opts = ApplyOptions {
+        root: rf.path.clone(),
+        from: Some(from),
+        id: Some(prev),
+        ..Default::default()
+    };
+    drop(state);
+    run(&opts, progress)
+}

@@ -166,6 +166,20 @@ enum Cmd {
         #[command(flatten)]
         root: RootArg,
     },
+    /// Apply the previous image again (the one before the last update).
+    ///
+    /// Uses the source the last update came from unless --from is given;
+    /// content still in the root is reused, so only what differs is fetched.
+    Rollback {
+        #[command(flatten)]
+        root: RootArg,
+        /// Store directory or URL to take the previous image from.
+        #[arg(long)]
+        from: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the deterministic fault points (for crash tests).
     #[command(hide = true)]
     FaultPoints,
@@ -345,6 +359,15 @@ fn run(cli: Cli) -> Result<u8> {
             })
         }
         Cmd::Status { root, json } => status(&root.root, json),
+        Cmd::Rollback { root, from, json } => {
+            let r = apply::rollback(&root.root, from, &Progress::new(json))?;
+            if json {
+                print_json(&r)?;
+            } else {
+                print!("{}", apply::human_summary(&r));
+            }
+            Ok(0)
+        }
         Cmd::FaultPoints => {
             for p in imageupd::fault::POINTS {
                 println!("{p}");

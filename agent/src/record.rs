@@ -135,3 +135,19 @@ pub fn write_image_id(root: &RootFs, id: &str) -> Result<()> {
     )
     .context("writing etc/image_id")
 }
+
+/// Id of the previous image, from its record.
+pub fn previous_id(state: std::os::fd::BorrowedFd<'_>) -> Result<Option<String>> {
+    let bytes = match fsx::read_beneath(state, &RelPath(PREVIOUS_MANIFEST.to_vec())) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).context("reading the previous image's record"),
+    };
+    let json = zstd::decode_all(&bytes[..]).context("decompressing the previous image's record")?;
+    #[derive(serde::Deserialize)]
+    struct Head {
+        id: String,
+    }
+    let h: Head = serde_json::from_slice(&json).context("parsing the previous image's record")?;
+    Ok(Some(h.id))
+}
