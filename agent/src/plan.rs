@@ -162,16 +162,22 @@ fn root_digest(
     if let Some(c) = current.filter(|c| record_match(c, n)) {
         return c.sha256;
     }
+    if let Some(d) = digests.get(&n.path) {
+        return Some(*d);
+    }
     if let Some(t) = t.filter(|t| t.ftype == FileType::File && quick_match(t, n)) {
         return t.sha256;
     }
-    digests.get(&n.path).copied()
+    None
 }
 
 /// Root files that need hashing before planning: same type and size as the
 /// target file, but neither the current record nor the quick check tells
-/// their content.
+/// their content. A root with no record at all (its first apply) gets every
+/// same-size file hashed: size and mtime alone cannot prove it holds the
+/// image's bytes, and adoption happens once.
 pub fn needs_hash(target: &Manifest, nodes: &[Node], current: Option<&Manifest>) -> Vec<RelPath> {
+    let adopting = current.is_none();
     let current_of: HashMap<&RelPath, &Entry> = current
         .map(|c| c.entries.iter().map(|e| (&e.path, e)).collect())
         .unwrap_or_default();
@@ -181,7 +187,7 @@ pub fn needs_hash(target: &Manifest, nodes: &[Node], current: Option<&Manifest>)
             if t.ftype == FileType::File
                 && n.stat.ftype == FileType::File
                 && n.stat.size == t.size
-                && !quick_match(t, n)
+                && (adopting || !quick_match(t, n))
                 && !current_of.get(&n.path).is_some_and(|c| record_match(c, n))
             {
                 out.push(n.path.clone());
