@@ -131,6 +131,17 @@ fn real_trees_v1_v2_v3_v1_and_noop() {
         "status --json does not mention the current image v1\n{}",
         st.describe()
     );
+
+    // Rollback returns to the image before the last update (v3), from the
+    // source that update used, and then back again.
+    let out = imageupd(["rollback", "--root"])
+        .arg(&root)
+        .arg("--json")
+        .ok();
+    assert_eq!(out.json()["id"], "v3", "{}", out.describe());
+    assert_applied(&v3, &root, "v3", "rollback to v3");
+    imageupd(["rollback", "--root"]).arg(&root).ok();
+    assert_applied(&v1, &root, "v1", "rollback of the rollback");
 }
 
 #[test]
@@ -673,4 +684,22 @@ fn oracles_see_every_synthetic_difference() {
         oracle(s1, &copy).contains("same/sub/nested"),
         "rsync --checksum missed a same-size same-mtime change"
     );
+}
+
+/// A root with no recorded image (its first apply) must not trust size and
+/// mtime: synthetic s1 and s2 share both on five files whose bytes differ.
+#[test]
+fn first_apply_without_a_record_checks_contents() {
+    let store = shared_store();
+    let s1 = store.image("s1");
+    let s2 = store.image("s2");
+    let s = scratch("adopt");
+    let root = s.join("root");
+    make_root(&s1, &root, &store.key);
+    // s1 has a symlink where s2 has a directory; without a record the engine
+    // rightly refuses to replace a symlink it did not install.
+    std::fs::remove_file(root.join("types/symlink2dir")).expect("remove symlink");
+    let out = apply_ok(&store.dir, "s2", &root, "applied");
+    assert_apply_report(&out);
+    assert_applied(&s2, &root, "s2", "first apply of s2 onto an unrecorded s1 copy");
 }

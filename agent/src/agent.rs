@@ -244,6 +244,8 @@ pub struct FromMetadataOptions {
     /// Plan only (`plan --from-metadata`, `apply --download-only`): resolve,
     /// verify and plan, change nothing, record nothing.
     pub dry_run: bool,
+    /// `--ca-file` for an `https://` source.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Read the metadata source the configuration names.
@@ -322,6 +324,7 @@ pub fn apply_from_metadata(o: &FromMetadataOptions, progress: &Progress) -> Resu
         kernel_policy: o.kernel_policy,
         dry_run: o.dry_run,
         cancel: None,
+        ca_file: o.ca_file.clone(),
     };
     drop(root);
     let started = SystemTime::now();
@@ -762,6 +765,7 @@ impl Agent {
             kernel_policy: None,
             dry_run: false,
             cancel: Some(self.cancel.clone()),
+            ca_file: None,
         };
         let tx = self.tx.clone();
         let spawned = std::thread::Builder::new()

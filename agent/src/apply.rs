@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -23,22 +23,15 @@ use crate::manifest::{Manifest, RelPath};
 use crate::plan::{self, Plan, PlanStats, RootView};
 use crate::preserve::Preserve;
 use crate::progress::{human_bytes, Progress};
+use crate::record::{promote_next_record, write_image_id, write_next_record, CurrentRecord};
 use crate::rootfs::{self, RootFs};
 use crate::scan::{self, ScanOptions};
-use crate::source::{Resolved, Source, Trust};
+use crate::source::{Source, Trust};
 use crate::stage::{self, StageReport};
 use crate::status::Status;
 use crate::swap::{self, SwapReport};
 use crate::{fault, fsx, kernel, lock::Lock, remount, sign, store};
 
-/// Stored current manifest, in the state directory.
-pub const CURRENT_MANIFEST: &[u8] = b"current.manifest.json.zst";
-/// Its signature.
-pub const CURRENT_SIG: &[u8] = b"current.manifest.json.zst.sig";
-/// The previous image's manifest (for rollback).
-pub const PREVIOUS_MANIFEST: &[u8] = b"previous.manifest.json.zst";
-/// Its signature.
-pub const PREVIOUS_SIG: &[u8] = b"previous.manifest.json.zst.sig";
 /// Space per staged object beyond its content, for block rounding and inodes, in bytes.
 const PER_OBJECT_OVERHEAD: u64 = 4096;
 
@@ -57,6 +50,8 @@ pub struct ApplyOptions {
     pub kernel_policy: Option<KernelPolicy>,
     /// Plan only (`imageupd plan`).
     pub dry_run: bool,
+    /// `--ca-file`: extra CA certificate(s) for an `https://` source (host path).
+    pub ca_file: Option<PathBuf>,
     /// Set (by the agent on SIGTERM) to stop at the next safe point before
     /// the swap; once the swap has begun, the update finishes.
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
@@ -113,6 +108,8 @@ pub struct ApplyReport {
     pub stage: StageReport,
     /// Swap counts.
     pub swap: SwapReport,
+    /// Network counters (HTTP(S) sources only).
+    pub download: Option<crate::fetch::DownloadReport>,
     /// Kernel verdict.
     pub kernel: KernelVerdict,
     /// Duration of each phase, ms.
@@ -329,7 +326,12 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     report.id = id.clone();
     report.from_id = ctx.root.image_id()?;
     ctx.advance(Event::Planned);
-    let source = Source::open(&from)?;
+    let net = crate::fetch::NetOptions::for_root(
+        ctx.opts.ca_file.as_deref(),
+        ctx.cfg.ca_file.as_deref(),
+        &ctx.root.path,
+    );
+    let source = Source::open_with(&from, &net)?;
     report.source = source.describe();
     let keys_dir = ctx.root.path.join("etc/imageupd/trusted.d");
     let keys = sign::load_trusted(&keys_dir)?;
@@ -341,6 +343,7 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     let threads = ctx.cfg.threads();
     let resolved = source.manifest(&id, &trust, threads)?;
     report.signed_by = resolved.signed_by.clone();
+    report.download = source.download_report();
     let target = &resolved.manifest;
     clock.lap("resolve");
 
@@ -363,7 +366,20 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
             skip,
         },
     )?;
-    let to_hash = plan::needs_hash(target, &nodes);
+    // The node's record of its current image says what each unchanged root
+    // file holds (even where two images share size and mtime but not
+    // content); it is parsed unless it is the target itself.
+    let parsed_current: Option<Manifest> = if cur.same_as_target {
+        None
+    } else {
+        cur.parse()
+    };
+    let current: Option<&Manifest> = if cur.same_as_target {
+        Some(target)
+    } else {
+        parsed_current.as_ref()
+    };
+    let to_hash = plan::needs_hash(target, &nodes, current);
     let root_fd = ctx.root.fd();
     let hashed = scan::par_map(&to_hash, threads, |p| {
         let f = fsx::open_file_beneath(root_fd, p).with_context(|| format!("opening {p}"))?;
@@ -377,27 +393,7 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
         nodes: &nodes,
         digests: &digests,
     };
-    // The current image's record matters only for moved content, for
-    // telling a legitimate symlink from a planted one, and for the kernel;
-    // parse it only when one of those can make a difference.
-    let parsed_current: Option<Manifest>;
-    let mut p = plan::plan(
-        target,
-        &view,
-        cur.same_as_target.then_some(target),
-        &preserve,
-    );
-    let current: Option<&Manifest> = if cur.same_as_target {
-        Some(target)
-    } else if cur.worth_parsing(&p) {
-        parsed_current = cur.parse();
-        if parsed_current.is_some() {
-            p = plan::plan(target, &view, parsed_current.as_ref(), &preserve);
-        }
-        parsed_current.as_ref()
-    } else {
-        None
-    };
+    let p = plan::plan(target, &view, current, &preserve);
     report.plan = p.stats.clone();
     report.warnings = p.warnings.clone();
     for w in &p.warnings {
@@ -435,6 +431,7 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     let need = p.stats.stage_bytes
         + p.stats.stage_objects * PER_OBJECT_OVERHEAD
         + (ctx.cfg.space_margin_mib << 20);
+    let need = need + source.cache_space(&p.fetch);
     report.space_needed = need;
     report.space_free = free;
     let skip_space = std::env::var_os("IMAGEUPD_SKIP_SPACE_CHECK").is_some_and(|v| v == "1");
@@ -520,7 +517,19 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     journal.store(state.as_fd(), JournalPhase::Staging)?;
     fault::point("after-journal-begin");
 
-    // Stage (fetch + write) while services run.
+    // Fetch (remote sources) and stage while services run.
+    if let Err(e) = source.prefetch(&p.fetch, state.as_fd(), ctx.progress) {
+        return Err(abort_before_swap(
+            ctx,
+            &mut journal,
+            &state,
+            &mut rw,
+            e,
+            interrupted.is_some(),
+        ));
+    }
+    report.download = source.download_report();
+    clock.lap("fetch");
     ctx.advance(Event::Fetched);
     let staging = stage::prepare(ctx.root.fd(), ctx.root.dev, state.as_fd())?;
     let staged = stage::stage(
@@ -563,6 +572,10 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     }
     fault::point("after-stage");
     clock.lap("stage");
+    // Staged: the download cache is spent (outside the quiesce window).
+    if let Err(e) = source.drop_cache(state.as_fd()) {
+        report.warnings.push(format!("{e:#}"));
+    }
     ctx.advance(Event::Staged);
     fsx::syncfs(ctx.root.fd()).context("syncfs before the swap")?;
     fault::point("after-presync");
@@ -743,132 +756,6 @@ fn forced_dirs(target: &Manifest) -> Vec<usize> {
         .collect()
 }
 
-/// Stored bytes of the record of the image being applied, until commit.
-const NEXT_MANIFEST: &[u8] = b"next.manifest.json.zst";
-/// Its signature.
-const NEXT_SIG: &[u8] = b"next.manifest.json.zst.sig";
-/// Up to this many fetched contents, the current record is searched as text
-/// for them before paying for a full parse.
-const TEXT_SEARCH_MAX: usize = 16;
-
-/// The node's record of its current image, parsed only on demand.
-struct CurrentRecord {
-    /// Decompressed JSON, when present and different from the target.
-    json: Option<Vec<u8>>,
-    /// The record is byte-identical to the target's manifest.
-    same_as_target: bool,
-    /// Its kernel (cheap to extract).
-    kernel: Option<crate::manifest::KernelInfo>,
-}
-
-impl CurrentRecord {
-    fn load(state: &Option<OwnedFd>, target_stored: &[u8]) -> CurrentRecord {
-        let none = CurrentRecord {
-            json: None,
-            same_as_target: false,
-            kernel: None,
-        };
-        let Some(s) = state.as_ref() else { return none };
-        let Ok(bytes) = fsx::read_beneath(s.as_fd(), &RelPath(CURRENT_MANIFEST.to_vec())) else {
-            return none;
-        };
-        if bytes == target_stored {
-            return CurrentRecord {
-                json: None,
-                same_as_target: true,
-                kernel: None,
-            };
-        }
-        let json = match zstd::decode_all(&bytes[..]) {
-            Ok(j) => j,
-            Err(e) => {
-                tracing::warn!("ignoring unreadable record of the current image: {e}");
-                return none;
-            }
-        };
-        #[derive(serde::Deserialize)]
-        struct Head {
-            kernel: Option<crate::manifest::KernelInfo>,
-        }
-        let kernel = serde_json::from_slice::<Head>(&json)
-            .ok()
-            .and_then(|h| h.kernel);
-        CurrentRecord {
-            json: Some(json),
-            same_as_target: false,
-            kernel,
-        }
-    }
-
-    /// True when parsing the record can change the plan.
-    fn worth_parsing(&self, p: &Plan) -> bool {
-        let Some(json) = &self.json else { return false };
-        if !p.conflicts.is_empty() || p.fetch.len() > TEXT_SEARCH_MAX {
-            return true;
-        }
-        p.fetch
-            .iter()
-            .any(|(d, _)| memchr::memmem::find(json, d.to_hex().as_bytes()).is_some())
-    }
-
-    fn parse(&self) -> Option<Manifest> {
-        match Manifest::parse(self.json.as_ref()?) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                tracing::warn!("ignoring unreadable record of the current image: {e}");
-                None
-            }
-        }
-    }
-}
-
-/// Write the new image's record under a temporary name (made durable by the
-/// syncfs before the swap).
-fn write_next_record(state: &OwnedFd, r: &Resolved) -> Result<()> {
-    let s = state.as_fd();
-    match &r.sig {
-        Some(sig) => fsx::write_renamed(s, NEXT_SIG, sig, 0o644)?,
-        None => match fsx::unlink_at(s, NEXT_SIG) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).context("removing a stale next.manifest signature"),
-        },
-    }
-    fsx::write_renamed(s, NEXT_MANIFEST, &r.stored, 0o644)
-        .context("recording the new image's manifest")
-}
-
-/// At commit: current becomes previous (when the image changes), next
-/// becomes current. Renames only.
-fn promote_next_record(state: &OwnedFd, image_changes: bool) -> Result<()> {
-    let s = state.as_fd();
-    let ignore_missing = |r: std::io::Result<()>| match r {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    };
-    if image_changes {
-        ignore_missing(fsx::rename_at(s, CURRENT_MANIFEST, s, PREVIOUS_MANIFEST))?;
-        ignore_missing(fsx::unlink_at(s, PREVIOUS_SIG))?;
-        ignore_missing(fsx::rename_at(s, CURRENT_SIG, s, PREVIOUS_SIG))?;
-    }
-    ignore_missing(fsx::unlink_at(s, CURRENT_SIG))?;
-    ignore_missing(fsx::rename_at(s, NEXT_SIG, s, CURRENT_SIG))?;
-    fsx::rename_at(s, NEXT_MANIFEST, s, CURRENT_MANIFEST)
-        .context("recording the new image's manifest")
-}
-
-fn write_image_id(root: &RootFs, id: &str) -> Result<()> {
-    let etc = fsx::open_dir_beneath(root.fd(), &RelPath(b"etc".to_vec()))
-        .context("opening etc/ to record the image id")?;
-    fsx::write_atomic(
-        etc.as_fd(),
-        b"image_id",
-        format!("{id}\n").as_bytes(),
-        0o644,
-    )
-    .context("writing etc/image_id")
-}
-
 fn write_plan_json(
     ctx: &Ctx<'_>,
     report: &ApplyReport,
@@ -929,6 +816,17 @@ pub fn human_summary(r: &ApplyReport) -> String {
         human_bytes(r.space_needed),
         human_bytes(r.space_free)
     ));
+    if let Some(d) = &r.download {
+        s.push_str(&format!(
+            "  download: {} in {} requests ({} retries, {} resumed); {} objects downloaded, {} from the cache\n",
+            human_bytes(d.bytes),
+            d.requests,
+            d.retries,
+            d.resumed,
+            d.objects,
+            d.cached_objects
+        ));
+    }
     match (&r.kernel.changed, &r.kernel.reason) {
         (true, Some(why)) => s.push_str(&format!(
             "  kernel: changes ({why}): the node must boot {}; policy {}{}\n",
@@ -965,10 +863,45 @@ pub fn human_summary(r: &ApplyReport) -> String {
     s
 }
 
-/// Refuse obviously wrong roots before doing anything.
-pub fn check_root_arg(root: &Path) -> Result<()> {
-    if !root.is_dir() {
-        bail!("--root {} is not a directory", root.display());
-    }
-    Ok(())
+/// `imageupd rollback`: apply the previous image again, from the source the
+/// last update came from. Its record (kept since that update) names it.
+pub fn rollback(
+    root: &std::path::Path,
+    from: Option<String>,
+    progress: &Progress,
+) -> Result<ApplyReport> {
+    let rf = RootFs::open(root).context(ExitKind::Usage)?;
+    let state = rf
+        .state_dir()?
+        .ok_or_else(|| {
+            anyhow!(
+                "{} has no imageupd state: nothing to roll back to",
+                rf.path.display()
+            )
+        })
+        .context(ExitKind::Usage)?;
+    let prev = crate::record::previous_id(state.as_fd())?
+        .ok_or_else(|| {
+            anyhow!(
+                "{} has no previous image recorded: nothing to roll back to",
+                rf.path.display()
+            )
+        })
+        .context(ExitKind::Usage)?;
+    let from = match from {
+        Some(f) => f,
+        None => Journal::load(state.as_fd())?
+            .map(|j| j.source)
+            .ok_or_else(|| anyhow!("no record of where the last update came from; pass --from"))
+            .context(ExitKind::Usage)?,
+    };
+    progress.line(&format!("rolling back to {prev} from {from}"));
+    let opts = ApplyOptions {
+        root: rf.path.clone(),
+        from: Some(from),
+        id: Some(prev),
+        ..Default::default()
+    };
+    drop(state);
+    run(&opts, progress)
 }

@@ -57,6 +57,8 @@ pub struct Config {
     pub threads: usize,
     /// The `[agent]` table: metadata source, keys, timings.
     pub agent: AgentConfig,
+    /// Extra CA certificate(s) (PEM) for `https://` sources, a path on the node.
+    pub ca_file: Option<PathBuf>,
     /// Files that contributed, in order.
     pub sources: Vec<PathBuf>,
 }
@@ -71,6 +73,7 @@ impl Default for Config {
             space_margin_mib: DEFAULT_SPACE_MARGIN_MIB,
             threads: 0,
             agent: AgentConfig::default(),
+            ca_file: None,
             sources: Vec::new(),
         }
     }
@@ -88,6 +91,7 @@ struct Fragment {
     space_margin_mib: Option<u64>,
     threads: Option<usize>,
     agent: Option<AgentFragment>,
+    ca_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -129,6 +133,9 @@ impl Config {
             self.agent
                 .merge(a)
                 .with_context(|| format!("{}: table [agent]", origin.display()))?;
+        }
+        if let Some(v) = f.ca_file {
+            self.ca_file = Some(v);
         }
         self.sources.push(origin.to_path_buf());
         Ok(())

@@ -3,9 +3,10 @@
 //! The library holds the whole engine; `main.rs` is a thin command line.
 //! Module map, in the order an update flows through them:
 //!
-//! - [`manifest`], [`sign`], [`store`], [`publish`]: the signed,
-//!   content-addressed store and how images get into it;
-//! - [`source`], [`scan`], [`plan`]: what must change in the root;
+//! - [`manifest`], [`sign`], [`store`], [`publish`], [`serve`]: the signed,
+//!   content-addressed store, how images get into it, and serving it;
+//! - [`source`], [`fetch`], [`scan`], [`plan`]: what must change in the root
+//!   (and downloading it from an HTTP(S) store);
 //! - [`stage`], [`swap`], [`journal`], [`apply`]: changing it crash-safely;
 //! - [`hooks`], [`lifecycle`], [`status`], [`lock`]: around the swap;
 //! - [`verify`], [`kernel`], [`config`]: checks and settings;
@@ -23,6 +24,7 @@ pub mod config;
 pub mod dbus;
 pub mod error;
 pub mod fault;
+pub mod fetch;
 pub mod fsx;
 pub mod hooks;
 pub mod journal;
@@ -38,10 +40,12 @@ pub mod preserve;
 pub mod progress;
 pub mod publish;
 pub mod reboot;
+pub mod record;
 pub mod remount;
 pub mod rootfs;
 pub mod scan;
 pub mod sdnotify;
+pub mod serve;
 pub mod sign;
 pub mod source;
 pub mod stage;

@@ -42,6 +42,30 @@ struct RootArg {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Serve a store over HTTP(S) for nodes (any static web server can too).
+    ///
+    /// GET answers 200 with Content-Length, HEAD gives Content-Length and
+    /// Last-Modified, byte ranges are honoured; objects and images are sent
+    /// as immutable, the index as revalidate-always. Nothing outside the
+    /// store is ever served. SIGTERM/SIGINT shut down gracefully. Prints
+    /// `listening on URL` once ready; access log at info level.
+    Serve {
+        /// Store directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// Address to listen on (port 0: any free port).
+        #[arg(long, default_value = imageupd::serve::DEFAULT_LISTEN)]
+        listen: String,
+        /// PEM certificate chain: serve HTTPS.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key for --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Send each body at most this many bytes per second (tests, demos).
+        #[arg(long, hide = true)]
+        throttle: Option<u64>,
+    },
     /// Make an ed25519 signing key pair: FILE (secret, mode 0600) and FILE.pub.
     ///
     /// Put FILE.pub into /etc/imageupd/trusted.d/ on every node; keep FILE on
@@ -165,6 +189,20 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Apply the previous image again (the one before the last update).
+    ///
+    /// Uses the source the last update came from unless --from is given;
+    /// content still in the root is reused, so only what differs is fetched.
+    Rollback {
+        #[command(flatten)]
+        root: RootArg,
+        /// Store directory or URL to take the previous image from.
+        #[arg(long)]
+        from: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the deterministic fault points (for crash tests).
     #[command(hide = true)]
     FaultPoints,
@@ -172,9 +210,14 @@ enum Cmd {
 
 #[derive(clap::Args, Clone)]
 struct TargetArgs {
-    /// Store directory, or a directory holding a mounted image.
+    /// Store directory, http(s):// store URL, or a directory holding a
+    /// mounted image.
     #[arg(long)]
     from: Option<String>,
+    /// Extra CA certificate(s) (PEM) to trust for an https:// source,
+    /// besides the system's roots (overrides the config key `ca_file`).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
     /// Target image id.
     #[arg(long, conflicts_with = "from_metadata")]
     id: Option<String>,
@@ -192,15 +235,19 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
+            imageupd::logging::init("warn");
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    imageupd::logging::init(if matches!(cli.cmd, Cmd::Agent { .. }) {
-        "info"
-    } else {
-        "warn"
-    });
+    // The agent's and the server's logs are at info level.
+    imageupd::logging::init(
+        if matches!(cli.cmd, Cmd::Agent { .. } | Cmd::Serve { .. }) {
+            "info"
+        } else {
+            "warn"
+        },
+    );
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -219,6 +266,22 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 
 fn run(cli: Cli) -> Result<u8> {
     match cli.cmd {
+        Cmd::Serve {
+            store,
+            listen,
+            tls_cert,
+            tls_key,
+            throttle,
+        } => {
+            imageupd::serve::serve(&imageupd::serve::ServeOptions {
+                store,
+                listen,
+                tls_cert,
+                tls_key,
+                throttle_bps: throttle,
+            })?;
+            Ok(0)
+        }
         Cmd::Keygen { out, comment } => {
             let vk = imageupd::sign::keygen(&out, &comment)?;
             println!(
@@ -359,6 +422,15 @@ fn run(cli: Cli) -> Result<u8> {
                 _ => 0,
             })
         }
+        Cmd::Rollback { root, from, json } => {
+            let r = apply::rollback(&root.root, from, &Progress::new(json))?;
+            if json {
+                print_json(&r)?;
+            } else {
+                print!("{}", apply::human_summary(&r));
+            }
+            Ok(0)
+        }
         Cmd::FaultPoints => {
             for p in imageupd::fault::POINTS {
                 println!("{p}");
@@ -382,6 +454,7 @@ fn run_apply(
             allow_unsigned: target.allow_unsigned,
             kernel_policy,
             dry_run,
+            ca_file: target.ca_file.clone(),
         };
         imageupd::agent::apply_from_metadata(&o, &Progress::new(json))?
     } else {
@@ -393,6 +466,7 @@ fn run_apply(
             kernel_policy,
             dry_run,
             cancel: None,
+            ca_file: target.ca_file,
         };
         apply::run(&opts, &Progress::new(json))?
     };

@@ -140,16 +140,55 @@ pub fn quick_match(t: &Entry, n: &Node) -> bool {
     n.stat.ftype == FileType::File && n.stat.size == t.size && n.stat.mtime_ns == t.mtime_ns
 }
 
+/// True when the node's record of its current image vouches for the root
+/// file's content: same type, size and ns mtime as recorded.
+fn record_match(c: &Entry, n: &Node) -> bool {
+    c.ftype == FileType::File
+        && n.stat.ftype == FileType::File
+        && c.size == n.stat.size
+        && c.mtime_ns == n.stat.mtime_ns
+}
+
+/// What the root file's content is known to be, without reading it: the
+/// current image's record first (it knows when two images share size and
+/// mtime but not content), then the target's quick check, then a hash taken
+/// before planning.
+fn root_digest(
+    t: Option<&Entry>,
+    n: &Node,
+    current: Option<&Entry>,
+    digests: &HashMap<RelPath, Digest>,
+) -> Option<Digest> {
+    if let Some(c) = current.filter(|c| record_match(c, n)) {
+        return c.sha256;
+    }
+    if let Some(d) = digests.get(&n.path) {
+        return Some(*d);
+    }
+    if let Some(t) = t.filter(|t| t.ftype == FileType::File && quick_match(t, n)) {
+        return t.sha256;
+    }
+    None
+}
+
 /// Root files that need hashing before planning: same type and size as the
-/// target file but another mtime.
-pub fn needs_hash(target: &Manifest, nodes: &[Node]) -> Vec<RelPath> {
+/// target file, but neither the current record nor the quick check tells
+/// their content. A root with no record at all (its first apply) gets every
+/// same-size file hashed: size and mtime alone cannot prove it holds the
+/// image's bytes, and adoption happens once.
+pub fn needs_hash(target: &Manifest, nodes: &[Node], current: Option<&Manifest>) -> Vec<RelPath> {
+    let adopting = current.is_none();
+    let current_of: HashMap<&RelPath, &Entry> = current
+        .map(|c| c.entries.iter().map(|e| (&e.path, e)).collect())
+        .unwrap_or_default();
     let mut out = Vec::new();
     join(&target.entries, nodes, |t, n| {
         if let (Some(t), Some(n)) = (t, n) {
             if t.ftype == FileType::File
                 && n.stat.ftype == FileType::File
                 && n.stat.size == t.size
-                && n.stat.mtime_ns != t.mtime_ns
+                && (adopting || !quick_match(t, n))
+                && !current_of.get(&n.path).is_some_and(|c| record_match(c, n))
             {
                 out.push(n.path.clone());
             }
@@ -252,22 +291,8 @@ pub fn plan(
         if n.stat.ftype != FileType::File || n.stat.size == 0 {
             continue;
         }
-        if let Some(t) = t.filter(|t| t.ftype == FileType::File) {
-            let known = if quick_match(t, n) {
-                t.sha256
-            } else {
-                root.digests.get(&n.path).copied()
-            };
-            if let Some(d) = known {
-                p.local.entry(d).or_insert_with(|| n.path.clone());
-            }
-        }
-        if let Some(c) = current_of.get(&n.path) {
-            if c.ftype == FileType::File && c.size == n.stat.size && c.mtime_ns == n.stat.mtime_ns {
-                if let Some(d) = c.sha256 {
-                    p.local.entry(d).or_insert_with(|| n.path.clone());
-                }
-            }
+        if let Some(d) = root_digest(t, n, current_of.get(&n.path).copied(), root.digests) {
+            p.local.entry(d).or_insert_with(|| n.path.clone());
         }
     }
 
@@ -454,9 +479,13 @@ pub fn plan(
                     }
                     FileType::File => {
                         let same_content = rt == FileType::File
-                            && (quick_match(t, n)
-                                || (n.stat.size == t.size
-                                    && root.digests.get(&n.path) == t.sha256.as_ref()));
+                            && n.stat.size == t.size
+                            && root_digest(
+                                Some(t),
+                                n,
+                                current_of.get(&n.path).copied(),
+                                root.digests,
+                            ) == t.sha256;
                         if !same_content {
                             replaced_files.insert(&t.path);
                             p.actions.push(Action::Place {

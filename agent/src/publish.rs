@@ -210,8 +210,6 @@ fn unpack_tar(archive: &Path, flag: Option<&str>, dest: &Path) -> Result<()> {
         .args([
             "--xattrs",
             "--xattrs-include=*",
-            "--acls",
-            "--selinux",
             "--numeric-owner",
             "--same-owner",
         ])
@@ -223,10 +221,55 @@ fn unpack_tar(archive: &Path, flag: Option<&str>, dest: &Path) -> Result<()> {
     if let Some(f) = flag {
         cmd.arg(f);
     }
+    // ACLs and SELinux labels travel either as plain xattr records
+    // (SCHILY.xattr.*, from `tar --xattrs`) or as records of their own (from
+    // `tar --acls` / `--selinux`). GNU tar ignores the xattr form of one when
+    // asked for the other, so ask only for the forms the archive uses.
+    let forms = special_forms(archive, flag)
+        .with_context(|| format!("reading {}", archive.display()))
+        .context(ExitKind::Source)?;
+    if forms.acls {
+        cmd.arg("--acls");
+    }
+    if forms.selinux {
+        cmd.arg("--selinux");
+    }
     crate::cmd::run(&mut cmd)
         .with_context(|| format!("unpacking {}", archive.display()))
         .context(ExitKind::Source)?;
     Ok(())
+}
+
+/// Which dedicated pax record forms an archive uses.
+#[derive(Default, Debug)]
+struct SpecialForms {
+    acls: bool,
+    selinux: bool,
+}
+
+fn special_forms(archive: &Path, flag: Option<&str>) -> Result<SpecialForms> {
+    let f = std::io::BufReader::new(std::fs::File::open(archive)?);
+    let r: Box<dyn std::io::Read> = match flag {
+        Some("--gzip") => Box::new(flate2::read::MultiGzDecoder::new(f)),
+        Some("--zstd") => Box::new(zstd::stream::read::Decoder::with_buffer(f)?),
+        _ => Box::new(f),
+    };
+    let mut forms = SpecialForms::default();
+    let mut ar = tar::Archive::new(r);
+    for entry in ar.entries()? {
+        let mut entry = entry?;
+        if let Some(exts) = entry.pax_extensions()? {
+            for ext in exts {
+                let key = ext?.key_bytes().to_vec();
+                forms.acls |= key.starts_with(b"SCHILY.acl.");
+                forms.selinux |= key.starts_with(b"RHT.security.selinux");
+            }
+        }
+        if forms.acls && forms.selinux {
+            break;
+        }
+    }
+    Ok(forms)
 }
 
 /// Current time as RFC 3339 (UTC).

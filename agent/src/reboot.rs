@@ -680,7 +680,7 @@ fn image_module_releases(root: &RootFs) -> Result<Option<ImageModules>> {
     };
     let bytes = match fsx::read_beneath(
         state.as_fd(),
-        &RelPath(crate::apply::CURRENT_MANIFEST.to_vec()),
+        &RelPath(crate::record::CURRENT_MANIFEST.to_vec()),
     ) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),

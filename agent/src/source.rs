@@ -1,15 +1,17 @@
 //! Where an update comes from: a store directory (signed manifests and
 //! objects) or a directory holding a mounted image (the operator vouches for
-//! it; the manifest is computed by walking it).
+//! it; the manifest is computed by walking it), or an HTTP(S) store
+//! ([`crate::fetch`]).
 
 use std::io::{self, Read};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use ed25519_dalek::VerifyingKey;
 
 use crate::error::ExitKind;
+use crate::fetch::{DownloadReport, HttpStore, NetOptions};
 use crate::manifest::{Digest, Entry, Manifest, FORMAT_VERSION};
 use crate::scan::{self, ScanOptions};
 use crate::store::{self, Store};
@@ -26,6 +28,8 @@ pub enum Source {
         /// Pinned descriptor of its top.
         fd: OwnedFd,
     },
+    /// A store reached over HTTP(S).
+    Http(Box<HttpStore>),
 }
 
 /// How manifests are trusted.
@@ -51,10 +55,16 @@ pub struct Resolved {
 }
 
 impl Source {
-    /// Interpret `--from`: a store directory or an image directory.
+    /// Interpret `--from`: a store directory, an image directory, or an
+    /// `http(s)://` store URL (with default network settings).
     pub fn open(from: &str) -> Result<Source> {
-        if from.starts_with("http://") || from.starts_with("https://") {
-            anyhow::bail!("HTTP(S) sources are not supported by this build yet; use a store directory (e.g. an NFS or local copy) for now");
+        Source::open_with(from, &NetOptions::default())
+    }
+
+    /// Like [`Source::open`], with network settings for URLs.
+    pub fn open_with(from: &str, net: &NetOptions) -> Result<Source> {
+        if crate::fetch::is_url(from) {
+            return Ok(Source::Http(Box::new(HttpStore::open(from, net)?)));
         }
         let p = Path::new(from);
         if !p.is_dir() {
@@ -79,6 +89,7 @@ impl Source {
         match self {
             Source::Store(s) => format!("store {}", s.path().display()),
             Source::Dir { path, .. } => format!("image directory {}", path.display()),
+            Source::Http(h) => format!("store at {}", h.url()),
         }
     }
 
@@ -87,6 +98,7 @@ impl Source {
         match self {
             Source::Store(s) => s.path().display().to_string(),
             Source::Dir { path, .. } => path.display().to_string(),
+            Source::Http(h) => h.url().to_string(),
         }
     }
 
@@ -95,6 +107,10 @@ impl Source {
         match self {
             Source::Store(st) => {
                 let (stored, sig) = st.read_manifest_raw(id).context(ExitKind::Source)?;
+                verify_stored(id, stored, sig, trust)
+            }
+            Source::Http(h) => {
+                let (stored, sig) = h.read_manifest_raw(id)?;
                 verify_stored(id, stored, sig, trust)
             }
             Source::Dir { fd, .. } => {
@@ -128,6 +144,47 @@ impl Source {
         match self {
             Source::Store(st) => Ok(Box::new(st.open_object(d)?)),
             Source::Dir { fd, .. } => Ok(Box::new(fsx::open_file_beneath(fd.as_fd(), &e.path)?)),
+            Source::Http(h) => h.open_content(d),
+        }
+    }
+
+    /// Fetch step (SPEC §5.3): download the contents of `fetch` (digest,
+    /// size in bytes) that a remote source must provide into the download
+    /// cache below the state directory `state`. Local sources need nothing.
+    pub fn prefetch(
+        &self,
+        fetch: &[(Digest, u64)],
+        state: BorrowedFd<'_>,
+        progress: &crate::progress::Progress,
+    ) -> Result<()> {
+        match self {
+            Source::Http(h) => h.prefetch(fetch, state, progress),
+            Source::Store(_) | Source::Dir { .. } => Ok(()),
+        }
+    }
+
+    /// Extra free bytes the fetch step needs on the root's filesystem (an
+    /// upper bound: the download cache holds compressed objects).
+    pub fn cache_space(&self, fetch: &[(Digest, u64)]) -> u64 {
+        match self {
+            Source::Http(_) => fetch.iter().map(|(_, s)| *s).sum(),
+            Source::Store(_) | Source::Dir { .. } => 0,
+        }
+    }
+
+    /// Network counters, for remote sources.
+    pub fn download_report(&self) -> Option<DownloadReport> {
+        match self {
+            Source::Http(h) => Some(h.report()),
+            Source::Store(_) | Source::Dir { .. } => None,
+        }
+    }
+
+    /// Once staging is done: drop the download cache below `state`.
+    pub fn drop_cache(&self, state: BorrowedFd<'_>) -> Result<()> {
+        match self {
+            Source::Http(_) => crate::fetch::drop_cache(state).map(|_| ()),
+            Source::Store(_) | Source::Dir { .. } => Ok(()),
         }
     }
 }

@@ -192,8 +192,40 @@ pub fn stage(
                     .context(ExitKind::Source)?
             };
             let mut vr = VerifyReader::new(reader);
-            copy_sparse(&mut vr, &mut out, &bar)
-                .with_context(|| format!("writing staged content of {}", e.path))?;
+            match copy_sparse(&mut vr, &mut out, &bar) {
+                Ok(_) => {}
+                // Undecodable bytes from the source: corrupt or tampered.
+                Err(CopyError::Read(err)) if fetched > 0 && err.raw_os_error().is_none() => {
+                    return Err(anyhow!(err))
+                        .with_context(|| {
+                            format!(
+                                "object {d} for {} from the {} is corrupt",
+                                e.path,
+                                source.describe()
+                            )
+                        })
+                        .context(ExitKind::Untrusted)
+                }
+                Err(CopyError::Read(err)) if fetched > 0 => {
+                    return Err(anyhow!(err))
+                        .with_context(|| {
+                            format!(
+                                "reading object {d} for {} from the {}",
+                                e.path,
+                                source.describe()
+                            )
+                        })
+                        .context(ExitKind::Source)
+                }
+                Err(CopyError::Read(err)) => {
+                    return Err(anyhow!(err))
+                        .with_context(|| format!("reading local content for {}", e.path))
+                }
+                Err(CopyError::Write(err)) => {
+                    return Err(anyhow!(err))
+                        .with_context(|| format!("writing staged content of {}", e.path))
+                }
+            }
             match vr.finish(&d, e.size)? {
                 Ok(()) => {}
                 Err(v) if fetched > 0 => {
@@ -270,14 +302,30 @@ fn stage_special(dir: BorrowedFd<'_>, name: &[u8], e: &Entry) -> Result<()> {
     Ok(())
 }
 
+/// Which side of a copy failed.
+enum CopyError {
+    /// Reading the source (decoding, I/O).
+    Read(io::Error),
+    /// Writing the staged file (e.g. ENOSPC).
+    Write(io::Error),
+}
+
 /// Copy leaving holes where whole blocks are zero, so sparse files stay sparse.
-fn copy_sparse<R: Read>(r: &mut R, out: &mut File, bar: &crate::progress::Bar) -> io::Result<u64> {
+fn copy_sparse<R: Read>(
+    r: &mut R,
+    out: &mut File,
+    bar: &crate::progress::Bar,
+) -> Result<u64, CopyError> {
     let mut buf = vec![0u8; BUF];
     let mut total = 0u64;
     loop {
         let mut filled = 0;
         while filled < buf.len() {
-            let n = r.read(&mut buf[filled..])?;
+            let n = match r.read(&mut buf[filled..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(CopyError::Read(e)),
+            };
             if n == 0 {
                 break;
             }
@@ -287,11 +335,12 @@ fn copy_sparse<R: Read>(r: &mut R, out: &mut File, bar: &crate::progress::Bar) -
             break;
         }
         let chunk = &buf[..filled];
-        if is_zero(chunk) {
-            out.seek(SeekFrom::Current(filled as i64))?;
+        let res = if is_zero(chunk) {
+            out.seek(SeekFrom::Current(filled as i64)).map(|_| ())
         } else {
-            out.write_all(chunk)?;
-        }
+            out.write_all(chunk)
+        };
+        res.map_err(CopyError::Write)?;
         total += filled as u64;
         bar.inc(filled as u64);
         if filled < buf.len() {

@@ -63,7 +63,7 @@ pub fn verify(root_path: &Path, checksum: bool, threads: usize) -> Result<DriftR
     })?;
     let bytes = fsx::read_beneath(
         state.as_fd(),
-        &RelPath(crate::apply::CURRENT_MANIFEST.to_vec()),
+        &RelPath(crate::record::CURRENT_MANIFEST.to_vec()),
     )
     .with_context(|| {
         format!(

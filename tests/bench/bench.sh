@@ -144,6 +144,7 @@ done
     echo "# imageupd apply vs rsync"
     echo
     echo "$(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) CPUs, kernel $(uname -r), $(df -T "$WORK" | awk 'NR == 2 { print $2 }') on $(df "$WORK" | awk 'NR == 2 { print $1 }'),"
+    echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine inflates every number)."
     echo "$RUNS timed runs per cell after one warm-up run (page cache warm), medians; store published with --level $LEVEL."
     echo "rsync: \`rsync -aHAX --delete --one-file-system IMAGE/ TARGET/\`; imageupd: \`imageupd apply --from STORE --id ID --root ROOT --json\` (release build) on an imageupd-installed copy of the from-tree."
     echo "ratio = imageupd / rsync wall time; quiesce = \"quiesce_ms\" of apply --json (hooks-to-resume window)."

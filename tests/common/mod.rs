@@ -710,6 +710,12 @@ pub fn sha256_file(p: &Path) -> String {
 /// filesystems' content judgement; `skip(rel)` prunes a path and everything
 /// below it.
 pub fn scan(root: &Path, skip: &dyn Fn(&[u8]) -> bool) -> Tree {
+    scan_opts(root, skip, true)
+}
+
+/// [`scan`] without reading file content when `hash` is false (the digest
+/// is then empty): metadata, types, targets and link groups only.
+pub fn scan_opts(root: &Path, skip: &dyn Fn(&[u8]) -> bool, hash: bool) -> Tree {
     let mut tree = Tree::new();
     let mut stack: Vec<Vec<u8>> = vec![b".".to_vec()];
     while let Some(rel) = stack.pop() {
@@ -724,7 +730,7 @@ pub fn scan(root: &Path, skip: &dyn Fn(&[u8]) -> bool) -> Tree {
         let kind = if ft.is_file() {
             Kind::File {
                 size: md.len(),
-                sha256: sha256_file(&p),
+                sha256: if hash { sha256_file(&p) } else { String::new() },
             }
         } else if ft.is_dir() {
             let mut names: Vec<Vec<u8>> = std::fs::read_dir(&p)

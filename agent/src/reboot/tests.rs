@@ -137,6 +137,7 @@ impl Node {
             kernel_policy: policy,
             dry_run,
             cancel: None,
+            ca_file: None,
         }
     }
 
