@@ -20,6 +20,10 @@
 //!   objects when a prefetch starts, and removed once staging has copied
 //!   everything onto the root (before the quiesce window; a run converging
 //!   after a crash in the swap downloads again only what it still lacks).
+//! - When the image has a signed pack index ([`crate::pack`]), objects it
+//!   locates are fetched as coalesced byte ranges of packs instead, a few
+//!   requests in all, into the same cache and verified the same way
+//!   ([`packed`]); the rest are fetched loose.
 //! - Connect errors, timeouts, broken bodies, 408, 429 and 5xx are retried
 //!   with exponential backoff ([`MAX_ATTEMPTS`], [`BACKOFF_INITIAL`],
 //!   [`BACKOFF_MAX`]); other 4xx and TLS certificate failures are final.
@@ -43,6 +47,8 @@ use crate::manifest::{Digest, RelPath, MAX_MANIFEST_BYTES};
 use crate::progress::{Bar, Progress};
 use crate::stream::VerifyReader;
 use crate::{fsx, store};
+
+mod packed;
 
 /// Attempts per request (the first try included) before giving up.
 pub const MAX_ATTEMPTS: u32 = 10;
@@ -105,6 +111,10 @@ pub struct DownloadReport {
     pub resumed: u64,
     /// Wall time of the object downloads, in ms.
     pub ms: u64,
+    /// Objects taken from packs (included in `objects`).
+    pub packed_objects: u64,
+    /// Range requests to packs (included in `requests`).
+    pub pack_requests: u64,
 }
 
 /// An HTTP status that ended a request.
@@ -126,6 +136,8 @@ struct Counters {
     cached: AtomicU64,
     resumed: AtomicU64,
     ms: AtomicU64,
+    packed: AtomicU64,
+    pack_requests: AtomicU64,
 }
 
 /// One attempt's failure: worth retrying or not.
@@ -140,6 +152,7 @@ pub struct HttpStore {
     client: reqwest::blocking::Client,
     counters: Counters,
     cache: OnceLock<Cache>,
+    packs: OnceLock<packed::PackCtx>,
 }
 
 impl HttpStore {
@@ -189,6 +202,7 @@ impl HttpStore {
             client,
             counters: Counters::default(),
             cache: OnceLock::new(),
+            packs: OnceLock::new(),
         };
         let marker = h
             .get_small(store::MARKER, MAX_SMALL_BYTES)
@@ -281,10 +295,19 @@ impl HttpStore {
         url: &reqwest::Url,
         from: Option<u64>,
     ) -> Result<reqwest::blocking::Response, Attempt> {
+        self.send_range(url, from.map(|off| format!("bytes={off}-")))
+    }
+
+    /// [`Self::send`] with any `Range` header value.
+    fn send_range(
+        &self,
+        url: &reqwest::Url,
+        range: Option<String>,
+    ) -> Result<reqwest::blocking::Response, Attempt> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let mut rb = self.client.get(url.clone());
-        if let Some(off) = from {
-            rb = rb.header(reqwest::header::RANGE, format!("bytes={off}-"));
+        if let Some(r) = range {
+            rb = rb.header(reqwest::header::RANGE, r);
         }
         let resp = match rb.send() {
             Ok(r) => r,
@@ -375,8 +398,10 @@ impl HttpStore {
         }
         let total: u64 = fetch.iter().map(|(_, s)| *s).sum();
         let bar = progress.bar("download", total);
-        let res = crate::scan::par_map(fetch, PARALLEL_DOWNLOADS, |(d, size)| {
-            self.fetch_object(&cache, d, *size, &bar)
+        let res = self.prefetch_packed(&cache, fetch, &bar).and_then(|loose| {
+            crate::scan::par_map(&loose, PARALLEL_DOWNLOADS, |(d, size)| {
+                self.fetch_object(&cache, d, *size, &bar)
+            })
         });
         bar.finish();
         self.counters
@@ -576,6 +601,8 @@ impl HttpStore {
             cached_objects: g(&c.cached),
             resumed: g(&c.resumed),
             ms: g(&c.ms),
+            packed_objects: g(&c.packed),
+            pack_requests: g(&c.pack_requests),
         }
     }
 }

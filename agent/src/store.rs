@@ -5,6 +5,10 @@
 //! STORE/objects/<aa>/<sha256>            zstd frame of one file's content (immutable)
 //! STORE/images/<id>/manifest.json.zst    the image manifest (immutable)
 //! STORE/images/<id>/manifest.json.zst.sig  detached ed25519 signature
+//! STORE/images/<id>/packs.idx.zst        where the image's objects sit in packs (crate::pack)
+//! STORE/images/<id>/packs.idx.zst.sig    its detached ed25519 signature
+//! STORE/packs/<sha256>.pack              concatenated object frames (immutable)
+//! STORE/disks/<id>/<name>, SHA256SUMS    a published disk image (crate::disk)
 //! STORE/index.json                       list of images (the only mutable file)
 //! ```
 //!
@@ -53,6 +57,9 @@ pub struct IndexEntry {
     pub bytes: u64,
     /// Whether a signature was published.
     pub signed: bool,
+    /// Disk images published with it (provisioning artifacts).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<crate::disk::DiskEntry>,
 }
 
 /// `index.json`.
@@ -239,6 +246,18 @@ impl Store {
 
     /// Write an image's manifest (and signature), then add it to the index.
     pub fn put_image(&self, m: &Manifest, stored: &[u8], sig: Option<&[u8]>) -> Result<()> {
+        self.put_image_with(m, stored, sig, Vec::new())
+    }
+
+    /// [`Store::put_image`], recording the disk images already installed
+    /// under `disks/<id>/` in the index.
+    pub fn put_image_with(
+        &self,
+        m: &Manifest,
+        stored: &[u8],
+        sig: Option<&[u8]>,
+        disks: Vec<crate::disk::DiskEntry>,
+    ) -> Result<()> {
         let dir = self.image_dir(&m.id);
         if dir.join(MANIFEST_NAME).exists() {
             bail!(
@@ -264,6 +283,7 @@ impl Store {
             entries: m.entries.len(),
             bytes: m.content_bytes(),
             signed: sig.is_some(),
+            disks,
         });
         write_atomic(
             &self.path.join("index.json"),
