@@ -34,14 +34,18 @@ enum Table {
     Mbr,
 }
 
-const MIB: u64 = 1 << 20;
 /// Size of the root filesystem in the test disks, MiB.
 const ROOT_MIB: u64 = 400;
 
 /// Build DIR/NAME: a disk with TABLE, the root filesystem made from TREE,
 /// converted to qcow2 when NAME ends with .qcow2. Sparse throughout.
+/// Returns the disk and its root filesystem as a separate file.
+///
+/// `mkfs.ext4 -d` keeps whole seconds of mtimes only, and creating
+/// lost+found changes the top directory's mtime, which is set back with
+/// debugfs so that the rsync oracle (seconds) can compare with TREE.
 #[track_caller]
-fn make_disk(dir: &Path, name: &str, table: Table, tree: &Path) -> PathBuf {
+fn make_disk(dir: &Path, name: &str, table: Table, tree: &Path) -> (PathBuf, PathBuf) {
     std::fs::create_dir_all(dir).expect("disk dir");
     let rootfs = dir.join(format!("{name}.rootfs"));
     cmd(
@@ -55,6 +59,20 @@ fn make_disk(dir: &Path, name: &str, table: Table, tree: &Path) -> PathBuf {
             tree.as_os_str(),
             rootfs.as_os_str(),
             format!("{ROOT_MIB}M").as_ref(),
+        ],
+    );
+    let top_mtime = std::fs::metadata(tree).expect("tree").modified().expect("mtime");
+    let secs = top_mtime
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("epoch")
+        .as_secs();
+    cmd(
+        "debugfs",
+        [
+            "-w".as_ref(),
+            "-R".as_ref(),
+            format!("sif / mtime @{secs}").as_ref(),
+            rootfs.as_os_str(),
         ],
     );
     let other = dir.join(format!("{name}.other"));
@@ -112,7 +130,6 @@ fn make_disk(dir: &Path, name: &str, table: Table, tree: &Path) -> PathBuf {
             raw.display()
         ));
     }
-    std::fs::remove_file(&rootfs).expect("rm rootfs");
     std::fs::remove_file(&other).expect("rm other");
     let out = dir.join(name);
     if name.ends_with(".qcow2") {
@@ -132,8 +149,33 @@ fn make_disk(dir: &Path, name: &str, table: Table, tree: &Path) -> PathBuf {
     } else {
         std::fs::rename(&raw, &out).expect("rename raw");
     }
-    let _ = (p1.1, MIB);
-    out
+    (out, rootfs)
+}
+
+/// A filesystem image mounted read-only (loop), unmounted when dropped.
+struct RoMount(PathBuf);
+
+impl RoMount {
+    #[track_caller]
+    fn new(fs: &Path, at: &Path) -> RoMount {
+        std::fs::create_dir_all(at).expect("mount point");
+        cmd(
+            "mount",
+            [
+                "-o".as_ref(),
+                "loop,ro,noload".as_ref(),
+                fs.as_os_str(),
+                at.as_os_str(),
+            ],
+        );
+        RoMount(at.to_path_buf())
+    }
+}
+
+impl Drop for RoMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
 }
 
 /// A running `imageupd serve` on loopback, killed when dropped.
@@ -229,7 +271,7 @@ fn disk_images_are_published_and_served_as_ironic_expects() {
     let mut published = Vec::new();
     for (format, name, table, id) in cases {
         let t = std::time::Instant::now();
-        let disk = make_disk(&s.join("build"), name, table, &v1);
+        let (disk, rootfs) = make_disk(&s.join("build"), name, table, &v1);
         eprintln!("built {name} in {:.1?}", t.elapsed());
         let t = std::time::Instant::now();
         let rep = publish_json(&store, id, &key, &disk);
@@ -239,13 +281,13 @@ fn disk_images_are_published_and_served_as_ironic_expects() {
         assert_eq!(d["name"], name, "{rep}");
         assert_eq!(d["format"], format, "{rep}");
         assert_eq!(d["sha256"].as_str(), Some(sha256_file(&disk).as_str()));
-        published.push((format, name, id, disk));
+        published.push((format, name, id, disk, rootfs));
     }
     // index.json lists each image's disk.
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(store.join("index.json")).expect("index"))
             .expect("index.json");
-    for (format, name, id, disk) in &published {
+    for (format, name, id, disk, _) in &published {
         let e = index["images"]
             .as_array()
             .expect("images")
@@ -263,7 +305,7 @@ fn disk_images_are_published_and_served_as_ironic_expects() {
     // Ironic: the conductor HEADs, IPA GETs (no Range) and checks the sum.
     let srv = Server::start(&store, &s.join("serve.log"));
     let http = client();
-    for (format, name, id, disk) in &published {
+    for (format, name, id, disk, _) in &published {
         let url = format!("{}disks/{id}/{name}", srv.url);
         let head = http.head(&url).send().expect("HEAD");
         assert_eq!(head.status().as_u16(), 200, "HEAD {url}");
@@ -299,12 +341,23 @@ fn disk_images_are_published_and_served_as_ironic_expects() {
         std::fs::remove_file(&dl).expect("rm download");
     }
 
-    // The ingested tree is v1: a node at v3 applies the disk image's tree.
-    for (_, name, id, _) in &published {
+    // The ingested tree is v1: a node at v3 applies the disk image's tree;
+    // the rsync oracle compares it with the v1 tree (mtimes in seconds, as
+    // the disk keeps them), the metadata oracle with the disk's root
+    // filesystem itself (nanoseconds, xattrs, hardlinks).
+    for (_, name, id, _, rootfs) in &published {
         let root = s.join(format!("root-{id}"));
         make_root(&fixture_tree("v3"), &root, &key);
         apply(&store, id, &root, &[]).expect_ok();
-        assert_applied(&v1, &root, id, &format!("tree ingested from {name}"));
+        let ctx = format!("tree ingested from {name}");
+        let o = oracle(&v1, &root);
+        assert!(o.trim().is_empty(), "{ctx}: rsync oracle vs the v1 tree:\n{}", clip(&o, 60));
+        let mnt = RoMount::new(rootfs, &s.join(format!("mnt-{id}")));
+        let d = meta_diff(&mnt.0, &root);
+        assert!(d.is_empty(), "{ctx}: metadata oracle vs the disk's root filesystem:\n{}", clip(&d.join("\n"), 60));
+        drop(mnt);
+        assert_eq!(image_id(&root).as_deref(), Some(*id), "{ctx}: /etc/image_id");
+        verify(&root, true).expect_ok();
         std::fs::remove_dir_all(&root).expect("rm root");
     }
 }
