@@ -443,7 +443,7 @@ fn apply_v1_to_v2_from_imageupd_serve() {
     assert_applied(&v2, &root, "v2", "apply v1 -> v2 from imageupd serve");
     assert_no_cache(&root);
     assert!(
-        srv.log().contains("\"GET /objects/"),
+        srv.log().contains("\"GET /packs/"),
         "no access log lines:\n{}",
         clip(&srv.log(), 20)
     );

@@ -61,7 +61,10 @@ fn make_disk(dir: &Path, name: &str, table: Table, tree: &Path) -> (PathBuf, Pat
             format!("{ROOT_MIB}M").as_ref(),
         ],
     );
-    let top_mtime = std::fs::metadata(tree).expect("tree").modified().expect("mtime");
+    let top_mtime = std::fs::metadata(tree)
+        .expect("tree")
+        .modified()
+        .expect("mtime");
     let secs = top_mtime
         .duration_since(std::time::UNIX_EPOCH)
         .expect("epoch")
@@ -104,9 +107,7 @@ fn make_disk(dir: &Path, name: &str, table: Table, tree: &Path) -> (PathBuf, Pat
         Table::Gpt => (
             (1, other_mib),
             (1 + other_mib, ROOT_MIB),
-            format!(
-                "label: gpt\n,{other_mib}MiB,L\n,{ROOT_MIB}MiB,L\n"
-            ),
+            format!("label: gpt\n,{other_mib}MiB,L\n,{ROOT_MIB}MiB,L\n"),
         ),
         Table::Mbr => (
             (1, ROOT_MIB),
@@ -351,12 +352,24 @@ fn disk_images_are_published_and_served_as_ironic_expects() {
         apply(&store, id, &root, &[]).expect_ok();
         let ctx = format!("tree ingested from {name}");
         let o = oracle(&v1, &root);
-        assert!(o.trim().is_empty(), "{ctx}: rsync oracle vs the v1 tree:\n{}", clip(&o, 60));
+        assert!(
+            o.trim().is_empty(),
+            "{ctx}: rsync oracle vs the v1 tree:\n{}",
+            clip(&o, 60)
+        );
         let mnt = RoMount::new(rootfs, &s.join(format!("mnt-{id}")));
         let d = meta_diff(&mnt.0, &root);
-        assert!(d.is_empty(), "{ctx}: metadata oracle vs the disk's root filesystem:\n{}", clip(&d.join("\n"), 60));
+        assert!(
+            d.is_empty(),
+            "{ctx}: metadata oracle vs the disk's root filesystem:\n{}",
+            clip(&d.join("\n"), 60)
+        );
         drop(mnt);
-        assert_eq!(image_id(&root).as_deref(), Some(*id), "{ctx}: /etc/image_id");
+        assert_eq!(
+            image_id(&root).as_deref(),
+            Some(*id),
+            "{ctx}: /etc/image_id"
+        );
         verify(&root, true).expect_ok();
         std::fs::remove_dir_all(&root).expect("rm root");
     }
@@ -472,7 +485,10 @@ fn store_copy(dst: &Path) -> PathBuf {
     let store = shared_store();
     store.image("v1");
     store.image("v2");
-    cmd("cp", ["-al".as_ref(), store.dir.as_os_str(), dst.as_os_str()]);
+    cmd(
+        "cp",
+        ["-al".as_ref(), store.dir.as_os_str(), dst.as_os_str()],
+    );
     dst.to_path_buf()
 }
 

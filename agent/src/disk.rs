@@ -239,10 +239,7 @@ impl StagedDisk {
         let rel_dir = format!("{DISKS_DIR}/{id}");
         let dir = st.path().join(&rel_dir);
         if dir.exists() {
-            bail!(
-                "{} already exists; image ids are immutable",
-                dir.display()
-            );
+            bail!("{} already exists; image ids are immutable", dir.display());
         }
         // Assemble in scratch, then one rename makes it appear whole.
         let sums = format!("{}  {}\n", self.sha256.to_hex(), self.name);
@@ -420,7 +417,7 @@ struct Mount {
 }
 
 impl Mount {
-    fn mount(dev: &str, fs: FsType, at: &Path) -> Result<Mount> {
+    fn new(dev: &str, fs: FsType, at: &Path) -> Result<Mount> {
         let (t, o) = fs.mount_args();
         cmd::run(
             Command::new("mount")
@@ -504,17 +501,14 @@ pub fn mount_root(disk: &Path, format: DiskFormat, tmp: &Path) -> Result<Mounted
     };
     let found = candidates(&raw)?;
     if found.is_empty() {
-        bail!(
-            "no ext2/3/4 or xfs filesystem found in {}",
-            disk.display()
-        );
+        bail!("no ext2/3/4 or xfs filesystem found in {}", disk.display());
     }
     let mnt = scratch.path().join("mnt");
     fs::create_dir(&mnt)?;
     let mut tried = Vec::new();
     for c in found {
         let mut loopdev = LoopDev::attach(&raw, c.offset, c.size)?;
-        let mut mount = match Mount::mount(loopdev.path(), c.fs, &mnt) {
+        let mut mount = match Mount::new(loopdev.path(), c.fs, &mnt) {
             Ok(m) => m,
             Err(e) => {
                 tried.push(format!("partition {} ({:?}): {e:#}", c.number, c.fs));
@@ -566,7 +560,14 @@ mod tests {
         for ok in ["disk.qcow2", "overcloud-full.raw", "a_b-1.2+3~x.img"] {
             assert!(check_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", ".hidden.raw", "SHA256SUMS", "a b.raw", "a/b.raw", "ü.raw"] {
+        for bad in [
+            "",
+            ".hidden.raw",
+            "SHA256SUMS",
+            "a b.raw",
+            "a/b.raw",
+            "ü.raw",
+        ] {
             assert!(check_name(bad).is_err(), "{bad}");
         }
         assert!(is_disk_name("x.qcow2") && is_disk_name("x.raw") && !is_disk_name("x.tar"));

@@ -240,7 +240,10 @@ impl PackIndex {
             let offset = u64::try_from(i128::from(ends[pack as usize]) + rel)
                 .map_err(|_| anyhow!("object {i}: negative offset"))?;
             if len == 0 || offset.checked_add(len).is_none_or(|e| e > p.size) {
-                bail!("object {i}: bytes {offset}+{len} lie outside pack {}", p.digest);
+                bail!(
+                    "object {i}: bytes {offset}+{len} lie outside pack {}",
+                    p.digest
+                );
             }
             ends[pack as usize] = offset + len;
             locs.push(Loc {
@@ -549,7 +552,10 @@ pub fn check_store(st: &Store, id: &str) -> Result<usize> {
         f.read_exact(&mut frame)?;
         let loose = fs::read(st.object_path(d))?;
         if frame != loose {
-            bail!("object {d} in pack {} differs from its loose copy", l.pack.digest);
+            bail!(
+                "object {d} in pack {} differs from its loose copy",
+                l.pack.digest
+            );
         }
     }
     Ok(order.len())
@@ -675,7 +681,9 @@ mod tests {
             ]
         );
         // A small target cuts one contiguous run into several spans.
-        let run: Vec<(PackRef, Want)> = (0..10).map(|i| (p, w(i, u64::from(i) * 100, 100))).collect();
+        let run: Vec<(PackRef, Want)> = (0..10)
+            .map(|i| (p, w(i, u64::from(i) * 100, 100)))
+            .collect();
         assert_eq!(plan_spans(run, 0, 300).len(), 4);
     }
 }

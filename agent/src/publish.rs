@@ -208,7 +208,8 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
     bar.finish();
     drop(root);
     if let Some(m) = mounted.take() {
-        m.close().context("releasing the disk image's root filesystem")?;
+        m.close()
+            .context("releasing the disk image's root filesystem")?;
     }
     let kernel = kernel::detect(&entries);
     let m = Manifest {

@@ -656,10 +656,7 @@ mod tests {
             ok("/images/v1%3A2/manifest.json.zst").map(|x| x.0),
             Ok("images/v1:2/manifest.json.zst".into())
         );
-        assert_eq!(
-            ok("/packs/ab.pack").map(|x| x.1),
-            Ok(CacheClass::Immutable)
-        );
+        assert_eq!(ok("/packs/ab.pack").map(|x| x.1), Ok(CacheClass::Immutable));
         assert_eq!(
             ok("/disks/SHA256SUMS").map(|x| x.1),
             Ok(CacheClass::Revalidate)

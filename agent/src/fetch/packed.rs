@@ -22,8 +22,7 @@ use anyhow::{anyhow, Context, Result};
 use ed25519_dalek::VerifyingKey;
 
 use super::{
-    is_status, max_compressed, Attempt, Cache, CountingReader, HttpStore, BUF,
-    PARALLEL_DOWNLOADS,
+    is_status, max_compressed, Attempt, Cache, CountingReader, HttpStore, BUF, PARALLEL_DOWNLOADS,
 };
 use crate::error::ExitKind;
 use crate::manifest::Digest;
@@ -69,7 +68,10 @@ impl HttpStore {
         let stored = match self.get_small(&rel, MAX_INDEX_STORED) {
             Ok(b) => b,
             Err(e) if is_status(&e, &[403, 404, 410]) => {
-                tracing::info!("image {:?} has no pack index; fetching loose objects", ctx.id);
+                tracing::info!(
+                    "image {:?} has no pack index; fetching loose objects",
+                    ctx.id
+                );
                 return Ok(None);
             }
             Err(e) => return Err(e.context(format!("fetching the pack index of {:?}", ctx.id))),
@@ -78,7 +80,9 @@ impl HttpStore {
         let sig = match self.get_small(&sig_rel, super::MAX_SMALL_BYTES) {
             Ok(s) => Some(s),
             Err(e) if is_status(&e, &[403, 404, 410]) => None,
-            Err(e) => return Err(e.context(format!("fetching the pack index signature of {:?}", ctx.id))),
+            Err(e) => {
+                return Err(e.context(format!("fetching the pack index signature of {:?}", ctx.id)))
+            }
         };
         match sign::verify(&stored, sig.as_deref(), &ctx.keys, &ctx.keys_dir) {
             Ok(_) => {}
@@ -144,24 +148,28 @@ impl HttpStore {
             spans.len(),
             loose.len()
         );
-        crate::scan::par_map(&spans, PARALLEL_DOWNLOADS, |s| self.fetch_span(cache, s, bar))?;
+        crate::scan::par_map(&spans, PARALLEL_DOWNLOADS, |s| {
+            self.fetch_span(cache, s, bar)
+        })?;
         Ok(loose)
     }
 
     fn fetch_span(&self, cache: &Cache, span: &Span, bar: &Bar) -> Result<()> {
         let url = self.join(&pack::pack_rel(&span.pack.digest))?;
         let mut done = vec![false; span.objects.len()];
-        self.retrying(&url, || self.span_attempt(cache, &url, span, &mut done, bar))
-            .with_context(|| {
-                format!(
-                    "downloading {} objects (bytes {}-{}) of pack {} from the store at {}",
-                    span.objects.len(),
-                    span.start,
-                    span.end - 1,
-                    span.pack.digest,
-                    self.url()
-                )
-            })
+        self.retrying(&url, || {
+            self.span_attempt(cache, &url, span, &mut done, bar)
+        })
+        .with_context(|| {
+            format!(
+                "downloading {} objects (bytes {}-{}) of pack {} from the store at {}",
+                span.objects.len(),
+                span.start,
+                span.end - 1,
+                span.pack.digest,
+                self.url()
+            )
+        })
     }
 
     /// One request for the objects of `span` not `done` yet.
@@ -197,8 +205,11 @@ impl HttpStore {
             200 => 0,
             416 => {
                 return Err(Attempt::Fatal(
-                    anyhow!("{url} is shorter than its pack index says ({} bytes)", span.pack.size)
-                        .context(ExitKind::Untrusted),
+                    anyhow!(
+                        "{url} is shorter than its pack index says ({} bytes)",
+                        span.pack.size
+                    )
+                    .context(ExitKind::Untrusted),
                 ))
             }
             s => return Err(Attempt::Fatal(anyhow!("{url}: unexpected HTTP {s}"))),
@@ -210,7 +221,9 @@ impl HttpStore {
         let mut buf = vec![0u8; BUF];
         for (i, w) in span.objects.iter().enumerate().skip(first) {
             if w.offset < pos {
-                return Err(Attempt::Fatal(anyhow!("{url}: overlapping objects in a span")));
+                return Err(Attempt::Fatal(anyhow!(
+                    "{url}: overlapping objects in a span"
+                )));
             }
             copy_exact(&mut body, w.offset - pos, None, &mut buf, url)?;
             pos = w.offset;
@@ -219,9 +232,8 @@ impl HttpStore {
                 pos += w.len;
                 continue;
             }
-            let fatal = |e: io::Error| {
-                Attempt::Fatal(anyhow!(e).context("writing to the download cache"))
-            };
+            let fatal =
+                |e: io::Error| Attempt::Fatal(anyhow!(e).context("writing to the download cache"));
             let mut part = cache.open_part(&w.digest, true).map_err(fatal)?;
             part.set_len(0).map_err(fatal)?;
             copy_exact(&mut body, w.len, Some(&mut part), &mut buf, url)?;
@@ -276,9 +288,8 @@ fn copy_exact(
             }
         };
         if let Some(f) = out.as_deref_mut() {
-            f.write_all(&buf[..got]).map_err(|e| {
-                Attempt::Fatal(anyhow!(e).context("writing to the download cache"))
-            })?;
+            f.write_all(&buf[..got])
+                .map_err(|e| Attempt::Fatal(anyhow!(e).context("writing to the download cache")))?;
         }
         left -= got as u64;
     }
