@@ -1,10 +1,10 @@
 //! Disk images and packs (SPEC §2, §3, §9; issue 5).
 //!
 //! - A qcow2 (GPT: a small ext4 "boot" partition and the ext4 root) and a
-//!   raw image (MBR: the root and a larger ext4 data partition without
+//!   raw image (MBR: an xfs root and a larger ext4 data partition without
 //!   /etc, so the size rule alone would pick the wrong one) are built from
-//!   the v1 debootstrap tree with `sfdisk`, `mkfs.ext4 -d` and `qemu-img`,
-//!   and published. Then, as Ironic would: HEAD answers 200 with
+//!   the v1 debootstrap tree with `sfdisk`, `mkfs.ext4 -d`, `mkfs.xfs` and
+//!   `qemu-img`, and published. Then, as Ironic would: HEAD answers 200 with
 //!   Content-Length, GET answers exactly 200 with bytes whose sha256 is the
 //!   line for that basename in `SHA256SUMS`, and `qemu-img info` on the
 //!   download reports the right format. The ingested tree, applied to a
@@ -30,7 +30,7 @@ use common::*;
 enum Table {
     /// GPT: p1 16 MiB ext4 without /etc ("boot"), p2 the root.
     Gpt,
-    /// MBR: p1 the root, p2 a larger empty ext4 ("data").
+    /// MBR: p1 the root (xfs), p2 a larger ext4 without /etc ("data").
     Mbr,
 }
 
@@ -41,43 +41,59 @@ const ROOT_MIB: u64 = 400;
 /// converted to qcow2 when NAME ends with .qcow2. Sparse throughout.
 /// Returns the disk and its root filesystem as a separate file.
 ///
-/// `mkfs.ext4 -d` keeps whole seconds of mtimes only, and creating
-/// lost+found changes the top directory's mtime, which is set back with
-/// debugfs so that the rsync oracle (seconds) can compare with TREE.
+/// GPT disks get an ext4 root, MBR disks an xfs root. `mkfs.ext4 -d` keeps
+/// whole seconds of mtimes only, and creating lost+found changes the top
+/// directory's mtime, which is set back with debugfs so that the rsync
+/// oracle (seconds) can compare with TREE.
 #[track_caller]
 fn make_disk(dir: &Path, name: &str, table: Table, tree: &Path) -> (PathBuf, PathBuf) {
     std::fs::create_dir_all(dir).expect("disk dir");
     let rootfs = dir.join(format!("{name}.rootfs"));
-    cmd(
-        "mkfs.ext4",
-        [
-            "-q".as_ref(),
-            "-F".as_ref(),
-            "-t".as_ref(),
-            "ext4".as_ref(),
-            "-d".as_ref(),
-            tree.as_os_str(),
-            rootfs.as_os_str(),
-            format!("{ROOT_MIB}M").as_ref(),
-        ],
-    );
-    let top_mtime = std::fs::metadata(tree)
-        .expect("tree")
-        .modified()
-        .expect("mtime");
-    let secs = top_mtime
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("epoch")
-        .as_secs();
-    cmd(
-        "debugfs",
-        [
-            "-w".as_ref(),
-            "-R".as_ref(),
-            format!("sif / mtime @{secs}").as_ref(),
-            rootfs.as_os_str(),
-        ],
-    );
+    match table {
+        Table::Gpt => {
+            cmd(
+                "mkfs.ext4",
+                [
+                    "-q".as_ref(),
+                    "-F".as_ref(),
+                    "-t".as_ref(),
+                    "ext4".as_ref(),
+                    "-d".as_ref(),
+                    tree.as_os_str(),
+                    rootfs.as_os_str(),
+                    format!("{ROOT_MIB}M").as_ref(),
+                ],
+            );
+            let secs = std::fs::metadata(tree)
+                .and_then(|m| m.modified())
+                .expect("tree mtime")
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("epoch")
+                .as_secs();
+            cmd(
+                "debugfs",
+                [
+                    "-w".as_ref(),
+                    "-R".as_ref(),
+                    format!("sif / mtime @{secs}").as_ref(),
+                    rootfs.as_os_str(),
+                ],
+            );
+        }
+        Table::Mbr => {
+            // xfs has no mkfs -d: fill it through a read-write loop mount.
+            let mnt = dir.join(format!("{name}.fill"));
+            std::fs::create_dir_all(&mnt).expect("fill mount point");
+            sh(&format!(
+                "truncate -s {ROOT_MIB}M '{fs}' && mkfs.xfs -q -f '{fs}' && \
+                 mount -o loop '{fs}' '{m}' && \
+                 {{ cp -a '{t}/.' '{m}/' && touch -r '{t}' '{m}'; rc=$?; umount '{m}'; exit $rc; }}",
+                fs = rootfs.display(),
+                m = mnt.display(),
+                t = tree.display()
+            ));
+        }
+    }
     let other = dir.join(format!("{name}.other"));
     std::fs::create_dir_all(dir.join("other-tree/boot")).expect("other tree");
     std::fs::write(dir.join("other-tree/boot/README"), "not a root\n").expect("readme");
@@ -164,7 +180,7 @@ impl RoMount {
             "mount",
             [
                 "-o".as_ref(),
-                "loop,ro,noload".as_ref(),
+                "loop,ro".as_ref(),
                 fs.as_os_str(),
                 at.as_os_str(),
             ],

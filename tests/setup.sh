@@ -15,7 +15,8 @@ if [ "$what" = all ] || [ "$what" = packages ]; then
     apt-get install -y -q --no-install-recommends \
         debootstrap rsync attr acl libcap2-bin e2fsprogs nginx hyperfine time \
         util-linux mount zstd tar gzip xz-utils perl ca-certificates procps kmod \
-        coreutils findutils gawk openssl python3 python3-venv python3-pip systemd
+        coreutils findutils gawk openssl python3 python3-venv python3-pip systemd \
+        qemu-utils fdisk gdisk xfsprogs ostree wrk
 fi
 if [ "$what" = all ] || [ "$what" = fixtures ]; then
     tests/fixtures/build-trees.sh
