@@ -196,9 +196,10 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
     let sizes = scan::par_map(&todo, opts.threads, |(d, p, size)| {
         let f = fsx::open_file_beneath(root.as_fd(), p).with_context(|| format!("opening {p}"))?;
         let n = st
-            .put_object(
+            .put_object_sized(
                 d,
                 std::io::BufReader::with_capacity(256 * 1024, f),
+                Some(*size),
                 opts.level,
             )
             .with_context(|| format!("storing {p}"))?;
@@ -225,7 +226,7 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
     let stored = store::encode_manifest(&m)?;
     let sig = key.as_ref().map(|k| sign::sign(k, &stored));
     progress.line("writing packs");
-    let (pidx, packs) = crate::pack::build(&st, &m, &stored, opts.parent.as_deref())?;
+    let (pidx, packs) = crate::pack::build(&st, &m, &stored, opts.parent.as_deref(), opts.level)?;
     let psig = key.as_ref().map(|k| sign::sign(k, &pidx));
     crate::pack::put_index(&st, &m.id, &pidx, psig.as_deref())?;
     let disks = match disk {

@@ -177,6 +177,19 @@ impl Store {
     /// Returns the compressed size. Written to a temp file and renamed, so a
     /// reader never sees a partial object.
     pub fn put_object<R: Read>(&self, d: &Digest, r: R, level: i32) -> Result<u64> {
+        self.put_object_sized(d, r, None, level)
+    }
+
+    /// [`Store::put_object`] with the content size in bytes known up front:
+    /// zstd then sizes its tables to the input (at high levels, much faster
+    /// for small files) and records the size in the frame header.
+    pub fn put_object_sized<R: Read>(
+        &self,
+        d: &Digest,
+        r: R,
+        size: Option<u64>,
+        level: i32,
+    ) -> Result<u64> {
         let final_path = self.object_path(d);
         if final_path.is_file() {
             return Ok(0);
@@ -187,6 +200,9 @@ impl Store {
             tempfile::NamedTempFile::new_in(self.tmp_dir()?).context("creating a temp object")?;
         let mut enc = zstd::stream::write::Encoder::new(tmp, level)?;
         enc.include_checksum(false)?;
+        if size.is_some() {
+            enc.set_pledged_src_size(size)?;
+        }
         let mut vr = crate::stream::VerifyReader::new(r);
         io::copy(&mut vr, &mut enc).context("compressing object")?;
         let tmp = enc.finish()?;

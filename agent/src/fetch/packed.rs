@@ -8,13 +8,16 @@
 //!   manifest's sha256. A store without one (older publisher, plain copy)
 //!   is used loose.
 //! - Each span is one `Range: bytes=A-B` request. A broken body is retried
-//!   from the first object not yet verified; an object that does not match
-//!   its digest is refused (untrusted input), never taken from elsewhere.
+//!   from the first frame not yet taken; an object that does not match its
+//!   digest is refused (untrusted input), never taken from elsewhere.
+//! - A frame of its own is the object's loose frame and goes to the cache
+//!   as it is; a solid block is decompressed in memory (at most
+//!   [`pack::BLOCK_MAX_BYTES`]) and each wanted object, once its digest
+//!   matches, is stored in the cache as a frame of its own.
 //! - A server that ignores `Range` and answers 200 still works: the body is
 //!   read from byte 0 and skipped up to the span.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::{self, Read, Write};
 use std::sync::atomic::Ordering;
 
@@ -26,7 +29,9 @@ use super::{
 };
 use crate::error::ExitKind;
 use crate::manifest::Digest;
-use crate::pack::{self, Located, PackIndex, Span, Want, COALESCE_GAP, MIN_SPAN_BYTES};
+use crate::pack::{
+    self, Located, PackIndex, PackRef, Part, Span, Want, COALESCE_GAP, MIN_SPAN_BYTES,
+};
 use crate::progress::Bar;
 use crate::sign;
 use crate::source::{Resolved, Trust};
@@ -117,7 +122,14 @@ impl HttpStore {
         let mut loose = Vec::new();
         let mut wants = Vec::new();
         for &(d, size) in fetch {
-            let Some(l) = map.get(&d).filter(|l| l.len <= max_compressed(size)) else {
+            let fits = |l: &&Located| match l.inner {
+                None => l.len <= max_compressed(size),
+                Some(inner) => {
+                    l.len <= max_compressed(pack::BLOCK_MAX_BYTES)
+                        && inner + size <= pack::BLOCK_MAX_BYTES
+                }
+            };
+            let Some(l) = map.get(&d).filter(fits) else {
                 loose.push((d, size));
                 continue;
             };
@@ -129,22 +141,16 @@ impl HttpStore {
                 }
                 cache.remove(&d)?;
             }
-            wants.push((
-                l.pack,
-                Want {
-                    digest: d,
-                    size,
-                    offset: l.offset,
-                    len: l.len,
-                },
-            ));
+            wants.push((*l, d, size));
         }
-        let total: u64 = wants.iter().map(|(_, w)| w.len).sum();
+        let spans = pack::plan_spans(&wants, COALESCE_GAP, MIN_SPAN_BYTES);
+        let total: u64 = spans.iter().map(|s| s.end - s.start).sum();
+        // Cut again to about an equal share per parallel download.
         let target = (total / PARALLEL_DOWNLOADS as u64).max(MIN_SPAN_BYTES);
-        let spans = pack::plan_spans(wants, COALESCE_GAP, target);
+        let spans = pack::plan_spans(&wants, COALESCE_GAP, target);
         tracing::info!(
-            "fetching {} objects ({total} bytes) from packs in {} range requests; {} loose",
-            spans.iter().map(|s| s.objects.len()).sum::<usize>(),
+            "fetching {} objects from packs in {} range requests ({total} bytes); {} loose",
+            wants.len(),
             spans.len(),
             loose.len()
         );
@@ -156,14 +162,14 @@ impl HttpStore {
 
     fn fetch_span(&self, cache: &Cache, span: &Span, bar: &Bar) -> Result<()> {
         let url = self.join(&pack::pack_rel(&span.pack.digest))?;
-        let mut done = vec![false; span.objects.len()];
+        let mut done: Vec<bool> = vec![false; span.frames.len()];
         self.retrying(&url, || {
             self.span_attempt(cache, &url, span, &mut done, bar)
         })
         .with_context(|| {
             format!(
-                "downloading {} objects (bytes {}-{}) of pack {} from the store at {}",
-                span.objects.len(),
+                "downloading {} frames (bytes {}-{}) of pack {} from the store at {}",
+                span.frames.len(),
                 span.start,
                 span.end - 1,
                 span.pack.digest,
@@ -172,7 +178,7 @@ impl HttpStore {
         })
     }
 
-    /// One request for the objects of `span` not `done` yet.
+    /// One request for the frames of `span` not `done` yet.
     fn span_attempt(
         &self,
         cache: &Cache,
@@ -184,7 +190,7 @@ impl HttpStore {
         let Some(first) = done.iter().position(|d| !d) else {
             return Ok(());
         };
-        let start = span.objects[first].offset;
+        let start = span.frames[first].offset;
         let last = span.end - 1;
         self.counters.pack_requests.fetch_add(1, Ordering::Relaxed);
         let resp = self.send_range(url, Some(format!("bytes={start}-{last}")))?;
@@ -219,46 +225,132 @@ impl HttpStore {
             counter: &self.counters.bytes,
         };
         let mut buf = vec![0u8; BUF];
-        for (i, w) in span.objects.iter().enumerate().skip(first) {
+        for (i, w) in span.frames.iter().enumerate().skip(first) {
             if w.offset < pos {
                 return Err(Attempt::Fatal(anyhow!(
-                    "{url}: overlapping objects in a span"
+                    "{url}: overlapping frames in a span"
                 )));
             }
             copy_exact(&mut body, w.offset - pos, None, &mut buf, url)?;
             pos = w.offset;
             if done[i] {
                 copy_exact(&mut body, w.len, None, &mut buf, url)?;
-                pos += w.len;
-                continue;
+            } else if w.parts.len() == 1 && w.parts[0].inner.is_none() {
+                self.take_frame(cache, &mut body, w, &span.pack, &mut buf, url)?;
+            } else {
+                let mut frame = Vec::with_capacity(w.len as usize);
+                frame.resize(w.len as usize, 0);
+                let mut sink = io::Cursor::new(&mut frame[..]);
+                copy_exact(
+                    &mut body,
+                    w.len,
+                    Some(&mut sink as &mut dyn Write),
+                    &mut buf,
+                    url,
+                )?;
+                self.take_block(cache, &frame, w, &span.pack)?;
             }
-            let fatal =
-                |e: io::Error| Attempt::Fatal(anyhow!(e).context("writing to the download cache"));
-            let mut part = cache.open_part(&w.digest, true).map_err(fatal)?;
-            part.set_len(0).map_err(fatal)?;
-            copy_exact(&mut body, w.len, Some(&mut part), &mut buf, url)?;
             pos += w.len;
-            if let Err(e) = cache.verify(&part, &w.digest, w.size) {
-                let _ = cache.remove_part(&w.digest);
-                return Err(Attempt::Fatal(
-                    e.context(format!(
-                        "object {} (bytes {}-{} of pack {}) does not match its digest; refused (nothing of it reached the root)",
-                        w.digest,
-                        w.offset,
-                        w.offset + w.len - 1,
-                        span.pack.digest
-                    ))
-                    .context(ExitKind::Untrusted),
-                ));
+            if !done[i] {
+                done[i] = true;
+                for p in &w.parts {
+                    self.counters.objects.fetch_add(1, Ordering::Relaxed);
+                    self.counters.packed.fetch_add(1, Ordering::Relaxed);
+                    bar.inc(p.size);
+                }
             }
-            cache.commit(&w.digest).map_err(fatal)?;
-            done[i] = true;
-            self.counters.objects.fetch_add(1, Ordering::Relaxed);
-            self.counters.packed.fetch_add(1, Ordering::Relaxed);
-            bar.inc(w.size);
         }
         Ok(())
     }
+
+    /// A frame that is one object's loose frame: straight into the cache.
+    fn take_frame(
+        &self,
+        cache: &Cache,
+        body: &mut impl Read,
+        w: &Want,
+        pack: &PackRef,
+        buf: &mut [u8],
+        url: &reqwest::Url,
+    ) -> Result<(), Attempt> {
+        let p = &w.parts[0];
+        let mut part = cache.open_part(&p.digest, true).map_err(cache_err)?;
+        part.set_len(0).map_err(cache_err)?;
+        copy_exact(body, w.len, Some(&mut part as &mut dyn Write), buf, url)?;
+        if let Err(e) = cache.verify(&part, &p.digest, p.size) {
+            let _ = cache.remove_part(&p.digest);
+            return Err(refused(e, p, w, pack));
+        }
+        cache.commit(&p.digest).map_err(cache_err)
+    }
+
+    /// A solid block: decompress (bounded), cut out the wanted objects,
+    /// verify each and store it in the cache as a frame of its own.
+    fn take_block(
+        &self,
+        cache: &Cache,
+        frame: &[u8],
+        w: &Want,
+        pack: &PackRef,
+    ) -> Result<(), Attempt> {
+        let mut content = Vec::new();
+        let dec = zstd::stream::read::Decoder::new(frame)
+            .and_then(|d| d.take(pack::BLOCK_MAX_BYTES + 1).read_to_end(&mut content));
+        if let Err(e) = dec {
+            return Err(refused(
+                anyhow!(e).context("not a valid zstd frame"),
+                &w.parts[0],
+                w,
+                pack,
+            ));
+        }
+        if content.len() as u64 > pack::BLOCK_MAX_BYTES {
+            return Err(refused(
+                anyhow!("block larger than {} bytes", pack::BLOCK_MAX_BYTES),
+                &w.parts[0],
+                w,
+                pack,
+            ));
+        }
+        for p in &w.parts {
+            let at = p.inner.unwrap_or(0) as usize;
+            let slice = content.get(at..at + p.size as usize);
+            if slice.map(Digest::of) != Some(p.digest) {
+                return Err(refused(anyhow!("content digest mismatch"), p, w, pack));
+            }
+            let Some(slice) = slice else { continue };
+            let z = zstd::bulk::compress(slice, CACHE_LEVEL).map_err(cache_err)?;
+            let mut part = cache.open_part(&p.digest, true).map_err(cache_err)?;
+            part.set_len(0)
+                .and_then(|_| part.write_all(&z))
+                .map_err(cache_err)?;
+            cache.commit(&p.digest).map_err(cache_err)?;
+        }
+        Ok(())
+    }
+}
+
+/// zstd level of objects cut out of blocks into the download cache (they
+/// are read back once, by staging).
+const CACHE_LEVEL: i32 = 1;
+
+fn cache_err(e: io::Error) -> Attempt {
+    Attempt::Fatal(anyhow!(e).context("writing to the download cache"))
+}
+
+/// An object from a pack that is not what its digest says: untrusted
+/// input, final.
+fn refused(e: anyhow::Error, p: &Part, w: &Want, pack: &PackRef) -> Attempt {
+    Attempt::Fatal(
+        e.context(format!(
+            "object {} (in the frame at bytes {}-{} of pack {}) does not match its digest; refused (nothing of it reached the root)",
+            p.digest,
+            w.offset,
+            w.offset + w.len - 1,
+            pack.digest
+        ))
+        .context(ExitKind::Untrusted),
+    )
 }
 
 /// Move exactly `n` bytes from `r` to `out` (or discard them). A short or
@@ -266,7 +358,7 @@ impl HttpStore {
 fn copy_exact(
     r: &mut impl Read,
     n: u64,
-    mut out: Option<&mut File>,
+    mut out: Option<&mut dyn Write>,
     buf: &mut [u8],
     url: &reqwest::Url,
 ) -> Result<(), Attempt> {
