@@ -238,8 +238,7 @@ impl HttpStore {
             } else if w.parts.len() == 1 && w.parts[0].inner.is_none() {
                 self.take_frame(cache, &mut body, w, &span.pack, &mut buf, url)?;
             } else {
-                let mut frame = Vec::with_capacity(w.len as usize);
-                frame.resize(w.len as usize, 0);
+                let mut frame = vec![0u8; w.len as usize];
                 let mut sink = io::Cursor::new(&mut frame[..]);
                 copy_exact(
                     &mut body,
