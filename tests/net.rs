@@ -1177,3 +1177,36 @@ fn transient_statuses_are_retried() {
         "apply v1 -> v2 through 503/429/408 answers",
     );
 }
+
+#[test]
+fn packs_through_a_server_that_ignores_range() {
+    // The flaky server answers every request with the whole file (200),
+    // Range or not: pack spans are then read from byte 0 and skipped up to
+    // the frames they need; the result is the same.
+    let store = shared_store();
+    store.image("v1");
+    let v2 = store.image("v2");
+    let s = scratch("net-norange");
+    let root = s.join("root");
+    node_at_v1(&root);
+    let (addr, seen) = flaky_server(store.dir.clone());
+    let out = apply_url(&format!("http://{addr}/"), &root, &[]).expect_ok();
+    let d = download_report(&out);
+    let g = seen.lock().expect("lock");
+    assert!(
+        g.keys().any(|p| p.starts_with("/packs/")),
+        "no pack was fetched: {g:?}"
+    );
+    assert!(
+        !g.keys().any(|p| p.starts_with("/objects/")),
+        "objects were fetched loose although packs cover them: {g:?}"
+    );
+    assert!(d["packed_objects"].as_u64().unwrap_or(0) > 100, "{d}");
+    drop(g);
+    assert_applied(
+        &v2,
+        &root,
+        "v2",
+        "apply v1 -> v2 through a server without Range",
+    );
+}

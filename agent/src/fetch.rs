@@ -48,6 +48,7 @@ use crate::progress::{Bar, Progress};
 use crate::stream::VerifyReader;
 use crate::{fsx, store};
 
+mod manifest;
 mod packed;
 
 /// Attempts per request (the first try included) before giving up.
@@ -74,6 +75,9 @@ const BUF: usize = 128 * 1024;
 pub struct NetOptions {
     /// Extra CA certificate(s) (PEM) trusted besides the system's roots.
     pub ca_file: Option<PathBuf>,
+    /// The node's state directory: the stored manifests there let a new
+    /// manifest be fetched frame by frame ([`crate::mframes`]).
+    pub state_dir: Option<PathBuf>,
 }
 
 impl NetOptions {
@@ -88,7 +92,10 @@ impl NetOptions {
         let ca_file = cli_ca_file
             .map(Path::to_path_buf)
             .or_else(|| config_ca_file.map(|p| root.join(p.strip_prefix("/").unwrap_or(p))));
-        NetOptions { ca_file }
+        NetOptions {
+            ca_file,
+            state_dir: Some(root.join(crate::rootfs::STATE_DIR)),
+        }
     }
 }
 
@@ -153,6 +160,7 @@ pub struct HttpStore {
     counters: Counters,
     cache: OnceLock<Cache>,
     packs: OnceLock<packed::PackCtx>,
+    state_dir: Option<PathBuf>,
 }
 
 impl HttpStore {
@@ -203,6 +211,7 @@ impl HttpStore {
             counters: Counters::default(),
             cache: OnceLock::new(),
             packs: OnceLock::new(),
+            state_dir: opts.state_dir.clone(),
         };
         let marker = h
             .get_small(store::MARKER, MAX_SMALL_BYTES)
@@ -247,16 +256,20 @@ impl HttpStore {
             .map_err(anyhow::Error::msg)
             .context(ExitKind::Usage)?;
         let m = format!("images/{id}/{}", store::MANIFEST_NAME);
-        let stored = self.get_small(&m, MAX_MANIFEST_BYTES).map_err(|e| {
-            if is_status(&e, &[404, 410]) {
-                e.context(format!(
-                    "image {id:?} is not in the store at {}",
-                    self.url()
-                ))
-            } else {
-                e.context(format!("fetching the manifest of image {id:?}"))
-            }
-        })?;
+        let by_frames = self.manifest_by_frames(id);
+        let stored = by_frames
+            .map(Ok)
+            .unwrap_or_else(|| self.get_small(&m, MAX_MANIFEST_BYTES))
+            .map_err(|e| {
+                if is_status(&e, &[404, 410]) {
+                    e.context(format!(
+                        "image {id:?} is not in the store at {}",
+                        self.url()
+                    ))
+                } else {
+                    e.context(format!("fetching the manifest of image {id:?}"))
+                }
+            })?;
         // S3-style servers answer 403 for a missing key; without a signature
         // the manifest is refused anyway unless unsigned images are allowed.
         let sig = match self.get_small(&format!("images/{id}/{}", store::SIG_NAME), MAX_SMALL_BYTES)

@@ -4,7 +4,7 @@
 //! Module map, in the order an update flows through them:
 //!
 //! - [`manifest`], [`sign`], [`store`], [`publish`], [`disk`], [`pack`],
-//!   [`serve`]: the signed, content-addressed store, how images (directories,
+//!   [`mframes`], [`serve`]: the signed, content-addressed store, how images (directories,
 //!   tarballs, disk images) get into it, packs for few round trips, and
 //!   serving it;
 //! - [`source`], [`fetch`], [`scan`], [`plan`]: what must change in the root
@@ -34,6 +34,7 @@ pub mod lock;
 pub mod logging;
 pub mod manifest;
 pub mod metadata;
+pub mod mframes;
 pub mod pack;
 pub mod plan;
 pub mod preserve;

@@ -64,10 +64,10 @@ pub const INDEX_SIG_NAME: &str = "packs.idx.zst.sig";
 /// pack of its own).
 pub const PACK_MAX_BYTES: u64 = 64 << 20;
 /// Objects up to this many bytes go into solid blocks.
-pub const SOLID_MAX_OBJECT: u64 = 64 * 1024;
+pub const SOLID_MAX_OBJECT: u64 = 1 << 20;
 /// Uncompressed bytes of a solid block at most (the decompression bound
 /// clients enforce).
-pub const BLOCK_MAX_BYTES: u64 = 512 * 1024;
+pub const BLOCK_MAX_BYTES: u64 = 4 << 20;
 /// Frames of one pack closer than this many bytes are fetched with one
 /// request (the gap is downloaded and discarded): about what one round trip
 /// costs on a 100 Mbit/s link with 20 ms latency.

@@ -223,12 +223,16 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
     };
     m.validate()
         .context("the scanned tree does not form a valid manifest")?;
-    let stored = store::encode_manifest(&m)?;
+    let (stored, frames) = store::encode_manifest_framed(&m)?;
     let sig = key.as_ref().map(|k| sign::sign(k, &stored));
     progress.line("writing packs");
     let (pidx, packs) = crate::pack::build(&st, &m, &stored, opts.parent.as_deref(), opts.level)?;
     let psig = key.as_ref().map(|k| sign::sign(k, &pidx));
     crate::pack::put_index(&st, &m.id, &pidx, psig.as_deref())?;
+    store::write_atomic(
+        &st.image_dir(&m.id).join(crate::mframes::FRAMES_NAME),
+        &serde_json::to_vec(&frames)?,
+    )?;
     let disks = match disk {
         Some(d) => vec![d.install(&st, &m.id)?],
         None => Vec::new(),

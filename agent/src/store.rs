@@ -100,9 +100,19 @@ pub fn decode_manifest(stored: &[u8]) -> Result<Manifest> {
     Ok(Manifest::parse(&json)?)
 }
 
-/// Compress a manifest for storage.
+/// zstd level of manifests written by `publish`.
+pub const MANIFEST_LEVEL: i32 = 19;
+
+/// Compress a manifest for storage (content-defined frames, see
+/// [`crate::mframes`]; level 9, for manifests computed on the fly).
 pub fn encode_manifest(m: &Manifest) -> Result<Vec<u8>> {
-    zstd::encode_all(&m.to_json()[..], 9).context("compressing the manifest")
+    Ok(crate::mframes::encode(&m.to_json(), 9)?.0)
+}
+
+/// Compress a manifest for publishing: the stored bytes and their frame
+/// list ([`crate::mframes::FRAMES_NAME`]).
+pub fn encode_manifest_framed(m: &Manifest) -> Result<(Vec<u8>, crate::mframes::FrameList)> {
+    crate::mframes::encode(&m.to_json(), MANIFEST_LEVEL)
 }
 
 impl Store {

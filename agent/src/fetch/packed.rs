@@ -278,7 +278,7 @@ impl HttpStore {
         copy_exact(body, w.len, Some(&mut part as &mut dyn Write), buf, url)?;
         if let Err(e) = cache.verify(&part, &p.digest, p.size) {
             let _ = cache.remove_part(&p.digest);
-            return Err(refused(e, p, w, pack));
+            return Err(refused(e, Some(p), w, pack));
         }
         cache.commit(&p.digest).map_err(cache_err)
     }
@@ -298,7 +298,7 @@ impl HttpStore {
         if let Err(e) = dec {
             return Err(refused(
                 anyhow!(e).context("not a valid zstd frame"),
-                &w.parts[0],
+                None,
                 w,
                 pack,
             ));
@@ -306,7 +306,7 @@ impl HttpStore {
         if content.len() as u64 > pack::BLOCK_MAX_BYTES {
             return Err(refused(
                 anyhow!("block larger than {} bytes", pack::BLOCK_MAX_BYTES),
-                &w.parts[0],
+                None,
                 w,
                 pack,
             ));
@@ -315,7 +315,12 @@ impl HttpStore {
             let at = p.inner.unwrap_or(0) as usize;
             let slice = content.get(at..at + p.size as usize);
             if slice.map(Digest::of) != Some(p.digest) {
-                return Err(refused(anyhow!("content digest mismatch"), p, w, pack));
+                return Err(refused(
+                    anyhow!("content digest mismatch"),
+                    Some(p),
+                    w,
+                    pack,
+                ));
             }
             let Some(slice) = slice else { continue };
             let z = zstd::bulk::compress(slice, CACHE_LEVEL).map_err(cache_err)?;
@@ -337,13 +342,24 @@ fn cache_err(e: io::Error) -> Attempt {
     Attempt::Fatal(anyhow!(e).context("writing to the download cache"))
 }
 
-/// An object from a pack that is not what its digest says: untrusted
-/// input, final.
-fn refused(e: anyhow::Error, p: &Part, w: &Want, pack: &PackRef) -> Attempt {
+/// An object from a pack that is not what its digest says (`p`), or a
+/// block that cannot be decompressed (`None`: every wanted object of it is
+/// named): untrusted input, final.
+fn refused(e: anyhow::Error, p: Option<&Part>, w: &Want, pack: &PackRef) -> Attempt {
+    let what = match p {
+        Some(p) => format!("object {}", p.digest),
+        None => format!(
+            "the block holding objects {}",
+            w.parts
+                .iter()
+                .map(|p| p.digest.to_hex())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
     Attempt::Fatal(
         e.context(format!(
-            "object {} (in the frame at bytes {}-{} of pack {}) does not match its digest; refused (nothing of it reached the root)",
-            p.digest,
+            "{what} (in the frame at bytes {}-{} of pack {}) does not match its digest; refused (nothing of it reached the root)",
             w.offset,
             w.offset + w.len - 1,
             pack.digest
