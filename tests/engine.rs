@@ -701,5 +701,10 @@ fn first_apply_without_a_record_checks_contents() {
     std::fs::remove_file(root.join("types/symlink2dir")).expect("remove symlink");
     let out = apply_ok(&store.dir, "s2", &root, "applied");
     assert_apply_report(&out);
-    assert_applied(&s2, &root, "s2", "first apply of s2 onto an unrecorded s1 copy");
+    assert_applied(
+        &s2,
+        &root,
+        "s2",
+        "first apply of s2 onto an unrecorded s1 copy",
+    );
 }

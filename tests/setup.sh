@@ -16,7 +16,8 @@ if [ "$what" = all ] || [ "$what" = packages ]; then
         debootstrap rsync attr acl libcap2-bin e2fsprogs nginx hyperfine time \
         util-linux mount zstd tar gzip xz-utils perl ca-certificates procps kmod \
         coreutils findutils gawk openssl python3 python3-venv python3-pip systemd \
-        qemu-system-x86 dbus binutils
+        qemu-system-x86 dbus binutils \
+        qemu-utils fdisk gdisk xfsprogs ostree wrk
 fi
 if [ "$what" = all ] || [ "$what" = fixtures ]; then
     tests/fixtures/build-trees.sh

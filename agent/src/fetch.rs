@@ -20,6 +20,10 @@
 //!   objects when a prefetch starts, and removed once staging has copied
 //!   everything onto the root (before the quiesce window; a run converging
 //!   after a crash in the swap downloads again only what it still lacks).
+//! - When the image has a signed pack index ([`crate::pack`]), objects it
+//!   locates are fetched as coalesced byte ranges of packs instead, a few
+//!   requests in all, into the same cache and verified the same way
+//!   ([`packed`]); the rest are fetched loose.
 //! - Connect errors, timeouts, broken bodies, 408, 429 and 5xx are retried
 //!   with exponential backoff ([`MAX_ATTEMPTS`], [`BACKOFF_INITIAL`],
 //!   [`BACKOFF_MAX`]); other 4xx and TLS certificate failures are final.
@@ -43,6 +47,9 @@ use crate::manifest::{Digest, RelPath, MAX_MANIFEST_BYTES};
 use crate::progress::{Bar, Progress};
 use crate::stream::VerifyReader;
 use crate::{fsx, store};
+
+mod manifest;
+mod packed;
 
 /// Attempts per request (the first try included) before giving up.
 pub const MAX_ATTEMPTS: u32 = 10;
@@ -68,6 +75,9 @@ const BUF: usize = 128 * 1024;
 pub struct NetOptions {
     /// Extra CA certificate(s) (PEM) trusted besides the system's roots.
     pub ca_file: Option<PathBuf>,
+    /// The node's state directory: the stored manifests there let a new
+    /// manifest be fetched frame by frame ([`crate::mframes`]).
+    pub state_dir: Option<PathBuf>,
 }
 
 impl NetOptions {
@@ -82,7 +92,10 @@ impl NetOptions {
         let ca_file = cli_ca_file
             .map(Path::to_path_buf)
             .or_else(|| config_ca_file.map(|p| root.join(p.strip_prefix("/").unwrap_or(p))));
-        NetOptions { ca_file }
+        NetOptions {
+            ca_file,
+            state_dir: Some(root.join(crate::rootfs::STATE_DIR)),
+        }
     }
 }
 
@@ -105,6 +118,10 @@ pub struct DownloadReport {
     pub resumed: u64,
     /// Wall time of the object downloads, in ms.
     pub ms: u64,
+    /// Objects taken from packs (included in `objects`).
+    pub packed_objects: u64,
+    /// Range requests to packs (included in `requests`).
+    pub pack_requests: u64,
 }
 
 /// An HTTP status that ended a request.
@@ -126,6 +143,8 @@ struct Counters {
     cached: AtomicU64,
     resumed: AtomicU64,
     ms: AtomicU64,
+    packed: AtomicU64,
+    pack_requests: AtomicU64,
 }
 
 /// One attempt's failure: worth retrying or not.
@@ -140,6 +159,8 @@ pub struct HttpStore {
     client: reqwest::blocking::Client,
     counters: Counters,
     cache: OnceLock<Cache>,
+    packs: OnceLock<packed::PackCtx>,
+    state_dir: Option<PathBuf>,
 }
 
 impl HttpStore {
@@ -189,6 +210,8 @@ impl HttpStore {
             client,
             counters: Counters::default(),
             cache: OnceLock::new(),
+            packs: OnceLock::new(),
+            state_dir: opts.state_dir.clone(),
         };
         let marker = h
             .get_small(store::MARKER, MAX_SMALL_BYTES)
@@ -233,16 +256,20 @@ impl HttpStore {
             .map_err(anyhow::Error::msg)
             .context(ExitKind::Usage)?;
         let m = format!("images/{id}/{}", store::MANIFEST_NAME);
-        let stored = self.get_small(&m, MAX_MANIFEST_BYTES).map_err(|e| {
-            if is_status(&e, &[404, 410]) {
-                e.context(format!(
-                    "image {id:?} is not in the store at {}",
-                    self.url()
-                ))
-            } else {
-                e.context(format!("fetching the manifest of image {id:?}"))
-            }
-        })?;
+        let by_frames = self.manifest_by_frames(id);
+        let stored = by_frames
+            .map(Ok)
+            .unwrap_or_else(|| self.get_small(&m, MAX_MANIFEST_BYTES))
+            .map_err(|e| {
+                if is_status(&e, &[404, 410]) {
+                    e.context(format!(
+                        "image {id:?} is not in the store at {}",
+                        self.url()
+                    ))
+                } else {
+                    e.context(format!("fetching the manifest of image {id:?}"))
+                }
+            })?;
         // S3-style servers answer 403 for a missing key; without a signature
         // the manifest is refused anyway unless unsigned images are allowed.
         let sig = match self.get_small(&format!("images/{id}/{}", store::SIG_NAME), MAX_SMALL_BYTES)
@@ -281,10 +308,19 @@ impl HttpStore {
         url: &reqwest::Url,
         from: Option<u64>,
     ) -> Result<reqwest::blocking::Response, Attempt> {
+        self.send_range(url, from.map(|off| format!("bytes={off}-")))
+    }
+
+    /// [`Self::send`] with any `Range` header value.
+    fn send_range(
+        &self,
+        url: &reqwest::Url,
+        range: Option<String>,
+    ) -> Result<reqwest::blocking::Response, Attempt> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let mut rb = self.client.get(url.clone());
-        if let Some(off) = from {
-            rb = rb.header(reqwest::header::RANGE, format!("bytes={off}-"));
+        if let Some(r) = range {
+            rb = rb.header(reqwest::header::RANGE, r);
         }
         let resp = match rb.send() {
             Ok(r) => r,
@@ -375,8 +411,10 @@ impl HttpStore {
         }
         let total: u64 = fetch.iter().map(|(_, s)| *s).sum();
         let bar = progress.bar("download", total);
-        let res = crate::scan::par_map(fetch, PARALLEL_DOWNLOADS, |(d, size)| {
-            self.fetch_object(&cache, d, *size, &bar)
+        let res = self.prefetch_packed(&cache, fetch, &bar).and_then(|loose| {
+            crate::scan::par_map(&loose, PARALLEL_DOWNLOADS, |(d, size)| {
+                self.fetch_object(&cache, d, *size, &bar)
+            })
         });
         bar.finish();
         self.counters
@@ -576,6 +614,8 @@ impl HttpStore {
             cached_objects: g(&c.cached),
             resumed: g(&c.resumed),
             ms: g(&c.ms),
+            packed_objects: g(&c.packed),
+            pack_requests: g(&c.pack_requests),
         }
     }
 }

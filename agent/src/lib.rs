@@ -3,8 +3,10 @@
 //! The library holds the whole engine; `main.rs` is a thin command line.
 //! Module map, in the order an update flows through them:
 //!
-//! - [`manifest`], [`sign`], [`store`], [`publish`], [`serve`]: the signed,
-//!   content-addressed store, how images get into it, and serving it;
+//! - [`manifest`], [`sign`], [`store`], [`publish`], [`disk`], [`pack`],
+//!   [`mframes`], [`serve`]: the signed, content-addressed store, how images (directories,
+//!   tarballs, disk images) get into it, packs for few round trips, and
+//!   serving it;
 //! - [`source`], [`fetch`], [`scan`], [`plan`]: what must change in the root
 //!   (and downloading it from an HTTP(S) store);
 //! - [`stage`], [`swap`], [`journal`], [`apply`]: changing it crash-safely;
@@ -22,6 +24,7 @@ pub mod backoff;
 pub mod cmd;
 pub mod config;
 pub mod dbus;
+pub mod disk;
 pub mod error;
 pub mod fault;
 pub mod fetch;
@@ -35,6 +38,8 @@ pub mod lock;
 pub mod logging;
 pub mod manifest;
 pub mod metadata;
+pub mod mframes;
+pub mod pack;
 pub mod plan;
 pub mod preserve;
 pub mod progress;

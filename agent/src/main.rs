@@ -78,7 +78,7 @@ enum Cmd {
         #[arg(long, default_value = "imageupd")]
         comment: String,
     },
-    /// Ingest a built image (directory, .tar, .tar.gz, .tar.zst) into a store.
+    /// Ingest a built image (directory, .tar, .tar.gz, .tar.zst, .raw, .qcow2) into a store.
     ///
     /// Objects already in the store are shared, so publishing a new version
     /// of an image costs only what changed.
@@ -102,7 +102,7 @@ enum Cmd {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
-        /// The image: a directory or a tarball.
+        /// The image: a directory, a tarball or a disk image.
         source: PathBuf,
     },
     /// Show what an apply would do, changing nothing.

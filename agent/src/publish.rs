@@ -1,8 +1,14 @@
 //! `imageupd publish`: ingest a built image into the store.
 //!
-//! Sources: a directory, or a `.tar`, `.tar.gz`/`.tgz`, `.tar.zst` archive
+//! Sources: a directory, a `.tar`, `.tar.gz`/`.tgz`, `.tar.zst` archive
 //! (unpacked by GNU tar into the store's scratch space with xattrs, devices,
-//! hardlinks and numeric owners intact, then walked like a directory).
+//! hardlinks and numeric owners intact, then walked like a directory), or a
+//! `.raw`/`.qcow2`/`.img` disk image (its root filesystem mounted read-only
+//! and walked; the image itself kept under `disks/<id>/`, see
+//! [`crate::disk`]).
+//!
+//! Besides loose objects, every image gets packs and a signed pack index
+//! ([`crate::pack`]) so that HTTP clients need few requests.
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -55,6 +61,11 @@ pub struct PublishReport {
     pub signed: bool,
     /// Kernel release found in the image.
     pub kernel: Option<String>,
+    /// Disk images kept as provisioning artifacts.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<crate::disk::DiskEntry>,
+    /// Packs written for HTTP clients.
+    pub packs: crate::pack::PackReport,
     /// Wall time in ms.
     pub duration_ms: u64,
 }
@@ -63,6 +74,7 @@ pub struct PublishReport {
 enum SourceKind {
     Dir,
     Tar(Option<&'static str>),
+    Disk,
 }
 
 fn source_kind(p: &Path) -> Result<SourceKind> {
@@ -82,10 +94,10 @@ fn source_kind(p: &Path) -> Result<SourceKind> {
         Ok(SourceKind::Tar(Some("--gzip")))
     } else if name.ends_with(".tar.zst") || name.ends_with(".tzst") {
         Ok(SourceKind::Tar(Some("--zstd")))
-    } else if name.ends_with(".raw") || name.ends_with(".qcow2") || name.ends_with(".img") {
-        bail!("disk image sources ({name}) are not supported by this build yet; unpack the root filesystem to a directory or tarball")
+    } else if crate::disk::is_disk_name(name) {
+        Ok(SourceKind::Disk)
     } else {
-        bail!("don't know how to publish {name}: expected a directory, .tar, .tar.gz, .tgz or .tar.zst")
+        bail!("don't know how to publish {name}: expected a directory, .tar, .tar.gz, .tgz, .tar.zst, .raw, .qcow2 or .img")
     }
 }
 
@@ -116,6 +128,8 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
         }
     }
     let _unpacked;
+    let mut disk = None;
+    let mut mounted = None;
     let tree: PathBuf = match kind {
         SourceKind::Dir => source.to_path_buf(),
         SourceKind::Tar(flag) => {
@@ -126,6 +140,25 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
             unpack_tar(source, flag, dir.path())?;
             let p = dir.path().to_path_buf();
             _unpacked = dir;
+            p
+        }
+        SourceKind::Disk => {
+            progress.line(&format!("copying disk image {}", source.display()));
+            let d = crate::disk::stage(&st, source)?;
+            let m = crate::disk::mount_root(&d.path, d.format, &st.tmp_dir()?)
+                .with_context(|| format!("finding the root filesystem in {}", source.display()))
+                .context(ExitKind::Source)?;
+            progress.line(&format!(
+                "root filesystem: partition {} ({:?}, {} bytes) of {} image {}",
+                m.chosen.number,
+                m.chosen.fs,
+                m.chosen.size,
+                d.format.as_str(),
+                d.name
+            ));
+            let p = m.path().to_path_buf();
+            disk = Some(d);
+            mounted = Some(m);
             p
         }
     };
@@ -163,9 +196,10 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
     let sizes = scan::par_map(&todo, opts.threads, |(d, p, size)| {
         let f = fsx::open_file_beneath(root.as_fd(), p).with_context(|| format!("opening {p}"))?;
         let n = st
-            .put_object(
+            .put_object_sized(
                 d,
                 std::io::BufReader::with_capacity(256 * 1024, f),
+                Some(*size),
                 opts.level,
             )
             .with_context(|| format!("storing {p}"))?;
@@ -173,6 +207,11 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
         Ok(n)
     })?;
     bar.finish();
+    drop(root);
+    if let Some(m) = mounted.take() {
+        m.close()
+            .context("releasing the disk image's root filesystem")?;
+    }
     let kernel = kernel::detect(&entries);
     let m = Manifest {
         format: FORMAT_VERSION,
@@ -184,9 +223,21 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
     };
     m.validate()
         .context("the scanned tree does not form a valid manifest")?;
-    let stored = store::encode_manifest(&m)?;
+    let (stored, frames) = store::encode_manifest_framed(&m)?;
     let sig = key.as_ref().map(|k| sign::sign(k, &stored));
-    st.put_image(&m, &stored, sig.as_deref())?;
+    progress.line("writing packs");
+    let (pidx, packs) = crate::pack::build(&st, &m, &stored, opts.parent.as_deref(), opts.level)?;
+    let psig = key.as_ref().map(|k| sign::sign(k, &pidx));
+    crate::pack::put_index(&st, &m.id, &pidx, psig.as_deref())?;
+    store::write_atomic(
+        &st.image_dir(&m.id).join(crate::mframes::FRAMES_NAME),
+        &serde_json::to_vec(&frames)?,
+    )?;
+    let disks = match disk {
+        Some(d) => vec![d.install(&st, &m.id)?],
+        None => Vec::new(),
+    };
+    st.put_image_with(&m, &stored, sig.as_deref(), disks.clone())?;
     Ok(PublishReport {
         id: m.id.clone(),
         entries: m.entries.len(),
@@ -196,6 +247,8 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
         reused_objects: reused,
         signed: sig.is_some(),
         kernel: m.kernel.as_ref().map(|k| k.release.clone()),
+        disks,
+        packs,
         duration_ms: t0.elapsed().as_millis() as u64,
     })
 }

@@ -7,11 +7,11 @@
 //!   else); HEAD answers with `Content-Length` and `Last-Modified` (Ironic's
 //!   conductor); a single byte range is honoured (206 + `Content-Range`, 416
 //!   when unsatisfiable), which resumes interrupted downloads.
-//! - `objects/` and `images/` are immutable (`Cache-Control: public,
+//! - `objects/`, `packs/` and `images/` are immutable (`Cache-Control: public,
 //!   max-age=31536000, immutable`); everything else (`index.json`, the
 //!   marker, `disks/`) must be revalidated (`no-cache`).
-//! - Only `imageupd-store.json`, `index.json`, `objects/`, `images/` and
-//!   `disks/` are served. A path with `..`, `.`, an empty component, a
+//! - Only `imageupd-store.json`, `index.json`, `objects/`, `packs/`,
+//!   `images/` and `disks/` are served. A path with `..`, `.`, an empty component, a
 //!   percent-encoded slash, backslash or NUL is refused with 400; files are
 //!   opened with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` below the
 //!   pinned store descriptor, so a symlink anywhere in the path (even one
@@ -129,7 +129,7 @@ pub fn resolve_path(raw: &str) -> Result<(RelPath, CacheClass), PathRefusal> {
     let class = match (parts[0], parts.len()) {
         (b"index.json", 1) => CacheClass::Revalidate,
         (top, 1) if top == MARKER.as_bytes() => CacheClass::Revalidate,
-        (b"objects" | b"images", n) if n > 1 => CacheClass::Immutable,
+        (b"objects" | b"images" | b"packs", n) if n > 1 => CacheClass::Immutable,
         (b"disks", n) if n > 1 => CacheClass::Revalidate,
         _ => return Err(PathRefusal::NotFound),
     };
@@ -656,6 +656,7 @@ mod tests {
             ok("/images/v1%3A2/manifest.json.zst").map(|x| x.0),
             Ok("images/v1:2/manifest.json.zst".into())
         );
+        assert_eq!(ok("/packs/ab.pack").map(|x| x.1), Ok(CacheClass::Immutable));
         assert_eq!(
             ok("/disks/SHA256SUMS").map(|x| x.1),
             Ok(CacheClass::Revalidate)

@@ -111,7 +111,10 @@ impl Source {
             }
             Source::Http(h) => {
                 let (stored, sig) = h.read_manifest_raw(id)?;
-                verify_stored(id, stored, sig, trust)
+                let r = verify_stored(id, stored, sig, trust)?;
+                // Packs are looked up (lazily, at the fetch step) for this image.
+                h.use_packs(id, &r, trust);
+                Ok(r)
             }
             Source::Dir { fd, .. } => {
                 let nodes = scan::scan(fd.as_fd(), &ScanOptions::default())

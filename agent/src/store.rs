@@ -5,6 +5,10 @@
 //! STORE/objects/<aa>/<sha256>            zstd frame of one file's content (immutable)
 //! STORE/images/<id>/manifest.json.zst    the image manifest (immutable)
 //! STORE/images/<id>/manifest.json.zst.sig  detached ed25519 signature
+//! STORE/images/<id>/packs.idx.zst        where the image's objects sit in packs (crate::pack)
+//! STORE/images/<id>/packs.idx.zst.sig    its detached ed25519 signature
+//! STORE/packs/<sha256>.pack              concatenated object frames (immutable)
+//! STORE/disks/<id>/<name>, SHA256SUMS    a published disk image (crate::disk)
 //! STORE/index.json                       list of images (the only mutable file)
 //! ```
 //!
@@ -53,6 +57,9 @@ pub struct IndexEntry {
     pub bytes: u64,
     /// Whether a signature was published.
     pub signed: bool,
+    /// Disk images published with it (provisioning artifacts).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<crate::disk::DiskEntry>,
 }
 
 /// `index.json`.
@@ -93,9 +100,19 @@ pub fn decode_manifest(stored: &[u8]) -> Result<Manifest> {
     Ok(Manifest::parse(&json)?)
 }
 
-/// Compress a manifest for storage.
+/// zstd level of manifests written by `publish`.
+pub const MANIFEST_LEVEL: i32 = 19;
+
+/// Compress a manifest for storage (content-defined frames, see
+/// [`crate::mframes`]; level 9, for manifests computed on the fly).
 pub fn encode_manifest(m: &Manifest) -> Result<Vec<u8>> {
-    zstd::encode_all(&m.to_json()[..], 9).context("compressing the manifest")
+    Ok(crate::mframes::encode(&m.to_json(), 9)?.0)
+}
+
+/// Compress a manifest for publishing: the stored bytes and their frame
+/// list ([`crate::mframes::FRAMES_NAME`]).
+pub fn encode_manifest_framed(m: &Manifest) -> Result<(Vec<u8>, crate::mframes::FrameList)> {
+    crate::mframes::encode(&m.to_json(), MANIFEST_LEVEL)
 }
 
 impl Store {
@@ -170,6 +187,19 @@ impl Store {
     /// Returns the compressed size. Written to a temp file and renamed, so a
     /// reader never sees a partial object.
     pub fn put_object<R: Read>(&self, d: &Digest, r: R, level: i32) -> Result<u64> {
+        self.put_object_sized(d, r, None, level)
+    }
+
+    /// [`Store::put_object`] with the content size in bytes known up front:
+    /// zstd then sizes its tables to the input (at high levels, much faster
+    /// for small files) and records the size in the frame header.
+    pub fn put_object_sized<R: Read>(
+        &self,
+        d: &Digest,
+        r: R,
+        size: Option<u64>,
+        level: i32,
+    ) -> Result<u64> {
         let final_path = self.object_path(d);
         if final_path.is_file() {
             return Ok(0);
@@ -180,6 +210,9 @@ impl Store {
             tempfile::NamedTempFile::new_in(self.tmp_dir()?).context("creating a temp object")?;
         let mut enc = zstd::stream::write::Encoder::new(tmp, level)?;
         enc.include_checksum(false)?;
+        if size.is_some() {
+            enc.set_pledged_src_size(size)?;
+        }
         let mut vr = crate::stream::VerifyReader::new(r);
         io::copy(&mut vr, &mut enc).context("compressing object")?;
         let tmp = enc.finish()?;
@@ -239,6 +272,18 @@ impl Store {
 
     /// Write an image's manifest (and signature), then add it to the index.
     pub fn put_image(&self, m: &Manifest, stored: &[u8], sig: Option<&[u8]>) -> Result<()> {
+        self.put_image_with(m, stored, sig, Vec::new())
+    }
+
+    /// [`Store::put_image`], recording the disk images already installed
+    /// under `disks/<id>/` in the index.
+    pub fn put_image_with(
+        &self,
+        m: &Manifest,
+        stored: &[u8],
+        sig: Option<&[u8]>,
+        disks: Vec<crate::disk::DiskEntry>,
+    ) -> Result<()> {
         let dir = self.image_dir(&m.id);
         if dir.join(MANIFEST_NAME).exists() {
             bail!(
@@ -264,6 +309,7 @@ impl Store {
             entries: m.entries.len(),
             bytes: m.content_bytes(),
             signed: sig.is_some(),
+            disks,
         });
         write_atomic(
             &self.path.join("index.json"),
