@@ -592,8 +592,11 @@ fn v1_kernel() -> (PathBuf, PathBuf) {
 
 /// Play the boot loader: the kernel and initrd the updated disk's
 /// `/vmlinuz` and `/initrd.img` links point at, copied out; plus the disk's
-/// image id and kernel record.
-fn boot_loader(disk: &Path, dir: &Path) -> (PathBuf, PathBuf, String, serde_json::Value) {
+/// image id, kernel record, and module directories.
+fn boot_loader(
+    disk: &Path,
+    dir: &Path,
+) -> (PathBuf, PathBuf, String, serde_json::Value, Vec<String>) {
     let mnt = dir.join("bootloader-mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     cmd(
@@ -623,7 +626,12 @@ fn boot_loader(disk: &Path, dir: &Path) -> (PathBuf, PathBuf, String, serde_json
             &std::fs::read(mnt.join("var/lib/imageupd/kernel.json")).unwrap(),
         )
         .unwrap();
-        (k, i, id, rec)
+        let mut modules: Vec<String> = std::fs::read_dir(mnt.join("usr/lib/modules"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        modules.sort();
+        (k, i, id, rec, modules)
     });
     cmd("umount", [&mnt]);
     res.unwrap_or_else(|e| std::panic::resume_unwind(e))
@@ -908,7 +916,12 @@ fn vm_in_place_kexec_and_reboot() {
         t.elapsed(),
     ));
     drop(vm);
-    let (k3, i3, id, rec) = boot_loader(&root, &p.dir);
+    let (k3, i3, id, rec, modules) = boot_loader(&root, &p.dir);
+    assert_eq!(
+        modules,
+        [K_OLD, K_NEW],
+        "the apply keeps the running kernel's modules until the node runs another"
+    );
     assert_eq!(id, "v3", "the disk must hold v3 when the guest reboots");
     assert_eq!(
         (rec["state"].as_str(), rec["action"].as_str()),
