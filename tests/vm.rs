@@ -17,7 +17,8 @@
 //!
 //! 1. v1 → v2 in place: `vm-hello` answers v2, same boot id, `imageupd
 //!    verify` clean in the guest;
-//! 2. v2 → v3 with policy kexec: the guest comes back on the new kernel
+//! 2. v2 → v3 with policy kexec: the node's pre-reboot hook runs, then the
+//!    guest comes back on the new kernel
 //!    with a new boot id, image v3, the kernel record complete, the old
 //!    kernel's modules gone, `verify` clean;
 //! 3. v1 → v3 with policy reboot. With direct kernel boot a reboot would
@@ -265,6 +266,15 @@ fn prep() -> &'static Prep {
             "/dev/vda  /          ext4  ro,errors=remount-ro  0 0\n/dev/vdb  /mnt/data  ext4  rw                    0 0\n",
         )
         .unwrap();
+        // A pre-reboot hook that shows on the console when it runs.
+        let hook = node_up.join("etc/imageupd/hooks/pre-reboot.d/10-vm-mark");
+        std::fs::create_dir_all(hook.parent().unwrap()).unwrap();
+        std::fs::write(
+            &hook,
+            "#!/bin/sh\nprintf '@@VM pre-reboot to=%s changed=%s@@\\n' \"$IMAGEUPD_TO\" \"$IMAGEUPD_KERNEL_CHANGED\" >/dev/ttyS0\n",
+        )
+        .unwrap();
+        sh(&format!("chmod 755 {}", hook.display()));
         let node = Overlay::mount(&[&dir.join("layer-v1"), &k47], &node_up, &dir.join("node-work"), &dir.join("node"));
         apply(&store, "v1", &node.merged, &[]).expect_ok();
         assert_eq!(image_id(&node.merged).as_deref(), Some("v1"));
@@ -582,8 +592,11 @@ fn v1_kernel() -> (PathBuf, PathBuf) {
 
 /// Play the boot loader: the kernel and initrd the updated disk's
 /// `/vmlinuz` and `/initrd.img` links point at, copied out; plus the disk's
-/// image id and kernel record.
-fn boot_loader(disk: &Path, dir: &Path) -> (PathBuf, PathBuf, String, serde_json::Value) {
+/// image id, kernel record, and module directories.
+fn boot_loader(
+    disk: &Path,
+    dir: &Path,
+) -> (PathBuf, PathBuf, String, serde_json::Value, Vec<String>) {
     let mnt = dir.join("bootloader-mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     cmd(
@@ -613,7 +626,12 @@ fn boot_loader(disk: &Path, dir: &Path) -> (PathBuf, PathBuf, String, serde_json
             &std::fs::read(mnt.join("var/lib/imageupd/kernel.json")).unwrap(),
         )
         .unwrap();
-        (k, i, id, rec)
+        let mut modules: Vec<String> = std::fs::read_dir(mnt.join("usr/lib/modules"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        modules.sort();
+        (k, i, id, rec, modules)
     });
     cmd("umount", [&mnt]);
     res.unwrap_or_else(|e| std::panic::resume_unwind(e))
@@ -788,8 +806,22 @@ fn vm_in_place_kexec_and_reboot() {
         "an update without a kernel change must not reboot"
     );
     assert_eq!(pr.get("uname"), K_OLD);
-    let st = status_of(&pr);
+    // The root shows v2 at the commit; the records are written when the
+    // apply (and, with the agent, its bookkeeping) has finished.
+    let mut st = status_of(&pr);
+    let t_rec = Instant::now();
+    while st["status"]["result"] != "applied"
+        || (DRIVER == Driver::Agent && st["agent"]["last_applied"]["id"] != "v2")
+    {
+        assert!(
+            t_rec.elapsed() < COMMAND_TIMEOUT,
+            "the apply of v2 was not recorded: {st}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        st = status_of(&vm.probe(&format!("v2-record-{}", t_rec.elapsed().as_millis())));
+    }
     assert_eq!(st["kernel"]["reboot_required"], false, "{st}");
+    assert_eq!(st["status"]["reboot_required"], false, "{st}");
     if let Some(ms) = st["agent"]["last_applied"]["metadata_to_commit_ms"].as_u64() {
         times.push((
             "v2 in place: metadata write -> commit (agent's record)".into(),
@@ -813,6 +845,12 @@ fn vm_in_place_kexec_and_reboot() {
     // 2. v3 with kexec.
     let t = Instant::now();
     vm.metadata("v3", "kexec");
+    let hook = vm.wait("pre-reboot", APPLY_TIMEOUT, |_| true);
+    assert_eq!(
+        (hook.get("to"), hook.get("changed")),
+        ("v3", "1"),
+        "{hook:?}"
+    );
     let ready = vm.wait("ready", BOOT_TIMEOUT + APPLY_TIMEOUT, |m| {
         m.kv.get("boot_id") != Some(&boot1)
     });
@@ -869,13 +907,21 @@ fn vm_in_place_kexec_and_reboot() {
     let boot1 = ready.get("boot_id").to_string();
     let t = Instant::now();
     vm.metadata("v3", "reboot");
+    vm.wait("pre-reboot", APPLY_TIMEOUT, |m| {
+        m.kv.get("to").map(String::as_str) == Some("v3")
+    });
     vm.wait_exit(BOOT_TIMEOUT + APPLY_TIMEOUT);
     times.push((
         "v3 reboot: metadata write -> guest reset".into(),
         t.elapsed(),
     ));
     drop(vm);
-    let (k3, i3, id, rec) = boot_loader(&root, &p.dir);
+    let (k3, i3, id, rec, modules) = boot_loader(&root, &p.dir);
+    assert_eq!(
+        modules,
+        [K_OLD, K_NEW],
+        "the apply keeps the running kernel's modules until the node runs another"
+    );
     assert_eq!(id, "v3", "the disk must hold v3 when the guest reboots");
     assert_eq!(
         (rec["state"].as_str(), rec["action"].as_str()),
@@ -911,5 +957,11 @@ fn vm_in_place_kexec_and_reboot() {
     eprintln!("vm timings (driver {DRIVER:?}, qemu TCG, host load included):");
     for (what, d) in &times {
         eprintln!("  {:>7.1} s  {what}", d.as_secs_f64());
+    }
+    // The disks these VMs wrote (the prepared ones stay for other tests).
+    if std::env::var_os("IMAGEUPD_TEST_KEEP").is_none() {
+        for name in ["a.root.img", "a.data.img", "b.root.img", "b.data.img"] {
+            let _ = std::fs::remove_file(p.dir.join(name));
+        }
     }
 }
