@@ -511,23 +511,22 @@ pub fn free_space(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
 
 /// Write a small file atomically: temp file, fsync, rename, fsync directory.
 pub fn write_atomic(dir: BorrowedFd<'_>, name: &[u8], data: &[u8], mode: u32) -> io::Result<()> {
-    use std::io::Write;
-    let mut tmp = name.to_vec();
-    tmp.extend_from_slice(b".imageupd-tmp");
-    let _ = unlink_at(dir, &tmp);
-    let mut f = create_file_at(dir, &tmp)?;
-    f.write_all(data)?;
-    rfs::fchmod(f.as_fd(), Mode::from_raw_mode(mode))?;
-    f.sync_all()?;
-    drop(f);
-    rename_at(dir, &tmp, dir, name)?;
-    rfs::fsync(dir)?;
-    Ok(())
+    write_via_temp(dir, name, data, mode, true)
 }
 
 /// Write a small file by temp + rename, without an fsync: for files written
 /// just before a `syncfs` that makes them durable together.
 pub fn write_renamed(dir: BorrowedFd<'_>, name: &[u8], data: &[u8], mode: u32) -> io::Result<()> {
+    write_via_temp(dir, name, data, mode, false)
+}
+
+fn write_via_temp(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    data: &[u8],
+    mode: u32,
+    durable: bool,
+) -> io::Result<()> {
     use std::io::Write;
     let mut tmp = name.to_vec();
     tmp.extend_from_slice(b".imageupd-tmp");
@@ -535,8 +534,15 @@ pub fn write_renamed(dir: BorrowedFd<'_>, name: &[u8], data: &[u8], mode: u32) -
     let mut f = create_file_at(dir, &tmp)?;
     f.write_all(data)?;
     rfs::fchmod(f.as_fd(), Mode::from_raw_mode(mode))?;
+    if durable {
+        f.sync_all()?;
+    }
     drop(f);
-    rename_at(dir, &tmp, dir, name)
+    rename_at(dir, &tmp, dir, name)?;
+    if durable {
+        rfs::fsync(dir)?;
+    }
+    Ok(())
 }
 
 /// Read a whole small file below `root`.

@@ -546,32 +546,20 @@ pub fn plan(
                             }
                         }
                     }
-                    FileType::Symlink => {
-                        if rt != FileType::Symlink
-                            || n.target.as_deref() != t.target.as_ref().map(|v| v.0.as_slice())
-                        {
-                            p.actions.push(Action::Place {
-                                t: ti,
-                                how: Replace::Rename,
-                            });
-                            p.stats.changed += 1;
-                            p.stats.stage_objects += 1;
-                            if let Some(parent) = t.path.parent() {
-                                touched_dirs.insert(parent);
-                            }
-                        } else if !meta_equal(t, n) {
-                            p.actions.push(Action::Meta {
-                                t: ti,
-                                r: node_of[&n.path],
-                            });
-                            p.stats.metadata_only += 1;
-                        }
-                    }
-                    FileType::Char | FileType::Block | FileType::Fifo | FileType::Socket => {
-                        if rt != t.ftype
+                    FileType::Symlink
+                    | FileType::Char
+                    | FileType::Block
+                    | FileType::Fifo
+                    | FileType::Socket => {
+                        // Nodes without content: replaced when their identity
+                        // (type, link target, device number) differs.
+                        let differs = rt != t.ftype
+                            || (rt == FileType::Symlink
+                                && n.target.as_deref()
+                                    != t.target.as_ref().map(|v| v.0.as_slice()))
                             || (matches!(rt, FileType::Char | FileType::Block)
-                                && Some(n.stat.rdev) != t.rdev)
-                        {
+                                && Some(n.stat.rdev) != t.rdev);
+                        if differs {
                             p.actions.push(Action::Place {
                                 t: ti,
                                 how: Replace::Rename,
