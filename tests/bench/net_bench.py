@@ -440,9 +440,9 @@ def main():
     site = WORK / "site"
     site.mkdir(exist_ok=True)
     link = site / "ostree-repo"
-    if not link.exists():
+    link.mkdir(exist_ok=True)
+    if not os.path.ismount(link):
         # nginx runs with disable_symlinks on; bind the repo in instead.
-        link.mkdir()
         run(["mount", "--bind", str(repo), str(link)])
     ngx_os = Nginx(site, "ostree")
     try:
