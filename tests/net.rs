@@ -316,9 +316,9 @@ fn largest_new_object(store: &Path, from: &str, to: &str) -> (String, u64) {
 }
 
 /// A private copy of the shared store (hard links; change files only by
-/// replacing them) without pack indexes, as an older publisher wrote it:
-/// objects are fetched loose, one request each (the pack path is tested in
-/// tests/net_disk.rs).
+/// replacing them) without pack indexes and manifest frame lists, as an
+/// older publisher wrote it: manifests are fetched whole and objects loose,
+/// one request each (packs and frames are tested in tests/net_disk.rs).
 fn store_copy(dst: &Path) -> PathBuf {
     let store = shared_store();
     store.image("v1");
@@ -328,7 +328,9 @@ fn store_copy(dst: &Path) -> PathBuf {
         [OsStr::new("-al"), store.dir.as_os_str(), dst.as_os_str()],
     );
     for id in ["v1", "v2"] {
-        let _ = std::fs::remove_file(dst.join("images").join(id).join("packs.idx.zst"));
+        for f in ["packs.idx.zst", "manifest.frames.json"] {
+            let _ = std::fs::remove_file(dst.join("images").join(id).join(f));
+        }
     }
     dst.to_path_buf()
 }

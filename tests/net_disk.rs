@@ -15,6 +15,8 @@
 //! - Packs: v1 → v2 over HTTP takes a few dozen requests (against thousands
 //!   loose), the oracle is clean; a tampered pack byte and a tampered pack
 //!   index are refused (exit 4) with the root untouched.
+//! - Manifest frames: v1 -> v3 (one binary) downloads a fraction of the
+//!   manifest's size in a handful of requests.
 
 mod common;
 
@@ -641,4 +643,34 @@ fn tampered_pack_or_pack_index_is_refused() {
         out.describe()
     );
     assert_unchanged(&root, &before, "tampered pack index");
+}
+
+#[test]
+fn small_update_fetches_only_the_manifest_frames_it_lacks() {
+    // v1 -> v3 changes one binary: the node reuses the frames of its current
+    // manifest, fetches the few that differ, and the one object loose (the
+    // pack index would cost more than it saves).
+    let store = shared_store();
+    let v3 = store.image("v3");
+    let s = scratch("frames");
+    let whole = std::fs::metadata(store.dir.join("images/v3/manifest.json.zst"))
+        .expect("manifest")
+        .len();
+    let srv = Server::start(&store.dir, &s.join("serve.log"));
+    let root = s.join("root");
+    node_at_v1(&root);
+    let out = imageupd(["apply", "--from", &srv.url, "--id", "v3", "--root"])
+        .arg(&root)
+        .arg("--json")
+        .ok();
+    let d = out.json()["download"].clone();
+    eprintln!("v1 -> v3 over HTTP: {d} (whole manifest {whole} bytes)");
+    let bytes = d["bytes"].as_u64().expect("bytes");
+    assert!(
+        bytes < whole / 3,
+        "v1 -> v3 downloaded {bytes} bytes; the manifest alone is {whole}: {d}"
+    );
+    assert!(d["requests"].as_u64().unwrap_or(99) <= 8, "{d}");
+    assert_eq!(d["packed_objects"].as_u64(), Some(0), "{d}");
+    assert_applied(&v3, &root, "v3", "v1 -> v3 with manifest frames");
 }

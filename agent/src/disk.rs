@@ -177,8 +177,15 @@ pub fn stage(st: &Store, source: &Path) -> Result<StagedDisk> {
         .tempdir_in(st.tmp_dir()?)
         .context("creating scratch space for the disk image")?;
     let path = dir.path().join(&name);
-    // copy_file_range: a reflink where the filesystem can, else a copy.
-    fs::copy(source, &path).with_context(|| {
+    // A reflink where the filesystem can, else a copy that keeps holes
+    // (raw images are mostly sparse).
+    cmd::run(
+        Command::new("cp")
+            .args(["--reflink=auto", "--sparse=always", "--"])
+            .arg(source)
+            .arg(&path),
+    )
+    .with_context(|| {
         format!(
             "copying {} into the store's scratch space {}",
             source.display(),

@@ -5,6 +5,7 @@
 //! STORE/objects/<aa>/<sha256>            zstd frame of one file's content (immutable)
 //! STORE/images/<id>/manifest.json.zst    the image manifest (immutable)
 //! STORE/images/<id>/manifest.json.zst.sig  detached ed25519 signature
+//! STORE/images/<id>/manifest.frames.json  the manifest's zstd frames (crate::mframes)
 //! STORE/images/<id>/packs.idx.zst        where the image's objects sit in packs (crate::pack)
 //! STORE/images/<id>/packs.idx.zst.sig    its detached ed25519 signature
 //! STORE/packs/<sha256>.pack              concatenated object frames (immutable)

@@ -359,7 +359,8 @@ request = function()
   return wrk.format("GET", "/" .. paths[(i % #paths) + 1])
 end
 """)
-    out = run(["wrk", "-t", "2", "-c", "64", "-d", f"{WRK_SECONDS}s", "--latency", "-s", str(script), url])
+    out = run(["wrk", "-t", "2", "-c", "64", "-d", f"{WRK_SECONDS}s", "--timeout", "120s",
+               "-s", str(script), url])
     m = re.search(r"(\d+) requests in ([\d.]+)(\w+), ([\d.]+)(\w+) read", out)
     reqs = int(m.group(1))
     secs = float(m.group(2)) * {"s": 1, "m": 60, "ms": 0.001}[m.group(3)]
@@ -439,9 +440,9 @@ def main():
     site = WORK / "site"
     site.mkdir(exist_ok=True)
     link = site / "ostree-repo"
-    if not link.exists():
+    link.mkdir(exist_ok=True)
+    if not os.path.ismount(link):
         # nginx runs with disable_symlinks on; bind the repo in instead.
-        link.mkdir()
         run(["mount", "--bind", str(repo), str(link)])
     ngx_os = Nginx(site, "ostree")
     try:

@@ -36,6 +36,10 @@ use crate::progress::Bar;
 use crate::sign;
 use crate::source::{Resolved, Trust};
 
+/// Below this many objects to fetch, they are fetched loose: the pack
+/// index (two requests and a few bytes per object of the whole image) would
+/// cost more than it saves.
+pub const PACK_MIN_OBJECTS: usize = 8;
 /// Largest stored pack index accepted, in bytes.
 const MAX_INDEX_STORED: u64 = 64 << 20;
 
@@ -113,8 +117,9 @@ impl HttpStore {
         fetch: &[(Digest, u64)],
         bar: &Bar,
     ) -> Result<Vec<(Digest, u64)>> {
-        if fetch.is_empty() {
-            return Ok(Vec::new());
+        if fetch.len() < PACK_MIN_OBJECTS {
+            // A few loose requests cost less than the pack index.
+            return Ok(fetch.to_vec());
         }
         let Some(map) = self.load_packs()? else {
             return Ok(fetch.to_vec());
