@@ -108,9 +108,22 @@ pub fn swap(
                 let pfd = dirs
                     .get(&parent)
                     .with_context(|| format!("opening {parent}"))?;
-                fsx::mkdir_at(pfd, &name, 0o700)
-                    .with_context(|| format!("creating directory {}", step()))?;
-                fsx::set_meta_at(pfd, &name, &meta_of(e), &empty)
+                // The apply itself may have created it since planning (the
+                // parents of its state directory on an empty root).
+                let have = match fsx::mkdir_at(pfd, &name, 0o700) {
+                    Ok(()) => empty.clone(),
+                    Err(err)
+                        if err.kind() == std::io::ErrorKind::AlreadyExists
+                            && fsx::stat_at(pfd, &name)
+                                .is_ok_and(|st| st.ftype == FileType::Dir) =>
+                    {
+                        fsx::read_xattrs(pfd, &name)?
+                    }
+                    Err(err) => {
+                        return Err(err).with_context(|| format!("creating directory {}", step()))
+                    }
+                };
+                fsx::set_meta_at(pfd, &name, &meta_of(e), &have)
                     .with_context(|| format!("setting metadata of {}", step()))?;
                 report.mkdirs += 1;
             }
