@@ -708,3 +708,67 @@ fn first_apply_without_a_record_checks_contents() {
         "first apply of s2 onto an unrecorded s1 copy",
     );
 }
+
+#[test]
+fn stamp_cache_never_hides_drift() {
+    let store = shared_store();
+    let s1 = store.image("s1");
+    let s = scratch("stamps");
+    let root = s.join("root");
+    make_root(&s1, &root, &store.key);
+    apply_ok(&store.dir, "s1", &root, "applied");
+    // Inodes changed within the last two seconds are never cached (a second
+    // change in the same clock tick would keep their ctime).
+    std::thread::sleep(std::time::Duration::from_millis(2200));
+    apply_ok(&store.dir, "s1", &root, "nothing-to-do");
+    let warm = apply_ok(&store.dir, "s1", &root, "nothing-to-do").json();
+    let walked = warm["walk"]["objects"].as_u64().unwrap_or(0);
+    let cached = warm["walk"]["from_stamps"].as_u64().unwrap_or(0);
+    assert!(
+        walked > 50 && cached * 10 >= walked * 9,
+        "a second no-op should take nearly every object from the stamp cache: {}",
+        warm["walk"]
+    );
+
+    // Drift that keeps size and mtime, in what only the slow path reads:
+    // a capability removed, an xattr value changed, a symlink retargeted
+    // with the same mtime.
+    let sh = |script: &str| {
+        let st = std::process::Command::new("sh")
+            .arg("-ec")
+            .arg(script)
+            .current_dir(&root)
+            .status()
+            .expect("sh");
+        assert!(st.success(), "{script}");
+    };
+    sh("setfattr -x security.capability caps/netraw");
+    sh("setfattr -n user.color -v green xattrs/file");
+    sh("t=$(stat -c %Y links/target_change); ln -sfn elsewhere links/target_change; touch -h -d @$t links/target_change");
+    let out = apply_ok(&store.dir, "s1", &root, "applied");
+    let j = out.json();
+    assert!(
+        j["plan"]["metadata_only"].as_u64().unwrap_or(0)
+            + j["plan"]["changed"].as_u64().unwrap_or(0)
+            >= 3,
+        "the three drifted objects must be repaired\n{}",
+        out.describe()
+    );
+    assert_applied(
+        &s1,
+        &root,
+        "s1",
+        "apply after drift behind a warm stamp cache",
+    );
+
+    // A damaged cache is ignored, not trusted.
+    let cache = root.join("var/lib/imageupd/scan.stamps");
+    let mut b = std::fs::read(&cache).expect("the stamp cache exists");
+    let mid = b.len() / 2;
+    b[mid] ^= 0x55;
+    std::fs::write(&cache, &b).expect("damage the cache");
+    sh("setfattr -n user.color -v purple xattrs/file");
+    let out = apply_ok(&store.dir, "s1", &root, "applied");
+    assert_eq!(out.json()["walk"]["from_stamps"], 0, "{}", out.describe());
+    assert_applied(&s1, &root, "s1", "apply with a damaged stamp cache");
+}

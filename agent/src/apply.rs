@@ -83,6 +83,16 @@ pub struct KernelVerdict {
     pub action: Option<String>,
 }
 
+/// What the walk of the root read.
+#[derive(Serialize, Debug, Default, Clone)]
+pub struct WalkReport {
+    /// Objects walked (preserved paths excluded).
+    pub objects: u64,
+    /// Of those, objects whose xattrs and symlink target came from the
+    /// stamp cache because their inode had not changed since the last run.
+    pub from_stamps: u64,
+}
+
 /// The outcome, printed by the CLI (human or `--json`).
 #[derive(Serialize, Debug, Default)]
 pub struct ApplyReport {
@@ -98,6 +108,8 @@ pub struct ApplyReport {
     pub root: String,
     /// Key id that signed the manifest.
     pub signed_by: Option<String>,
+    /// The walk of the root.
+    pub walk: WalkReport,
     /// Plan counts.
     pub plan: PlanStats,
     /// Free bytes needed on the root's filesystem.
@@ -122,6 +134,22 @@ pub struct ApplyReport {
     pub resumed: bool,
     /// Things skipped or worth knowing.
     pub warnings: Vec<String>,
+}
+
+/// Store the walk's stamps for the next run unless they are what was
+/// loaded. Best effort: the cache only saves time (a read-only root, say,
+/// keeps the old one, which stays correct).
+fn refresh_stamps(
+    state: std::os::fd::BorrowedFd<'_>,
+    old: Option<&crate::stamps::Stamps>,
+    new: &crate::stamps::Stamps,
+) {
+    if old == Some(new) {
+        return;
+    }
+    if let Err(e) = crate::stamps::save(state, new) {
+        tracing::debug!("could not store the stamp cache: {e}");
+    }
 }
 
 /// Phase stopwatch.
@@ -359,41 +387,71 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
         }
     }
     let skip = vec![RelPath(stage::STAGE_AT_TOP.as_bytes().to_vec())];
+    let stamps = state.as_ref().and_then(|s| crate::stamps::load(s.as_fd()));
+    let walk_start = crate::stamps::now_ns();
     let nodes = scan::scan(
         ctx.root.fd(),
         &ScanOptions {
             preserve: Some(&preserve),
             skip,
+            stamps: stamps.as_ref(),
         },
     )?;
+    report.walk = WalkReport {
+        objects: nodes.len() as u64,
+        from_stamps: nodes.iter().filter(|n| n.cached).count() as u64,
+    };
     // The node's record of its current image says what each unchanged root
     // file holds (even where two images share size and mtime but not
-    // content); it is parsed unless it is the target itself.
-    let parsed_current: Option<Manifest> = if cur.same_as_target {
-        None
-    } else {
-        cur.parse()
+    // content). When the stamp cache vouches for the unchanged inodes, the
+    // record is parsed only if the plan needs it to settle a conflict.
+    let mut parsed_current: Option<Manifest> = None;
+    // A mostly cold cache (a root changed moments ago) would leave many
+    // same-size files to hash: the record is cheaper then.
+    let stamps_cover = report.walk.from_stamps * 10 >= report.walk.objects * 9;
+    if !cur.same_as_target && !stamps_cover {
+        parsed_current = cur.parse();
+    }
+    let root_fd = ctx.root.fd();
+    let plan_with = |current: Option<&Manifest>| -> Result<Plan> {
+        // Without the record (first apply, or not parsed), size and mtime
+        // alone do not prove content: same-size files the stamp cache does
+        // not vouch for are hashed.
+        let to_hash = plan::needs_hash(target, &nodes, current, current.is_none());
+        let hashed = scan::par_map(&to_hash, threads, |p| {
+            let f = fsx::open_file_beneath(root_fd, p).with_context(|| format!("opening {p}"))?;
+            Ok((
+                p.clone(),
+                crate::stream::digest_of(std::io::BufReader::with_capacity(256 * 1024, f))?.0,
+            ))
+        })?;
+        let digests: HashMap<RelPath, _> = hashed.into_iter().collect();
+        let view = RootView {
+            nodes: &nodes,
+            digests: &digests,
+        };
+        Ok(plan::plan(target, &view, current, &preserve))
     };
+    let mut p = if cur.same_as_target {
+        plan_with(Some(target))?
+    } else {
+        plan_with(parsed_current.as_ref())?
+    };
+    if !p.conflicts.is_empty() && parsed_current.is_none() && cur.json.is_some() {
+        // A conflict the record may settle (a symlink the current image
+        // installed): plan again with it.
+        parsed_current = cur.parse();
+        if parsed_current.is_some() {
+            p = plan_with(parsed_current.as_ref())?;
+        }
+    }
     let current: Option<&Manifest> = if cur.same_as_target {
         Some(target)
     } else {
         parsed_current.as_ref()
     };
-    let to_hash = plan::needs_hash(target, &nodes, current);
-    let root_fd = ctx.root.fd();
-    let hashed = scan::par_map(&to_hash, threads, |p| {
-        let f = fsx::open_file_beneath(root_fd, p).with_context(|| format!("opening {p}"))?;
-        Ok((
-            p.clone(),
-            crate::stream::digest_of(std::io::BufReader::with_capacity(256 * 1024, f))?.0,
-        ))
-    })?;
-    let digests: HashMap<RelPath, _> = hashed.into_iter().collect();
-    let view = RootView {
-        nodes: &nodes,
-        digests: &digests,
-    };
-    let p = plan::plan(target, &view, current, &preserve);
+    let new_stamps =
+        crate::stamps::Stamps::from_nodes(ctx.root.dev, &nodes, &p.root_digests, walk_start);
     report.plan = p.stats.clone();
     report.warnings = p.warnings.clone();
     for w in &p.warnings {
@@ -455,6 +513,9 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
         return Ok(report);
     }
     if nothing {
+        if let Some(s) = &state {
+            refresh_stamps(s.as_fd(), stamps.as_ref(), &new_stamps);
+        }
         ctx.progress.line(&format!(
             "nothing to do: {} already matches image {id}",
             ctx.root.path.display()
@@ -514,7 +575,10 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
             "removed {removed} staging leftovers of an interrupted run"
         ));
     }
-    journal.store(state.as_fd(), JournalPhase::Staging)?;
+    // No fsync: until the swap nothing needs it to survive a power loss
+    // (staging leftovers are removed on every start, and a remount does not
+    // outlive a reboot); the syncfs before the swap makes it durable.
+    journal.store_unsynced(state.as_fd(), JournalPhase::Staging)?;
     fault::point("after-journal-begin");
 
     // Fetch (remote sources) and stage while services run.
@@ -577,6 +641,13 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
         report.warnings.push(format!("{e:#}"));
     }
     ctx.advance(Event::Staged);
+    // What this run's walk read stays true for every inode the swap leaves
+    // alone (the others get new ctimes and miss next time).
+    refresh_stamps(state.as_fd(), stamps.as_ref(), &new_stamps);
+    // The journal says "swapping" before the first rename: made durable by
+    // this syncfs together with the staged content. A stop before the swap
+    // turns it into "aborted" (abort_before_swap).
+    journal.store_unsynced(state.as_fd(), JournalPhase::Swapping)?;
     fsx::syncfs(ctx.root.fd()).context("syncfs before the swap")?;
     fault::point("after-presync");
     clock.lap("sync");
@@ -605,7 +676,6 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
         &ctx.root.path,
         Duration::from_secs(ctx.cfg.hook_timeout_secs),
     );
-    journal.store(state.as_fd(), JournalPhase::Swapping)?;
     ctx.advance(Event::Quiesced);
     let quiesce_start = Instant::now();
     if let Err(e) = runner.run(HookPhase::PreApply, &hook_env) {
@@ -641,7 +711,7 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
         fault::point("after-delete");
         drop(staging);
         stage::cleanup(ctx.root.fd(), ctx.root.dev)?;
-        promote_next_record(&state, current.is_some_and(|c| c.id != id))?;
+        promote_next_record(&state, cur.id.as_deref().is_some_and(|c| c != id))?;
         let mut dirs = p.dirmeta.clone();
         dirs.extend(forced_dirs(target));
         swap::finalise_dirs(&dirs, &target.entries, ctx.root.fd(), &mut sw)?;
@@ -779,7 +849,7 @@ fn write_plan_json(
     let dir = ctx.root.runtime_dir();
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("plan.json");
-    store::write_atomic(&path, &serde_json::to_vec_pretty(&doc)?)?;
+    store::write_volatile(&path, &serde_json::to_vec_pretty(&doc)?)?;
     Ok(path)
 }
 

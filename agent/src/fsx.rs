@@ -27,7 +27,7 @@ use crate::manifest::{FileType, RawBytes, RelPath, XattrValue, Xattrs};
 const XATTR_BUF: usize = 4096;
 
 /// The attributes of one filesystem object that imageupd cares about.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stat {
     /// Object type (never `Hardlink`: that is a manifest-level notion).
     pub ftype: FileType,
@@ -41,6 +41,9 @@ pub struct Stat {
     pub size: u64,
     /// Modification time in ns since the epoch.
     pub mtime_ns: i64,
+    /// Status-change time in ns since the epoch (moves on every change of
+    /// content, xattrs, mode, owner or links; see [`crate::stamps`]).
+    pub ctime_ns: i64,
     /// Device of the filesystem holding the object.
     pub dev: u64,
     /// Inode number.
@@ -74,6 +77,10 @@ impl Stat {
                 .st_mtime
                 .saturating_mul(1_000_000_000)
                 .saturating_add(st.st_mtime_nsec as i64),
+            ctime_ns: st
+                .st_ctime
+                .saturating_mul(1_000_000_000)
+                .saturating_add(st.st_ctime_nsec as i64),
             dev: st.st_dev,
             ino: st.st_ino,
             nlink: st.st_nlink,
@@ -142,11 +149,16 @@ pub fn stat_fd(fd: BorrowedFd<'_>) -> io::Result<Stat> {
     Ok(Stat::from_raw(&rfs::fstat(fd)?))
 }
 
-/// Sorted names of a directory, without `.` and `..`.
+/// Sorted names of a directory, without `.` and `..`. Reads the
+/// descriptor itself from its start (no duplicate descriptor per directory:
+/// a walk lists thousands).
 pub fn read_dir_names(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
-    let mut d = rfs::Dir::read_from(dir)?;
+    use std::mem::MaybeUninit;
+    rustix::fs::seek(dir, rustix::fs::SeekFrom::Start(0))?;
+    let mut buf = [MaybeUninit::<u8>::uninit(); 16 * 1024];
+    let mut d = rfs::RawDir::new(dir, &mut buf);
     let mut names = Vec::new();
-    while let Some(ent) = d.read() {
+    while let Some(ent) = d.next() {
         let ent = ent?;
         let n = ent.file_name().to_bytes();
         if n != b"." && n != b".." {
@@ -155,6 +167,24 @@ pub fn read_dir_names(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
     }
     names.sort_unstable();
     Ok(names)
+}
+
+/// Read a whole small file directly in `dir`, refusing more than `limit`
+/// bytes and never following a symlink.
+pub fn read_at_limited(dir: BorrowedFd<'_>, name: &[u8], limit: usize) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let fd = rfs::openat(
+        dir,
+        OsStr::from_bytes(name),
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        Mode::empty(),
+    )?;
+    let mut v = Vec::new();
+    File::from(fd).take(limit as u64 + 1).read_to_end(&mut v)?;
+    if v.len() > limit {
+        return Err(io::Error::other(format!("larger than {limit} bytes")));
+    }
+    Ok(v)
 }
 
 /// Target of a symlink.

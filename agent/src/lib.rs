@@ -54,6 +54,7 @@ pub mod serve;
 pub mod sign;
 pub mod source;
 pub mod stage;
+pub mod stamps;
 pub mod status;
 pub mod store;
 pub mod stream;

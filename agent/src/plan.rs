@@ -117,6 +117,9 @@ pub struct Plan {
     pub warnings: Vec<String>,
     /// Reasons to refuse the update (preflight).
     pub conflicts: Vec<String>,
+    /// For each root node (same order as [`RootView::nodes`]): the content
+    /// digest the plan took it to hold, for regular files it could tell.
+    pub root_digests: Vec<Option<Digest>>,
 }
 
 impl Plan {
@@ -149,16 +152,20 @@ fn record_match(c: &Entry, n: &Node) -> bool {
         && c.mtime_ns == n.stat.mtime_ns
 }
 
-/// What the root file's content is known to be, without reading it: the
-/// current image's record first (it knows when two images share size and
-/// mtime but not content), then the target's quick check, then a hash taken
-/// before planning.
+/// What the root file's content is known to be, without reading it: what
+/// the stamp cache vouches for (the inode is unchanged since a run knew it),
+/// then the current image's record (it knows when two images share size and
+/// mtime but not content), then a hash taken before planning, then the
+/// target's quick check.
 fn root_digest(
     t: Option<&Entry>,
     n: &Node,
     current: Option<&Entry>,
     digests: &HashMap<RelPath, Digest>,
 ) -> Option<Digest> {
+    if n.known.is_some() && n.stat.ftype == FileType::File {
+        return n.known;
+    }
     if let Some(c) = current.filter(|c| record_match(c, n)) {
         return c.sha256;
     }
@@ -172,12 +179,17 @@ fn root_digest(
 }
 
 /// Root files that need hashing before planning: same type and size as the
-/// target file, but neither the current record nor the quick check tells
-/// their content. A root with no record at all (its first apply) gets every
-/// same-size file hashed: size and mtime alone cannot prove it holds the
-/// image's bytes, and adoption happens once.
-pub fn needs_hash(target: &Manifest, nodes: &[Node], current: Option<&Manifest>) -> Vec<RelPath> {
-    let adopting = current.is_none();
+/// target file, but neither the stamp cache, the current record nor the
+/// quick check tells their content. With `distrust_quick` (a root with no
+/// record at all, its first apply, or a record left unparsed) every such
+/// same-size file is hashed: size and mtime alone cannot prove it holds the
+/// image's bytes.
+pub fn needs_hash(
+    target: &Manifest,
+    nodes: &[Node],
+    current: Option<&Manifest>,
+    distrust_quick: bool,
+) -> Vec<RelPath> {
     let current_of: HashMap<&RelPath, &Entry> = current
         .map(|c| c.entries.iter().map(|e| (&e.path, e)).collect())
         .unwrap_or_default();
@@ -187,7 +199,8 @@ pub fn needs_hash(target: &Manifest, nodes: &[Node], current: Option<&Manifest>)
             if t.ftype == FileType::File
                 && n.stat.ftype == FileType::File
                 && n.stat.size == t.size
-                && (adopting || !quick_match(t, n))
+                && n.known.is_none()
+                && (distrust_quick || !quick_match(t, n))
                 && !current_of.get(&n.path).is_some_and(|c| record_match(c, n))
             {
                 out.push(n.path.clone());
@@ -286,12 +299,16 @@ pub fn plan(
     // Content the root already holds, by digest: files that match the target
     // (quick check or hash) and files that still match the current image's
     // record (so a moved or renamed file is copied locally, not fetched).
+    p.root_digests.reserve(nodes.len());
     for (t, n) in pairs(entries, nodes) {
         let Some(n) = n else { continue };
-        if n.stat.ftype != FileType::File || n.stat.size == 0 {
+        if n.stat.ftype != FileType::File {
+            p.root_digests.push(None);
             continue;
         }
-        if let Some(d) = root_digest(t, n, current_of.get(&n.path).copied(), root.digests) {
+        let d = root_digest(t, n, current_of.get(&n.path).copied(), root.digests);
+        p.root_digests.push(d);
+        if let Some(d) = d.filter(|_| n.stat.size > 0) {
             p.local.entry(d).or_insert_with(|| n.path.clone());
         }
     }

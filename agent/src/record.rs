@@ -32,6 +32,8 @@ pub struct CurrentRecord {
     pub json: Option<Vec<u8>>,
     /// The record is byte-identical to the target's manifest.
     pub same_as_target: bool,
+    /// Its image id, when it differs from the target (read with the kernel).
+    pub id: Option<String>,
     /// Its kernel (cheap to extract).
     pub kernel: Option<crate::manifest::KernelInfo>,
 }
@@ -42,6 +44,7 @@ impl CurrentRecord {
         let none = CurrentRecord {
             json: None,
             same_as_target: false,
+            id: None,
             kernel: None,
         };
         let Some(s) = state.as_ref() else { return none };
@@ -52,6 +55,7 @@ impl CurrentRecord {
             return CurrentRecord {
                 json: None,
                 same_as_target: true,
+                id: None,
                 kernel: None,
             };
         }
@@ -64,14 +68,16 @@ impl CurrentRecord {
         };
         #[derive(serde::Deserialize)]
         struct Head {
+            pub id: Option<String>,
             pub kernel: Option<crate::manifest::KernelInfo>,
         }
-        let kernel = serde_json::from_slice::<Head>(&json)
-            .ok()
-            .and_then(|h| h.kernel);
+        let (id, kernel) = serde_json::from_slice::<Head>(&json)
+            .map(|h| (h.id, h.kernel))
+            .unwrap_or_default();
         CurrentRecord {
             json: Some(json),
             same_as_target: false,
+            id,
             kernel,
         }
     }

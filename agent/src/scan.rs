@@ -29,6 +29,12 @@ pub struct Node {
     /// True for a directory on which another filesystem is mounted; its
     /// content is invisible to the walk and its metadata is not ours.
     pub mountpoint: bool,
+    /// Xattrs and target came from the stamp cache ([`crate::stamps`]),
+    /// not from the inode.
+    pub cached: bool,
+    /// Content digest the stamp cache vouches for (a regular file whose
+    /// inode has not changed since a run that knew its content).
+    pub known: Option<crate::manifest::Digest>,
 }
 
 /// What the walk should leave out.
@@ -38,6 +44,9 @@ pub struct ScanOptions<'a> {
     pub preserve: Option<&'a Preserve>,
     /// Extra paths to skip (imageupd's own staging area).
     pub skip: Vec<RelPath>,
+    /// What an earlier walk read from inodes unchanged since: their xattrs
+    /// and symlink targets are taken from here instead of re-read.
+    pub stamps: Option<&'a crate::stamps::Stamps>,
 }
 
 /// Walk the tree below `root`, on [`scan_threads`] threads.
@@ -136,6 +145,8 @@ pub fn scan_with(
         xattrs,
         target: None,
         mountpoint: false,
+        cached: false,
+        known: None,
     });
     emit(&RelPath::root(), &mut results, &mut out);
     Ok(out)
@@ -192,6 +203,21 @@ fn list_one(
             Err(e) => return Err(e).with_context(|| format!("stat of {path}")),
         };
         let mountpoint = stat.ftype == FileType::Dir && stat.dev != dev;
+        if let Some(hit) = opts.stamps.and_then(|s| s.lookup(&path, &stat)) {
+            if stat.ftype == FileType::Dir {
+                subdirs.push(path.clone());
+            }
+            out.push(Node {
+                path,
+                stat,
+                xattrs: hit.xattrs.clone(),
+                target: hit.target.clone(),
+                mountpoint,
+                cached: true,
+                known: hit.digest,
+            });
+            continue;
+        }
         let xattrs = if mountpoint {
             Xattrs::new()
         } else {
@@ -211,6 +237,8 @@ fn list_one(
             xattrs,
             target,
             mountpoint,
+            cached: false,
+            known: None,
         });
     }
     Ok((out, subdirs))

@@ -48,7 +48,7 @@ impl Status {
     /// Write atomically into `dir`.
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        crate::store::write_atomic(&dir.join(STATUS_NAME), &serde_json::to_vec_pretty(self)?)
+        crate::store::write_volatile(&dir.join(STATUS_NAME), &serde_json::to_vec_pretty(self)?)
     }
 
     /// Read from `dir` if present.

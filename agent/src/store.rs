@@ -333,13 +333,26 @@ impl Store {
 
 /// Write a file via temp + fsync + rename.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    write_replacing(path, data, true)
+}
+
+/// Replace a runtime file (live status, the plan handed to hooks under
+/// `/run`) by temp file + rename, without fsync: readers never see it torn,
+/// and it need not outlive a power loss (it lives on tmpfs on a real node).
+pub fn write_volatile(path: &Path, data: &[u8]) -> Result<()> {
+    write_replacing(path, data, false)
+}
+
+fn write_replacing(path: &Path, data: &[u8], durable: bool) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("creating a temp file in {}", dir.display()))?;
     tmp.write_all(data)?;
     tmp.as_file()
         .set_permissions(fs::Permissions::from_mode(0o644))?;
-    tmp.as_file().sync_all()?;
+    if durable {
+        tmp.as_file().sync_all()?;
+    }
     tmp.persist(path)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())

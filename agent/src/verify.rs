@@ -83,6 +83,8 @@ pub fn verify(root_path: &Path, checksum: bool, threads: usize) -> Result<DriftR
         &ScanOptions {
             preserve: Some(&preserve),
             skip,
+            // verify reads every inode afresh: it is the check of last resort.
+            stamps: None,
         },
     )?;
     let by_path: HashMap<&RelPath, &Node> = nodes.iter().map(|n| (&n.path, n)).collect();

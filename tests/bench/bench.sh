@@ -12,8 +12,11 @@
 #   * rsync: target = copy of the from-tree; timed: rsync -aHAX --delete
 #     --one-file-system TO/ target/
 #   * imageupd: root = copy of the from-tree installed by imageupd (trusted key
-#     + state from an adopting apply); timed: imageupd apply --from STORE
-#     --id TO --root root --json, STORE published beforehand (signed).
+#     + state from an adopting apply), then an untimed no-op apply of the
+#     from-image, so that the node's state directory (its record and stamp
+#     cache) is as its previous apply would have left it on a real node;
+#     timed: imageupd apply --from STORE --id TO --root root --json, STORE
+#     published beforehand (signed).
 # Reported: median wall time of each, the ratio, imageupd's peak RSS
 # (/usr/bin/time -f %M, max over runs), the quiesce window (median of
 # "quiesce_ms" from apply --json) and quiesce / rsync wall time.
@@ -69,6 +72,10 @@ cp "$WORK/key.pub" "$TEMPLATE/etc/imageupd/trusted.d/bench.pub"
 # the template age past the current second before copying it.
 sleep 1.1
 [ "$(cat "$TEMPLATE/etc/image_id")" = v1 ] || { echo "adopting v1 did not write etc/image_id" >&2; exit 1; }
+# The node's root, made once: a real node's files are older than the stamp
+# cache's racy window (2 s), a copy made a moment ago is not.
+rsync -aHAX --delete --numeric-ids "$TEMPLATE/" "$WORK/imageupd-root/"
+sleep 2.1
 
 PRESERVE=(--exclude=/etc/image_id --exclude=/etc/machine-id --exclude=/etc/hostname --exclude=/etc/hosts
     --exclude=/etc/fstab --exclude='/etc/ssh/ssh_host_*' --exclude=/etc/imageupd/ --exclude=/var/lib/imageupd/
@@ -89,10 +96,11 @@ run_rsync() {
     echo $(( ($(now_ns) - t) / 1000000 ))
 }
 
-# run_imageupd TO -> prints "wall_ms rss_kb quiesce_ms"
+# run_imageupd FROM TO -> prints "wall_ms rss_kb quiesce_ms"
 run_imageupd() {
-    local to=$1 root=$WORK/imageupd-root
+    local from=$1 to=$2 root=$WORK/imageupd-root
     reset "$TEMPLATE" "$root"
+    "$BIN" apply --from "$STORE" --id "$from" --root "$root" >/dev/null
     sync
     local t=$(now_ns)
     /usr/bin/time -f %M -o "$WORK/time.out" "$BIN" apply --from "$STORE" --id "$to" --root "$root" --json >"$WORK/apply.json"
@@ -121,11 +129,11 @@ for spec in "no-op:v1:v1" "hotfix:v1:v3" "package update:v1:v2"; do
     IFS=: read -r name from to <<<"$spec"
     log "$name ($from -> $to): warm-up"
     run_rsync "$from" "$to" >/dev/null
-    run_imageupd "$to" >/dev/null
+    run_imageupd "$from" "$to" >/dev/null
     r_ms=() i_ms=() i_rss=() i_q=()
     for n in $(seq 1 "$RUNS"); do
         r=$(run_rsync "$from" "$to")
-        out=$(run_imageupd "$to")
+        out=$(run_imageupd "$from" "$to")
         read -r w rss q <<<"$out"
         r_ms+=("$r") i_ms+=("$w") i_rss+=("$rss") i_q+=("$q")
         log "$name run $n: rsync ${r} ms, imageupd ${w} ms (rss ${rss} KiB, quiesce ${q} ms)"
@@ -146,7 +154,7 @@ done
     echo "$(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) CPUs, kernel $(uname -r), $(df -T "$WORK" | awk 'NR == 2 { print $2 }') on $(df "$WORK" | awk 'NR == 2 { print $1 }'),"
     echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine inflates every number)."
     echo "$RUNS timed runs per cell after one warm-up run (page cache warm), medians; store published with --level $LEVEL."
-    echo "rsync: \`rsync -aHAX --delete --one-file-system IMAGE/ TARGET/\`; imageupd: \`imageupd apply --from STORE --id ID --root ROOT --json\` (release build) on an imageupd-installed copy of the from-tree."
+    echo "rsync: \`rsync -aHAX --delete --one-file-system IMAGE/ TARGET/\`; imageupd: \`imageupd apply --from STORE --id ID --root ROOT --json\` (release build) on an imageupd-installed copy of the from-tree whose state directory is as a previous apply left it (an untimed no-op apply refreshes its stamp cache after each reset)."
     echo "ratio = imageupd / rsync wall time; quiesce = \"quiesce_ms\" of apply --json (hooks-to-resume window)."
     echo
     echo "| case | rsync median ms | imageupd median ms | ratio | imageupd peak RSS MB | quiesce ms | quiesce/rsync |"
