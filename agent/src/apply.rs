@@ -6,7 +6,7 @@
 //! was; a failure or crash during the swap leaves each path wholly old or
 //! wholly new, and the next run converges.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -197,6 +197,15 @@ impl Drop for RwGuard {
     }
 }
 
+/// File name of the plan handed to hooks (`IMAGEUPD_PLAN`), in the runtime
+/// directory.
+const PLAN_JSON: &str = "plan.json";
+
+/// Intermediate phases reach the live status file at most this often, in
+/// ms: every write is a file creation and rename on the runtime directory,
+/// and a quick update should not pay for half a dozen of them.
+const STATUS_EVERY_MS: u128 = 1000;
+
 struct Ctx<'a> {
     opts: &'a ApplyOptions,
     cfg: Config,
@@ -204,15 +213,27 @@ struct Ctx<'a> {
     progress: &'a Progress,
     lifecycle: Lifecycle,
     status: Status,
+    /// When the live status was last written.
+    status_saved: Option<Instant>,
 }
 
 impl Ctx<'_> {
+    /// Take a lifecycle step. The live status file is written when the
+    /// update starts, when services are about to be quiesced (what an
+    /// operator looking at a node most needs to see), and otherwise at
+    /// most every [`STATUS_EVERY_MS`]; the final state is always written by
+    /// [`run`].
     fn advance(&mut self, ev: Event) {
         match self.lifecycle.advance(ev) {
             Ok(p) => {
                 self.status.phase = p;
                 self.status.updated = crate::publish::now_rfc3339();
-                if !self.opts.dry_run {
+                let due = matches!(ev, Event::Planned | Event::Quiesced)
+                    || self
+                        .status_saved
+                        .is_none_or(|t| t.elapsed().as_millis() >= STATUS_EVERY_MS);
+                if !self.opts.dry_run && due && !ev.is_terminal() {
+                    self.status_saved = Some(Instant::now());
                     if let Err(e) = self.status.save(&self.root.runtime_dir()) {
                         tracing::warn!("could not write live status: {e:#}");
                     }
@@ -253,6 +274,7 @@ pub fn run(opts: &ApplyOptions, progress: &Progress) -> Result<ApplyReport> {
         progress,
         lifecycle: Lifecycle::new(),
         status,
+        status_saved: None,
     };
     let mut res = run_inner(&mut ctx);
     if !opts.dry_run {
@@ -425,7 +447,7 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
                 crate::stream::digest_of(std::io::BufReader::with_capacity(256 * 1024, f))?.0,
             ))
         })?;
-        let digests: HashMap<RelPath, _> = hashed.into_iter().collect();
+        let digests: crate::fastmap::HashMap<RelPath, _> = hashed.into_iter().collect();
         let view = RootView {
             nodes: &nodes,
             digests: &digests,
@@ -665,17 +687,33 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     }
 
     // Quiesce.
-    let hook_env = HookEnv {
-        root: ctx.root.path.clone(),
-        from: report.from_id.clone(),
-        to: id.clone(),
-        plan_path: write_plan_json(ctx, &report, &p, target)?,
-        kernel_changed: report.kernel.changed,
-    };
     let runner = HookRunner::for_root(
         &ctx.root.path,
         Duration::from_secs(ctx.cfg.hook_timeout_secs),
     );
+    // The plan's JSON is for hooks; with none installed it is not written
+    // (and a stale one from an earlier run is removed).
+    let plan_path = if runner.any(&[HookPhase::PreApply, HookPhase::PostApply, HookPhase::Abort]) {
+        write_plan_json(ctx, &report, &p, target)?
+    } else {
+        let path = ctx.root.runtime_dir().join(PLAN_JSON);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => report.warnings.push(format!(
+                "could not remove the stale {}: {e}",
+                path.display()
+            )),
+        }
+        path
+    };
+    let hook_env = HookEnv {
+        root: ctx.root.path.clone(),
+        from: report.from_id.clone(),
+        to: id.clone(),
+        plan_path,
+        kernel_changed: report.kernel.changed,
+    };
     ctx.advance(Event::Quiesced);
     let quiesce_start = Instant::now();
     if let Err(e) = runner.run(HookPhase::PreApply, &hook_env) {
@@ -848,7 +886,7 @@ fn write_plan_json(
     });
     let dir = ctx.root.runtime_dir();
     std::fs::create_dir_all(&dir)?;
-    let path = dir.join("plan.json");
+    let path = dir.join(PLAN_JSON);
     store::write_volatile(&path, &serde_json::to_vec_pretty(&doc)?)?;
     Ok(path)
 }

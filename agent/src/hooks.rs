@@ -360,6 +360,14 @@ impl HookRunner {
         self.hooks_dir.join(phase.dir_name())
     }
 
+    /// True when any of `phases` has a hook to run (or its directory cannot
+    /// be read, which running it will report).
+    pub fn any(&self, phases: &[HookPhase]) -> bool {
+        phases
+            .iter()
+            .any(|&p| self.select(p).map_or(true, |h| !h.is_empty()))
+    }
+
     /// Lists the hooks `phase` would run, in order, as full paths, warning
     /// about each skipped entry. A missing directory means no hooks.
     pub fn select(&self, phase: HookPhase) -> Result<Vec<PathBuf>, HookError> {

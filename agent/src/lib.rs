@@ -26,6 +26,7 @@ pub mod config;
 pub mod dbus;
 pub mod disk;
 pub mod error;
+pub mod fastmap;
 pub mod fault;
 pub mod fetch;
 pub mod fsx;

@@ -205,6 +205,15 @@ impl Event {
             Event::Reset => "reset",
         }
     }
+
+    /// True for the events that end an apply run (its final status is
+    /// written once, by the caller, after them).
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Event::NothingToDo | Event::KernelChanged | Event::Failed | Event::Reset
+        )
+    }
 }
 
 impl fmt::Display for Event {
@@ -305,6 +314,20 @@ impl Lifecycle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn terminal_events_are_the_ones_that_end_a_run() {
+        let terminal: Vec<Event> = Event::ALL.into_iter().filter(|e| e.is_terminal()).collect();
+        assert_eq!(
+            terminal,
+            [
+                Event::NothingToDo,
+                Event::KernelChanged,
+                Event::Failed,
+                Event::Reset
+            ]
+        );
+    }
     use Event as E;
     use Phase as P;
 

@@ -485,13 +485,24 @@ impl Manifest {
         struct VersionProbe {
             format: u32,
         }
-        let probe: VersionProbe = serde_json::from_slice(bytes)?;
-        if probe.format != FORMAT_VERSION {
-            return Err(ManifestError::UnknownVersion {
-                found: probe.format,
-            });
+        // One pass in the common case; the version is probed on its own only
+        // when the full parse fails, so that a manifest of another format
+        // version is reported as such rather than as a shape error.
+        let m: Manifest = match serde_json::from_slice(bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                let probe: VersionProbe = serde_json::from_slice(bytes)?;
+                if probe.format != FORMAT_VERSION {
+                    return Err(ManifestError::UnknownVersion {
+                        found: probe.format,
+                    });
+                }
+                return Err(e.into());
+            }
+        };
+        if m.format != FORMAT_VERSION {
+            return Err(ManifestError::UnknownVersion { found: m.format });
         }
-        let m: Manifest = serde_json::from_slice(bytes)?;
         m.validate()?;
         Ok(m)
     }
@@ -539,8 +550,8 @@ impl Manifest {
             })?;
         }
         let mut prev: Option<&RelPath> = None;
-        let mut types: std::collections::HashMap<&RelPath, FileType> =
-            std::collections::HashMap::new();
+        let mut types: crate::fastmap::HashMap<&RelPath, FileType> =
+            crate::fastmap::HashMap::default();
         for e in &self.entries {
             let bad = |why: &'static str| ManifestError::BadPath {
                 path: e.path.display(),

@@ -4,7 +4,7 @@
 //! matches but whose mtime does not) and hands the results in. The plan is a
 //! merge-join of two lists in manifest order, so it costs O(entries).
 
-use std::collections::{HashMap, HashSet};
+use crate::fastmap::{HashMap, HashSet};
 
 use serde::Serialize;
 
@@ -274,7 +274,7 @@ pub fn plan(
         .unwrap_or_default();
     // Inode groups in the root, to know when in-place metadata changes would
     // leak into another name.
-    let mut inode_names: HashMap<(u64, u64), Vec<&RelPath>> = HashMap::new();
+    let mut inode_names: HashMap<(u64, u64), Vec<&RelPath>> = HashMap::default();
     for n in nodes
         .iter()
         .filter(|n| n.stat.ftype == FileType::File && n.stat.nlink > 1)
@@ -284,7 +284,7 @@ pub fn plan(
             .or_default()
             .push(&n.path);
     }
-    let mut link_group: HashMap<&RelPath, Vec<&RelPath>> = HashMap::new();
+    let mut link_group: HashMap<&RelPath, Vec<&RelPath>> = HashMap::default();
     for e in entries.iter().filter(|e| e.ftype == FileType::Hardlink) {
         if let Some(t) = &e.target {
             if let Some(&ti) = index_of.get(&RelPath(t.0.clone())) {
@@ -315,10 +315,10 @@ pub fn plan(
 
     let mut gone_below: Vec<RelPath> = Vec::new(); // root dirs replaced wholesale
     let mut skip_below: Vec<RelPath> = Vec::new(); // mount points
-    let mut replaced_files: HashSet<&RelPath> = HashSet::new();
-    let mut touched_dirs: HashSet<RelPath> = HashSet::new();
-    let mut dirmeta: HashSet<usize> = HashSet::new();
-    let mut fetch_seen: HashSet<Digest> = HashSet::new();
+    let mut replaced_files: HashSet<&RelPath> = HashSet::default();
+    let mut touched_dirs: HashSet<RelPath> = HashSet::default();
+    let mut dirmeta: HashSet<usize> = HashSet::default();
+    let mut fetch_seen: HashSet<Digest> = HashSet::default();
 
     let under =
         |list: &Vec<RelPath>, path: &RelPath| list.iter().any(|d| path.starts_with(d) && path != d);

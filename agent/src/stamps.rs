@@ -28,7 +28,7 @@
 //! the record of the current image (whose parse is most of a hotfix's
 //! planning time).
 
-use std::collections::HashMap;
+use crate::fastmap::HashMap;
 use std::io;
 use std::os::fd::BorrowedFd;
 
@@ -182,7 +182,7 @@ impl Stamps {
         if n > (body.len() / 5) as u64 {
             bail!("stamp cache claims {n} objects");
         }
-        let mut map = HashMap::with_capacity(n as usize);
+        let mut map = HashMap::with_capacity_and_hasher(n as usize, Default::default());
         for _ in 0..n {
             let path = RelPath(get_bytes(body, &mut pos)?.to_vec());
             let ino = get(body, &mut pos)?;
