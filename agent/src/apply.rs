@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde::Serialize;
 
 use crate::config::{Config, KernelPolicy};
 use crate::error::ExitKind;
@@ -20,17 +19,20 @@ use crate::hooks::{HookEnv, HookPhase, HookRunner};
 use crate::journal::{Journal, JournalPhase};
 use crate::lifecycle::{Event, Lifecycle, Phase};
 use crate::manifest::{Manifest, RelPath};
-use crate::plan::{self, Plan, PlanStats, RootView};
+use crate::plan::{self, Plan, RootView};
 use crate::preserve::Preserve;
 use crate::progress::{human_bytes, Progress};
 use crate::record::{promote_next_record, write_image_id, write_next_record, CurrentRecord};
 use crate::rootfs::{self, RootFs};
 use crate::scan::{self, ScanOptions};
 use crate::source::{Source, Trust};
-use crate::stage::{self, StageReport};
+use crate::stage;
 use crate::status::Status;
 use crate::swap::{self, SwapReport};
 use crate::{fault, fsx, kernel, lock::Lock, remount, sign, store};
+
+mod report;
+pub use report::{human_summary, ApplyReport, KernelVerdict, WalkReport};
 
 /// Space per staged object beyond its content, for block rounding and inodes, in bytes.
 const PER_OBJECT_OVERHEAD: u64 = 4096;
@@ -63,77 +65,6 @@ impl ApplyOptions {
             .as_ref()
             .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst))
     }
-}
-
-/// Kernel verdict.
-#[derive(Serialize, Debug, Default, Clone)]
-pub struct KernelVerdict {
-    /// A reboot into another kernel is needed.
-    pub changed: bool,
-    /// Why.
-    pub reason: Option<String>,
-    /// Target kernel release.
-    pub target_release: Option<String>,
-    /// Policy that applies.
-    pub policy: Option<KernelPolicy>,
-    /// The target's kernel, as its manifest records it.
-    pub target_kernel: Option<crate::manifest::KernelInfo>,
-    /// What was done about a change: kexec, reboot, deferred,
-    /// not-host-root or failed ([`crate::reboot::Action`]).
-    pub action: Option<String>,
-}
-
-/// What the walk of the root read.
-#[derive(Serialize, Debug, Default, Clone)]
-pub struct WalkReport {
-    /// Objects walked (preserved paths excluded).
-    pub objects: u64,
-    /// Of those, objects whose xattrs and symlink target came from the
-    /// stamp cache because their inode had not changed since the last run.
-    pub from_stamps: u64,
-}
-
-/// The outcome, printed by the CLI (human or `--json`).
-#[derive(Serialize, Debug, Default)]
-pub struct ApplyReport {
-    /// "planned", "applied" or "nothing-to-do".
-    pub result: String,
-    /// Target image.
-    pub id: String,
-    /// Image the root had before.
-    pub from_id: Option<String>,
-    /// Source description.
-    pub source: String,
-    /// The root.
-    pub root: String,
-    /// Key id that signed the manifest.
-    pub signed_by: Option<String>,
-    /// The walk of the root.
-    pub walk: WalkReport,
-    /// Plan counts.
-    pub plan: PlanStats,
-    /// Free bytes needed on the root's filesystem.
-    pub space_needed: u64,
-    /// Free bytes available.
-    pub space_free: u64,
-    /// Staging counts.
-    pub stage: StageReport,
-    /// Swap counts.
-    pub swap: SwapReport,
-    /// Network counters (HTTP(S) sources only).
-    pub download: Option<crate::fetch::DownloadReport>,
-    /// Kernel verdict.
-    pub kernel: KernelVerdict,
-    /// Duration of each phase, ms.
-    pub phases: BTreeMap<String, u64>,
-    /// Pre-apply start to post-apply start, ms: the service downtime.
-    pub quiesce_ms: Option<u64>,
-    /// Total wall time, ms.
-    pub total_ms: u64,
-    /// An interrupted update was found and resumed.
-    pub resumed: bool,
-    /// Things skipped or worth knowing.
-    pub warnings: Vec<String>,
 }
 
 /// Store the walk's stamps for the next run unless they are what was
@@ -459,7 +390,7 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     } else {
         plan_with(parsed_current.as_ref())?
     };
-    if !p.conflicts.is_empty() && parsed_current.is_none() && cur.json.is_some() {
+    if !p.conflicts.is_empty() && parsed_current.is_none() && cur.stored.is_some() {
         // A conflict the record may settle (a symlink the current image
         // installed): plan again with it.
         parsed_current = cur.parse();
@@ -605,19 +536,38 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
 
     // Fetch (remote sources) and stage while services run.
     if let Err(e) = source.prefetch(&p.fetch, state.as_fd(), ctx.progress) {
+        let resuming = interrupted.is_some();
         return Err(abort_before_swap(
             ctx,
             &mut journal,
             &state,
             &mut rw,
+            None,
             e,
-            interrupted.is_some(),
+            resuming,
         ));
     }
     report.download = source.download_report();
     clock.lap("fetch");
     ctx.advance(Event::Fetched);
     let staging = stage::prepare(ctx.root.fd(), ctx.root.dev, state.as_fd())?;
+    let resuming = interrupted.is_some();
+    // Every stop between here and the swap: close the staging directory
+    // (an open, deleted inode keeps a read-only remount busy), remove it,
+    // close the journal and restore a read-only root.
+    macro_rules! abort {
+        ($err:expr) => {
+            return Err(abort_before_swap(
+                ctx,
+                &mut journal,
+                &state,
+                &mut rw,
+                Some(staging),
+                $err,
+                resuming,
+            ))
+        };
+    }
     let staged = stage::stage(
         &p,
         target,
@@ -629,32 +579,12 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     );
     let (names, stage_report) = match staged {
         Ok(v) => v,
-        Err(e) => {
-            // Close the staging directory before it is removed: an open,
-            // deleted inode keeps a read-only remount busy.
-            drop(staging);
-            return Err(abort_before_swap(
-                ctx,
-                &mut journal,
-                &state,
-                &mut rw,
-                e,
-                interrupted.is_some(),
-            ));
-        }
+        Err(e) => abort!(e),
     };
     report.stage = stage_report;
     // The record of the new image is written now and only renamed at commit.
     if let Err(e) = write_next_record(&state, &resolved) {
-        drop(staging);
-        return Err(abort_before_swap(
-            ctx,
-            &mut journal,
-            &state,
-            &mut rw,
-            e,
-            interrupted.is_some(),
-        ));
+        abort!(e);
     }
     fault::point("after-stage");
     clock.lap("stage");
@@ -675,15 +605,7 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     clock.lap("sync");
     if ctx.opts.cancelled() {
         let err = anyhow!("stopped on request after staging, before the swap");
-        drop(staging);
-        return Err(abort_before_swap(
-            ctx,
-            &mut journal,
-            &state,
-            &mut rw,
-            err,
-            interrupted.is_some(),
-        ));
+        abort!(err);
     }
 
     // Quiesce.
@@ -725,15 +647,7 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
             err = err.context(format!("and an abort hook failed too: {a}"));
         }
         let err = err.context(ExitKind::PreApplyHook);
-        drop(staging);
-        return Err(abort_before_swap(
-            ctx,
-            &mut journal,
-            &state,
-            &mut rw,
-            err,
-            interrupted.is_some(),
-        ));
+        abort!(err);
     }
     clock.lap("pre-apply-hooks");
 
@@ -811,16 +725,18 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     Ok(report)
 }
 
-/// Undo everything of a run that stopped before the swap: remove staging,
+/// Undo everything of a run that stopped before the swap: close and remove staging,
 /// mark the journal, restore read-only. The root is as it was.
 fn abort_before_swap(
     ctx: &mut Ctx<'_>,
     journal: &mut Journal,
     state: &OwnedFd,
     rw: &mut RwGuard,
+    staging: Option<stage::Staging>,
     err: anyhow::Error,
     was_interrupted: bool,
 ) -> anyhow::Error {
+    drop(staging);
     let mut err = err;
     if let Err(e) = stage::cleanup(ctx.root.fd(), ctx.root.dev) {
         err = err.context(format!("(staging leftovers could not be removed: {e:#})"));
@@ -889,86 +805,6 @@ fn write_plan_json(
     let path = dir.join(PLAN_JSON);
     store::write_volatile(&path, &serde_json::to_vec_pretty(&doc)?)?;
     Ok(path)
-}
-
-/// Render a report for humans.
-pub fn human_summary(r: &ApplyReport) -> String {
-    let mut s = String::new();
-    let p = &r.plan;
-    s.push_str(&format!(
-        "{} {} at {} ({})\n",
-        match r.result.as_str() {
-            "planned" => "plan for",
-            "applied" => "applied",
-            _ => "nothing to do for",
-        },
-        r.id,
-        r.root,
-        r.source
-    ));
-    s.push_str(&format!(
-        "  files: +{} added ({}), ~{} changed ({}), -{} deleted ({}), {} metadata-only\n",
-        p.added,
-        human_bytes(p.added_bytes),
-        p.changed,
-        human_bytes(p.changed_bytes),
-        p.deleted,
-        human_bytes(p.deleted_bytes),
-        p.metadata_only
-    ));
-    s.push_str(&format!(
-        "  content: {} to fetch in {} objects, {} local copies; staging needs {} of {} free\n",
-        human_bytes(p.fetch_bytes),
-        p.fetch_objects,
-        p.local_copies,
-        human_bytes(r.space_needed),
-        human_bytes(r.space_free)
-    ));
-    if let Some(d) = &r.download {
-        s.push_str(&format!(
-            "  download: {} in {} requests ({} retries, {} resumed); {} objects downloaded, {} from the cache\n",
-            human_bytes(d.bytes),
-            d.requests,
-            d.retries,
-            d.resumed,
-            d.objects,
-            d.cached_objects
-        ));
-    }
-    match (&r.kernel.changed, &r.kernel.reason) {
-        (true, Some(why)) => s.push_str(&format!(
-            "  kernel: changes ({why}): the node must boot {}; policy {}{}\n",
-            r.kernel
-                .target_release
-                .as_deref()
-                .unwrap_or("the new kernel"),
-            crate::reboot::policy_word(r.kernel.policy.unwrap_or(KernelPolicy::Kexec)),
-            r.kernel
-                .action
-                .as_deref()
-                .map(|a| format!(", done: {a}"))
-                .unwrap_or_default()
-        )),
-        _ => s.push_str("  kernel: unchanged\n"),
-    }
-    if !r.phases.is_empty() {
-        let ph: Vec<String> = r
-            .phases
-            .iter()
-            .map(|(k, v)| format!("{k} {v} ms"))
-            .collect();
-        s.push_str(&format!("  phases: {}\n", ph.join(", ")));
-    }
-    if let Some(q) = r.quiesce_ms {
-        s.push_str(&format!(
-            "  quiesce window: {q} ms; total {} ms\n",
-            r.total_ms
-        ));
-    }
-    for w in &r.warnings {
-        s.push_str(&format!("  warning: {w}\n"));
-    }
-    s
 }
 
 /// `imageupd rollback`: apply the previous image again, from the source the

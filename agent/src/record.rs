@@ -26,23 +26,51 @@ pub const PREVIOUS_SIG: &[u8] = b"previous.manifest.json.zst.sig";
 const NEXT_MANIFEST: &[u8] = b"next.manifest.json.zst";
 /// Its signature.
 const NEXT_SIG: &[u8] = b"next.manifest.json.zst.sig";
-/// The node's record of its current image, parsed only on demand.
+/// The node's record of its current image, decompressed and parsed only on
+/// demand.
 pub struct CurrentRecord {
-    /// Decompressed JSON, when present and different from the target.
-    pub json: Option<Vec<u8>>,
+    /// Stored (compressed) bytes, when present and different from the target.
+    pub stored: Option<Vec<u8>>,
     /// The record is byte-identical to the target's manifest.
     pub same_as_target: bool,
-    /// Its image id, when it differs from the target (read with the kernel).
+    /// Its image id, when it differs from the target (read from the head).
     pub id: Option<String>,
-    /// Its kernel (cheap to extract).
+    /// Its kernel (read from the head).
     pub kernel: Option<crate::manifest::KernelInfo>,
+}
+
+/// What the head of a manifest says (the part before its entries).
+#[derive(serde::Deserialize, Default)]
+struct Head {
+    id: Option<String>,
+    kernel: Option<crate::manifest::KernelInfo>,
+}
+
+/// The head of a stored manifest. Manifests written in frames
+/// ([`crate::mframes`]) have the head alone in their first frame, so only
+/// that is decompressed; anything else is decompressed whole.
+fn read_head(stored: &[u8]) -> Option<Head> {
+    let first = crate::mframes::split(stored)
+        .ok()
+        .and_then(|f| f.first().copied())?;
+    let text = zstd::decode_all(first).ok()?;
+    let line = text.split(|&b| b == b'\n').next()?;
+    if let Some(h) = line.strip_suffix(b",\"entries\":[") {
+        let mut obj = h.to_vec();
+        obj.push(b'}');
+        if let Ok(h) = serde_json::from_slice::<Head>(&obj) {
+            return Some(h);
+        }
+    }
+    let json = zstd::decode_all(stored).ok()?;
+    serde_json::from_slice::<Head>(&json).ok()
 }
 
 impl CurrentRecord {
     /// Read the record; `target_stored` short-cuts the common no-op case.
     pub fn load(state: &Option<OwnedFd>, target_stored: &[u8]) -> CurrentRecord {
         let none = CurrentRecord {
-            json: None,
+            stored: None,
             same_as_target: false,
             id: None,
             kernel: None,
@@ -53,41 +81,34 @@ impl CurrentRecord {
         };
         if bytes == target_stored {
             return CurrentRecord {
-                json: None,
+                stored: None,
                 same_as_target: true,
                 id: None,
                 kernel: None,
             };
         }
-        let json = match zstd::decode_all(&bytes[..]) {
-            Ok(j) => j,
-            Err(e) => {
-                tracing::warn!("ignoring unreadable record of the current image: {e}");
-                return none;
-            }
+        let Some(head) = read_head(&bytes) else {
+            tracing::warn!("ignoring unreadable record of the current image");
+            return none;
         };
-        #[derive(serde::Deserialize)]
-        struct Head {
-            pub id: Option<String>,
-            pub kernel: Option<crate::manifest::KernelInfo>,
-        }
-        let (id, kernel) = serde_json::from_slice::<Head>(&json)
-            .map(|h| (h.id, h.kernel))
-            .unwrap_or_default();
         CurrentRecord {
-            json: Some(json),
+            stored: Some(bytes),
             same_as_target: false,
-            id,
-            kernel,
+            id: head.id,
+            kernel: head.kernel,
         }
     }
 
-    /// Parse the record (a warning, not an error, when it is unreadable).
+    /// Decompress and parse the record (a warning, not an error, when it is
+    /// unreadable).
     pub fn parse(&self) -> Option<Manifest> {
-        match Manifest::parse(self.json.as_ref()?) {
+        let parsed = zstd::decode_all(&self.stored.as_ref()?[..])
+            .map_err(anyhow::Error::from)
+            .and_then(|j| Manifest::parse(&j).map_err(anyhow::Error::from));
+        match parsed {
             Ok(m) => Some(m),
             Err(e) => {
-                tracing::warn!("ignoring unreadable record of the current image: {e}");
+                tracing::warn!("ignoring unreadable record of the current image: {e:#}");
                 None
             }
         }

@@ -191,9 +191,14 @@ fn list_one(
     let names = fsx::read_dir_names(dir).with_context(|| format!("listing {dir_path}"))?;
     let mut out = Vec::with_capacity(names.len());
     let mut subdirs = Vec::new();
+    // Most directories have nothing preserved below them: match names only
+    // where something could be.
+    let preserve = opts
+        .preserve
+        .filter(|p| dir_path.is_root() || p.has_preserved_below(dir_path));
     for name in names {
         let path = dir_path.join(&name);
-        if opts.preserve.is_some_and(|p| p.matches(&path)) || opts.skip.contains(&path) {
+        if preserve.is_some_and(|p| p.matches(&path)) || opts.skip.contains(&path) {
             continue;
         }
         let stat = match fsx::stat_at(dir, &name) {

@@ -1,0 +1,163 @@
+//! What an apply or plan reports: the `--json` document and its rendering
+//! for humans.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::config::KernelPolicy;
+use crate::plan::PlanStats;
+use crate::progress::human_bytes;
+use crate::stage::StageReport;
+use crate::swap::SwapReport;
+
+/// Kernel verdict.
+#[derive(Serialize, Debug, Default, Clone)]
+pub struct KernelVerdict {
+    /// A reboot into another kernel is needed.
+    pub changed: bool,
+    /// Why.
+    pub reason: Option<String>,
+    /// Target kernel release.
+    pub target_release: Option<String>,
+    /// Policy that applies.
+    pub policy: Option<KernelPolicy>,
+    /// The target's kernel, as its manifest records it.
+    pub target_kernel: Option<crate::manifest::KernelInfo>,
+    /// What was done about a change: kexec, reboot, deferred,
+    /// not-host-root or failed ([`crate::reboot::Action`]).
+    pub action: Option<String>,
+}
+
+/// What the walk of the root read.
+#[derive(Serialize, Debug, Default, Clone)]
+pub struct WalkReport {
+    /// Objects walked (preserved paths excluded).
+    pub objects: u64,
+    /// Of those, objects whose xattrs and symlink target came from the
+    /// stamp cache because their inode had not changed since the last run.
+    pub from_stamps: u64,
+}
+
+/// The outcome, printed by the CLI (human or `--json`).
+#[derive(Serialize, Debug, Default)]
+pub struct ApplyReport {
+    /// "planned", "applied" or "nothing-to-do".
+    pub result: String,
+    /// Target image.
+    pub id: String,
+    /// Image the root had before.
+    pub from_id: Option<String>,
+    /// Source description.
+    pub source: String,
+    /// The root.
+    pub root: String,
+    /// Key id that signed the manifest.
+    pub signed_by: Option<String>,
+    /// The walk of the root.
+    pub walk: WalkReport,
+    /// Plan counts.
+    pub plan: PlanStats,
+    /// Free bytes needed on the root's filesystem.
+    pub space_needed: u64,
+    /// Free bytes available.
+    pub space_free: u64,
+    /// Staging counts.
+    pub stage: StageReport,
+    /// Swap counts.
+    pub swap: SwapReport,
+    /// Network counters (HTTP(S) sources only).
+    pub download: Option<crate::fetch::DownloadReport>,
+    /// Kernel verdict.
+    pub kernel: KernelVerdict,
+    /// Duration of each phase, ms.
+    pub phases: BTreeMap<String, u64>,
+    /// Pre-apply start to post-apply start, ms: the service downtime.
+    pub quiesce_ms: Option<u64>,
+    /// Total wall time, ms.
+    pub total_ms: u64,
+    /// An interrupted update was found and resumed.
+    pub resumed: bool,
+    /// Things skipped or worth knowing.
+    pub warnings: Vec<String>,
+}
+
+/// Render a report for humans.
+pub fn human_summary(r: &ApplyReport) -> String {
+    let mut s = String::new();
+    let p = &r.plan;
+    s.push_str(&format!(
+        "{} {} at {} ({})\n",
+        match r.result.as_str() {
+            "planned" => "plan for",
+            "applied" => "applied",
+            _ => "nothing to do for",
+        },
+        r.id,
+        r.root,
+        r.source
+    ));
+    s.push_str(&format!(
+        "  files: +{} added ({}), ~{} changed ({}), -{} deleted ({}), {} metadata-only\n",
+        p.added,
+        human_bytes(p.added_bytes),
+        p.changed,
+        human_bytes(p.changed_bytes),
+        p.deleted,
+        human_bytes(p.deleted_bytes),
+        p.metadata_only
+    ));
+    s.push_str(&format!(
+        "  content: {} to fetch in {} objects, {} local copies; staging needs {} of {} free\n",
+        human_bytes(p.fetch_bytes),
+        p.fetch_objects,
+        p.local_copies,
+        human_bytes(r.space_needed),
+        human_bytes(r.space_free)
+    ));
+    if let Some(d) = &r.download {
+        s.push_str(&format!(
+            "  download: {} in {} requests ({} retries, {} resumed); {} objects downloaded, {} from the cache\n",
+            human_bytes(d.bytes),
+            d.requests,
+            d.retries,
+            d.resumed,
+            d.objects,
+            d.cached_objects
+        ));
+    }
+    match (&r.kernel.changed, &r.kernel.reason) {
+        (true, Some(why)) => s.push_str(&format!(
+            "  kernel: changes ({why}): the node must boot {}; policy {}{}\n",
+            r.kernel
+                .target_release
+                .as_deref()
+                .unwrap_or("the new kernel"),
+            crate::reboot::policy_word(r.kernel.policy.unwrap_or(KernelPolicy::Kexec)),
+            r.kernel
+                .action
+                .as_deref()
+                .map(|a| format!(", done: {a}"))
+                .unwrap_or_default()
+        )),
+        _ => s.push_str("  kernel: unchanged\n"),
+    }
+    if !r.phases.is_empty() {
+        let ph: Vec<String> = r
+            .phases
+            .iter()
+            .map(|(k, v)| format!("{k} {v} ms"))
+            .collect();
+        s.push_str(&format!("  phases: {}\n", ph.join(", ")));
+    }
+    if let Some(q) = r.quiesce_ms {
+        s.push_str(&format!(
+            "  quiesce window: {q} ms; total {} ms\n",
+            r.total_ms
+        ));
+    }
+    for w in &r.warnings {
+        s.push_str(&format!("  warning: {w}\n"));
+    }
+    s
+}
