@@ -772,3 +772,19 @@ fn stamp_cache_never_hides_drift() {
     assert_eq!(out.json()["walk"]["from_stamps"], 0, "{}", out.describe());
     assert_applied(&s1, &root, "s1", "apply with a damaged stamp cache");
 }
+
+#[test]
+fn first_apply_onto_an_empty_root() {
+    // Provisioning into a blank filesystem: nothing but the trusted key.
+    // (The state directory's parents are created by the apply itself after
+    // planning; they must be adopted, not reported as "File exists".)
+    let store = shared_store();
+    let s1 = store.image("s1");
+    let s = scratch("empty-root");
+    let root = s.join("root");
+    std::fs::create_dir_all(&root).expect("mkdir root");
+    trust(&root, &store.key);
+    let out = apply_ok(&store.dir, "s1", &root, "applied");
+    assert_apply_report(&out);
+    assert_applied(&s1, &root, "s1", "first apply onto an empty root");
+}
