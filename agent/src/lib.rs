@@ -60,5 +60,6 @@ pub mod status;
 pub mod store;
 pub mod stream;
 pub mod swap;
+pub mod varint;
 pub mod verify;
 pub mod watch;

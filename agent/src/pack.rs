@@ -147,27 +147,12 @@ pub struct Located {
     pub inner: Option<u64>,
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
+fn put_varint(out: &mut Vec<u8>, v: u64) {
+    crate::varint::put(out, v);
 }
 
 fn get_varint(b: &[u8], pos: &mut usize) -> Result<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *b
-            .get(*pos)
-            .ok_or_else(|| anyhow!("pack index is truncated"))?;
-        *pos += 1;
-        v |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Ok(v);
-        }
-    }
-    bail!("pack index has an overlong number")
+    crate::varint::get(b, pos).map_err(|e| anyhow!("pack index: {e}"))
 }
 
 fn get_digest(b: &[u8], pos: &mut usize) -> Result<Digest> {

@@ -234,12 +234,8 @@ impl Stamps {
     }
 }
 
-fn put(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
+fn put(out: &mut Vec<u8>, v: u64) {
+    crate::varint::put(out, v);
 }
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
@@ -248,18 +244,7 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
 }
 
 fn get(b: &[u8], pos: &mut usize) -> Result<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *b
-            .get(*pos)
-            .ok_or_else(|| anyhow!("stamp cache is truncated"))?;
-        *pos += 1;
-        v |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Ok(v);
-        }
-    }
-    bail!("stamp cache has an overlong number")
+    crate::varint::get(b, pos).map_err(|e| anyhow!("stamp cache: {e}"))
 }
 
 fn get_bytes<'a>(b: &'a [u8], pos: &mut usize) -> Result<&'a [u8]> {
