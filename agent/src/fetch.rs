@@ -633,7 +633,7 @@ pub fn drop_cache(state: BorrowedFd<'_>) -> Result<u64> {
 
 /// The largest body a zstd frame of `size` content bytes can need, in bytes
 /// (`ZSTD_compressBound` plus frame header slack).
-fn max_compressed(size: u64) -> u64 {
+pub(crate) fn max_compressed(size: u64) -> u64 {
     size + (size >> 8) + 128 * 1024
 }
 

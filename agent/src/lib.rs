@@ -25,6 +25,7 @@ pub mod cmd;
 pub mod config;
 pub mod dbus;
 pub mod disk;
+pub mod delta;
 pub mod error;
 pub mod fault;
 pub mod fetch;
