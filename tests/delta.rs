@@ -262,20 +262,24 @@ fn drifted_reference_comes_from_the_store() {
     store.image("v1");
     let v2 = store.image("v2");
     let (h, _, _) = split_delta(&std::fs::read(delta_path(&store.dir, "v2")).expect("delta"));
-    let path = h
+    let rel = h
         .objects
         .iter()
         .find_map(|o| match &o.kind {
-            Kind::Patch { path, .. } => Some(path.to_string()),
+            Kind::Patch { path, .. } => Some(path.clone()),
             Kind::Full => None,
         })
         .expect("v2's delta has a patch object (a changed file)");
+    // Relative bytes (the Display form starts with '/').
+    let path = String::from_utf8(rel.0.clone()).expect("UTF-8 path");
+    assert!(!path.is_empty() && !path.starts_with('/'), "{path:?}");
     let s = scratch("delta-drift");
     let srv = Server::start(&store.dir, &s.join("serve.log"));
     let root = s.join("root");
     node_at("v1", &root);
     // The node's copy of the patch's reference is not what v1 had.
     let f = root.join(&path);
+    assert!(f.starts_with(&root), "{}", f.display());
     let mut content = std::fs::read(&f).expect("reference file");
     content.extend_from_slice(b"\n# local edit\n");
     std::fs::write(&f, content).expect("edit the reference file");
