@@ -317,7 +317,11 @@ fn damaged_payload_falls_back_to_packs() {
     let d = download(&out);
     let fetch = fetch_objects(&out);
     eprintln!("v1 -> v2, payload damaged: {d}");
-    assert_eq!(d["delta"].as_str(), Some("v1"), "the manifest came from the delta: {d}");
+    assert_eq!(
+        d["delta"].as_str(),
+        Some("v1"),
+        "the manifest came from the delta: {d}"
+    );
     let from_delta = d["delta_objects"].as_u64().expect("delta_objects");
     assert!(from_delta < fetch, "{d}");
     assert_eq!(d["objects"].as_u64(), Some(fetch), "{d}");

@@ -355,8 +355,7 @@ impl Header {
 /// [`PATCH_WINDOW_LOG_MAX`]).
 pub fn patch_encode(reference: &[u8], data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
     use std::io::Write;
-    let mut enc =
-        zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), level, reference)?;
+    let mut enc = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), level, reference)?;
     enc.include_checksum(false)?;
     enc.window_log(window_log(reference.len() as u64 + data.len() as u64))?;
     if reference.len() + data.len() > 16 << 20 {
@@ -475,12 +474,14 @@ impl<R: Read> Payload<R> {
         }
         let actual = Digest(sha2::Digest::finalize(h.hasher).into());
         if actual != o.digest || h.bytes != o.size {
-            return Err(ObjectError::Mismatch(crate::stream::VerifyError::Mismatch {
-                expected: o.digest,
-                actual,
-                bytes: h.bytes,
-                expected_size: o.size,
-            }));
+            return Err(ObjectError::Mismatch(
+                crate::stream::VerifyError::Mismatch {
+                    expected: o.digest,
+                    actual,
+                    bytes: h.bytes,
+                    expected_size: o.size,
+                },
+            ));
         }
         Ok(())
     }

@@ -240,10 +240,10 @@ impl HttpStore {
         // A node that may update through a delta checks the marker only
         // when it needs more than the delta (so a small update is one
         // request); the delta's own magic and version prove the format.
-        let delta_possible = opts
-            .state_dir
-            .as_ref()
-            .is_some_and(|d| d.join(std::str::from_utf8(crate::record::CURRENT_MANIFEST).unwrap_or("-")).is_file());
+        let delta_possible = opts.state_dir.as_ref().is_some_and(|d| {
+            d.join(std::str::from_utf8(crate::record::CURRENT_MANIFEST).unwrap_or("-"))
+                .is_file()
+        });
         if !delta_possible {
             h.check_marker()?;
         }
@@ -460,10 +460,10 @@ impl HttpStore {
             .prefetch_delta(&cache, fetch, &bar)
             .and_then(|rest| self.prefetch_packed(&cache, &rest, &bar))
             .and_then(|loose| {
-            crate::scan::par_map(&loose, PARALLEL_DOWNLOADS, |(d, size)| {
-                self.fetch_object(&cache, d, *size, &bar)
-            })
-        });
+                crate::scan::par_map(&loose, PARALLEL_DOWNLOADS, |(d, size)| {
+                    self.fetch_object(&cache, d, *size, &bar)
+                })
+            });
         bar.finish();
         self.counters
             .ms

@@ -12,12 +12,11 @@ use liblzma::stream::{Check, Filters, LzmaOptions, Stream, PRESET_EXTREME};
 use serde::Serialize;
 
 use super::{
-    patch_encode, Header, Kind, Object, DELTAS_DIR, DELTA_SUFFIX, PATCH_MAX_BYTES,
-    PAYLOAD_DICT_MAX,
+    patch_encode, Header, Kind, Object, DELTAS_DIR, DELTA_SUFFIX, PATCH_MAX_BYTES, PAYLOAD_DICT_MAX,
 };
 use crate::manifest::{Digest, FileType, Manifest, RelPath, MAX_MANIFEST_BYTES};
-use crate::stream::VerifyReader;
 use crate::store::Store;
+use crate::stream::VerifyReader;
 
 /// zstd level of the manifest patch and of object patches.
 pub const PATCH_LEVEL: i32 = 19;
@@ -99,8 +98,7 @@ pub fn build(
     let mut todo: Vec<(Digest, u64, Option<(Digest, u64, RelPath)>)> = Vec::new();
     for e in &m.entries {
         let Some(d) = e.sha256 else { continue };
-        if e.ftype != FileType::File || e.size == 0 || old_digests.contains(&d) || !seen.insert(d)
-        {
+        if e.ftype != FileType::File || e.size == 0 || old_digests.contains(&d) || !seen.insert(d) {
             continue;
         }
         let reference = old_files
@@ -197,7 +195,10 @@ pub fn build(
     out.as_file().sync_all()?;
     let bytes = out.as_file().metadata()?.len();
     if bytes != h.file_len(head.len()) {
-        bail!("delta file is {bytes} bytes, expected {}", h.file_len(head.len()));
+        bail!(
+            "delta file is {bytes} bytes, expected {}",
+            h.file_len(head.len())
+        );
     }
     out.persist(&path)
         .with_context(|| format!("writing {}", path.display()))?;

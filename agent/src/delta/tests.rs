@@ -49,7 +49,10 @@ fn header_round_trips() {
     assert_eq!(back.payload_raw_len(), (1 << 20) + 1234);
     assert_eq!(back.file_len(at), head as u64 + 789 + 5_000_000);
     let unsigned = Header { sig: None, ..h };
-    assert_eq!(Header::parse(&unsigned.encode()).expect("parse").0, unsigned);
+    assert_eq!(
+        Header::parse(&unsigned.encode()).expect("parse").0,
+        unsigned
+    );
 }
 
 #[test]
@@ -146,7 +149,11 @@ fn patches_round_trip_and_are_small() {
     new[1000..1010].copy_from_slice(b"0123456789");
     new.extend_from_slice(b"appended");
     let p = patch_encode(&old, &new, 19).expect("encode");
-    assert!(p.len() < 200, "patch of a 10-byte change is {} bytes", p.len());
+    assert!(
+        p.len() < 200,
+        "patch of a 10-byte change is {} bytes",
+        p.len()
+    );
     assert_eq!(
         patch_decode(&old, &p, new.len() as u64).expect("decode"),
         new

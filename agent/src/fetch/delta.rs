@@ -75,11 +75,9 @@ impl HttpStore {
     /// used) when there is none or it does not check out.
     pub fn manifest_from_delta(&self, id: &str) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
         crate::manifest::validate_image_id(id).ok()?;
-        let stored = std::fs::read(
-            self.state_dir
-                .as_ref()?
-                .join(std::ffi::OsStr::new(std::str::from_utf8(CURRENT_MANIFEST).ok()?)),
-        )
+        let stored = std::fs::read(self.state_dir.as_ref()?.join(std::ffi::OsStr::new(
+            std::str::from_utf8(CURRENT_MANIFEST).ok()?,
+        )))
         .ok()?;
         match self.try_delta(id, &stored) {
             Ok(v) => Some(v),
@@ -124,7 +122,11 @@ impl HttpStore {
         let json = delta::patch_decode(&cur_json, &head[at..payload_at], header.manifest_len)
             .context("decompressing the manifest patch")?;
         if json.len() as u64 != header.manifest_len {
-            bail!("the manifest patch gives {} bytes, not {}", json.len(), header.manifest_len);
+            bail!(
+                "the manifest patch gives {} bytes, not {}",
+                json.len(),
+                header.manifest_len
+            );
         }
         let reuse = mframes::frames_by_piece(cur_stored)?;
         let (stored, _) = mframes::encode_reusing(&json, store::MANIFEST_LEVEL, &reuse)?;
@@ -283,10 +285,7 @@ impl HttpStore {
             );
             return Ok(left(&vec![false; h.objects.len()]));
         }
-        let root = self
-            .root_dir
-            .as_ref()
-            .and_then(|r| fsx::open_dir(r).ok());
+        let root = self.root_dir.as_ref().and_then(|r| fsx::open_dir(r).ok());
         let mut done = vec![false; h.objects.len()];
         let res = self.retrying(&ctx.url, || {
             self.payload_attempt(ctx, cache, &covered, &mut done, root.as_ref(), bar)
@@ -351,9 +350,15 @@ impl HttpStore {
         for (i, o) in h.objects.iter().enumerate() {
             let reference = match (&o.kind, covered[i] && !done[i]) {
                 (_, false) | (Kind::Full, true) => None,
-                (Kind::Patch { from, from_size, path, .. }, true) => {
-                    reference(&ctx.current, root, path, from, *from_size)
-                }
+                (
+                    Kind::Patch {
+                        from,
+                        from_size,
+                        path,
+                        ..
+                    },
+                    true,
+                ) => reference(&ctx.current, root, path, from, *from_size),
             };
             let wanted = covered[i] && !done[i];
             if !(wanted && (o.kind == Kind::Full || reference.is_some())) {
@@ -363,8 +368,8 @@ impl HttpStore {
             }
             let mut part = cache.open_part(&o.digest, true).map_err(cache_err)?;
             part.set_len(0).map_err(cache_err)?;
-            let mut enc = zstd::stream::write::Encoder::new(&mut part, CACHE_LEVEL)
-                .map_err(cache_err)?;
+            let mut enc =
+                zstd::stream::write::Encoder::new(&mut part, CACHE_LEVEL).map_err(cache_err)?;
             let _ = enc.set_pledged_src_size(Some(o.size));
             let r = p.object(o, reference.as_deref(), &mut enc);
             let r = r.and_then(|()| {
@@ -465,7 +470,9 @@ impl<R: Read> Read for NetReader<'_, R> {
         if self.left == 0 || buf.is_empty() {
             return Ok(0);
         }
-        let n = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
         match self.inner.read(&mut buf[..n]) {
             Ok(0) => {
                 self.broke.store(true, Ordering::Relaxed);
