@@ -46,6 +46,9 @@ pub struct DeltaReport {
     pub ms: u64,
 }
 
+/// A patch reference: the parent's digest, size and path of a file.
+type Reference = (Digest, u64, RelPath);
+
 /// Decompressed JSON of a stored manifest (bounded).
 pub(super) fn manifest_json(stored: &[u8]) -> Result<Vec<u8>> {
     let mut json = Vec::new();
@@ -95,7 +98,7 @@ pub fn build(
     // The target's new objects in manifest order, each with the parent's
     // version of its (first) path, when that can serve as a patch reference.
     let mut seen = HashSet::new();
-    let mut todo: Vec<(Digest, u64, Option<(Digest, u64, RelPath)>)> = Vec::new();
+    let mut todo: Vec<(Digest, u64, Option<Reference>)> = Vec::new();
     for e in &m.entries {
         let Some(d) = e.sha256 else { continue };
         if e.ftype != FileType::File || e.size == 0 || old_digests.contains(&d) || !seen.insert(d) {
