@@ -406,3 +406,52 @@ fn a_delta_never_makes_a_manifest_trusted() {
     assert_eq!(d["delta_objects"].as_u64(), Some(0), "{d}");
     assert_applied(&v2, &root, "v2", "v1 -> v2, damaged manifest patch");
 }
+
+#[test]
+fn delta_through_a_server_that_ignores_range() {
+    // Python's http.server answers every GET with the whole file (200): the
+    // delta comes in one request and is used from memory.
+    let store = shared_store();
+    store.image("v1");
+    let v2 = store.image("v2");
+    let s = scratch("delta-norange");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let log = std::fs::File::create(s.join("http.log")).expect("log");
+    let mut child = std::process::Command::new("python3")
+        .args(["-m", "http.server", "--bind", "127.0.0.1", "--directory"])
+        .arg(&store.dir)
+        .arg(port.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("python3 -m http.server");
+    let t0 = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t0.elapsed() < STARTUP, "http.server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let root = s.join("root");
+    node_at("v1", &root);
+    let out = apply_url(&format!("http://127.0.0.1:{port}/"), "v2", &root);
+    let _ = child.kill();
+    let _ = child.wait();
+    let out = out.expect_ok();
+    let d = download(&out);
+    assert_eq!(d["delta"].as_str(), Some("v1"), "{d}");
+    assert_eq!(d["requests"].as_u64(), Some(1), "{d}");
+    assert_eq!(
+        d["delta_objects"].as_u64(),
+        Some(fetch_objects(&out)),
+        "{d}"
+    );
+    assert_applied(
+        &v2,
+        &root,
+        "v2",
+        "v1 -> v2, delta from a server without Range",
+    );
+}
