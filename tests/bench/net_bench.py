@@ -8,6 +8,8 @@ loopback; every server it starts is stopped at the end. Environment:
   BENCH_DIR           scratch (default /var/tmp/imageupd-net-bench)
   BENCH_WRK_SECONDS   duration of one throughput run (default 10)
   IMAGEUPD_TEST_CACHE fixture trees (default /var/cache/imageupd-test)
+  BENCH_REPORT_ONLY   set: only rewrite the results from the last run's raw
+                      numbers (BENCH_DIR/net-bench-raw.json)
 """
 
 import hashlib
@@ -496,7 +498,17 @@ def main():
     stop(srv)
     stop(srv_nodelta)
     stop(srv_loose)
+    raw = {"reps": reps, "rows": [[k[0], k[1], v] for k, v in rows.items()], "floors": floors,
+           "tarz": tarz, "tput": [[k[0], k[1], v] for k, v in tput.items()], "rss": rss}
+    (WORK / "net-bench-raw.json").write_text(json.dumps(raw))
     write_results(reps, rows, floors, tarz, tput, rss)
+
+
+def report_only():
+    """Write the results again from the last run's raw numbers."""
+    raw = json.loads((WORK / "net-bench-raw.json").read_text())
+    write_results(raw["reps"], {(a, b): v for a, b, v in raw["rows"]}, raw["floors"], raw["tarz"],
+                  {(a, b): v for a, b, v in raw["tput"]}, raw["rss"])
 
 
 def write_results(reps, rows, floors, tarz, tput, rss):
@@ -546,9 +558,10 @@ def write_results(reps, rows, floors, tarz, tput, rss):
             osd = med([r["bytes"] for r in rows[(to, "OSTree pull (static delta)")]])
             L.append(f"- bytes / OSTree static delta = **{ours / osd:.2f}**")
             L.append(f"- HTTP requests: **{oreq:.0f}** (OSTree object pull: {osr:.0f})")
-            rss = [r["rss_kib"] for r in rows[(to, main_row)] if "rss_kib" in r]
-            if rss:
-                L.append(f"- peak RSS of `imageupd apply` through the delta: **{max(rss) / 1024:.1f} MiB**")
+            apply_rss = [r["rss_kib"] for r in rows[(to, main_row)] if "rss_kib" in r]
+            if apply_rss:
+                L.append(f"- peak RSS of `imageupd apply` through the delta: "
+                         f"**{max(apply_rss) / 1024:.1f} MiB**")
         else:
             L.append(f"- bytes / tar --zstd -19 = **{ours / tarz:.2f}** (target ≤ 1.1)")
     L.append("\n## Publisher throughput (64 connections, wrk, loopback)\n")
@@ -565,6 +578,9 @@ def write_results(reps, rows, floors, tarz, tput, rss):
 
 
 if __name__ == "__main__":
+    if os.environ.get("BENCH_REPORT_ONLY"):
+        report_only()
+        sys.exit(0)
     try:
         main()
     finally:
