@@ -93,6 +93,8 @@ def med(xs):
 
 
 def kib(n):
+    if n < 10 * 1024:
+        return f"{n:,.0f} B"
     return f"{n / 1024:,.0f} KiB"
 
 
@@ -550,14 +552,20 @@ def write_results(reps, rows, floors, tarz, tput, rss):
         rs = med([r["bytes"] for r in rows[(to, "rsync -az (daemon)")]])
         L.append("")
         L.append(f"Ratios of `{main_row}`:\n")
-        L.append(f"- bytes / rsync -az = **{ours / rs:.2f}** (target ≤ 0.8)")
+        r_rs = ours / rs
+        L.append(f"- bytes / rsync -az = **{r_rs:.2f}** (target ≤ 0.8)" if r_rs >= 0.01
+                 else f"- bytes / rsync -az = **{r_rs:.4f}** (target ≤ 0.8)")
         if to in floors:
             L.append(f"- bytes / floor = **{ours / floors[to][0]:.2f}** (target ≤ 1.1)")
             osr = med([r["requests"] for r in rows[(to, "OSTree pull (objects)")]])
             L.append(f"- requests / OSTree object pull = **{oreq / osr:.3f}** (target ≤ 0.1)")
             osd = med([r["bytes"] for r in rows[(to, "OSTree pull (static delta)")]])
             L.append(f"- bytes / OSTree static delta = **{ours / osd:.2f}**")
-            L.append(f"- HTTP requests: **{oreq:.0f}** (OSTree object pull: {osr:.0f})")
+            L.append(f"- HTTP requests: **{oreq:.0f}** (OSTree object pull: {osr:.0f})"
+                     + (" — one request is the minimum" if oreq <= 1 else ""))
+            if floors[to][0] < 1024:
+                L.append("- (the floor counts only the changed file's patch, not the manifest "
+                         "change and signature a node also needs)")
             apply_rss = [r["rss_kib"] for r in rows[(to, main_row)] if "rss_kib" in r]
             if apply_rss:
                 L.append(f"- peak RSS of `imageupd apply` through the delta: "
