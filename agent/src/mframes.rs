@@ -99,52 +99,49 @@ pub fn encode_reusing(
     level: i32,
     reuse: &HashMap<Digest, Vec<u8>>,
 ) -> Result<(Vec<u8>, FrameList)> {
-    let mut out = Vec::with_capacity(json.len() / 6);
-    let mut frames = Vec::new();
+    // Cut points first (cheap), then the pieces compressed in parallel:
+    // each is a frame of its own, so the bytes do not depend on the order.
+    let mut pieces: Vec<(usize, usize)> = Vec::new();
     let mut start = 0;
-    let mut first = true;
     let mut pos = 0;
-    let mut cut = |start: usize, end: usize, out: &mut Vec<u8>| -> Result<()> {
-        let piece = &json[start..end];
+    while pos < json.len() {
+        let end = json[pos..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(json.len(), |i| pos + i + 1);
+        if pieces.is_empty() || fnv1a(&json[pos..end]) % CUT_EVERY == 0 || end == json.len() {
+            pieces.push((start, end));
+            start = end;
+        }
+        pos = end;
+    }
+    if start < json.len() {
+        pieces.push((start, json.len()));
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let coded = crate::scan::par_map(&pieces, threads, |&(a, b)| {
+        let piece = &json[a..b];
         if let Some(f) = (!reuse.is_empty())
             .then(|| reuse.get(&Digest::of(piece)))
             .flatten()
         {
-            frames.push(FrameRef {
-                offset: out.len() as u64,
-                len: f.len() as u64,
-                sha256: Digest::of(f).to_hex(),
-            });
-            out.extend_from_slice(f);
-            return Ok(());
+            return Ok(f.clone());
         }
         let mut enc = zstd::stream::write::Encoder::new(Vec::new(), level)?;
         enc.include_checksum(false)?;
         enc.set_pledged_src_size(Some(piece.len() as u64))?;
         std::io::Write::write_all(&mut enc, piece)?;
-        let f = enc.finish().context("compressing the manifest")?;
+        enc.finish().context("compressing the manifest")
+    })?;
+    let mut out = Vec::with_capacity(coded.iter().map(Vec::len).sum());
+    let mut frames = Vec::with_capacity(coded.len());
+    for f in coded {
         frames.push(FrameRef {
             offset: out.len() as u64,
             len: f.len() as u64,
             sha256: Digest::of(&f).to_hex(),
         });
         out.extend_from_slice(&f);
-        Ok(())
-    };
-    while pos < json.len() {
-        let end = json[pos..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(json.len(), |i| pos + i + 1);
-        if first || fnv1a(&json[pos..end]) % CUT_EVERY == 0 || end == json.len() {
-            cut(start, end, &mut out)?;
-            start = end;
-            first = false;
-        }
-        pos = end;
-    }
-    if start < json.len() {
-        cut(start, json.len(), &mut out)?;
     }
     Ok((out, FrameList { frames }))
 }
