@@ -316,9 +316,10 @@ fn largest_new_object(store: &Path, from: &str, to: &str) -> (String, u64) {
 }
 
 /// A private copy of the shared store (hard links; change files only by
-/// replacing them) without pack indexes and manifest frame lists, as an
-/// older publisher wrote it: manifests are fetched whole and objects loose,
-/// one request each (packs and frames are tested in tests/net_disk.rs).
+/// replacing them) without pack indexes, manifest frame lists and update
+/// deltas, as an older publisher wrote it: manifests are fetched whole and
+/// objects loose, one request each (packs and frames are tested in
+/// tests/net_disk.rs, deltas in tests/delta.rs).
 fn store_copy(dst: &Path) -> PathBuf {
     let store = shared_store();
     store.image("v1");
@@ -332,6 +333,7 @@ fn store_copy(dst: &Path) -> PathBuf {
             let _ = std::fs::remove_file(dst.join("images").join(id).join(f));
         }
     }
+    hide_deltas(dst);
     dst.to_path_buf()
 }
 
@@ -1191,7 +1193,8 @@ fn packs_through_a_server_that_ignores_range() {
     let s = scratch("net-norange");
     let root = s.join("root");
     node_at_v1(&root);
-    let (addr, seen) = flaky_server(store.dir.clone());
+    // Without deltas: this is about packs (tests/delta.rs has deltas).
+    let (addr, seen) = flaky_server(shared_store_without_deltas(&s.join("store")));
     let out = apply_url(&format!("http://{addr}/"), &root, &[]).expect_ok();
     let d = download_report(&out);
     let g = seen.lock().expect("lock");

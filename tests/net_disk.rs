@@ -498,7 +498,8 @@ fn bad_disk_images_fail_cleanly_and_release_everything() {
 // Packs.
 
 /// A private copy of the shared store (hard links: replace files, never
-/// rewrite them).
+/// rewrite them) without update deltas: these tests are about packs and
+/// manifest frames (tests/delta.rs has deltas).
 fn store_copy(dst: &Path) -> PathBuf {
     let store = shared_store();
     store.image("v1");
@@ -507,6 +508,7 @@ fn store_copy(dst: &Path) -> PathBuf {
         "cp",
         ["-al".as_ref(), store.dir.as_os_str(), dst.as_os_str()],
     );
+    hide_deltas(dst);
     dst.to_path_buf()
 }
 
@@ -565,7 +567,7 @@ fn v1_to_v2_over_packs_takes_few_requests() {
         let n = imageupd::pack::check_store(&st, id).expect("packs match loose objects");
         assert!(n > 1000, "{id}: only {n} objects");
     }
-    let srv = Server::start(&store.dir, &s.join("serve.log"));
+    let srv = Server::start(&store_copy(&s.join("store")), &s.join("serve.log"));
 
     // Before: the same store without pack indexes (an older publisher).
     let loose = store_copy(&s.join("loose"));
@@ -656,7 +658,10 @@ fn small_update_fetches_only_the_manifest_frames_it_lacks() {
     let whole = std::fs::metadata(store.dir.join("images/v3/manifest.json.zst"))
         .expect("manifest")
         .len();
-    let srv = Server::start(&store.dir, &s.join("serve.log"));
+    let srv = Server::start(
+        &shared_store_without_deltas(&s.join("store")),
+        &s.join("serve.log"),
+    );
     let root = s.join("root");
     node_at_v1(&root);
     let out = imageupd(["apply", "--from", &srv.url, "--id", "v3", "--root"])

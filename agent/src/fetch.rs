@@ -20,6 +20,10 @@
 //!   objects when a prefetch starts, and removed once staging has copied
 //!   everything onto the root (before the quiesce window; a run converging
 //!   after a crash in the swap downloads again only what it still lacks).
+//! - A node on the image the target was published from (`--parent`) first
+//!   tries the target's update delta ([`crate::delta`], [`delta`]): the
+//!   manifest and the objects it needs from one static file, verified the
+//!   same way; whatever the delta does not deliver goes the ways below.
 //! - When the image has a signed pack index ([`crate::pack`]), objects it
 //!   locates are fetched as coalesced byte ranges of packs instead, a few
 //!   requests in all, into the same cache and verified the same way
@@ -48,6 +52,7 @@ use crate::progress::{Bar, Progress};
 use crate::stream::VerifyReader;
 use crate::{fsx, store};
 
+mod delta;
 mod manifest;
 mod packed;
 
@@ -76,8 +81,12 @@ pub struct NetOptions {
     /// Extra CA certificate(s) (PEM) trusted besides the system's roots.
     pub ca_file: Option<PathBuf>,
     /// The node's state directory: the stored manifests there let a new
-    /// manifest be fetched frame by frame ([`crate::mframes`]).
+    /// manifest be fetched frame by frame ([`crate::mframes`]), and the
+    /// current one names the update delta to try ([`crate::delta`]).
     pub state_dir: Option<PathBuf>,
+    /// The node's root: an update delta's patches read the current
+    /// image's files there.
+    pub root: Option<PathBuf>,
 }
 
 impl NetOptions {
@@ -95,6 +104,7 @@ impl NetOptions {
         NetOptions {
             ca_file,
             state_dir: Some(root.join(crate::rootfs::STATE_DIR)),
+            root: Some(root.to_path_buf()),
         }
     }
 }
@@ -122,6 +132,11 @@ pub struct DownloadReport {
     pub packed_objects: u64,
     /// Range requests to packs (included in `requests`).
     pub pack_requests: u64,
+    /// The image whose update delta gave the manifest (and objects), when
+    /// one was used ([`crate::delta`]).
+    pub delta: Option<String>,
+    /// Objects taken from the update delta (included in `objects`).
+    pub delta_objects: u64,
 }
 
 /// An HTTP status that ended a request.
@@ -145,6 +160,7 @@ struct Counters {
     ms: AtomicU64,
     packed: AtomicU64,
     pack_requests: AtomicU64,
+    delta_objects: AtomicU64,
 }
 
 /// One attempt's failure: worth retrying or not.
@@ -161,6 +177,11 @@ pub struct HttpStore {
     cache: OnceLock<Cache>,
     packs: OnceLock<packed::PackCtx>,
     state_dir: Option<PathBuf>,
+    root_dir: Option<PathBuf>,
+    delta: std::sync::Mutex<Option<delta::DeltaCtx>>,
+    /// Set once the store's marker was checked (or a delta proved the
+    /// store's format).
+    store_ok: OnceLock<()>,
 }
 
 impl HttpStore {
@@ -212,7 +233,29 @@ impl HttpStore {
             cache: OnceLock::new(),
             packs: OnceLock::new(),
             state_dir: opts.state_dir.clone(),
+            root_dir: opts.root.clone(),
+            delta: std::sync::Mutex::new(None),
+            store_ok: OnceLock::new(),
         };
+        // A node that may update through a delta checks the marker only
+        // when it needs more than the delta (so a small update is one
+        // request); the delta's own magic and version prove the format.
+        let delta_possible = opts.state_dir.as_ref().is_some_and(|d| {
+            d.join(std::str::from_utf8(crate::record::CURRENT_MANIFEST).unwrap_or("-"))
+                .is_file()
+        });
+        if !delta_possible {
+            h.check_marker()?;
+        }
+        Ok(h)
+    }
+
+    /// Check the store's marker and format (once).
+    fn check_marker(&self) -> Result<()> {
+        if self.store_ok.get().is_some() {
+            return Ok(());
+        }
+        let h = self;
         let marker = h
             .get_small(store::MARKER, MAX_SMALL_BYTES)
             .with_context(|| format!("{} is not a reachable imageupd store", h.url()))?;
@@ -235,7 +278,8 @@ impl HttpStore {
             ))
             .context(ExitKind::Source);
         }
-        Ok(h)
+        let _ = self.store_ok.set(());
+        Ok(())
     }
 
     /// The store's base URL (ends with `/`).
@@ -255,6 +299,7 @@ impl HttpStore {
         crate::manifest::validate_image_id(id)
             .map_err(anyhow::Error::msg)
             .context(ExitKind::Usage)?;
+        self.check_marker()?;
         let m = format!("images/{id}/{}", store::MANIFEST_NAME);
         let by_frames = self.manifest_by_frames(id);
         let stored = by_frames
@@ -411,11 +456,14 @@ impl HttpStore {
         }
         let total: u64 = fetch.iter().map(|(_, s)| *s).sum();
         let bar = progress.bar("download", total);
-        let res = self.prefetch_packed(&cache, fetch, &bar).and_then(|loose| {
-            crate::scan::par_map(&loose, PARALLEL_DOWNLOADS, |(d, size)| {
-                self.fetch_object(&cache, d, *size, &bar)
-            })
-        });
+        let res = self
+            .prefetch_delta(&cache, fetch, &bar)
+            .and_then(|rest| self.prefetch_packed(&cache, &rest, &bar))
+            .and_then(|loose| {
+                crate::scan::par_map(&loose, PARALLEL_DOWNLOADS, |(d, size)| {
+                    self.fetch_object(&cache, d, *size, &bar)
+                })
+            });
         bar.finish();
         self.counters
             .ms
@@ -616,6 +664,13 @@ impl HttpStore {
             ms: g(&c.ms),
             packed_objects: g(&c.packed),
             pack_requests: g(&c.pack_requests),
+            delta: self
+                .delta
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|c| c.from().to_string()),
+            delta_objects: g(&c.delta_objects),
         }
     }
 }
@@ -633,7 +688,7 @@ pub fn drop_cache(state: BorrowedFd<'_>) -> Result<u64> {
 
 /// The largest body a zstd frame of `size` content bytes can need, in bytes
 /// (`ZSTD_compressBound` plus frame header slack).
-fn max_compressed(size: u64) -> u64 {
+pub(crate) fn max_compressed(size: u64) -> u64 {
     size + (size >> 8) + 128 * 1024
 }
 

@@ -24,6 +24,7 @@ pub mod backoff;
 pub mod cmd;
 pub mod config;
 pub mod dbus;
+pub mod delta;
 pub mod disk;
 pub mod error;
 pub mod fastmap;

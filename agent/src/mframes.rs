@@ -65,40 +65,83 @@ fn fnv1a(b: &[u8]) -> u64 {
 /// Compress manifest JSON (one entry per line) into content-defined frames
 /// at zstd `level`; returns the stored bytes and the frame list.
 pub fn encode(json: &[u8], level: i32) -> Result<(Vec<u8>, FrameList)> {
-    let mut out = Vec::with_capacity(json.len() / 6);
-    let mut frames = Vec::new();
+    encode_reusing(json, level, &HashMap::new())
+}
+
+/// The frames of stored manifest bytes keyed by the sha256 of their
+/// decompressed piece of JSON (for [`encode_reusing`]).
+pub fn frames_by_piece(stored: &[u8]) -> Result<HashMap<Digest, Vec<u8>>> {
+    let mut map = HashMap::new();
+    for f in split(stored)? {
+        let mut piece = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(zstd::stream::read::Decoder::new(f)?, MAX_PIECE_BYTES + 1),
+            &mut piece,
+        )
+        .context("decompressing a manifest frame")?;
+        if piece.len() as u64 > MAX_PIECE_BYTES {
+            bail!("manifest frame larger than {MAX_PIECE_BYTES} bytes");
+        }
+        map.insert(Digest::of(&piece), f.to_vec());
+    }
+    Ok(map)
+}
+
+/// Largest decompressed frame [`frames_by_piece`] takes, in bytes.
+const MAX_PIECE_BYTES: u64 = 64 << 20;
+
+/// [`encode`], taking a frame from `reuse` (see [`frames_by_piece`])
+/// instead of compressing its piece again: the same bytes as [`encode`]
+/// when those frames were made by it at the same level, in much less time
+/// (a node rebuilding a manifest from an update delta, [`crate::delta`]).
+pub fn encode_reusing(
+    json: &[u8],
+    level: i32,
+    reuse: &HashMap<Digest, Vec<u8>>,
+) -> Result<(Vec<u8>, FrameList)> {
+    // Cut points first (cheap), then the pieces compressed in parallel:
+    // each is a frame of its own, so the bytes do not depend on the order.
+    let mut pieces: Vec<(usize, usize)> = Vec::new();
     let mut start = 0;
-    let mut first = true;
     let mut pos = 0;
-    let mut cut = |start: usize, end: usize, out: &mut Vec<u8>| -> Result<()> {
-        let piece = &json[start..end];
+    while pos < json.len() {
+        let end = json[pos..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(json.len(), |i| pos + i + 1);
+        if pieces.is_empty() || fnv1a(&json[pos..end]) % CUT_EVERY == 0 || end == json.len() {
+            pieces.push((start, end));
+            start = end;
+        }
+        pos = end;
+    }
+    if start < json.len() {
+        pieces.push((start, json.len()));
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let coded = crate::scan::par_map(&pieces, threads, |&(a, b)| {
+        let piece = &json[a..b];
+        if let Some(f) = (!reuse.is_empty())
+            .then(|| reuse.get(&Digest::of(piece)))
+            .flatten()
+        {
+            return Ok(f.clone());
+        }
         let mut enc = zstd::stream::write::Encoder::new(Vec::new(), level)?;
         enc.include_checksum(false)?;
         enc.set_pledged_src_size(Some(piece.len() as u64))?;
         std::io::Write::write_all(&mut enc, piece)?;
-        let f = enc.finish().context("compressing the manifest")?;
+        enc.finish().context("compressing the manifest")
+    })?;
+    let mut out = Vec::with_capacity(coded.iter().map(Vec::len).sum());
+    let mut frames = Vec::with_capacity(coded.len());
+    for f in coded {
         frames.push(FrameRef {
             offset: out.len() as u64,
             len: f.len() as u64,
             sha256: Digest::of(&f).to_hex(),
         });
         out.extend_from_slice(&f);
-        Ok(())
-    };
-    while pos < json.len() {
-        let end = json[pos..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(json.len(), |i| pos + i + 1);
-        if first || fnv1a(&json[pos..end]) % CUT_EVERY == 0 || end == json.len() {
-            cut(start, end, &mut out)?;
-            start = end;
-            first = false;
-        }
-        pos = end;
-    }
-    if start < json.len() {
-        cut(start, json.len(), &mut out)?;
     }
     Ok((out, FrameList { frames }))
 }

@@ -8,7 +8,8 @@
 //! [`crate::disk`]).
 //!
 //! Besides loose objects, every image gets packs and a signed pack index
-//! ([`crate::pack`]) so that HTTP clients need few requests.
+//! ([`crate::pack`]) so that HTTP clients need few requests, and an image
+//! published with `--parent P` an update delta from P ([`crate::delta`]).
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -66,6 +67,9 @@ pub struct PublishReport {
     pub disks: Vec<crate::disk::DiskEntry>,
     /// Packs written for HTTP clients.
     pub packs: crate::pack::PackReport,
+    /// The update delta from the parent image (`--parent` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta: Option<crate::delta::DeltaReport>,
     /// Wall time in ms.
     pub duration_ms: u64,
 }
@@ -233,6 +237,16 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
         &st.image_dir(&m.id).join(crate::mframes::FRAMES_NAME),
         &serde_json::to_vec(&frames)?,
     )?;
+    let delta = match opts.parent.as_deref() {
+        Some(p) => {
+            progress.line(&format!("writing the update delta from {p}"));
+            Some(
+                crate::delta::build(&st, &m, &stored, sig.as_deref(), p, opts.threads)
+                    .with_context(|| format!("writing the update delta from {p:?}"))?,
+            )
+        }
+        None => None,
+    };
     let disks = match disk {
         Some(d) => vec![d.install(&st, &m.id)?],
         None => Vec::new(),
@@ -249,6 +263,7 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
         kernel: m.kernel.as_ref().map(|k| k.release.clone()),
         disks,
         packs,
+        delta,
         duration_ms: t0.elapsed().as_millis() as u64,
     })
 }

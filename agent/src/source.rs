@@ -110,8 +110,24 @@ impl Source {
                 verify_stored(id, stored, sig, trust)
             }
             Source::Http(h) => {
-                let (stored, sig) = h.read_manifest_raw(id)?;
-                let r = verify_stored(id, stored, sig, trust)?;
+                // An update delta from the node's image first; a manifest
+                // rebuilt from it passes the same checks as a downloaded one,
+                // and when it does not, the manifest is downloaded.
+                let by_delta = h.manifest_from_delta(id).and_then(|(stored, sig)| {
+                    verify_stored(id, stored, sig, trust)
+                        .inspect_err(|e| {
+                            tracing::warn!("the manifest from the update delta is refused ({e:#}); downloading it");
+                            h.drop_delta();
+                        })
+                        .ok()
+                });
+                let r = match by_delta {
+                    Some(r) => r,
+                    None => {
+                        let (stored, sig) = h.read_manifest_raw(id)?;
+                        verify_stored(id, stored, sig, trust)?
+                    }
+                };
                 // Packs are looked up (lazily, at the fetch step) for this image.
                 h.use_packs(id, &r, trust);
                 Ok(r)

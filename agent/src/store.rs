@@ -8,6 +8,7 @@
 //! STORE/images/<id>/manifest.frames.json  the manifest's zstd frames (crate::mframes)
 //! STORE/images/<id>/packs.idx.zst        where the image's objects sit in packs (crate::pack)
 //! STORE/images/<id>/packs.idx.zst.sig    its detached ed25519 signature
+//! STORE/images/<id>/deltas/<parent>.delta  update from the parent (publish --parent; crate::delta)
 //! STORE/packs/<sha256>.pack              concatenated object frames (immutable)
 //! STORE/disks/<id>/<name>, SHA256SUMS    a published disk image (crate::disk)
 //! STORE/index.json                       list of images (the only mutable file)

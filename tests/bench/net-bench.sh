@@ -7,7 +7,8 @@
 #
 # Compares, for v1 -> v2 (package update) and v1 -> v3 (one binary), and a
 # first full install of v1:
-#   * imageupd apply from `imageupd serve` on loopback, with packs and with
+#   * imageupd apply from `imageupd serve` on loopback: through the update
+#     delta (v2, v3 published with --parent v1), with packs (deltas hidden) and with
 #     loose objects only (pack indexes hidden, as an older publisher);
 #   * rsync -az --delete from an rsync daemon on loopback (--stats bytes);
 #   * OSTree: an archive repo served by nginx, `ostree pull` of objects and

@@ -8,6 +8,8 @@ loopback; every server it starts is stopped at the end. Environment:
   BENCH_DIR           scratch (default /var/tmp/imageupd-net-bench)
   BENCH_WRK_SECONDS   duration of one throughput run (default 10)
   IMAGEUPD_TEST_CACHE fixture trees (default /var/cache/imageupd-test)
+  BENCH_REPORT_ONLY   set: only rewrite the results from the last run's raw
+                      numbers (BENCH_DIR/net-bench-raw.json)
 """
 
 import hashlib
@@ -91,6 +93,8 @@ def med(xs):
 
 
 def kib(n):
+    if n < 10 * 1024:
+        return f"{n:,.0f} B"
     return f"{n / 1024:,.0f} KiB"
 
 
@@ -199,12 +203,38 @@ def empty_root(key):
     return r
 
 
-def imageupd_apply(url, root, to):
+def imageupd_apply(url, root, to, rss=False):
+    """One apply; with RSS, its peak RSS (KiB) through /usr/bin/time."""
     t0 = time.time()
-    j = json.loads(run([BIN, "apply", "--from", url, "--id", to, "--root", str(root), "--json"]))
+    cmd = [BIN, "apply", "--from", url, "--id", to, "--root", str(root), "--json"]
+    rss_file = WORK / "apply-rss.txt"
+    if rss and Path("/usr/bin/time").exists():
+        cmd = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file)] + cmd
+    else:
+        rss = False
+    j = json.loads(run(cmd))
     d = j["download"]
-    return {"bytes": d["bytes"], "requests": d["requests"], "wall": time.time() - t0,
-            "objects": d["objects"]}
+    r = {"bytes": d["bytes"], "requests": d["requests"], "wall": time.time() - t0,
+         "objects": d["objects"], "delta": d.get("delta"),
+         "delta_objects": d.get("delta_objects", 0)}
+    if rss:
+        r["rss_kib"] = int(rss_file.read_text().split()[-1])
+    return r
+
+
+def without(src, dst, names):
+    """A hard-linked copy of store SRC at DST without the files (or
+    directories) NAMES under each images/<id>/."""
+    shutil.rmtree(dst, ignore_errors=True)
+    run(["cp", "-al", str(src), str(dst)])
+    for i in ("v1", "v2", "v3"):
+        for f in names:
+            p = dst / "images" / i / f
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    return dst
 
 
 # ---------------------------------------------------------------------------
@@ -401,29 +431,33 @@ def main():
     if RUNS < 5:
         raise SystemExit("BENCH_RUNS must be >= 5")
     WORK.mkdir(parents=True, exist_ok=True)
-    for stale in ("store", "store-loose", "template-v1", "root", "root-empty"):
+    for stale in ("store", "store-loose", "store-nodelta", "template-v1", "root", "root-empty"):
         shutil.rmtree(WORK / stale, ignore_errors=True)
     key = WORK / "bench.key"
     if not key.exists():
         run([BIN, "keygen", "--out", str(key)])
     store = WORK / "store"
     reps = publish(store, key)
-    # The same store as an older publisher wrote it (no pack indexes).
-    loose = WORK / "store-loose"
-    run(["cp", "-al", str(store), str(loose)])
-    for i in ("v1", "v2", "v3"):
-        for f in ("packs.idx.zst", "packs.idx.zst.sig"):
-            (loose / "images" / i / f).unlink()
+    # The same store without update deltas (as published without --parent),
+    # and as an older publisher wrote it (no pack indexes, no deltas).
+    nodelta = without(store, WORK / "store-nodelta", ("deltas",))
+    loose = without(store, WORK / "store-loose", ("packs.idx.zst", "packs.idx.zst.sig", "deltas"))
     tmpl = template(store, key)
 
     srv, url = serve(store)
+    srv_nodelta, url_nodelta = serve(nodelta)
     srv_loose, url_loose = serve(loose)
     rows = {}
     for to in ("v2", "v3"):
-        for name, u in (("imageupd (packs)", url), ("imageupd (loose objects)", url_loose)):
-            rs = [imageupd_apply(u, fresh_root(tmpl), to) for _ in range(RUNS)]
+        for name, u in (("imageupd (delta)", url), ("imageupd (packs, no delta)", url_nodelta),
+                        ("imageupd (loose objects)", url_loose)):
+            rs = [imageupd_apply(u, fresh_root(tmpl), to, rss=(name == "imageupd (delta)"))
+                  for _ in range(RUNS)]
             rows[(to, name)] = rs
-            log(f"v1 -> {to} {name}: {rs[0]['bytes']} bytes, {rs[0]['requests']} requests")
+            log(f"v1 -> {to} {name}: {rs[0]['bytes']} bytes, {rs[0]['requests']} requests, "
+                f"delta {rs[0]['delta']} ({rs[0]['delta_objects']} objects)")
+            if name == "imageupd (delta)" and rs[0]["delta"] != "v1":
+                raise SystemExit(f"v1 -> {to}: the delta was not used: {rs[0]}")
     for name, u in (("imageupd (packs)", url), ("imageupd (loose objects)", url_loose)):
         rs = [imageupd_apply(u, empty_root(key), "v1") for _ in range(RUNS)]
         rows[("full", name)] = rs
@@ -464,8 +498,19 @@ def main():
     finally:
         ngx.stop()
     stop(srv)
+    stop(srv_nodelta)
     stop(srv_loose)
+    raw = {"reps": reps, "rows": [[k[0], k[1], v] for k, v in rows.items()], "floors": floors,
+           "tarz": tarz, "tput": [[k[0], k[1], v] for k, v in tput.items()], "rss": rss}
+    (WORK / "net-bench-raw.json").write_text(json.dumps(raw))
     write_results(reps, rows, floors, tarz, tput, rss)
+
+
+def report_only():
+    """Write the results again from the last run's raw numbers."""
+    raw = json.loads((WORK / "net-bench-raw.json").read_text())
+    write_results(raw["reps"], {(a, b): v for a, b, v in raw["rows"]}, raw["floors"], raw["tarz"],
+                  {(a, b): v for a, b, v in raw["tput"]}, raw["rss"])
 
 
 def write_results(reps, rows, floors, tarz, tput, rss):
@@ -475,12 +520,17 @@ def write_results(reps, rows, floors, tarz, tput, rss):
              f"medians of {RUNS} runs on loopback; machine: {os.cpu_count()} cores. "
              f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n")
     L.append("## Publish\n")
-    L.append("| image | new objects | compressed | new packs | pack bytes | pack index | wall |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|")
+    L.append("| image | new objects | compressed | new packs | pack bytes | pack index "
+             "| delta from parent (objects, patches) | delta build | wall |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for i, r in reps.items():
         p = r["packs"]
+        dl = r.get("delta")
+        dcol = (f"{kib(dl['bytes'])} ({dl['objects']}, {dl['patched_objects']})", f"{dl['ms'] / 1000:.1f} s") \
+            if dl else ("–", "–")
         L.append(f"| {i} | {r['new_objects']} | {kib(r['new_object_bytes'])} | {p['new_packs']} | "
-                 f"{kib(p['new_pack_bytes'])} | {kib(p['index_bytes'])} | {r['wall_s']:.1f} s |")
+                 f"{kib(p['new_pack_bytes'])} | {kib(p['index_bytes'])} | {dcol[0]} | {dcol[1]} | "
+                 f"{r['wall_s']:.1f} s |")
     for to, title in (("v2", "v1 → v2 (package update)"), ("v3", "v1 → v3 (one binary)"),
                       ("full", "first full install of v1")):
         L.append(f"\n## {title}\n")
@@ -496,17 +546,30 @@ def write_results(reps, rows, floors, tarz, tput, rss):
                      f"{kib(floors[to][0])} | – | – |")
         else:
             L.append(f"| `tar --zstd` (zstd -19) of the tree | {kib(tarz)} | – | – |")
-        ours = med([r["bytes"] for r in rows[(to, "imageupd (packs)")]])
-        oreq = med([r["requests"] for r in rows[(to, "imageupd (packs)")]])
+        main_row = "imageupd (packs)" if to == "full" else "imageupd (delta)"
+        ours = med([r["bytes"] for r in rows[(to, main_row)]])
+        oreq = med([r["requests"] for r in rows[(to, main_row)]])
         rs = med([r["bytes"] for r in rows[(to, "rsync -az (daemon)")]])
         L.append("")
-        L.append(f"- bytes / rsync -az = **{ours / rs:.2f}** (target ≤ 0.8)")
+        L.append(f"Ratios of `{main_row}`:\n")
+        r_rs = ours / rs
+        L.append(f"- bytes / rsync -az = **{r_rs:.2f}** (target ≤ 0.8)" if r_rs >= 0.01
+                 else f"- bytes / rsync -az = **{r_rs:.4f}** (target ≤ 0.8)")
         if to in floors:
             L.append(f"- bytes / floor = **{ours / floors[to][0]:.2f}** (target ≤ 1.1)")
             osr = med([r["requests"] for r in rows[(to, "OSTree pull (objects)")]])
             L.append(f"- requests / OSTree object pull = **{oreq / osr:.3f}** (target ≤ 0.1)")
             osd = med([r["bytes"] for r in rows[(to, "OSTree pull (static delta)")]])
             L.append(f"- bytes / OSTree static delta = **{ours / osd:.2f}**")
+            L.append(f"- HTTP requests: **{oreq:.0f}** (OSTree object pull: {osr:.0f})"
+                     + (" — one request is the minimum" if oreq <= 1 else ""))
+            if floors[to][0] < 1024:
+                L.append("- (the floor counts only the changed file's patch, not the manifest "
+                         "change and signature a node also needs)")
+            apply_rss = [r["rss_kib"] for r in rows[(to, main_row)] if "rss_kib" in r]
+            if apply_rss:
+                L.append(f"- peak RSS of `imageupd apply` through the delta: "
+                         f"**{max(apply_rss) / 1024:.1f} MiB**")
         else:
             L.append(f"- bytes / tar --zstd -19 = **{ours / tarz:.2f}** (target ≤ 1.1)")
     L.append("\n## Publisher throughput (64 connections, wrk, loopback)\n")
@@ -523,6 +586,9 @@ def write_results(reps, rows, floors, tarz, tput, rss):
 
 
 if __name__ == "__main__":
+    if os.environ.get("BENCH_REPORT_ONLY"):
+        report_only()
+        sys.exit(0)
     try:
         main()
     finally:

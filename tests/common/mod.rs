@@ -1358,3 +1358,34 @@ pub fn write_script(path: &Path, body: &str) {
     std::fs::write(path, format!("#!/bin/sh\n{body}\n")).expect("write script");
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod script");
 }
+
+/// Remove the update deltas (`images/*/deltas/`) from STORE, a private
+/// (hard-linked) copy: nodes then update through packs, loose objects and
+/// manifest frames, as from a store published without `--parent`.
+pub fn hide_deltas(store: &Path) {
+    let Ok(images) = std::fs::read_dir(store.join("images")) else {
+        return;
+    };
+    for e in images.flatten() {
+        let d = e.path().join("deltas");
+        if d.is_dir() {
+            std::fs::remove_dir_all(&d)
+                .unwrap_or_else(|err| panic!("removing {}: {err}", d.display()));
+        }
+    }
+}
+
+/// A hard-linked copy of the shared store at DST without update deltas
+/// (see [`hide_deltas`]), holding at least images v1, v2 and v3.
+pub fn shared_store_without_deltas(dst: &Path) -> PathBuf {
+    let store = shared_store();
+    for id in ["v1", "v2", "v3"] {
+        store.image(id);
+    }
+    cmd(
+        "cp",
+        [OsStr::new("-al"), store.dir.as_os_str(), dst.as_os_str()],
+    );
+    hide_deltas(dst);
+    dst.to_path_buf()
+}

@@ -1,0 +1,457 @@
+//! Update deltas (`publish --parent`, `images/<id>/deltas/<parent>.delta`)
+//! over `imageupd serve` on loopback, on the real fixture trees:
+//!
+//! - v1 → v3 (one binary changed) is exactly one HTTP request; the node then
+//!   goes v3 → v2, for which no delta exists (another image): packs;
+//! - v1 → v2 (a package update) in at most three requests, every object
+//!   from the delta;
+//! - a node whose reference file for a patch has drifted: that object comes
+//!   from the store the usual way, the rest from the delta;
+//! - a payload damaged on the server: the objects before the damage are
+//!   kept (verified), the delta is dropped and the rest comes from packs —
+//!   the apply succeeds (nothing unverified is ever kept);
+//! - a damaged manifest patch, or a wrong embedded signature: the manifest is
+//!   downloaded instead; a delta can never make a manifest trusted that the
+//!   node's keys do not trust (wrongly signed or unsigned: exit 4, root
+//!   untouched).
+//!
+//! Every successful apply is checked by the rsync and metadata oracles and
+//! `verify --checksum`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use common::*;
+use imageupd::delta::{Header, Kind};
+
+/// How long a server may take to come up.
+const STARTUP: Duration = Duration::from_secs(20);
+
+/// A running `imageupd serve` (access log in a file), killed when dropped.
+struct Server {
+    child: Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl Server {
+    #[track_caller]
+    fn start(store: &Path, log: &Path) -> Server {
+        let (mut c, desc) = imageupd(["serve", "--store"])
+            .arg(store)
+            .args(["--listen", "127.0.0.1:0"])
+            .into_command();
+        let logf = std::fs::File::create(log).expect("create server log");
+        c.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(logf)
+            .env("IMAGEUPD_LOG", "info");
+        let mut child = c
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {desc}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = match rx.recv_timeout(STARTUP) {
+            Ok(l) if l.starts_with("listening on ") => l,
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{desc} did not start ({other:?})");
+            }
+        };
+        let url = line
+            .split_whitespace()
+            .nth(2)
+            .expect("URL in the listening line")
+            .to_string();
+        Server {
+            child,
+            url,
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// The GET requests logged so far (one line each).
+    fn gets(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"GET /"))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A node at v1 that imageupd manages already (state directory and all).
+#[track_caller]
+fn node_at(id: &str, root: &Path) {
+    let store = shared_store();
+    make_root(&store.image(id), root, &store.key);
+    apply(&store.dir, id, root, &[]).expect_ok();
+}
+
+/// `imageupd apply --from URL --id ID --root ROOT --json`.
+fn apply_url(url: &str, id: &str, root: &Path) -> Out {
+    imageupd(["apply", "--from", url, "--id", id, "--root"])
+        .arg(root)
+        .arg("--json")
+        .env("IMAGEUPD_LOG", "info")
+        .run()
+}
+
+fn download(out: &Out) -> serde_json::Value {
+    let d = out.json()["download"].clone();
+    assert!(d.is_object(), "no download block\n{}", out.describe());
+    d
+}
+
+fn fetch_objects(out: &Out) -> u64 {
+    out.json()["plan"]["fetch_objects"]
+        .as_u64()
+        .expect("plan.fetch_objects")
+}
+
+/// A private (hard-linked) copy of the shared store with v1, v2 and v3.
+fn store_copy(dst: &Path) -> PathBuf {
+    let store = shared_store();
+    for id in ["v1", "v2", "v3"] {
+        store.image(id);
+    }
+    cmd(
+        "cp",
+        [
+            std::ffi::OsStr::new("-al"),
+            store.dir.as_os_str(),
+            dst.as_os_str(),
+        ],
+    );
+    dst.to_path_buf()
+}
+
+/// The delta file v1 → ID in STORE.
+fn delta_path(store: &Path, id: &str) -> PathBuf {
+    store.join("images").join(id).join("deltas/v1.delta")
+}
+
+/// A delta's parts: header, manifest patch, payload.
+fn split_delta(bytes: &[u8]) -> (Header, Vec<u8>, Vec<u8>) {
+    let (h, at) = Header::parse(bytes).expect("parse the delta header");
+    let p = at + h.mpatch_len as usize;
+    (h, bytes[at..p].to_vec(), bytes[p..].to_vec())
+}
+
+/// Replace (never rewrite: the copy shares inodes) the delta v1 → ID in
+/// STORE with what EDIT makes of its parts.
+fn edit_delta(store: &Path, id: &str, edit: impl FnOnce(&mut Header, &mut Vec<u8>, &mut Vec<u8>)) {
+    let p = delta_path(store, id);
+    let (mut h, mut mpatch, mut payload) = split_delta(&std::fs::read(&p).expect("read delta"));
+    edit(&mut h, &mut mpatch, &mut payload);
+    h.mpatch_len = mpatch.len() as u64;
+    h.payload_len = payload.len() as u64;
+    let mut out = h.encode();
+    out.extend_from_slice(&mpatch);
+    out.extend_from_slice(&payload);
+    std::fs::remove_file(&p).expect("unlink delta");
+    std::fs::write(&p, out).expect("write delta");
+}
+
+#[test]
+fn one_binary_update_is_one_request_and_other_images_use_packs() {
+    let store = shared_store();
+    let v3 = store.image("v3");
+    let v2 = store.image("v2");
+    let s = scratch("delta-v3");
+    let whole = std::fs::metadata(store.dir.join("images/v3/manifest.json.zst"))
+        .expect("manifest")
+        .len();
+    let srv = Server::start(&store.dir, &s.join("serve.log"));
+    let root = s.join("root");
+    node_at("v1", &root);
+    let out = apply_url(&srv.url, "v3", &root).expect_ok();
+    let d = download(&out);
+    eprintln!("v1 -> v3 through the delta: {d}");
+    assert_eq!(d["delta"].as_str(), Some("v1"), "{}", out.describe());
+    assert_eq!(d["requests"].as_u64(), Some(1), "{}", out.describe());
+    let gets = srv.gets();
+    assert_eq!(gets.len(), 1, "the server saw {gets:#?}");
+    assert!(gets[0].contains("/images/v3/deltas/v1.delta"), "{gets:?}");
+    let fetch = fetch_objects(&out);
+    assert!(fetch >= 1, "{}", out.describe());
+    assert_eq!(d["delta_objects"].as_u64(), Some(fetch), "{d}");
+    assert_eq!(d["objects"].as_u64(), Some(fetch), "{d}");
+    let bytes = d["bytes"].as_u64().expect("bytes");
+    assert!(
+        bytes * 20 < whole && bytes < 16 * 1024,
+        "v1 -> v3 downloaded {bytes} bytes (the manifest alone is {whole}): {d}"
+    );
+    assert_applied(&v3, &root, "v3", "v1 -> v3 through the delta");
+
+    // v3 -> v2: v2 has a delta from v1 only; this node takes the usual way.
+    let out = apply_url(&srv.url, "v2", &root).expect_ok();
+    let d = download(&out);
+    assert!(d["delta"].is_null(), "{d}");
+    assert_eq!(d["delta_objects"].as_u64(), Some(0), "{d}");
+    assert_eq!(
+        d["packed_objects"].as_u64(),
+        Some(fetch_objects(&out)),
+        "{d}"
+    );
+    assert_applied(&v2, &root, "v2", "v3 -> v2 without a delta");
+}
+
+#[test]
+fn package_update_through_the_delta() {
+    let store = shared_store();
+    store.image("v1");
+    let v2 = store.image("v2");
+    let s = scratch("delta-v2");
+    let srv = Server::start(&store.dir, &s.join("serve.log"));
+    let root = s.join("root");
+    node_at("v1", &root);
+    let before = snapshot_root(&root);
+    let plan = imageupd(["plan", "--from", &srv.url, "--id", "v2", "--root"])
+        .arg(&root)
+        .arg("--json")
+        .ok();
+    assert!(
+        plan.json()["plan"]["fetch_objects"].as_u64().unwrap_or(0) > 100,
+        "{}",
+        plan.describe()
+    );
+    assert_unchanged(&root, &before, "plan through a delta");
+    let out = apply_url(&srv.url, "v2", &root).expect_ok();
+    let d = download(&out);
+    eprintln!("v1 -> v2 through the delta: {d}");
+    let fetch = fetch_objects(&out);
+    assert_eq!(d["delta"].as_str(), Some("v1"), "{d}");
+    assert_eq!(d["delta_objects"].as_u64(), Some(fetch), "{d}");
+    assert_eq!(d["objects"].as_u64(), Some(fetch), "{d}");
+    assert_eq!(d["packed_objects"].as_u64(), Some(0), "{d}");
+    let req = d["requests"].as_u64().expect("requests");
+    assert!(req <= 3, "v1 -> v2 took {req} requests: {d}");
+    let file = std::fs::metadata(delta_path(&store.dir, "v2"))
+        .expect("delta")
+        .len();
+    let bytes = d["bytes"].as_u64().expect("bytes");
+    assert!(
+        bytes <= file + 1024,
+        "{bytes} bytes downloaded; the delta is {file}: {d}"
+    );
+    assert_applied(&v2, &root, "v2", "v1 -> v2 through the delta");
+}
+
+#[test]
+fn drifted_reference_comes_from_the_store() {
+    let store = shared_store();
+    store.image("v1");
+    let v2 = store.image("v2");
+    let (h, _, _) = split_delta(&std::fs::read(delta_path(&store.dir, "v2")).expect("delta"));
+    let rel = h
+        .objects
+        .iter()
+        .find_map(|o| match &o.kind {
+            Kind::Patch { path, .. } => Some(path.clone()),
+            Kind::Full => None,
+        })
+        .expect("v2's delta has a patch object (a changed file)");
+    // Relative bytes (the Display form starts with '/').
+    let path = String::from_utf8(rel.0.clone()).expect("UTF-8 path");
+    assert!(!path.is_empty() && !path.starts_with('/'), "{path:?}");
+    let s = scratch("delta-drift");
+    let srv = Server::start(&store.dir, &s.join("serve.log"));
+    let root = s.join("root");
+    node_at("v1", &root);
+    // The node's copy of the patch's reference is not what v1 had.
+    let f = root.join(&path);
+    assert!(f.starts_with(&root), "{}", f.display());
+    let mut content = std::fs::read(&f).expect("reference file");
+    content.extend_from_slice(b"\n# local edit\n");
+    std::fs::write(&f, content).expect("edit the reference file");
+    let out = apply_url(&srv.url, "v2", &root).expect_ok();
+    let d = download(&out);
+    let fetch = fetch_objects(&out);
+    assert_eq!(d["delta"].as_str(), Some("v1"), "{d}");
+    assert_eq!(
+        d["delta_objects"].as_u64(),
+        Some(fetch - 1),
+        "every object but {path}'s from the delta: {d}"
+    );
+    assert_eq!(d["objects"].as_u64(), Some(fetch), "{d}");
+    assert!(
+        out.all_output().contains(&path),
+        "the log names {path}\n{}",
+        out.describe()
+    );
+    assert_applied(&v2, &root, "v2", "v1 -> v2 with a drifted reference");
+}
+
+#[test]
+fn damaged_payload_falls_back_to_packs() {
+    let s = scratch("delta-payload");
+    let store = store_copy(&s.join("store"));
+    let v2 = shared_store().image("v2");
+    edit_delta(&store, "v2", |_, _, payload| {
+        let mid = payload.len() / 2;
+        payload[mid] ^= 0x5a;
+    });
+    let srv = Server::start(&store, &s.join("serve.log"));
+    let root = s.join("root");
+    node_at("v1", &root);
+    let out = apply_url(&srv.url, "v2", &root).expect_ok();
+    let d = download(&out);
+    let fetch = fetch_objects(&out);
+    eprintln!("v1 -> v2, payload damaged: {d}");
+    assert_eq!(
+        d["delta"].as_str(),
+        Some("v1"),
+        "the manifest came from the delta: {d}"
+    );
+    let from_delta = d["delta_objects"].as_u64().expect("delta_objects");
+    assert!(from_delta < fetch, "{d}");
+    assert_eq!(d["objects"].as_u64(), Some(fetch), "{d}");
+    assert!(
+        d["packed_objects"].as_u64().unwrap_or(0) > 0,
+        "the rest came from packs: {d}"
+    );
+    assert!(
+        out.all_output().contains("dropped"),
+        "the log says the delta was dropped\n{}",
+        out.describe()
+    );
+    assert_applied(&v2, &root, "v2", "v1 -> v2 with a damaged delta payload");
+}
+
+#[test]
+fn a_delta_never_makes_a_manifest_trusted() {
+    let shared = shared_store();
+    let v2 = shared.image("v2");
+    let s = scratch("delta-trust");
+    let root = s.join("root");
+    node_at("v1", &root);
+    let before = snapshot_root(&root);
+    let other = keygen(s.path(), "other");
+    let other_key = imageupd::sign::load_secret(&other.secret).expect("other key");
+    let stored = std::fs::read(shared.dir.join("images/v2/manifest.json.zst")).expect("manifest");
+    let forged = imageupd::sign::sign(&other_key, &stored);
+
+    // Signed by a key the node does not trust, in the delta and the store.
+    let store = store_copy(&s.join("wrong-key"));
+    edit_delta(&store, "v2", |h, _, _| h.sig = Some(forged.clone()));
+    let sig = store.join("images/v2/manifest.json.zst.sig");
+    std::fs::remove_file(&sig).expect("unlink sig");
+    std::fs::write(&sig, &forged).expect("write sig");
+    let srv = Server::start(&store, &s.join("serve-wrong-key.log"));
+    let out = apply_url(&srv.url, "v2", &root).expect_code(EXIT_UNTRUSTED);
+    assert_unchanged(&root, &before, "a wrongly signed delta");
+    drop(srv);
+    let _ = out;
+
+    // Unsigned, in the delta and the store.
+    let store = store_copy(&s.join("unsigned"));
+    edit_delta(&store, "v2", |h, _, _| h.sig = None);
+    std::fs::remove_file(store.join("images/v2/manifest.json.zst.sig")).expect("unlink sig");
+    let srv = Server::start(&store, &s.join("serve-unsigned.log"));
+    apply_url(&srv.url, "v2", &root).expect_code(EXIT_UNTRUSTED);
+    assert_unchanged(&root, &before, "an unsigned delta");
+    drop(srv);
+
+    // A wrong signature in the delta only: the manifest is downloaded with
+    // the store's signature, the delta not used.
+    let store = store_copy(&s.join("bad-sig"));
+    edit_delta(&store, "v2", |h, _, _| h.sig = Some(forged.clone()));
+    let srv = Server::start(&store, &s.join("serve-bad-sig.log"));
+    let out = apply_url(&srv.url, "v2", &root).expect_ok();
+    let d = download(&out);
+    assert!(d["delta"].is_null(), "{d}");
+    assert_eq!(d["delta_objects"].as_u64(), Some(0), "{d}");
+    assert!(
+        srv.gets()
+            .iter()
+            .any(|l| l.contains("/images/v2/manifest.json.zst.sig")),
+        "the store's signature was fetched: {:#?}",
+        srv.gets()
+    );
+    assert_applied(&v2, &root, "v2", "v1 -> v2, wrong signature in the delta");
+    drop(srv);
+
+    // A damaged manifest patch: the rebuilt manifest does not match, the
+    // manifest is downloaded.
+    let root = s.join("root2");
+    node_at("v1", &root);
+    let store = store_copy(&s.join("bad-patch"));
+    edit_delta(&store, "v2", |_, mpatch, _| {
+        let mid = mpatch.len() / 2;
+        mpatch[mid] ^= 0x21;
+    });
+    let srv = Server::start(&store, &s.join("serve-bad-patch.log"));
+    let out = apply_url(&srv.url, "v2", &root).expect_ok();
+    let d = download(&out);
+    assert!(d["delta"].is_null(), "{d}");
+    assert_eq!(d["delta_objects"].as_u64(), Some(0), "{d}");
+    assert_applied(&v2, &root, "v2", "v1 -> v2, damaged manifest patch");
+}
+
+#[test]
+fn delta_through_a_server_that_ignores_range() {
+    // Python's http.server answers every GET with the whole file (200): the
+    // delta comes in one request and is used from memory.
+    let store = shared_store();
+    store.image("v1");
+    let v2 = store.image("v2");
+    let s = scratch("delta-norange");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let log = std::fs::File::create(s.join("http.log")).expect("log");
+    let mut child = std::process::Command::new("python3")
+        .args(["-m", "http.server", "--bind", "127.0.0.1", "--directory"])
+        .arg(&store.dir)
+        .arg(port.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("python3 -m http.server");
+    let t0 = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t0.elapsed() < STARTUP, "http.server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let root = s.join("root");
+    node_at("v1", &root);
+    let out = apply_url(&format!("http://127.0.0.1:{port}/"), "v2", &root);
+    let _ = child.kill();
+    let _ = child.wait();
+    let out = out.expect_ok();
+    let d = download(&out);
+    assert_eq!(d["delta"].as_str(), Some("v1"), "{d}");
+    assert_eq!(d["requests"].as_u64(), Some(1), "{d}");
+    assert_eq!(
+        d["delta_objects"].as_u64(),
+        Some(fetch_objects(&out)),
+        "{d}"
+    );
+    assert_applied(
+        &v2,
+        &root,
+        "v2",
+        "v1 -> v2, delta from a server without Range",
+    );
+}
