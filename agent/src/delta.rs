@@ -530,12 +530,8 @@ fn window_log(n: u64) -> u32 {
     bits.clamp(10, PATCH_WINDOW_LOG_MAX)
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
+fn put_varint(out: &mut Vec<u8>, v: u64) {
+    crate::varint::put(out, v);
 }
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
@@ -567,19 +563,12 @@ impl<'a> Cursor<'a> {
     }
 
     fn varint(&mut self) -> Result<u64, FormatError> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.take(1, "number")?[0];
-            let bits = u64::from(b & 0x7f);
-            if shift == 63 && bits > 1 {
-                return Err(FormatError::Invalid("number overflows 64 bits".into()));
+        crate::varint::get(self.b, &mut self.at).map_err(|e| match e {
+            crate::varint::VarintError::Truncated => FormatError::Truncated("number"),
+            crate::varint::VarintError::Overlong => {
+                FormatError::Invalid("number overflows 64 bits".into())
             }
-            v |= bits << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(FormatError::Invalid("number overflows 64 bits".into()))
+        })
     }
 
     fn limited(&mut self, max: u64, what: &'static str) -> Result<u64, FormatError> {

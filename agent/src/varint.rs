@@ -27,7 +27,12 @@ pub fn get(b: &[u8], pos: &mut usize) -> Result<u64, VarintError> {
     for shift in (0..64).step_by(7) {
         let byte = *b.get(*pos).ok_or(VarintError::Truncated)?;
         *pos += 1;
-        v |= u64::from(byte & 0x7f) << shift;
+        let bits = u64::from(byte & 0x7f);
+        // The tenth byte may only carry the 64th bit.
+        if shift == 63 && bits > 1 {
+            return Err(VarintError::Overlong);
+        }
+        v |= bits << shift;
         if byte & 0x80 == 0 {
             return Ok(v);
         }
@@ -50,5 +55,8 @@ mod tests {
         }
         assert_eq!(get(&[0x80], &mut 0), Err(VarintError::Truncated));
         assert_eq!(get(&[0xff; 11], &mut 0), Err(VarintError::Overlong));
+        let mut too_big = vec![0xff; 9];
+        too_big.push(0x02);
+        assert_eq!(get(&too_big, &mut 0), Err(VarintError::Overlong));
     }
 }
