@@ -582,6 +582,11 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
         Err(e) => abort!(e),
     };
     report.stage = stage_report;
+    // New directory trees are put together in staging while services run.
+    let trees = match swap::assemble(&p, target, ctx.root.fd(), &staging, &names) {
+        Ok(t) => t,
+        Err(e) => abort!(e),
+    };
     // The record of the new image is written now and only renamed at commit.
     if let Err(e) = write_next_record(&state, &resolved) {
         abort!(e);
@@ -655,9 +660,23 @@ fn run_inner(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     // quiesce window, so it does no fsync of its own: one syncfs after the
     // renames, one after the commit record.
     ctx.advance(Event::Swapped);
-    let mut sw = SwapReport::default();
+    let mut sw = SwapReport {
+        in_new_trees: trees.files + trees.dirs,
+        ..Default::default()
+    };
     let swap_res = (|| -> Result<()> {
-        swap::swap(&p, target, &nodes, ctx.root.fd(), &staging, &names, &mut sw)?;
+        swap::swap(
+            &p,
+            target,
+            &nodes,
+            ctx.root.fd(),
+            &swap::Staged {
+                staging: &staging,
+                names: &names,
+                trees: &trees,
+            },
+            &mut sw,
+        )?;
         fault::point("after-swap");
         swap::delete(&p, ctx.root.fd(), &mut sw)?;
         fault::point("after-delete");

@@ -18,13 +18,21 @@ use crate::scan::Node;
 use crate::stage::{meta_of, StagedNames, Staging};
 use crate::{fault, manifest::Xattrs};
 
+mod trees;
+pub use trees::{assemble, NewTrees};
+
 /// What the swap did.
 #[derive(Default, Debug, Serialize, Clone)]
 pub struct SwapReport {
     /// Renames into place (including exchanges and links).
     pub renames: u64,
-    /// Directories created.
+    /// Directories created (inside the quiesce window).
     pub mkdirs: u64,
+    /// New directory trees built in staging before the window and moved
+    /// into place whole.
+    pub new_trees: u64,
+    /// Files and directories that arrived inside those trees.
+    pub in_new_trees: u64,
     /// In-place metadata fixes.
     pub metadata: u64,
     /// Paths removed.
@@ -84,26 +92,53 @@ fn parent_and_name(p: &RelPath) -> (RelPath, Vec<u8>) {
     }
 }
 
+/// What staging prepared for the swap.
+#[derive(Clone, Copy)]
+pub struct Staged<'a> {
+    /// The staging directory.
+    pub staging: &'a Staging,
+    /// The staged name of each placed target entry.
+    pub names: &'a StagedNames,
+    /// New directory trees built in staging.
+    pub trees: &'a NewTrees,
+}
+
 /// Move every staged object into place and fix metadata in place.
 pub fn swap(
     plan: &Plan,
     target: &Manifest,
     nodes: &[Node],
     root: BorrowedFd<'_>,
-    staging: &Staging,
-    staged: &StagedNames,
+    staged: &Staged<'_>,
     report: &mut SwapReport,
 ) -> Result<()> {
+    let Staged {
+        staging,
+        names: staged,
+        trees,
+    } = *staged;
     let entries = &target.entries;
     let sfd = staging.fd.as_fd();
     let mut dirs = DirCache::new(root);
     let empty = Xattrs::new();
     for a in &plan.actions {
         let t = crate::plan::action_t(a);
+        if trees.inside.contains(&t) {
+            continue;
+        }
         let e = &entries[t];
         let (parent, name) = parent_and_name(&e.path);
         let step = || format!("{}", e.path);
         match a {
+            Action::MkDir { .. } if trees.tops.contains_key(&t) => {
+                let pfd = dirs
+                    .get(&parent)
+                    .with_context(|| format!("opening {parent}"))?;
+                put(sfd, &trees.tops[&t], pfd, &name, Replace::New)
+                    .with_context(|| format!("moving the new tree {} into place", step()))?;
+                report.renames += 1;
+                report.new_trees += 1;
+            }
             Action::MkDir { .. } => {
                 let pfd = dirs
                     .get(&parent)
