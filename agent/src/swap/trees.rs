@@ -88,7 +88,8 @@ fn eligible(plan: &Plan, entries: &[Entry]) -> Vec<(usize, Vec<usize>)> {
 
 /// Build the new trees inside `staging`, moving their staged files in. A
 /// tree whose top exists in `root` by now (the apply's own state directory
-/// on an empty root, say) is left to the path-by-path swap.
+/// on an empty root, say), or whose parent is not a directory of the root
+/// yet, is left to the path-by-path swap.
 pub fn assemble(
     plan: &Plan,
     target: &Manifest,
@@ -105,17 +106,21 @@ pub fn assemble(
         let tname = format!("tree-{top:x}").into_bytes();
         let te = &entries[top];
         let (tparent, ttop) = parent_and_name(&te.path);
-        let exists = match in_root.get(&tparent) {
+        // Only into a directory the root has now, and only where nothing is:
+        // a parent that the swap itself creates or replaces (a type change)
+        // is not there yet, and a top the apply created since planning is.
+        let free = match in_root.get(&tparent) {
             Ok(pfd) => match fsx::stat_at(pfd, &ttop) {
-                Ok(_) => true,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                Ok(_) => false,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
                 Err(e) => return Err(e).with_context(|| format!("stat of {}", te.path)),
             },
-            // The parent is new as well: created by the swap, not yet here.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-            Err(e) => return Err(e).with_context(|| format!("opening {tparent}")),
+            Err(e) => {
+                tracing::debug!("{}: built path by path ({tparent}: {e})", te.path);
+                false
+            }
         };
-        if exists {
+        if !free {
             continue;
         }
         make_dir(sfd, &tname, te, &empty)?;
