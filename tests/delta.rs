@@ -20,83 +20,16 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
+use common::serve::Server;
 use common::*;
 use imageupd::delta::{Header, Kind};
 
 /// How long a server may take to come up.
 const STARTUP: Duration = Duration::from_secs(20);
-
-/// A running `imageupd serve` (access log in a file), killed when dropped.
-struct Server {
-    child: Child,
-    url: String,
-    log: PathBuf,
-}
-
-impl Server {
-    #[track_caller]
-    fn start(store: &Path, log: &Path) -> Server {
-        let (mut c, desc) = imageupd(["serve", "--store"])
-            .arg(store)
-            .args(["--listen", "127.0.0.1:0"])
-            .into_command();
-        let logf = std::fs::File::create(log).expect("create server log");
-        c.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(logf)
-            .env("IMAGEUPD_LOG", "info");
-        let mut child = c
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {desc}: {e}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = match rx.recv_timeout(STARTUP) {
-            Ok(l) if l.starts_with("listening on ") => l,
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{desc} did not start ({other:?})");
-            }
-        };
-        let url = line
-            .split_whitespace()
-            .nth(2)
-            .expect("URL in the listening line")
-            .to_string();
-        Server {
-            child,
-            url,
-            log: log.to_path_buf(),
-        }
-    }
-
-    /// The GET requests logged so far (one line each).
-    fn gets(&self) -> Vec<String> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("\"GET /"))
-            .map(str::to_string)
-            .collect()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A node at v1 that imageupd manages already (state directory and all).
 #[track_caller]
@@ -180,7 +113,7 @@ fn one_binary_update_is_one_request_and_other_images_use_packs() {
     let whole = std::fs::metadata(store.dir.join("images/v3/manifest.json.zst"))
         .expect("manifest")
         .len();
-    let srv = Server::start(&store.dir, &s.join("serve.log"));
+    let srv = Server::local(&store.dir, &s.join("serve.log"));
     let root = s.join("root");
     node_at("v1", &root);
     let out = apply_url(&srv.url, "v3", &root).expect_ok();
@@ -221,7 +154,7 @@ fn package_update_through_the_delta() {
     store.image("v1");
     let v2 = store.image("v2");
     let s = scratch("delta-v2");
-    let srv = Server::start(&store.dir, &s.join("serve.log"));
+    let srv = Server::local(&store.dir, &s.join("serve.log"));
     let root = s.join("root");
     node_at("v1", &root);
     let before = snapshot_root(&root);
@@ -274,7 +207,7 @@ fn drifted_reference_comes_from_the_store() {
     let path = String::from_utf8(rel.0.clone()).expect("UTF-8 path");
     assert!(!path.is_empty() && !path.starts_with('/'), "{path:?}");
     let s = scratch("delta-drift");
-    let srv = Server::start(&store.dir, &s.join("serve.log"));
+    let srv = Server::local(&store.dir, &s.join("serve.log"));
     let root = s.join("root");
     node_at("v1", &root);
     // The node's copy of the patch's reference is not what v1 had.
@@ -310,7 +243,7 @@ fn damaged_payload_falls_back_to_packs() {
         let mid = payload.len() / 2;
         payload[mid] ^= 0x5a;
     });
-    let srv = Server::start(&store, &s.join("serve.log"));
+    let srv = Server::local(&store, &s.join("serve.log"));
     let root = s.join("root");
     node_at("v1", &root);
     let out = apply_url(&srv.url, "v2", &root).expect_ok();
@@ -356,7 +289,7 @@ fn a_delta_never_makes_a_manifest_trusted() {
     let sig = store.join("images/v2/manifest.json.zst.sig");
     std::fs::remove_file(&sig).expect("unlink sig");
     std::fs::write(&sig, &forged).expect("write sig");
-    let srv = Server::start(&store, &s.join("serve-wrong-key.log"));
+    let srv = Server::local(&store, &s.join("serve-wrong-key.log"));
     let out = apply_url(&srv.url, "v2", &root).expect_code(EXIT_UNTRUSTED);
     assert_unchanged(&root, &before, "a wrongly signed delta");
     drop(srv);
@@ -366,7 +299,7 @@ fn a_delta_never_makes_a_manifest_trusted() {
     let store = store_copy(&s.join("unsigned"));
     edit_delta(&store, "v2", |h, _, _| h.sig = None);
     std::fs::remove_file(store.join("images/v2/manifest.json.zst.sig")).expect("unlink sig");
-    let srv = Server::start(&store, &s.join("serve-unsigned.log"));
+    let srv = Server::local(&store, &s.join("serve-unsigned.log"));
     apply_url(&srv.url, "v2", &root).expect_code(EXIT_UNTRUSTED);
     assert_unchanged(&root, &before, "an unsigned delta");
     drop(srv);
@@ -375,7 +308,7 @@ fn a_delta_never_makes_a_manifest_trusted() {
     // the store's signature, the delta not used.
     let store = store_copy(&s.join("bad-sig"));
     edit_delta(&store, "v2", |h, _, _| h.sig = Some(forged.clone()));
-    let srv = Server::start(&store, &s.join("serve-bad-sig.log"));
+    let srv = Server::local(&store, &s.join("serve-bad-sig.log"));
     let out = apply_url(&srv.url, "v2", &root).expect_ok();
     let d = download(&out);
     assert!(d["delta"].is_null(), "{d}");
@@ -399,7 +332,7 @@ fn a_delta_never_makes_a_manifest_trusted() {
         let mid = mpatch.len() / 2;
         mpatch[mid] ^= 0x21;
     });
-    let srv = Server::start(&store, &s.join("serve-bad-patch.log"));
+    let srv = Server::local(&store, &s.join("serve-bad-patch.log"));
     let out = apply_url(&srv.url, "v2", &root).expect_ok();
     let d = download(&out);
     assert!(d["delta"].is_null(), "{d}");

@@ -26,6 +26,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::serve::Server;
 use common::*;
 
 /// How long a server may take to come up.
@@ -33,109 +34,6 @@ const STARTUP: Duration = Duration::from_secs(20);
 
 // ---------------------------------------------------------------------------
 // Servers under the test's control.
-
-/// A running `imageupd serve`, killed when dropped.
-struct Server {
-    child: Option<Child>,
-    url: String,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl Server {
-    /// `imageupd serve --store STORE --listen LISTEN EXTRA...`; stderr (the
-    /// access log) goes to LOG.
-    #[track_caller]
-    fn start(store: &Path, listen: &str, extra: &[&OsStr], log: &Path) -> Server {
-        let (mut c, desc) = imageupd(["serve", "--store"])
-            .arg(store)
-            .args(["--listen", listen])
-            .args(extra)
-            .into_command();
-        let logf = std::fs::File::create(log).expect("create server log");
-        c.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(logf)
-            .env("IMAGEUPD_LOG", "info");
-        let mut child = c
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {desc}: {e}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = match rx.recv_timeout(STARTUP) {
-            Ok(l) if l.starts_with("listening on ") => l,
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "{desc} did not start ({other:?}); log:\n{}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-        };
-        let url = line
-            .split_whitespace()
-            .nth(2)
-            .expect("URL in the listening line")
-            .to_string();
-        let hostport = url
-            .split("://")
-            .nth(1)
-            .and_then(|r| r.split('/').next())
-            .expect("host:port in URL");
-        let addr: SocketAddr = hostport
-            .parse()
-            .unwrap_or_else(|e| panic!("bad address {hostport}: {e}"));
-        Server {
-            child: Some(child),
-            url,
-            addr,
-            log: log.to_path_buf(),
-        }
-    }
-
-    /// The access log so far.
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGKILL, no grace.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM; returns the exit status once it has exited.
-    #[track_caller]
-    fn term(&mut self) -> std::process::ExitStatus {
-        let mut c = self.child.take().expect("server still running");
-        sh(&format!("kill -TERM {}", c.id()));
-        let t0 = Instant::now();
-        loop {
-            if let Some(s) = c.try_wait().expect("wait for server") {
-                return s;
-            }
-            if t0.elapsed() > Duration::from_secs(20) {
-                let _ = c.kill();
-                panic!("server did not exit within 20 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// A stock nginx serving a directory on loopback (`daemon off`, killed when
 /// dropped).

@@ -20,11 +20,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+
 use std::time::Duration;
 
+use common::serve::Server;
 use common::*;
 
 /// Partition table of a test disk.
@@ -197,44 +197,6 @@ impl Drop for RoMount {
     }
 }
 
-/// A running `imageupd serve` on loopback, killed when dropped.
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Server {
-    #[track_caller]
-    fn start(store: &Path, log: &Path) -> Server {
-        let (mut c, desc) = imageupd(["serve", "--store"])
-            .arg(store)
-            .args(["--listen", "127.0.0.1:0"])
-            .into_command();
-        c.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(log).expect("log"))
-            .env("IMAGEUPD_LOG", "info");
-        let mut child = c.spawn().unwrap_or_else(|e| panic!("{desc}: {e}"));
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read listening line");
-        let url = line
-            .split_whitespace()
-            .nth(2)
-            .unwrap_or_else(|| panic!("{desc} printed {line:?}"))
-            .to_string();
-        Server { child, url }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(120))
@@ -322,7 +284,7 @@ fn disk_images_are_published_and_served_as_ironic_expects() {
     }
 
     // Ironic: the conductor HEADs, IPA GETs (no Range) and checks the sum.
-    let srv = Server::start(&store, &s.join("serve.log"));
+    let srv = Server::local(&store, &s.join("serve.log"));
     let http = client();
     for (format, name, id, disk, _) in &published {
         let url = format!("{}disks/{id}/{name}", srv.url);
@@ -567,14 +529,14 @@ fn v1_to_v2_over_packs_takes_few_requests() {
         let n = imageupd::pack::check_store(&st, id).expect("packs match loose objects");
         assert!(n > 1000, "{id}: only {n} objects");
     }
-    let srv = Server::start(&store_copy(&s.join("store")), &s.join("serve.log"));
+    let srv = Server::local(&store_copy(&s.join("store")), &s.join("serve.log"));
 
     // Before: the same store without pack indexes (an older publisher).
     let loose = store_copy(&s.join("loose"));
     for id in ["v1", "v2"] {
         std::fs::remove_file(loose.join("images").join(id).join("packs.idx.zst")).expect("rm idx");
     }
-    let srv_loose = Server::start(&loose, &s.join("serve-loose.log"));
+    let srv_loose = Server::local(&loose, &s.join("serve-loose.log"));
     let root_a = s.join("root-loose");
     node_at_v1(&root_a);
     let a = apply_v2(&srv_loose.url, &root_a).expect_ok();
@@ -616,7 +578,7 @@ fn tampered_pack_or_pack_index_is_refused() {
     bytes[(offset + len / 2) as usize] ^= 0x40;
     std::fs::remove_file(&p).expect("unlink pack");
     std::fs::write(&p, &bytes).expect("write tampered pack");
-    let srv = Server::start(&store, &s.join("serve.log"));
+    let srv = Server::local(&store, &s.join("serve.log"));
     let root = s.join("root");
     node_at_v1(&root);
     let before = snapshot_root(&root);
@@ -637,7 +599,7 @@ fn tampered_pack_or_pack_index_is_refused() {
     idx[mid] ^= 1;
     std::fs::remove_file(&ip).expect("unlink index");
     std::fs::write(&ip, &idx).expect("write index");
-    let srv = Server::start(&store2, &s.join("serve2.log"));
+    let srv = Server::local(&store2, &s.join("serve2.log"));
     let out = apply_v2(&srv.url, &root).expect_code(EXIT_UNTRUSTED);
     assert!(
         out.all_output().contains("pack index"),
@@ -658,7 +620,7 @@ fn small_update_fetches_only_the_manifest_frames_it_lacks() {
     let whole = std::fs::metadata(store.dir.join("images/v3/manifest.json.zst"))
         .expect("manifest")
         .len();
-    let srv = Server::start(
+    let srv = Server::local(
         &shared_store_without_deltas(&s.join("store")),
         &s.join("serve.log"),
     );

@@ -12,6 +12,8 @@
 //! Every test binary includes this module and uses a different subset of it.
 #![allow(dead_code)]
 
+pub mod serve;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::io::Read;
