@@ -24,7 +24,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::io::{self, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -395,19 +395,40 @@ fn plain(status: StatusCode, msg: &str) -> Response<ServeBody> {
 }
 
 /// An opened file ready to be served.
+/// Files up to this many bytes are read whole by the blocking task that
+/// opens them, in bytes: one thread hop per request instead of one more per
+/// read (most loose objects are a few KiB).
+const INLINE_MAX: u64 = 256 * 1024;
+
 struct Opened {
     file: std::fs::File,
     len: u64,
     mtime: SystemTime,
+    /// The whole content, for a small file read at once.
+    inline: Option<Bytes>,
 }
 
-fn open_served(store: &OwnedFd, rel: &RelPath) -> io::Result<Opened> {
-    let file = fsx::open_file_beneath(store.as_fd(), rel)?;
+fn open_served(store: &OwnedFd, rel: &RelPath, inline_ok: bool) -> io::Result<Opened> {
+    let mut file = fsx::open_file_beneath(store.as_fd(), rel)?;
     let md = file.metadata()?;
+    let len = md.len();
+    let mut inline = None;
+    if inline_ok && len <= INLINE_MAX {
+        let mut v = Vec::with_capacity(len as usize);
+        (&file).take(INLINE_MAX + 1).read_to_end(&mut v)?;
+        if v.len() as u64 == len {
+            inline = Some(Bytes::from(v));
+        } else {
+            // Changed under us (stores are immutable; be safe anyway):
+            // stream what is there from the start.
+            file.seek(SeekFrom::Start(0))?;
+        }
+    }
     Ok(Opened {
-        len: md.len(),
+        len,
         mtime: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
         file,
+        inline,
     })
 }
 
@@ -431,19 +452,21 @@ async fn respond(
         Err(PathRefusal::NotFound) => return plain(StatusCode::NOT_FOUND, "not found"),
     };
     let st = state.clone();
-    let opened = match tokio::task::spawn_blocking(move || open_served(&st.store, &rel)).await {
-        Ok(Ok(o)) => o,
-        Ok(Err(e)) => {
-            // ENOENT, a symlink (ELOOP), an escape (EXDEV), a directory or
-            // anything not a regular file: all the same to a client.
-            tracing::debug!("{raw}: {e}");
-            return plain(StatusCode::NOT_FOUND, "not found");
-        }
-        Err(e) => {
-            tracing::error!("{raw}: {e}");
-            return plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
-        }
-    };
+    let inline_ok = method == Method::GET && state.throttle_bps.is_none();
+    let opened =
+        match tokio::task::spawn_blocking(move || open_served(&st.store, &rel, inline_ok)).await {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => {
+                // ENOENT, a symlink (ELOOP), an escape (EXDEV), a directory or
+                // anything not a regular file: all the same to a client.
+                tracing::debug!("{raw}: {e}");
+                return plain(StatusCode::NOT_FOUND, "not found");
+            }
+            Err(e) => {
+                tracing::error!("{raw}: {e}");
+                return plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+            }
+        };
     let len = opened.len;
     let last_modified = httpdate::fmt_http_date(opened.mtime);
     let mtime_s = opened
@@ -507,6 +530,8 @@ async fn respond(
     builder = builder.status(status).header(header::CONTENT_LENGTH, count);
     let body = if method == Method::HEAD {
         ServeBody::Bytes(None)
+    } else if let Some(b) = &opened.inline {
+        ServeBody::Bytes(Some(b.slice(start as usize..(start + count) as usize)))
     } else {
         let mut file = opened.file;
         if start > 0 {
