@@ -34,27 +34,27 @@
 //! - TLS trusts the system's roots plus an optional CA file.
 
 use std::collections::HashSet;
-use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use rustix::fs::{Mode, OFlags};
 use serde::Serialize;
 
 use crate::error::ExitKind;
-use crate::manifest::{Digest, RelPath, MAX_MANIFEST_BYTES};
+use crate::manifest::{Digest, MAX_MANIFEST_BYTES};
 use crate::progress::{Bar, Progress};
-use crate::stream::VerifyReader;
 use crate::{fsx, store};
 
+mod cache;
 mod delta;
 mod manifest;
 mod packed;
+
+use cache::Cache;
 
 /// Attempts per request (the first try included) before giving up.
 pub const MAX_ATTEMPTS: u32 = 10;
@@ -473,19 +473,29 @@ impl HttpStore {
         Ok(())
     }
 
-    fn fetch_object(&self, cache: &Cache, d: &Digest, size: u64, bar: &Bar) -> Result<()> {
-        if let Ok(f) = cache.open(d) {
-            match cache.verify(&f, d, size) {
-                Ok(()) => {
-                    self.counters.cached.fetch_add(1, Ordering::Relaxed);
-                    bar.inc(size);
-                    return Ok(());
-                }
-                Err(e) => {
-                    tracing::warn!("cached object {d} is damaged ({e:#}); downloading it again");
-                    cache.remove(d)?;
-                }
+    /// True (counted and shown as progress) when the download cache holds
+    /// `d` intact already; a damaged copy is removed.
+    fn cached(&self, cache: &Cache, d: &Digest, size: u64, bar: &Bar) -> Result<bool> {
+        let Ok(f) = cache.open(d) else {
+            return Ok(false);
+        };
+        match cache.verify(&f, d, size) {
+            Ok(()) => {
+                self.counters.cached.fetch_add(1, Ordering::Relaxed);
+                bar.inc(size);
+                Ok(true)
             }
+            Err(e) => {
+                tracing::warn!("cached object {d} is damaged ({e:#}); downloading it again");
+                cache.remove(d)?;
+                Ok(false)
+            }
+        }
+    }
+
+    fn fetch_object(&self, cache: &Cache, d: &Digest, size: u64, bar: &Bar) -> Result<()> {
+        if self.cached(cache, d, size, bar)? {
+            return Ok(());
         }
         let url = self.object_url(d)?;
         let limit = max_compressed(size);
@@ -739,125 +749,6 @@ impl<R: Read> Read for CountingReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.counter.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
-    }
-}
-
-/// The download cache's directories.
-struct Cache {
-    objects: OwnedFd,
-    partial: OwnedFd,
-}
-
-impl Cache {
-    fn create(state: BorrowedFd<'_>) -> io::Result<Cache> {
-        let sub = |s: &str| {
-            fsx::ensure_dir_beneath(
-                state,
-                &RelPath(format!("{CACHE_DIR}/{s}").into_bytes()),
-                0o700,
-            )
-        };
-        Ok(Cache {
-            objects: sub("objects")?,
-            partial: sub("partial")?,
-        })
-    }
-
-    fn rel(d: &Digest) -> RelPath {
-        let h = d.to_hex();
-        RelPath(format!("{}/{h}", &h[..2]).into_bytes())
-    }
-
-    fn open(&self, d: &Digest) -> io::Result<File> {
-        fsx::open_file_beneath(self.objects.as_fd(), &Cache::rel(d))
-    }
-
-    fn open_part(&self, d: &Digest, create: bool) -> io::Result<File> {
-        let mut flags = OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        if create {
-            flags |= OFlags::CREATE;
-        }
-        let fd = rustix::fs::openat(
-            self.partial.as_fd(),
-            d.to_hex(),
-            flags,
-            Mode::from_raw_mode(0o600),
-        )?;
-        Ok(File::from(fd))
-    }
-
-    /// Decompress and hash a cached or downloaded frame.
-    fn verify(&self, f: &File, d: &Digest, size: u64) -> Result<()> {
-        let mut f = f.try_clone()?;
-        f.seek(SeekFrom::Start(0))?;
-        let dec = zstd::stream::read::Decoder::new(f).context("not a zstd frame")?;
-        VerifyReader::new(dec)
-            .finish(d, size)
-            .context("not a valid zstd frame")?
-            .map_err(anyhow::Error::new)
-    }
-
-    fn commit(&self, d: &Digest) -> io::Result<()> {
-        let h = d.to_hex();
-        let sub = fsx::ensure_dir_beneath(
-            self.objects.as_fd(),
-            &RelPath(h.as_bytes()[..2].to_vec()),
-            0o700,
-        )?;
-        fsx::rename_at(
-            self.partial.as_fd(),
-            h.as_bytes(),
-            sub.as_fd(),
-            h.as_bytes(),
-        )
-    }
-
-    fn remove(&self, d: &Digest) -> Result<()> {
-        let h = d.to_hex();
-        let sub =
-            fsx::open_dir_beneath(self.objects.as_fd(), &RelPath(h.as_bytes()[..2].to_vec()))?;
-        fsx::unlink_at(sub.as_fd(), h.as_bytes())
-            .with_context(|| format!("removing damaged cached object {d}"))
-    }
-
-    fn remove_part(&self, d: &Digest) -> Result<()> {
-        match fsx::unlink_at(self.partial.as_fd(), d.to_hex().as_bytes()) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(e).with_context(|| format!("removing the download of {d}"))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Remove everything not named in `keep`; returns how many entries went.
-    fn prune(&self, keep: &HashSet<Digest>) -> Result<u64> {
-        let wanted = |name: &[u8]| {
-            std::str::from_utf8(name)
-                .ok()
-                .and_then(|s| Digest::from_hex(s).ok())
-                .is_some_and(|d| keep.contains(&d))
-        };
-        let mut n = 0;
-        for name in fsx::read_dir_names(self.partial.as_fd())? {
-            if !wanted(&name) {
-                fsx::unlink_at(self.partial.as_fd(), &name)?;
-                n += 1;
-            }
-        }
-        for sub in fsx::read_dir_names(self.objects.as_fd())? {
-            let Ok(sfd) = fsx::open_dir_beneath(self.objects.as_fd(), &RelPath(sub.clone())) else {
-                fsx::unlink_at(self.objects.as_fd(), &sub)?;
-                n += 1;
-                continue;
-            };
-            for name in fsx::read_dir_names(sfd.as_fd())? {
-                if !wanted(&name) {
-                    fsx::unlink_at(sfd.as_fd(), &name)?;
-                    n += 1;
-                }
-            }
-        }
         Ok(n)
     }
 }

@@ -241,13 +241,8 @@ impl HttpStore {
         };
         let mut wanted: HashMap<Digest, u64> = HashMap::new();
         for &(d, size) in fetch {
-            if let Ok(f) = cache.open(&d) {
-                if cache.verify(&f, &d, size).is_ok() {
-                    self.counters.cached.fetch_add(1, Ordering::Relaxed);
-                    bar.inc(size);
-                    continue;
-                }
-                cache.remove(&d)?;
+            if self.cached(cache, &d, size, bar)? {
+                continue;
             }
             wanted.insert(d, size);
         }

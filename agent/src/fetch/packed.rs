@@ -138,13 +138,8 @@ impl HttpStore {
                 loose.push((d, size));
                 continue;
             };
-            if let Ok(f) = cache.open(&d) {
-                if cache.verify(&f, &d, size).is_ok() {
-                    self.counters.cached.fetch_add(1, Ordering::Relaxed);
-                    bar.inc(size);
-                    continue;
-                }
-                cache.remove(&d)?;
+            if self.cached(cache, &d, size, bar)? {
+                continue;
             }
             wants.push((*l, d, size));
         }
