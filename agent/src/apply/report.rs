@@ -82,6 +82,36 @@ pub struct ApplyReport {
     pub warnings: Vec<String>,
 }
 
+/// The update pipeline's phases in the order they run, as the apply's
+/// stopwatch names them; the human summary lists phases in this order.
+pub const PIPELINE: [&str; 8] = [
+    "resolve",
+    "plan",
+    "fetch",
+    "stage",
+    "sync",
+    "pre-apply-hooks",
+    "swap",
+    "post-apply-hooks",
+];
+
+/// `resolve 3 ms, plan 10 ms, …`: the phases in pipeline order, any phase
+/// the pipeline does not name after them (alphabetically).
+pub fn phases_in_order(phases: &BTreeMap<String, u64>) -> String {
+    let rank = |k: &str| {
+        PIPELINE
+            .iter()
+            .position(|p| *p == k)
+            .unwrap_or(PIPELINE.len())
+    };
+    let mut v: Vec<(&String, &u64)> = phases.iter().collect();
+    v.sort_by_key(|(k, _)| rank(k));
+    v.iter()
+        .map(|(k, ms)| format!("{k} {ms} ms"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Render a report for humans.
 pub fn human_summary(r: &ApplyReport) -> String {
     let mut s = String::new();
@@ -107,14 +137,18 @@ pub fn human_summary(r: &ApplyReport) -> String {
         human_bytes(p.deleted_bytes),
         p.metadata_only
     ));
-    s.push_str(&format!(
-        "  content: {} to fetch in {} objects, {} local copies; staging needs {} of {} free\n",
-        human_bytes(p.fetch_bytes),
-        p.fetch_objects,
-        p.local_copies,
-        human_bytes(r.space_needed),
-        human_bytes(r.space_free)
-    ));
+    if p.fetch_objects == 0 && p.local_copies == 0 {
+        s.push_str("  content: nothing to fetch or stage\n");
+    } else {
+        s.push_str(&format!(
+            "  content: {} to fetch in {} objects, {} local copies; staging needs {} of {} free\n",
+            human_bytes(p.fetch_bytes),
+            p.fetch_objects,
+            p.local_copies,
+            human_bytes(r.space_needed),
+            human_bytes(r.space_free)
+        ));
+    }
     if let Some(d) = &r.download {
         s.push_str(&format!(
             "  download: {} in {} requests ({} retries, {} resumed); {} objects downloaded, {} from the cache\n",
@@ -143,12 +177,7 @@ pub fn human_summary(r: &ApplyReport) -> String {
         _ => s.push_str("  kernel: unchanged\n"),
     }
     if !r.phases.is_empty() {
-        let ph: Vec<String> = r
-            .phases
-            .iter()
-            .map(|(k, v)| format!("{k} {v} ms"))
-            .collect();
-        s.push_str(&format!("  phases: {}\n", ph.join(", ")));
+        s.push_str(&format!("  phases: {}\n", phases_in_order(&r.phases)));
     }
     if let Some(q) = r.quiesce_ms {
         s.push_str(&format!(
@@ -160,4 +189,46 @@ pub fn human_summary(r: &ApplyReport) -> String {
         s.push_str(&format!("  warning: {w}\n"));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_print_in_pipeline_order() {
+        let mut m = BTreeMap::new();
+        for (k, v) in [
+            ("swap", 5),
+            ("fetch", 2),
+            ("post-apply-hooks", 7),
+            ("resolve", 1),
+            ("pre-apply-hooks", 4),
+            ("plan", 3),
+            ("sync", 6),
+            ("stage", 8),
+        ] {
+            m.insert(k.to_string(), v);
+        }
+        assert_eq!(
+            phases_in_order(&m),
+            "resolve 1 ms, plan 3 ms, fetch 2 ms, stage 8 ms, sync 6 ms, \
+             pre-apply-hooks 4 ms, swap 5 ms, post-apply-hooks 7 ms"
+        );
+    }
+
+    #[test]
+    fn no_staging_line_when_nothing_to_stage() {
+        let r = ApplyReport {
+            result: "nothing-to-do".into(),
+            space_needed: 64 << 20,
+            ..Default::default()
+        };
+        let s = human_summary(&r);
+        assert!(!s.contains("staging needs"), "{s}");
+        assert!(s.contains("nothing to fetch or stage"), "{s}");
+        let mut r2 = r;
+        r2.plan.fetch_objects = 3;
+        assert!(human_summary(&r2).contains("staging needs 64.0 MiB"));
+    }
 }
