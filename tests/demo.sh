@@ -14,12 +14,14 @@ CACHE=${IMAGEUPD_TEST_CACHE:-/var/cache/imageupd-test}
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
+say "set-up: packages and fixture trees (tests/setup.sh; nothing is installed twice)"
+"$REPO/tests/setup.sh"
+
 say "building imageupd (release)"
 (cd "$REPO" && cargo build --release -q -p imageupd)
 BIN=${CARGO_TARGET_DIR:-$REPO/target}/release/imageupd
 
-say "making the data: Debian bookworm roots v1 and v2 (cached in $CACHE)"
-"$REPO/tests/fixtures/build-trees.sh"
+say "the data: Debian bookworm roots v1 and v2 (built by the set-up, cached in $CACHE)"
 
 rm -rf "$WORK"
 mkdir -p "$WORK"

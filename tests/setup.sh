@@ -21,7 +21,7 @@ PACKAGES=(
     # fixture trees and the oracles' tools
     debootstrap rsync attr acl libcap2-bin e2fsprogs xfsprogs util-linux mount
     zstd tar gzip xz-utils perl ca-certificates procps kmod coreutils findutils
-    gawk openssl binutils time
+    gawk openssl binutils time curl
     # real services the tests talk to
     nginx systemd dbus python3 python3-venv python3-pip
     # disk images and the VM tests (see QEMU below)

@@ -67,6 +67,10 @@ pub struct Applied {
     pub phases_ms: std::collections::BTreeMap<String, u64>,
     /// The apply committed but a post-apply hook failed.
     pub post_apply_failed: bool,
+    /// What it fetched over HTTP(S) (bytes, requests, objects), when the
+    /// source was a URL; absent in records written before this field.
+    #[serde(default)]
+    pub download: Option<crate::fetch::DownloadReport>,
 }
 
 /// What the agent and `apply --from-metadata` know, for `status`.
@@ -415,6 +419,7 @@ fn applied_record(
         quiesce_ms: rep.quiesce_ms,
         phases_ms: rep.phases.clone(),
         post_apply_failed: post_failed,
+        download: rep.download.clone(),
     }
 }
 

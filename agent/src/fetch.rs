@@ -110,7 +110,8 @@ impl NetOptions {
 }
 
 /// What the network side of an update did (`apply --json` → `download`).
-#[derive(Serialize, Debug, Default, Clone)]
+#[derive(Serialize, serde::Deserialize, Debug, Default, Clone, PartialEq, Eq)]
+#[serde(default)]
 pub struct DownloadReport {
     /// The store URL.
     pub url: String,

@@ -44,8 +44,12 @@ pub fn init(default_filter: &str) {
             Err(e) => eprintln!("imageupd: cannot log to the journal ({e}); logging to stderr"),
         }
     }
+    // Colours only for a person at a terminal: a log file or a pipe gets
+    // plain lines.
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter())
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();

@@ -565,6 +565,14 @@ fn status(root: &std::path::Path, json: bool) -> Result<u8> {
                         l.id
                     );
                 }
+                if let Some(d) = &l.download {
+                    println!(
+                        "fetched:  {} in {} requests for {}",
+                        imageupd::progress::human_bytes(d.bytes),
+                        d.requests,
+                        l.id
+                    );
+                }
             }
             for (k, f) in &a.failures.by_target {
                 println!(
