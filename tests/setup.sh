@@ -8,6 +8,7 @@
 #
 #   tests/setup.sh            everything
 #   tests/setup.sh packages   Debian packages, Rust components, kernel features
+#   tests/setup.sh debian     only the Debian packages (e.g. inside a chroot)
 #   tests/setup.sh fixtures   the fixture trees and the TripleO venv
 #   tests/setup.sh check      exit 0 when every package is present (changes nothing)
 set -euo pipefail
@@ -107,7 +108,7 @@ apt_install() {
     [ ${#failed[@]} = 0 ] || die "could not install: ${failed[*]} (full log: $log_file)"
 }
 
-setup_packages() {
+setup_debian() {
     local missing pins
     missing=$(missing_packages)
     # Without a package list apt-cache knows no candidates: update first when
@@ -135,7 +136,10 @@ setup_packages() {
     done
     qemu-img --version >/dev/null || die "qemu-img does not run"
     qemu-system-x86_64 --version >/dev/null || die "qemu-system-x86_64 does not run"
+    log "Debian packages ready: qemu $(installed_version qemu-system-x86), etcd $(installed_version etcd-server)"
+}
 
+setup_host() {
     # Rust components for the lint steps.
     if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
         log "rustup component add rustfmt clippy"
@@ -146,7 +150,6 @@ setup_packages() {
     modprobe loop 2>/dev/null || true
     [ -e /dev/loop-control ] || die "no /dev/loop-control: loop devices are required"
     losetup -f >/dev/null || die "no free loop device"
-    log "packages ready: qemu $(installed_version qemu-system-x86), etcd $(installed_version etcd-server)"
 }
 
 setup_fixtures() {
@@ -157,8 +160,9 @@ setup_fixtures() {
 
 if [ "$(id -u)" != 0 ]; then die "run as root (packages, loop devices, chroots)"; fi
 case $what in
-    all) setup_packages; setup_fixtures ;;
-    packages) setup_packages ;;
+    all) setup_debian; setup_host; setup_fixtures ;;
+    packages) setup_debian; setup_host ;;
+    debian) setup_debian ;;
     fixtures) setup_fixtures ;;
     check)
         missing=$(missing_packages)
