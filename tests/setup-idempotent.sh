@@ -32,4 +32,18 @@ if echo "$out" | grep -qE '^setup: (installing|aligning)'; then
     echo "setup-idempotent: FAIL: the second run installed something" >&2
     exit 1
 fi
+# Negative control: a package that cannot be installed fails the set-up, and
+# the message names it.
+bogus=imageupd-no-such-package-$$
+if out=$(IMAGEUPD_SETUP_EXTRA=$bogus tests/setup.sh debian 2>&1); then
+    echo "$out" >&2
+    echo "setup-idempotent: FAIL: a set-up with an uninstallable package exited 0" >&2
+    exit 1
+fi
+if ! echo "$out" | grep -q "cannot install package '$bogus'"; then
+    echo "$out" >&2
+    echo "setup-idempotent: FAIL: the failure message does not name the package" >&2
+    exit 1
+fi
+echo "setup-idempotent: an uninstallable package fails the set-up by name: $(echo "$out" | grep -m1 "cannot install package")"
 echo "setup-idempotent: second run of tests/setup.sh changed nothing ($(wc -l <"$before") packages and stamps compared)"

@@ -33,6 +33,11 @@ PACKAGES=(
     etcd-server etcd-client protobuf-compiler
 )
 
+# Extra packages for a one-off need (and for the check that a package that
+# cannot be installed is named): IMAGEUPD_SETUP_EXTRA="pkg1 pkg2".
+# shellcheck disable=SC2206
+PACKAGES+=(${IMAGEUPD_SETUP_EXTRA:-})
+
 # QEMU is one source package whose binaries must share a version:
 # qemu-utils from bookworm-backports (10.x) declares `Breaks:
 # qemu-system-common (<< 1:8.0)`, and qemu-system-x86 exists only as
@@ -82,12 +87,19 @@ qemu_pins() {
 apt_updated=0
 apt_update() {
     [ "$apt_updated" = 1 ] && return 0
-    log "apt-get update"
-    apt-get update -q >/tmp/imageupd-setup-apt-update.log 2>&1 || {
-        cat /tmp/imageupd-setup-apt-update.log >&2
-        die "apt-get update failed (log above)"
-    }
-    apt_updated=1
+    local try
+    # A mirror hiccup is not a broken machine: three tries, 5 s apart.
+    for try in 1 2 3; do
+        log "apt-get update$([ "$try" = 1 ] || echo " (try $try)")"
+        if apt-get update -q >/tmp/imageupd-setup-apt-update.log 2>&1 &&
+            ! grep -q '^[WE]: Failed to fetch' /tmp/imageupd-setup-apt-update.log; then
+            apt_updated=1
+            return 0
+        fi
+        sleep 5
+    done
+    cat /tmp/imageupd-setup-apt-update.log >&2
+    die "apt-get update failed three times (log above)"
 }
 
 # Install the given packages in one transaction; when that fails, try each
@@ -96,6 +108,13 @@ apt_install() {
     local log_file=/tmp/imageupd-setup-apt.log p failed=()
     if apt-get install -y -q --no-install-recommends --allow-downgrades "$@" >"$log_file" 2>&1; then
         return 0
+    fi
+    # A download that failed half-way is retried once with fresh lists.
+    if grep -q 'Failed to fetch\|Unable to fetch' "$log_file"; then
+        log "a download failed; refreshing the package lists and trying again"
+        apt_updated=0
+        apt_update
+        apt-get install -y -q --no-install-recommends --allow-downgrades "$@" >"$log_file" 2>&1 && return 0
     fi
     log "installing ${*} in one step failed; trying each package to find the culprit"
     for p in "$@"; do
