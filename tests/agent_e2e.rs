@@ -14,7 +14,6 @@
 //! - an agent killed mid-swap leaves a state the next start converges from.
 
 mod common;
-mod nodekit;
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -22,6 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::nodekit;
 use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;

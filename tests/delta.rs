@@ -21,23 +21,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::Duration;
 
+use common::http::FileServer;
 use common::serve::Server;
 use common::*;
 use imageupd::delta::{Header, Kind};
-
-/// How long a server may take to come up.
-const STARTUP: Duration = Duration::from_secs(20);
-
-/// A node at v1 that imageupd manages already (state directory and all).
-#[track_caller]
-fn node_at(id: &str, root: &Path) {
-    let store = shared_store();
-    make_root(&store.image(id), root, &store.key);
-    apply(&store.dir, id, root, &[]).expect_ok();
-}
 
 /// `imageupd apply --from URL --id ID --root ROOT --json`.
 fn apply_url(url: &str, id: &str, root: &Path) -> Out {
@@ -342,36 +330,17 @@ fn a_delta_never_makes_a_manifest_trusted() {
 
 #[test]
 fn delta_through_a_server_that_ignores_range() {
-    // Python's http.server answers every GET with the whole file (200): the
+    // The test file server answers every GET with the whole file (200): the
     // delta comes in one request and is used from memory.
     let store = shared_store();
     store.image("v1");
     let v2 = store.image("v2");
     let s = scratch("delta-norange");
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
-    let log = std::fs::File::create(s.join("http.log")).expect("log");
-    let mut child = std::process::Command::new("python3")
-        .args(["-m", "http.server", "--bind", "127.0.0.1", "--directory"])
-        .arg(&store.dir)
-        .arg(port.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("python3 -m http.server");
-    let t0 = std::time::Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t0.elapsed() < STARTUP, "http.server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let srv = FileServer::over(&store.dir).start();
     let root = s.join("root");
     node_at("v1", &root);
-    let out = apply_url(&format!("http://127.0.0.1:{port}/"), "v2", &root);
-    let _ = child.kill();
-    let _ = child.wait();
+    let out = apply_url(&srv.url, "v2", &root);
+    drop(srv);
     let out = out.expect_ok();
     let d = download(&out);
     assert_eq!(d["delta"].as_str(), Some("v1"), "{d}");

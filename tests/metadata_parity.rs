@@ -7,11 +7,11 @@
 //! exactly what the tool prints, and "missing" exactly when it exits 1.
 
 mod common;
-mod nodekit;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
+use common::nodekit;
 use common::*;
 use imageupd::metadata::{lookup, render_raw, MetadataSource};
 use serde_json::{json, Map, Value};

@@ -474,14 +474,6 @@ fn store_copy(dst: &Path) -> PathBuf {
     dst.to_path_buf()
 }
 
-/// A node at v1 that imageupd manages already.
-#[track_caller]
-fn node_at_v1(root: &Path) {
-    let store = shared_store();
-    make_root(&store.image("v1"), root, &store.key);
-    apply(&store.dir, "v1", root, &[]).expect_ok();
-}
-
 fn apply_v2(url: &str, root: &Path) -> Out {
     imageupd(["apply", "--from", url, "--id", "v2", "--root"])
         .arg(root)

@@ -11,13 +11,13 @@
 //!   the root.
 
 mod common;
-mod nodekit;
 
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
+use common::http::FileServer;
+use common::nodekit;
 use common::*;
 use nodekit::*;
 
@@ -192,14 +192,6 @@ impl Drop for Daemon {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn heat_doc(id: &str, store: &Path) -> String {
     serde_json::json!({
         "os-collect-config": {"request": {"metadata_url": "ignored"}},
@@ -221,25 +213,7 @@ fn occ_daemon_request_collector_follows_served_heat_metadata() {
     std::fs::create_dir_all(&www).unwrap();
     let md = www.join("md.json");
     write_atomic(&md, &heat_doc("v1", &n.store));
-    let port = free_port();
-    let server = Command::new(venv().join("bin/python3"))
-        .args([
-            "-m",
-            "http.server",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-        ])
-        .arg(&www)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _server = Daemon(server);
-    wait_for(Duration::from_secs(20), "the metadata server", || {
-        TcpStream::connect(("127.0.0.1", port)).ok()
-    });
+    let server = FileServer::over(&www).start();
     let log = std::fs::File::create(d.join("occ.log")).unwrap();
     let occ = Command::new(venv().join("bin/os-collect-config"))
         .args([
@@ -259,7 +233,7 @@ fn occ_daemon_request_collector_follows_served_heat_metadata() {
         ))
         .args([
             "--request-metadata-url",
-            &format!("http://127.0.0.1:{port}/md.json"),
+            &format!("{}md.json", server.url),
             "request",
         ])
         .env_remove("OS_CONFIG_FILES")

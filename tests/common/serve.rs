@@ -30,6 +30,19 @@ impl Server {
         Server::start(store, "127.0.0.1:0", &[], log)
     }
 
+    /// `imageupd serve` sending each body at 128 KiB/s in 256 KiB frames (the
+    /// first at once, the next after a pause): a large object stays half sent
+    /// for a while.
+    #[track_caller]
+    pub fn throttled(store: &Path, log: &Path) -> Server {
+        Server::start(
+            store,
+            "127.0.0.1:0",
+            &[OsStr::new("--throttle"), OsStr::new("131072")],
+            log,
+        )
+    }
+
     /// `imageupd serve --store STORE --listen LISTEN EXTRA...`; stderr (the
     /// access log) goes to LOG.
     #[track_caller]

@@ -1,12 +1,10 @@
 //! Helpers for the agent and TripleO tests: the PyPI venv with the real
 //! os-collect-config / os-apply-config / os-refresh-config, and a node whose
 //! root is a loop-mounted ext4 filesystem adopted at image v1.
-#![allow(dead_code)]
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::common::*;
+use super::*;
 
 /// The venv with os-collect-config, os-apply-config and os-refresh-config
 /// 14.1.0 (.ci/run creates it): `$IMAGEUPD_TEST_VENV`, default
