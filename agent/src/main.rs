@@ -7,10 +7,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use imageupd::apply::{self, ApplyOptions};
-use imageupd::config::KernelPolicy;
-use imageupd::error::ExitKind;
-use imageupd::progress::Progress;
-use imageupd::publish::{self, PublishOptions};
+use imageupd::engine::config::KernelPolicy;
+use imageupd::publish::image::{self as publish, PublishOptions};
+use imageupd::sys::error::ExitKind;
+use imageupd::sys::progress::Progress;
 
 /// In-place golden-image updates for deployed Linux nodes.
 ///
@@ -54,7 +54,7 @@ enum Cmd {
         #[arg(long)]
         store: PathBuf,
         /// Address to listen on (port 0: any free port).
-        #[arg(long, default_value = imageupd::serve::DEFAULT_LISTEN)]
+        #[arg(long, default_value = imageupd::publish::serve::DEFAULT_LISTEN)]
         listen: String,
         /// PEM certificate chain: serve HTTPS.
         #[arg(long, requires = "tls_key")]
@@ -235,13 +235,13 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            imageupd::logging::init("warn");
+            imageupd::sys::logging::init("warn");
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
     // The agent's and the server's logs are at info level.
-    imageupd::logging::init(
+    imageupd::sys::logging::init(
         if matches!(cli.cmd, Cmd::Agent { .. } | Cmd::Serve { .. }) {
             "info"
         } else {
@@ -273,7 +273,7 @@ fn run(cli: Cli) -> Result<u8> {
             tls_key,
             throttle,
         } => {
-            imageupd::serve::serve(&imageupd::serve::ServeOptions {
+            imageupd::publish::serve::serve(&imageupd::publish::serve::ServeOptions {
                 store,
                 listen,
                 tls_cert,
@@ -283,12 +283,12 @@ fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Cmd::Keygen { out, comment } => {
-            let vk = imageupd::sign::keygen(&out, &comment)?;
+            let vk = imageupd::format::sign::keygen(&out, &comment)?;
             println!(
                 "wrote {} and {} (key id {})",
                 out.display(),
-                imageupd::sign::pub_path(&out).display(),
-                imageupd::sign::key_id(&vk)
+                imageupd::format::sign::pub_path(&out).display(),
+                imageupd::format::sign::key_id(&vk)
             );
             Ok(0)
         }
@@ -320,9 +320,9 @@ fn run(cli: Cli) -> Result<u8> {
                     "published {} ({} entries, {}): {} new objects ({} compressed), {} shared{}{}",
                     r.id,
                     r.entries,
-                    imageupd::progress::human_bytes(r.content_bytes),
+                    imageupd::sys::progress::human_bytes(r.content_bytes),
                     r.new_objects,
-                    imageupd::progress::human_bytes(r.new_object_bytes),
+                    imageupd::sys::progress::human_bytes(r.new_object_bytes),
                     r.reused_objects,
                     if r.signed { ", signed" } else { ", UNSIGNED" },
                     r.kernel
@@ -341,7 +341,7 @@ fn run(cli: Cli) -> Result<u8> {
             json,
         } => run_apply(target, root, kernel_policy, json, download_only),
         Cmd::Agent { root } => {
-            imageupd::agent::run(&root.root)?;
+            imageupd::agent::daemon::run(&root.root)?;
             Ok(0)
         }
         Cmd::Verify {
@@ -352,7 +352,7 @@ fn run(cli: Cli) -> Result<u8> {
             let threads = std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2);
-            let r = imageupd::verify::verify(&root.root, checksum, threads)?;
+            let r = imageupd::engine::verify::verify(&root.root, checksum, threads)?;
             if json {
                 print_json(&r)?;
             } else if r.clean() {
@@ -386,10 +386,10 @@ fn run(cli: Cli) -> Result<u8> {
             root,
             kernel_policy,
         } => {
-            let rf = imageupd::rootfs::RootFs::open(&root.root).context(ExitKind::Usage)?;
-            let cfg = imageupd::config::Config::load(&rf.path)?;
-            let act = imageupd::reboot::Actuator::host();
-            match imageupd::reboot::reboot_now(
+            let rf = imageupd::fs::rootfs::RootFs::open(&root.root).context(ExitKind::Usage)?;
+            let cfg = imageupd::engine::config::Config::load(&rf.path)?;
+            let act = imageupd::boot::reboot::Actuator::host();
+            match imageupd::boot::reboot::reboot_now(
                 &act,
                 &rf,
                 &cfg,
@@ -405,8 +405,8 @@ fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Cmd::BootCheck { root, json } => {
-            let rf = imageupd::rootfs::RootFs::open(&root.root).context(ExitKind::Usage)?;
-            let r = imageupd::reboot::confirm_boot(&rf)?;
+            let rf = imageupd::fs::rootfs::RootFs::open(&root.root).context(ExitKind::Usage)?;
+            let r = imageupd::boot::reboot::confirm_boot(&rf)?;
             if json {
                 print_json(&r)?;
             } else {
@@ -418,7 +418,11 @@ fn run(cli: Cli) -> Result<u8> {
                 }
             }
             Ok(match &r.record {
-                Some(rec) if rec.state == imageupd::reboot::KernelState::Failed && r.confirmed => 1,
+                Some(rec)
+                    if rec.state == imageupd::boot::reboot::KernelState::Failed && r.confirmed =>
+                {
+                    1
+                }
                 _ => 0,
             })
         }
@@ -432,7 +436,7 @@ fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Cmd::FaultPoints => {
-            for p in imageupd::fault::POINTS {
+            for p in imageupd::sys::fault::POINTS {
                 println!("{p}");
             }
             Ok(0)
@@ -448,7 +452,7 @@ fn run_apply(
     dry_run: bool,
 ) -> Result<u8> {
     let r = if target.from_metadata {
-        let o = imageupd::agent::FromMetadataOptions {
+        let o = imageupd::agent::daemon::FromMetadataOptions {
             root: root.root,
             from: target.from,
             allow_unsigned: target.allow_unsigned,
@@ -456,7 +460,7 @@ fn run_apply(
             dry_run,
             ca_file: target.ca_file.clone(),
         };
-        imageupd::agent::apply_from_metadata(&o, &Progress::new(json))?
+        imageupd::agent::daemon::apply_from_metadata(&o, &Progress::new(json))?
     } else {
         let opts = ApplyOptions {
             root: root.root,
@@ -479,10 +483,10 @@ fn run_apply(
 }
 
 fn status(root: &std::path::Path, json: bool) -> Result<u8> {
-    let rf = imageupd::rootfs::RootFs::open(root).context(ExitKind::Usage)?;
-    let live = imageupd::status::Status::load(&rf.runtime_dir())?;
+    let rf = imageupd::fs::rootfs::RootFs::open(root).context(ExitKind::Usage)?;
+    let live = imageupd::engine::status::Status::load(&rf.runtime_dir())?;
     let journal = match rf.state_dir()? {
-        Some(s) => imageupd::journal::Journal::load(std::os::fd::AsFd::as_fd(&s))?,
+        Some(s) => imageupd::engine::journal::Journal::load(std::os::fd::AsFd::as_fd(&s))?,
         None => None,
     };
     let current = rf.image_id()?;
@@ -490,24 +494,24 @@ fn status(root: &std::path::Path, json: bool) -> Result<u8> {
         .as_ref()
         .filter(|j| j.interrupted())
         .map(|j| j.target.clone());
-    let agent = imageupd::agent::AgentRecord::load(&rf.runtime_dir())
+    let agent = imageupd::agent::daemon::AgentRecord::load(&rf.runtime_dir())
         .ok()
         .filter(|a| *a != Default::default());
-    let kernel = imageupd::reboot::load(&rf)?;
+    let kernel = imageupd::boot::reboot::load(&rf)?;
     let reboot_required = kernel
         .as_ref()
-        .is_some_and(|k| k.state == imageupd::reboot::KernelState::Pending);
+        .is_some_and(|k| k.state == imageupd::boot::reboot::KernelState::Pending);
     if json {
         print_json(&serde_json::json!({
             "root": rf.path,
             "current": current,
             "pending": pending,
-            "phase": live.as_ref().map_or(imageupd::lifecycle::Phase::Idle, |s| s.phase),
+            "phase": live.as_ref().map_or(imageupd::engine::lifecycle::Phase::Idle, |s| s.phase),
             "journal": journal,
             "status": live,
             "agent": agent,
             "kernel": {
-                "running": imageupd::rootfs::running_release().filter(|_| rf.is_host_root()),
+                "running": imageupd::fs::rootfs::running_release().filter(|_| rf.is_host_root()),
                 "reboot_required": reboot_required,
                 "record": kernel,
             },

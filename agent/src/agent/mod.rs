@@ -1,0 +1,9 @@
+//! The node agent: the long-running loop that watches the node's metadata
+//! for a new target and applies it ([`daemon`]), reading os-collect-config
+//! metadata ([`metadata`]), watching files ([`watch`]) and talking to
+//! systemd ([`sdnotify`]). Uses [`crate::apply`] and every layer below.
+
+pub mod daemon;
+pub mod metadata;
+pub mod sdnotify;
+pub mod watch;
