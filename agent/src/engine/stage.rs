@@ -125,134 +125,124 @@ pub fn stage(
     threads: usize,
 ) -> Result<(StagedNames, StageReport)> {
     let entries = &target.entries;
-    let mut names = StagedNames::new();
-    let mut first_of: HashMap<Digest, usize> = HashMap::new();
-    let mut primaries: Vec<usize> = Vec::new();
-    let mut copies: Vec<usize> = Vec::new();
-    let mut others: Vec<usize> = Vec::new();
-    for a in &plan.actions {
-        if let Action::Place { t, .. } = a {
-            names.insert(*t, staged_name(*t));
-            let e = &entries[*t];
-            if e.ftype == FileType::File {
-                match e.sha256 {
-                    Some(d) if e.size > 0 => {
-                        if let std::collections::hash_map::Entry::Vacant(v) = first_of.entry(d) {
-                            v.insert(*t);
-                            primaries.push(*t);
-                        } else {
-                            copies.push(*t);
-                        }
-                    }
-                    _ => primaries.push(*t),
-                }
-            } else {
-                others.push(*t);
-            }
-        }
-    }
-    let total: u64 = primaries
+    let work = Work::of(plan, entries);
+    let total: u64 = work
+        .primaries
         .iter()
-        .chain(&copies)
+        .chain(&work.copies)
         .map(|&t| entries[t].size)
         .sum();
-    let bar = progress.bar("staging", total);
-    let sfd = staging.fd.as_fd();
-    let report = std::sync::Mutex::new(StageReport::default());
-    let write_one = |t: usize, from_stage: Option<usize>| -> Result<()> {
+    let w = Writer {
+        entries,
+        plan,
+        root,
+        sfd: staging.fd.as_fd(),
+        source,
+        bar: progress.bar("staging", total),
+        report: std::sync::Mutex::new(StageReport::default()),
+    };
+    par_map(&work.primaries, threads, |&t| w.write_one(t, None))?;
+    par_map(&work.copies, threads, |&t| {
+        let d = entries[t].sha256.unwrap_or(Digest([0; 32]));
+        w.write_one(t, work.first_of.get(&d).copied())
+    })?;
+    w.bar.finish();
+    for &t in &work.others {
         let e = &entries[t];
         let name = staged_name(t);
-        let mut out = fsx::create_file_at(sfd, &name)
+        stage_special(w.sfd, &name, e)
+            .with_context(|| format!("staging {} {}", e.ftype.label(), e.path))?;
+        if let Ok(mut r) = w.report.lock() {
+            r.objects += 1;
+        }
+    }
+    let report = w.report.into_inner().unwrap_or_default();
+    Ok((work.names, report))
+}
+
+/// The plan's `Place` actions sorted by how they are staged.
+struct Work {
+    /// Staged name of each.
+    names: StagedNames,
+    /// The first file of each distinct content.
+    first_of: HashMap<Digest, usize>,
+    /// Files whose content is read from the root or the source.
+    primaries: Vec<usize>,
+    /// Files whose content is already staged for an earlier one.
+    copies: Vec<usize>,
+    /// Everything without content (symlinks, devices, ...).
+    others: Vec<usize>,
+}
+
+impl Work {
+    fn of(plan: &Plan, entries: &[Entry]) -> Work {
+        let mut w = Work {
+            names: StagedNames::new(),
+            first_of: HashMap::new(),
+            primaries: Vec::new(),
+            copies: Vec::new(),
+            others: Vec::new(),
+        };
+        for a in &plan.actions {
+            if let Action::Place { t, .. } = a {
+                w.names.insert(*t, staged_name(*t));
+                let e = &entries[*t];
+                if e.ftype == FileType::File {
+                    match e.sha256 {
+                        Some(d) if e.size > 0 => {
+                            if let std::collections::hash_map::Entry::Vacant(v) =
+                                w.first_of.entry(d)
+                            {
+                                v.insert(*t);
+                                w.primaries.push(*t);
+                            } else {
+                                w.copies.push(*t);
+                            }
+                        }
+                        _ => w.primaries.push(*t),
+                    }
+                } else {
+                    w.others.push(*t);
+                }
+            }
+        }
+        w
+    }
+}
+
+/// Writes staged regular files (shared by the staging threads).
+struct Writer<'a> {
+    entries: &'a [Entry],
+    plan: &'a Plan,
+    root: BorrowedFd<'a>,
+    sfd: BorrowedFd<'a>,
+    source: &'a Source,
+    bar: crate::sys::progress::Bar,
+    report: std::sync::Mutex<StageReport>,
+}
+
+impl<'a> Writer<'a> {
+    /// Stage the regular file of entry `t`, its bytes copied from the
+    /// staged file of entry `from_stage` when given.
+    fn write_one(&self, t: usize, from_stage: Option<usize>) -> Result<()> {
+        let e = &self.entries[t];
+        let name = staged_name(t);
+        let mut out = fsx::create_file_at(self.sfd, &name)
             .with_context(|| format!("creating staged file for {}", e.path))?;
         let d = e
             .sha256
             .ok_or_else(|| anyhow!("{}: file without digest", e.path))?;
         let (mut fetched, mut local) = (0u64, 0u64);
         if e.size > 0 {
-            // Where the bytes come from: an earlier staged copy, the root, or the source.
-            let reader: Box<dyn Read + Send> = if let Some(first) = from_stage {
-                local = e.size;
-                Box::new(fsx::open_file_beneath(sfd, &RelPath(staged_name(first)))?)
-            } else if let Some(p) = plan.local.get(&d) {
-                local = e.size;
-                Box::new(
-                    fsx::open_file_beneath(root, p)
-                        .with_context(|| format!("opening {p} to reuse its content"))?,
-                )
-            } else {
-                fetched = e.size;
-                source
-                    .open_content(&d, e)
-                    .with_context(|| {
-                        format!(
-                            "object {d} for {} is missing from the {}",
-                            e.path,
-                            source.describe()
-                        )
-                    })
-                    .context(ExitKind::Source)?
-            };
-            let mut vr = VerifyReader::new(reader);
-            match copy_sparse(&mut vr, &mut out, &bar) {
-                Ok(_) => {}
-                // Undecodable bytes from the source: corrupt or tampered.
-                Err(CopyError::Read(err)) if fetched > 0 && err.raw_os_error().is_none() => {
-                    return Err(anyhow!(err))
-                        .with_context(|| {
-                            format!(
-                                "object {d} for {} from the {} is corrupt",
-                                e.path,
-                                source.describe()
-                            )
-                        })
-                        .context(ExitKind::Untrusted)
-                }
-                Err(CopyError::Read(err)) if fetched > 0 => {
-                    return Err(anyhow!(err))
-                        .with_context(|| {
-                            format!(
-                                "reading object {d} for {} from the {}",
-                                e.path,
-                                source.describe()
-                            )
-                        })
-                        .context(ExitKind::Source)
-                }
-                Err(CopyError::Read(err)) => {
-                    return Err(anyhow!(err))
-                        .with_context(|| format!("reading local content for {}", e.path))
-                }
-                Err(CopyError::Write(err)) => {
-                    return Err(anyhow!(err))
-                        .with_context(|| format!("writing staged content of {}", e.path))
-                }
-            }
-            match vr.finish(&d, e.size)? {
-                Ok(()) => {}
-                Err(v) if fetched > 0 => {
-                    return Err(anyhow!(v))
-                        .with_context(|| {
-                            format!(
-                                "object for {} from the {} failed verification",
-                                e.path,
-                                source.describe()
-                            )
-                        })
-                        .context(ExitKind::Untrusted)
-                }
-                Err(v) => {
-                    return Err(anyhow!(v)).with_context(|| {
-                        format!("local copy of the content of {} changed under us", e.path)
-                    })
-                }
-            }
+            let reader = self.reader(e, &d, from_stage, &mut fetched, &mut local)?;
+            self.copy_verified(e, &d, reader, fetched, &mut out)?;
         }
         out.set_len(e.size)?;
         fsx::set_meta_fd(out.as_fd(), &meta_of(e))
             .with_context(|| format!("setting owner/mode/xattrs of staged {}", e.path))?;
         fsx::set_mtime_fd(out.as_fd(), e.mtime_ns)?;
         fault::point("mid-stage");
-        if let Ok(mut r) = report.lock() {
+        if let Ok(mut r) = self.report.lock() {
             r.objects += 1;
             r.bytes += e.size;
             r.fetched_bytes += fetched;
@@ -260,24 +250,108 @@ pub fn stage(
             r.local_bytes += local;
         }
         Ok(())
-    };
-    par_map(&primaries, threads, |&t| write_one(t, None))?;
-    par_map(&copies, threads, |&t| {
-        let d = entries[t].sha256.unwrap_or(Digest([0; 32]));
-        write_one(t, first_of.get(&d).copied())
-    })?;
-    bar.finish();
-    for t in others {
-        let e = &entries[t];
-        let name = staged_name(t);
-        stage_special(sfd, &name, e)
-            .with_context(|| format!("staging {} {}", e.ftype.label(), e.path))?;
-        if let Ok(mut r) = report.lock() {
-            r.objects += 1;
+    }
+
+    /// Where the bytes come from: an earlier staged copy, the root, or the
+    /// source (counted in `fetched` or `local`).
+    fn reader(
+        &self,
+        e: &Entry,
+        d: &Digest,
+        from_stage: Option<usize>,
+        fetched: &mut u64,
+        local: &mut u64,
+    ) -> Result<Box<dyn Read + Send + 'a>> {
+        let source = self.source;
+        Ok(if let Some(first) = from_stage {
+            *local = e.size;
+            Box::new(fsx::open_file_beneath(
+                self.sfd,
+                &RelPath(staged_name(first)),
+            )?)
+        } else if let Some(p) = self.plan.local.get(d) {
+            *local = e.size;
+            Box::new(
+                fsx::open_file_beneath(self.root, p)
+                    .with_context(|| format!("opening {p} to reuse its content"))?,
+            )
+        } else {
+            *fetched = e.size;
+            source
+                .open_content(d, e)
+                .with_context(|| {
+                    format!(
+                        "object {d} for {} is missing from the {}",
+                        e.path,
+                        source.describe()
+                    )
+                })
+                .context(ExitKind::Source)?
+        })
+    }
+
+    /// Copy `reader` into `out` and check its digest; errors name whether
+    /// the source or the local copy was at fault.
+    fn copy_verified(
+        &self,
+        e: &Entry,
+        d: &Digest,
+        reader: Box<dyn Read + Send + 'a>,
+        fetched: u64,
+        out: &mut File,
+    ) -> Result<()> {
+        let source = self.source;
+        let mut vr = VerifyReader::new(reader);
+        match copy_sparse(&mut vr, out, &self.bar) {
+            Ok(_) => {}
+            // Undecodable bytes from the source: corrupt or tampered.
+            Err(CopyError::Read(err)) if fetched > 0 && err.raw_os_error().is_none() => {
+                return Err(anyhow!(err))
+                    .with_context(|| {
+                        format!(
+                            "object {d} for {} from the {} is corrupt",
+                            e.path,
+                            source.describe()
+                        )
+                    })
+                    .context(ExitKind::Untrusted)
+            }
+            Err(CopyError::Read(err)) if fetched > 0 => {
+                return Err(anyhow!(err))
+                    .with_context(|| {
+                        format!(
+                            "reading object {d} for {} from the {}",
+                            e.path,
+                            source.describe()
+                        )
+                    })
+                    .context(ExitKind::Source)
+            }
+            Err(CopyError::Read(err)) => {
+                return Err(anyhow!(err))
+                    .with_context(|| format!("reading local content for {}", e.path))
+            }
+            Err(CopyError::Write(err)) => {
+                return Err(anyhow!(err))
+                    .with_context(|| format!("writing staged content of {}", e.path))
+            }
+        }
+        match vr.finish(d, e.size)? {
+            Ok(()) => Ok(()),
+            Err(v) if fetched > 0 => Err(anyhow!(v))
+                .with_context(|| {
+                    format!(
+                        "object for {} from the {} failed verification",
+                        e.path,
+                        source.describe()
+                    )
+                })
+                .context(ExitKind::Untrusted),
+            Err(v) => Err(anyhow!(v)).with_context(|| {
+                format!("local copy of the content of {} changed under us", e.path)
+            }),
         }
     }
-    let report = report.into_inner().unwrap_or_default();
-    Ok((names, report))
 }
 
 fn stage_special(dir: BorrowedFd<'_>, name: &[u8], e: &Entry) -> Result<()> {
