@@ -111,6 +111,41 @@ fn source_kind(p: &Path) -> Result<SourceKind> {
 /// Publish `source` as image `opts.id`.
 pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Result<PublishReport> {
     let t0 = Instant::now();
+    let (key, kind, st) = check_request(opts, source)?;
+    let mut tree = Tree::open(&st, kind, source, progress)?;
+    let root = fsx::open_dir(&tree.path)
+        .with_context(|| format!("opening source {}", tree.path.display()))?;
+    let entries = scan_tree(&root, &tree.path, opts.threads, progress)?;
+    let objects = store_objects(&st, &root, &entries, opts, progress)?;
+    drop(root);
+    if let Some(m) = tree.mounted.take() {
+        m.close()
+            .context("releasing the disk image's root filesystem")?;
+    }
+    let m = manifest_of(opts, entries)?;
+    let written = write_image(&st, &m, key.as_ref(), tree.disk.take(), opts, progress)?;
+    Ok(PublishReport {
+        id: m.id.clone(),
+        entries: m.entries.len(),
+        content_bytes: m.content_bytes(),
+        new_objects: objects.new,
+        new_object_bytes: objects.new_bytes,
+        reused_objects: objects.reused,
+        signed: written.signed,
+        kernel: m.kernel.as_ref().map(|k| k.release.clone()),
+        disks: written.disks,
+        packs: written.packs,
+        delta: written.delta,
+        duration_ms: t0.elapsed().as_millis() as u64,
+    })
+}
+
+/// Check the ids, load the key, tell what the source is and open the store
+/// (which must not hold the image yet, and must hold its parent).
+fn check_request(
+    opts: &PublishOptions,
+    source: &Path,
+) -> Result<(Option<ed25519_dalek::SigningKey>, SourceKind, Store)> {
     manifest::validate_image_id(&opts.id)
         .map_err(anyhow::Error::msg)
         .context(ExitKind::Usage)?;
@@ -134,44 +169,69 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
             bail!("parent image {p:?} is not in {}", opts.store.display());
         }
     }
-    let _unpacked;
-    let mut disk = None;
-    let mut mounted = None;
-    let tree: PathBuf = match kind {
-        SourceKind::Dir => source.to_path_buf(),
-        SourceKind::Tar(flag) => {
-            let dir = tempfile::Builder::new()
-                .prefix("unpack-")
-                .tempdir_in(st.tmp_dir()?)?;
-            progress.line(&format!("unpacking {}", source.display()));
-            unpack_tar(source, flag, dir.path())?;
-            let p = dir.path().to_path_buf();
-            _unpacked = dir;
-            p
+    Ok((key, kind, st))
+}
+
+/// The tree to publish: the source directory, a tarball unpacked into the
+/// store's scratch space, or a disk image's root filesystem, mounted.
+struct Tree {
+    path: PathBuf,
+    /// Dropped (unmounted) before the staged disk image it is on.
+    mounted: Option<crate::publish::disk::MountedRoot>,
+    disk: Option<crate::publish::disk::StagedDisk>,
+    _unpacked: Option<tempfile::TempDir>,
+}
+
+impl Tree {
+    fn open(st: &Store, kind: SourceKind, source: &Path, progress: &Progress) -> Result<Tree> {
+        let mut tree = Tree {
+            path: source.to_path_buf(),
+            mounted: None,
+            disk: None,
+            _unpacked: None,
+        };
+        match kind {
+            SourceKind::Dir => {}
+            SourceKind::Tar(flag) => {
+                let dir = tempfile::Builder::new()
+                    .prefix("unpack-")
+                    .tempdir_in(st.tmp_dir()?)?;
+                progress.line(&format!("unpacking {}", source.display()));
+                unpack_tar(source, flag, dir.path())?;
+                tree.path = dir.path().to_path_buf();
+                tree._unpacked = Some(dir);
+            }
+            SourceKind::Disk => {
+                progress.line(&format!("copying disk image {}", source.display()));
+                let d = crate::publish::disk::stage(st, source)?;
+                let m = crate::publish::disk::mount_root(&d.path, d.format, &st.tmp_dir()?)
+                    .with_context(|| format!("finding the root filesystem in {}", source.display()))
+                    .context(ExitKind::Source)?;
+                progress.line(&format!(
+                    "root filesystem: partition {} ({:?}, {} bytes) of {} image {}",
+                    m.chosen.number,
+                    m.chosen.fs,
+                    m.chosen.size,
+                    d.format.as_str(),
+                    d.name
+                ));
+                tree.path = m.path().to_path_buf();
+                tree.disk = Some(d);
+                tree.mounted = Some(m);
+            }
         }
-        SourceKind::Disk => {
-            progress.line(&format!("copying disk image {}", source.display()));
-            let d = crate::publish::disk::stage(&st, source)?;
-            let m = crate::publish::disk::mount_root(&d.path, d.format, &st.tmp_dir()?)
-                .with_context(|| format!("finding the root filesystem in {}", source.display()))
-                .context(ExitKind::Source)?;
-            progress.line(&format!(
-                "root filesystem: partition {} ({:?}, {} bytes) of {} image {}",
-                m.chosen.number,
-                m.chosen.fs,
-                m.chosen.size,
-                d.format.as_str(),
-                d.name
-            ));
-            let p = m.path().to_path_buf();
-            disk = Some(d);
-            mounted = Some(m);
-            p
-        }
-    };
-    let root =
-        fsx::open_dir(&tree).with_context(|| format!("opening source {}", tree.display()))?;
-    progress.line(&format!("scanning {}", tree.display()));
+        Ok(tree)
+    }
+}
+
+/// Scan the tree into manifest entries (contents hashed).
+fn scan_tree(
+    root: &std::os::fd::OwnedFd,
+    path: &Path,
+    threads: usize,
+    progress: &Progress,
+) -> Result<Vec<crate::format::manifest::Entry>> {
+    progress.line(&format!("scanning {}", path.display()));
     let nodes = scan::scan(root.as_fd(), &ScanOptions::default())?;
     if let Some(m) = nodes.iter().find(|n| n.mountpoint) {
         progress.line(&format!(
@@ -179,12 +239,29 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
             m.path
         ));
     }
-    let entries = scan::to_entries(root.as_fd(), &nodes, opts.threads)?;
-    // Objects: only the digests the store does not hold yet, each once.
+    scan::to_entries(root.as_fd(), &nodes, threads)
+}
+
+/// What storing the objects did.
+struct Objects {
+    new: usize,
+    new_bytes: u64,
+    reused: usize,
+}
+
+/// Store the objects: only the digests the store does not hold yet, each
+/// once, compressed in parallel.
+fn store_objects(
+    st: &Store,
+    root: &std::os::fd::OwnedFd,
+    entries: &[crate::format::manifest::Entry],
+    opts: &PublishOptions,
+    progress: &Progress,
+) -> Result<Objects> {
     let mut seen = std::collections::HashSet::new();
     let mut todo = Vec::new();
     let mut reused = 0usize;
-    for e in &entries {
+    for e in entries {
         if e.ftype != FileType::File || e.size == 0 {
             continue;
         }
@@ -214,11 +291,18 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
         Ok(n)
     })?;
     bar.finish();
-    drop(root);
-    if let Some(m) = mounted.take() {
-        m.close()
-            .context("releasing the disk image's root filesystem")?;
-    }
+    Ok(Objects {
+        new: todo.len(),
+        new_bytes: sizes.iter().sum(),
+        reused,
+    })
+}
+
+/// The image's manifest, validated.
+fn manifest_of(
+    opts: &PublishOptions,
+    entries: Vec<crate::format::manifest::Entry>,
+) -> Result<Manifest> {
     let kernel = kernel::detect(&entries);
     let m = Manifest {
         format: FORMAT_VERSION,
@@ -230,13 +314,35 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
     };
     m.validate()
         .context("the scanned tree does not form a valid manifest")?;
-    let (stored, frames) = crate::format::codec::encode_manifest_framed(&m)?;
-    let sig = key.as_ref().map(|k| sign::sign(k, &stored));
+    Ok(m)
+}
+
+/// What writing the image into the store produced.
+struct Written {
+    signed: bool,
+    packs: crate::publish::pack::PackReport,
+    delta: Option<crate::publish::delta::DeltaReport>,
+    disks: Vec<crate::fs::store::DiskEntry>,
+}
+
+/// Write the image: its packs and their index, the manifest's frames, the
+/// update delta from the parent, the disk image, then the signed manifest
+/// itself (last: the image exists once it is there).
+fn write_image(
+    st: &Store,
+    m: &Manifest,
+    key: Option<&ed25519_dalek::SigningKey>,
+    disk: Option<crate::publish::disk::StagedDisk>,
+    opts: &PublishOptions,
+    progress: &Progress,
+) -> Result<Written> {
+    let (stored, frames) = crate::format::codec::encode_manifest_framed(m)?;
+    let sig = key.map(|k| sign::sign(k, &stored));
     progress.line("writing packs");
     let (pidx, packs) =
-        crate::publish::pack::build(&st, &m, &stored, opts.parent.as_deref(), opts.level)?;
-    let psig = key.as_ref().map(|k| sign::sign(k, &pidx));
-    crate::publish::pack::put_index(&st, &m.id, &pidx, psig.as_deref())?;
+        crate::publish::pack::build(st, m, &stored, opts.parent.as_deref(), opts.level)?;
+    let psig = key.map(|k| sign::sign(k, &pidx));
+    crate::publish::pack::put_index(st, &m.id, &pidx, psig.as_deref())?;
     store::write_atomic(
         &st.image_dir(&m.id)
             .join(crate::format::mframes::FRAMES_NAME),
@@ -246,30 +352,22 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
         Some(p) => {
             progress.line(&format!("writing the update delta from {p}"));
             Some(
-                crate::publish::delta::build(&st, &m, &stored, sig.as_deref(), p, opts.threads)
+                crate::publish::delta::build(st, m, &stored, sig.as_deref(), p, opts.threads)
                     .with_context(|| format!("writing the update delta from {p:?}"))?,
             )
         }
         None => None,
     };
     let disks = match disk {
-        Some(d) => vec![d.install(&st, &m.id)?],
+        Some(d) => vec![d.install(st, &m.id)?],
         None => Vec::new(),
     };
-    st.put_image_with(&m, &stored, sig.as_deref(), disks.clone())?;
-    Ok(PublishReport {
-        id: m.id.clone(),
-        entries: m.entries.len(),
-        content_bytes: m.content_bytes(),
-        new_objects: todo.len(),
-        new_object_bytes: sizes.iter().sum(),
-        reused_objects: reused,
+    st.put_image_with(m, &stored, sig.as_deref(), disks.clone())?;
+    Ok(Written {
         signed: sig.is_some(),
-        kernel: m.kernel.as_ref().map(|k| k.release.clone()),
-        disks,
         packs,
         delta,
-        duration_ms: t0.elapsed().as_millis() as u64,
+        disks,
     })
 }
 
