@@ -87,7 +87,51 @@ pub fn build(
     let p_json = manifest_json(&p_stored)?;
     let pm = Manifest::parse(&p_json).context("parsing the parent's manifest")?;
     let json = manifest_json(stored)?;
+    let todo = new_objects(m, &pm);
+    let coded = patches(st, &todo, threads)?;
+    let objects: Vec<Object> = todo
+        .iter()
+        .zip(&coded)
+        .map(|((d, size, _), (kind, _))| Object {
+            digest: *d,
+            size: *size,
+            kind: kind.clone(),
+        })
+        .collect();
+    let raw_len: u64 = objects.iter().map(Object::raw_len).sum();
+    let (mut payload, payload_len) = payload(st, &objects, &coded, raw_len)?;
+    let mpatch = patch_encode(&p_json, &json, PATCH_LEVEL).context("patching the manifest")?;
+    let h = Header {
+        from: parent.to_string(),
+        from_sha256: Digest::of(&p_stored),
+        to: m.id.clone(),
+        to_sha256: Digest::of(stored),
+        sig: sig.map(<[u8]>::to_vec),
+        manifest_len: json.len() as u64,
+        mpatch_len: mpatch.len() as u64,
+        payload_len,
+        objects,
+    };
+    let bytes = write_delta(st, &m.id, parent, &h, &mpatch, &mut payload)?;
+    Ok(DeltaReport {
+        from: parent.to_string(),
+        bytes,
+        objects: h.objects.len(),
+        patched_objects: h
+            .objects
+            .iter()
+            .filter(|o| matches!(o.kind, Kind::Patch { .. }))
+            .count(),
+        manifest_patch_bytes: h.mpatch_len,
+        payload_bytes: payload_len,
+        payload_raw_bytes: raw_len,
+        ms: t0.elapsed().as_millis() as u64,
+    })
+}
 
+/// The target's new objects in manifest order, each with the parent's
+/// version of its (first) path, when that can serve as a patch reference.
+fn new_objects(m: &Manifest, pm: &Manifest) -> Vec<(Digest, u64, Option<Reference>)> {
     let old_digests: HashSet<Digest> = pm.entries.iter().filter_map(|e| e.sha256).collect();
     let old_files: HashMap<&RelPath, (Digest, u64)> = pm
         .entries
@@ -95,8 +139,6 @@ pub fn build(
         .filter(|e| e.ftype == FileType::File && e.size > 0)
         .filter_map(|e| e.sha256.map(|d| (&e.path, (d, e.size))))
         .collect();
-    // The target's new objects in manifest order, each with the parent's
-    // version of its (first) path, when that can serve as a patch reference.
     let mut seen = HashSet::new();
     let mut todo: Vec<(Digest, u64, Option<Reference>)> = Vec::new();
     for e in &m.entries {
@@ -110,8 +152,16 @@ pub fn build(
             .map(|(od, os)| (*od, *os, e.path.clone()));
         todo.push((d, e.size, reference));
     }
-    // Patches (in parallel): kept only when they pay.
-    let coded = crate::sys::par::par_map(&todo, threads.max(1), |(d, size, reference)| {
+    todo
+}
+
+/// Patches (in parallel): kept only when they pay.
+fn patches(
+    st: &Store,
+    todo: &[(Digest, u64, Option<Reference>)],
+    threads: usize,
+) -> Result<Vec<(Kind, Option<Vec<u8>>)>> {
+    crate::sys::par::par_map(todo, threads.max(1), |(d, size, reference)| {
         let Some((od, os, path)) = reference else {
             return Ok((Kind::Full, None));
         };
@@ -129,19 +179,16 @@ pub fn build(
         } else {
             Ok((Kind::Full, None))
         }
-    })?;
-    let objects: Vec<Object> = todo
-        .iter()
-        .zip(&coded)
-        .map(|((d, size, _), (kind, _))| Object {
-            digest: *d,
-            size: *size,
-            kind: kind.clone(),
-        })
-        .collect();
-    let raw_len: u64 = objects.iter().map(Object::raw_len).sum();
+    })
+}
 
-    // The payload: one xz stream into a scratch file.
+/// The payload: one xz stream into a scratch file, rewound; and its length.
+fn payload(
+    st: &Store,
+    objects: &[Object],
+    coded: &[(Kind, Option<Vec<u8>>)],
+    raw_len: u64,
+) -> Result<(fs::File, u64)> {
     let tmp = tempfile::tempfile_in(st.tmp_dir()?).context("creating a scratch file")?;
     let mut opts = LzmaOptions::new_preset(PAYLOAD_PRESET)?;
     opts.dict_size((raw_len.max(4096)).min(u64::from(PAYLOAD_DICT_MAX)) as u32);
@@ -149,7 +196,7 @@ pub fn build(
     filters.x86().lzma2(&opts);
     let stream = Stream::new_stream_encoder(&filters, Check::None)?;
     let mut xz = liblzma::write::XzEncoder::new_stream(BufWriter::new(tmp), stream);
-    for (o, (_, patch)) in objects.iter().zip(&coded) {
+    for (o, (_, patch)) in objects.iter().zip(coded) {
         match patch {
             Some(p) => xz.write_all(p)?,
             None => {
@@ -167,30 +214,29 @@ pub fn build(
         .map_err(|e| e.into_error())?;
     let payload_len = payload.seek(SeekFrom::End(0))?;
     payload.seek(SeekFrom::Start(0))?;
+    Ok((payload, payload_len))
+}
 
-    let mpatch = patch_encode(&p_json, &json, PATCH_LEVEL).context("patching the manifest")?;
-    let h = Header {
-        from: parent.to_string(),
-        from_sha256: Digest::of(&p_stored),
-        to: m.id.clone(),
-        to_sha256: Digest::of(stored),
-        sig: sig.map(<[u8]>::to_vec),
-        manifest_len: json.len() as u64,
-        mpatch_len: mpatch.len() as u64,
-        payload_len,
-        objects,
-    };
+/// Write the delta file (header, manifest patch, payload) under a temporary
+/// name, check its length, and rename it into place; its size in bytes.
+fn write_delta(
+    st: &Store,
+    id: &str,
+    parent: &str,
+    h: &Header,
+    mpatch: &[u8],
+    payload: &mut fs::File,
+) -> Result<u64> {
     let head = h.encode();
-
-    let dir = st.image_dir(&m.id).join(DELTAS_DIR);
+    let dir = st.image_dir(id).join(DELTAS_DIR);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(format!("{parent}{DELTA_SUFFIX}"));
     let mut out = tempfile::NamedTempFile::new_in(&dir).context("creating the delta file")?;
     {
         let mut w = BufWriter::new(out.as_file_mut());
         w.write_all(&head)?;
-        w.write_all(&mpatch)?;
-        io::copy(&mut payload, &mut w)?;
+        w.write_all(mpatch)?;
+        io::copy(payload, &mut w)?;
         w.flush()?;
     }
     out.as_file()
@@ -205,20 +251,7 @@ pub fn build(
     }
     out.persist(&path)
         .with_context(|| format!("writing {}", path.display()))?;
-    Ok(DeltaReport {
-        from: parent.to_string(),
-        bytes,
-        objects: h.objects.len(),
-        patched_objects: h
-            .objects
-            .iter()
-            .filter(|o| matches!(o.kind, Kind::Patch { .. }))
-            .count(),
-        manifest_patch_bytes: h.mpatch_len,
-        payload_bytes: payload_len,
-        payload_raw_bytes: raw_len,
-        ms: t0.elapsed().as_millis() as u64,
-    })
+    Ok(bytes)
 }
 
 #[cfg(test)]
