@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::engine::config::Config;
 use crate::engine::stage;
-use crate::format::manifest::{FileType, RelPath};
+use crate::format::manifest::{Entry, FileType, Manifest, RelPath};
 use crate::fs::fsx;
 use crate::fs::node::Node;
 use crate::fs::preserve::Preserve;
@@ -57,23 +57,7 @@ impl DriftReport {
 pub fn verify(root_path: &Path, checksum: bool, threads: usize) -> Result<DriftReport> {
     let root = RootFs::open(root_path).context(ExitKind::Usage)?;
     let cfg = Config::load(&root.path)?;
-    let state = root.state_dir()?.ok_or_else(|| {
-        anyhow!(
-            "{} has no imageupd state: nothing was ever applied here",
-            root.path.display()
-        )
-    })?;
-    let bytes = fsx::read_beneath(
-        state.as_fd(),
-        &RelPath(crate::fs::rootfs::CURRENT_MANIFEST.to_vec()),
-    )
-    .with_context(|| {
-        format!(
-            "reading the current image's manifest in {}/var/lib/imageupd",
-            root.path.display()
-        )
-    })?;
-    let m = crate::format::codec::decode_manifest(&bytes)?;
+    let m = current_manifest(&root)?;
     let mut preserve = Preserve::new(&cfg.preserve).map_err(anyhow::Error::msg)?;
     if let Some(r) = crate::fs::rootfs::running_release() {
         let _ = preserve.add(&format!("/lib/modules/{r}/"));
@@ -115,60 +99,9 @@ pub fn verify(root_path: &Path, checksum: bool, threads: usize) -> Result<DriftR
         if n.mountpoint {
             continue;
         }
-        let mut what = Vec::new();
-        let want_type = if e.ftype == FileType::Hardlink {
-            FileType::File
-        } else {
-            e.ftype
-        };
-        if n.stat.ftype != want_type {
-            what.push(format!(
-                "type ({} instead of {})",
-                n.stat.ftype.label(),
-                e.ftype.label()
-            ));
-        } else if e.ftype == FileType::Hardlink {
-            let t = RelPath(e.target.as_ref().map(|x| x.0.clone()).unwrap_or_default());
-            if by_path.get(&t).is_none_or(|a| a.stat.ino != n.stat.ino) {
-                what.push(format!("hardlink (not linked to {t})"));
-            }
-        } else {
-            if e.ftype != FileType::Symlink && n.stat.mode != e.mode {
-                what.push(format!("mode ({:o} instead of {:o})", n.stat.mode, e.mode));
-            }
-            if n.stat.uid != e.uid || n.stat.gid != e.gid {
-                what.push(format!(
-                    "owner ({}:{} instead of {}:{})",
-                    n.stat.uid, n.stat.gid, e.uid, e.gid
-                ));
-            }
-            if n.stat.mtime_ns != e.mtime_ns {
-                what.push("mtime".into());
-            }
-            if n.xattrs != e.xattrs {
-                what.push("xattrs".into());
-            }
-            match e.ftype {
-                FileType::File => {
-                    if n.stat.size != e.size {
-                        what.push(format!("size ({} instead of {})", n.stat.size, e.size));
-                    } else if checksum {
-                        to_hash.push(e);
-                    }
-                }
-                FileType::Symlink
-                    if n.target.as_deref() != e.target.as_ref().map(|t| t.0.as_slice()) =>
-                {
-                    what.push("symlink target".into());
-                }
-                FileType::Char | FileType::Block if Some(n.stat.rdev) != e.rdev => {
-                    what.push("device number".into());
-                }
-                _ => {}
-            }
-        }
+        let what = differences(e, n, &by_path, checksum, &mut to_hash);
         if !what.is_empty() {
-            r.modified.push(crate::engine::verify::Drift {
+            r.modified.push(Drift {
                 path: e.path.to_string(),
                 what,
             });
@@ -180,8 +113,106 @@ pub fn verify(root_path: &Path, checksum: bool, threads: usize) -> Result<DriftR
             r.extra.push(n.path.to_string());
         }
     }
+    hash_contents(&root, &to_hash, threads, &mut r)?;
+    r.modified.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(r)
+}
+
+/// The current image's manifest, as the node recorded it.
+fn current_manifest(root: &RootFs) -> Result<Manifest> {
+    let state = root.state_dir()?.ok_or_else(|| {
+        anyhow!(
+            "{} has no imageupd state: nothing was ever applied here",
+            root.path.display()
+        )
+    })?;
+    let bytes = fsx::read_beneath(
+        state.as_fd(),
+        &RelPath(crate::fs::rootfs::CURRENT_MANIFEST.to_vec()),
+    )
+    .with_context(|| {
+        format!(
+            "reading the current image's manifest in {}/var/lib/imageupd",
+            root.path.display()
+        )
+    })?;
+    crate::format::codec::decode_manifest(&bytes)
+}
+
+/// What differs between entry `e` and root node `n` but content; regular
+/// files whose content is to be hashed go to `to_hash`.
+fn differences<'m>(
+    e: &'m Entry,
+    n: &Node,
+    by_path: &HashMap<&RelPath, &Node>,
+    checksum: bool,
+    to_hash: &mut Vec<&'m Entry>,
+) -> Vec<String> {
+    let mut what = Vec::new();
+    let want_type = if e.ftype == FileType::Hardlink {
+        FileType::File
+    } else {
+        e.ftype
+    };
+    if n.stat.ftype != want_type {
+        what.push(format!(
+            "type ({} instead of {})",
+            n.stat.ftype.label(),
+            e.ftype.label()
+        ));
+    } else if e.ftype == FileType::Hardlink {
+        let t = RelPath(e.target.as_ref().map(|x| x.0.clone()).unwrap_or_default());
+        if by_path.get(&t).is_none_or(|a| a.stat.ino != n.stat.ino) {
+            what.push(format!("hardlink (not linked to {t})"));
+        }
+    } else {
+        if e.ftype != FileType::Symlink && n.stat.mode != e.mode {
+            what.push(format!("mode ({:o} instead of {:o})", n.stat.mode, e.mode));
+        }
+        if n.stat.uid != e.uid || n.stat.gid != e.gid {
+            what.push(format!(
+                "owner ({}:{} instead of {}:{})",
+                n.stat.uid, n.stat.gid, e.uid, e.gid
+            ));
+        }
+        if n.stat.mtime_ns != e.mtime_ns {
+            what.push("mtime".into());
+        }
+        if n.xattrs != e.xattrs {
+            what.push("xattrs".into());
+        }
+        match e.ftype {
+            FileType::File => {
+                if n.stat.size != e.size {
+                    what.push(format!("size ({} instead of {})", n.stat.size, e.size));
+                } else if checksum {
+                    to_hash.push(e);
+                }
+            }
+            FileType::Symlink
+                if n.target.as_deref() != e.target.as_ref().map(|t| t.0.as_slice()) =>
+            {
+                what.push("symlink target".into());
+            }
+            FileType::Char | FileType::Block if Some(n.stat.rdev) != e.rdev => {
+                what.push("device number".into());
+            }
+            _ => {}
+        }
+    }
+    what
+}
+
+/// Hash the files of `to_hash` (in parallel); those whose content differs
+/// are modified.
+fn hash_contents(
+    root: &RootFs,
+    to_hash: &[&Entry],
+    threads: usize,
+    r: &mut DriftReport,
+) -> Result<()> {
     let root_fd = root.fd();
-    let bad = crate::sys::par::par_map(&to_hash, threads, |e| {
+    let bad = crate::sys::par::par_map(to_hash, threads, |e| {
         let f = fsx::open_file_beneath(root_fd, &e.path)
             .with_context(|| format!("opening {}", e.path))?;
         let (d, _) =
@@ -197,6 +228,5 @@ pub fn verify(root_path: &Path, checksum: bool, threads: usize) -> Result<DriftR
             }),
         }
     }
-    r.modified.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(r)
+    Ok(())
 }
