@@ -4,6 +4,9 @@
 //! systemd ([`sdnotify`]). Uses [`crate::apply`] and every layer below.
 
 pub mod daemon;
+pub mod decide;
+pub mod from_metadata;
 pub mod metadata;
+pub mod record;
 pub mod sdnotify;
 pub mod watch;

@@ -175,7 +175,7 @@ pub(crate) fn apply(
     dry_run: bool,
 ) -> Result<u8> {
     let r = if target.from_metadata {
-        let o = imageupd::agent::daemon::FromMetadataOptions {
+        let o = imageupd::agent::from_metadata::FromMetadataOptions {
             root: root.root,
             from: target.from,
             allow_unsigned: target.allow_unsigned,
@@ -183,7 +183,7 @@ pub(crate) fn apply(
             dry_run,
             ca_file: target.ca_file.clone(),
         };
-        imageupd::agent::daemon::apply_from_metadata(&o, &Progress::new(json))?
+        imageupd::agent::from_metadata::apply_from_metadata(&o, &Progress::new(json))?
     } else {
         let opts = ApplyOptions {
             root: root.root,

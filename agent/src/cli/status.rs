@@ -21,7 +21,7 @@ pub(crate) fn status(root: &Path, json: bool) -> Result<u8> {
         .as_ref()
         .filter(|j| j.interrupted())
         .map(|j| j.target.clone());
-    let agent = imageupd::agent::daemon::AgentRecord::load(&rf.runtime_dir())
+    let agent = imageupd::agent::record::AgentRecord::load(&rf.runtime_dir())
         .ok()
         .filter(|a| *a != Default::default());
     let kernel = imageupd::boot::reboot::load(&rf)?;
