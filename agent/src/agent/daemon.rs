@@ -103,7 +103,7 @@ pub fn run(root: &Path) -> Result<()> {
     let cfg = Config::load(&root)?;
     // Settle a kernel change recorded before this boot, and drop the
     // modules no kernel needs any more (logged; never fatal).
-    if let Err(e) = RootFs::open(&root).and_then(|rf| crate::boot::reboot::confirm_boot(&rf)) {
+    if let Err(e) = RootFs::open(&root).and_then(|rf| crate::boot::confirm::confirm_boot(&rf)) {
         tracing::warn!("boot check: {e:#}");
     }
     // Hooks can tell they run under the agent (and e.g. re-run configuration).

@@ -9,9 +9,12 @@ use std::sync::{Arc, Mutex};
 
 use super::*;
 use crate::apply;
+use crate::boot::confirm::*;
 use crate::boot::dbus::testbus::{serve, Fakes, PrivateBus};
 use crate::boot::dbus::Bus;
+use crate::boot::kexec::*;
 use crate::boot::reboot::*;
+use crate::boot::record::*;
 use crate::publish::image::{self as publish, PublishOptions};
 
 const KA: &str = "1.0-a";

@@ -1,5 +1,5 @@
 //! `imageupd plan` and `imageupd apply`: the update pipeline of SPEC §5,
-//! one function per step, in order ([`pipeline`]): resolve, plan,
+//! one function per step, in order (`pipeline`): resolve, plan,
 //! preflight, fetch, stage, sync, quiesce (pre-apply hooks), swap and
 //! commit (`etc/image_id`, journal), resume (post-apply hooks), and in
 //! [`run`] the kernel step ([`crate::boot::reboot::after_apply`]). Every

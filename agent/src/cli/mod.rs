@@ -130,7 +130,7 @@ pub(crate) fn reboot(root: &Path, kernel_policy: Option<KernelPolicy>) -> Result
 /// `imageupd boot-check`.
 pub(crate) fn boot_check(root: &Path, json: bool) -> Result<u8> {
     let rf = imageupd::fs::rootfs::RootFs::open(root).context(ExitKind::Usage)?;
-    let r = imageupd::boot::reboot::confirm_boot(&rf)?;
+    let r = imageupd::boot::confirm::confirm_boot(&rf)?;
     if json {
         print_json(&r)?;
     } else {
@@ -142,7 +142,7 @@ pub(crate) fn boot_check(root: &Path, json: bool) -> Result<u8> {
         }
     }
     Ok(match &r.record {
-        Some(rec) if rec.state == imageupd::boot::reboot::KernelState::Failed && r.confirmed => 1,
+        Some(rec) if rec.state == imageupd::boot::record::KernelState::Failed && r.confirmed => 1,
         _ => 0,
     })
 }

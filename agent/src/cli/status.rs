@@ -24,10 +24,10 @@ pub(crate) fn status(root: &Path, json: bool) -> Result<u8> {
     let agent = imageupd::agent::record::AgentRecord::load(&rf.runtime_dir())
         .ok()
         .filter(|a| *a != Default::default());
-    let kernel = imageupd::boot::reboot::load(&rf)?;
+    let kernel = imageupd::boot::record::load(&rf)?;
     let reboot_required = kernel
         .as_ref()
-        .is_some_and(|k| k.state == imageupd::boot::reboot::KernelState::Pending);
+        .is_some_and(|k| k.state == imageupd::boot::record::KernelState::Pending);
     if json {
         print_json(&serde_json::json!({
             "root": rf.path,

@@ -25,7 +25,7 @@ pub struct KernelVerdict {
     /// The target's kernel, as its manifest records it.
     pub target_kernel: Option<crate::format::manifest::KernelInfo>,
     /// What was done about a change: kexec, reboot, deferred,
-    /// not-host-root or failed ([`crate::boot::reboot::Action`]).
+    /// not-host-root or failed ([`crate::boot::record::Action`]).
     pub action: Option<String>,
 }
 
