@@ -7,14 +7,13 @@
 //! Each hook runs in its own process group, so a timeout can kill everything
 //! it started, not just the shell at its top.
 
-use std::cmp::Ordering;
 use std::ffi::OsString;
 use std::fmt;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -22,6 +21,11 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::{access, AccessFlags, Pid};
+
+mod order;
+mod output;
+pub use order::order_hook_names;
+use output::{drain, spawn_reader, tail_of};
 
 /// Where hooks live, relative to the root being updated.
 pub const HOOKS_SUBDIR: &str = "etc/imageupd/hooks";
@@ -262,80 +266,6 @@ fn tail_suffix(tail: &str) -> String {
     }
 }
 
-/// Splits directory entry names into the hooks that run, in `LC_ALL=C sort
-/// -n` order, and those skipped for their name, each with the reason.
-///
-/// `sort -n` compares the leading number (an optional `-` then digits; none
-/// counts as 0) numerically and breaks ties by comparing whole names byte by
-/// byte, so `2-a` runs before `10-b` and `010` before `10`. Skipped names are
-/// returned in byte order so warnings come out in a stable order.
-pub fn order_hook_names(names: Vec<String>) -> (Vec<String>, Vec<(String, &'static str)>) {
-    let (mut run, mut bad): (Vec<String>, Vec<String>) =
-        names.into_iter().partition(|n| is_valid_hook_name(n));
-    run.sort_by(|a, b| compare_sort_n(a, b));
-    bad.sort();
-    let skipped = bad.into_iter().map(|n| (n, SKIP_BAD_NAME)).collect();
-    (run, skipped)
-}
-
-/// Whether `name` matches [`HOOK_NAME_PATTERN`].
-fn is_valid_hook_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
-/// `LC_ALL=C sort -n` comparison of two lines.
-fn compare_sort_n(a: &str, b: &str) -> Ordering {
-    leading_number(a)
-        .cmp(&leading_number(b))
-        .then_with(|| a.as_bytes().cmp(b.as_bytes()))
-}
-
-/// The leading number of a name, as `sort -n` reads it. Kept as a digit
-/// string so that names like `99999999999999999999-x` cannot overflow.
-#[derive(Debug, PartialEq, Eq)]
-struct LeadingNumber<'a> {
-    negative: bool,
-    /// Digits without leading zeros; empty for zero.
-    magnitude: &'a str,
-}
-
-fn leading_number(name: &str) -> LeadingNumber<'_> {
-    let (negative, rest) = match name.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, name),
-    };
-    let digits_end = rest
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(rest.len());
-    let magnitude = rest[..digits_end].trim_start_matches('0');
-    LeadingNumber {
-        // "-0" and "-x" are zero, and zero has no sign.
-        negative: negative && !magnitude.is_empty(),
-        magnitude,
-    }
-}
-
-impl Ord for LeadingNumber<'_> {
-    fn cmp(&self, other: &Self) -> Ordering {
-        let abs = |n: &Self| (n.magnitude.len(), n.magnitude.as_bytes());
-        match (self.negative, other.negative) {
-            (false, false) => abs(self).cmp(&abs(other)),
-            (true, true) => abs(other).cmp(&abs(self)),
-            (true, false) => Ordering::Less,
-            (false, true) => Ordering::Greater,
-        }
-    }
-}
-
-impl PartialOrd for LeadingNumber<'_> {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
 /// Runs the hooks of one phase.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HookRunner {
@@ -560,131 +490,6 @@ fn kill_group(child: &Child) {
         Ok(()) | Err(Errno::ESRCH) => {}
         Err(e) => tracing::warn!(pid, "cannot kill hook process group: {e}"),
     }
-}
-
-/// Waits for the output readers to reach end of file, for at most
-/// [`OUTPUT_DRAIN_GRACE`].
-fn drain(done: &Receiver<()>, readers: usize, phase: HookPhase, name: &str) {
-    let deadline = Instant::now() + OUTPUT_DRAIN_GRACE;
-    for _ in 0..readers {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match done.recv_timeout(left) {
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => {}
-            Err(RecvTimeoutError::Timeout) => {
-                // The reader thread keeps logging until those processes close
-                // the pipe; blocking here would stretch the quiesce window.
-                tracing::warn!(
-                    phase = phase.as_str(),
-                    hook = name,
-                    "hook exited but left processes holding its stdout/stderr; no longer waiting for their output"
-                );
-                return;
-            }
-        }
-    }
-}
-
-/// Starts a thread that logs `stream` line by line and, if `tail` is given,
-/// keeps its last [`MAX_CAPTURE_BYTES`] there. Sends on `done` at end of file.
-fn spawn_reader<R: Read + Send + 'static>(
-    stream: R,
-    phase: HookPhase,
-    name: &str,
-    stream_name: &'static str,
-    tail: Option<Arc<Mutex<Vec<u8>>>>,
-    done: Sender<()>,
-) {
-    let name = name.to_owned();
-    thread::spawn(move || {
-        pump(stream, phase, &name, stream_name, tail.as_deref());
-        // The receiver may be gone if the runner stopped waiting.
-        let _ = done.send(());
-    });
-}
-
-fn pump<R: Read>(
-    mut stream: R,
-    phase: HookPhase,
-    name: &str,
-    stream_name: &'static str,
-    tail: Option<&Mutex<Vec<u8>>>,
-) {
-    let log = |line: &[u8]| {
-        let text = String::from_utf8_lossy(line);
-        let text = text.trim_end_matches(['\n', '\r']);
-        tracing::info!(
-            phase = phase.as_str(),
-            hook = name,
-            stream = stream_name,
-            "{text}"
-        );
-    };
-    let mut buf = [0u8; 8192];
-    let mut line = Vec::new();
-    loop {
-        let n = match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                tracing::warn!(
-                    hook = name,
-                    stream = stream_name,
-                    "cannot read hook output: {e}"
-                );
-                break;
-            }
-        };
-        if let Some(tail) = tail {
-            let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
-            push_bounded(&mut tail, &buf[..n], MAX_CAPTURE_BYTES);
-        }
-        for piece in buf[..n].split_inclusive(|&b| b == b'\n') {
-            line.extend_from_slice(piece);
-            if line.ends_with(b"\n") || line.len() >= MAX_LOG_LINE_BYTES {
-                log(&line);
-                line.clear();
-            }
-        }
-    }
-    if !line.is_empty() {
-        log(&line);
-    }
-}
-
-/// Appends `data` to `buf`, then drops bytes from the front so at most `cap`
-/// remain.
-fn push_bounded(buf: &mut Vec<u8>, data: &[u8], cap: usize) {
-    buf.extend_from_slice(data);
-    if buf.len() > cap {
-        let excess = buf.len() - cap;
-        buf.drain(..excess);
-    }
-}
-
-fn tail_of(captured: &Mutex<Vec<u8>>) -> String {
-    let captured = captured.lock().unwrap_or_else(|e| e.into_inner());
-    last_lines(&captured, STDERR_TAIL_LINES, STDERR_TAIL_MAX_BYTES)
-}
-
-/// The last `max_lines` lines of `bytes`, at most `max_bytes` long (cut at a
-/// character boundary), without trailing blank space.
-fn last_lines(bytes: &[u8], max_lines: usize, max_bytes: usize) -> String {
-    let text = String::from_utf8_lossy(bytes);
-    let text = text.trim_end();
-    let start = text
-        .rmatch_indices('\n')
-        .nth(max_lines.saturating_sub(1))
-        .map_or(0, |(i, _)| i + 1);
-    let mut tail = &text[start..];
-    if tail.len() > max_bytes {
-        let mut cut = tail.len() - max_bytes;
-        while !tail.is_char_boundary(cut) {
-            cut += 1;
-        }
-        tail = &tail[cut..];
-    }
-    tail.to_owned()
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Tests of the hook runner, with real shell-script hooks.
 
+use super::output::{last_lines, push_bounded};
 use super::*;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
