@@ -1,4 +1,5 @@
 use super::*;
+use crate::format::codec::max_compressed;
 
 #[test]
 fn ca_file_from_cli_wins_and_config_is_read_below_the_root() {
