@@ -430,7 +430,7 @@ fn a_cancelled_apply_does_not_start() {
         cancel: Some(Arc::new(AtomicBool::new(true))),
         ..Default::default()
     };
-    let err = imageupd::apply::run(&opts, &imageupd::progress::Progress::new(true))
+    let err = imageupd::apply::run(&opts, &imageupd::sys::progress::Progress::new(true))
         .expect_err("a cancelled apply must stop");
     assert!(format!("{err:#}").contains("stopped on request"), "{err:#}");
     assert_unchanged(&root, &before, "after a cancelled apply");

@@ -205,7 +205,7 @@ fn bad_signature_is_refused() {
     let other = keygen(&node.dir.join("keys"), "untrusted");
     let m = st.join("images/s2/manifest.json.zst");
     std::fs::remove_file(&sig).unwrap();
-    imageupd::sign::sign_file(&other.secret, &m).expect("sign with the untrusted key");
+    imageupd::format::sign::sign_file(&other.secret, &m).expect("sign with the untrusted key");
     let out = node.apply(&st, "s2", &[]);
     expect_refused(&out, EXIT_UNTRUSTED, "signature by an untrusted key");
     node.assert_untouched("untrusted signer");
@@ -261,7 +261,7 @@ fn craft_manifest(store: &Path, modify: impl FnOnce(&mut Value)) {
     );
     let sig = sig_path(store, "s2");
     std::fs::remove_file(&sig).unwrap(); // never write through the hardlink
-    imageupd::sign::sign_file(&shared_store().key.secret, &path)
+    imageupd::format::sign::sign_file(&shared_store().key.secret, &path)
         .expect("re-sign the crafted manifest");
 }
 

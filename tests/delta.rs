@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use common::http::FileServer;
 use common::serve::Server;
 use common::*;
-use imageupd::delta::{Header, Kind};
+use imageupd::format::delta::{Header, Kind};
 
 /// `imageupd apply --from URL --id ID --root ROOT --json`.
 fn apply_url(url: &str, id: &str, root: &Path) -> Out {
@@ -267,9 +267,9 @@ fn a_delta_never_makes_a_manifest_trusted() {
     node_at("v1", &root);
     let before = snapshot_root(&root);
     let other = keygen(s.path(), "other");
-    let other_key = imageupd::sign::load_secret(&other.secret).expect("other key");
+    let other_key = imageupd::format::sign::load_secret(&other.secret).expect("other key");
     let stored = std::fs::read(shared.dir.join("images/v2/manifest.json.zst")).expect("manifest");
-    let forged = imageupd::sign::sign(&other_key, &stored);
+    let forged = imageupd::format::sign::sign(&other_key, &stored);
 
     // Signed by a key the node does not trust, in the delta and the store.
     let store = store_copy(&s.join("wrong-key"));

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use common::nodekit;
 use common::*;
-use imageupd::metadata::{lookup, render_raw, MetadataSource};
+use imageupd::agent::metadata::{lookup, render_raw, MetadataSource};
 use serde_json::{json, Map, Value};
 
 const KEYS: [&str; 6] = ["a", "b", "image_id", "list", "0", "x"];

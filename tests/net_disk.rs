@@ -205,7 +205,7 @@ fn client() -> reqwest::blocking::Client {
 }
 
 fn sha256_hex(b: &[u8]) -> String {
-    imageupd::manifest::Digest::of(b).to_hex()
+    imageupd::format::manifest::Digest::of(b).to_hex()
 }
 
 /// `publish --json` of SOURCE as ID; the report.
@@ -301,7 +301,7 @@ fn disk_images_are_published_and_served_as_ironic_expects() {
         let sums = http.get(&sums_url).send().expect("GET sums");
         assert_eq!(sums.status().as_u16(), 200, "GET {sums_url}");
         let sums = sums.text().expect("sums text");
-        let want = imageupd::disk::parse_sha256sums(&sums)
+        let want = imageupd::publish::disk::parse_sha256sums(&sums)
             .into_iter()
             .find(|(_, n)| n == name)
             .unwrap_or_else(|| panic!("no line for {name} in SHA256SUMS:\n{sums}"))
@@ -483,13 +483,13 @@ fn apply_v2(url: &str, root: &Path) -> Out {
 
 /// Where v2's largest object new since v1 sits: (digest, pack, offset, len).
 fn largest_packed_new_object(store: &Path) -> (String, String, u64, u64) {
-    use imageupd::pack;
-    let st = imageupd::store::Store::open(store).expect("store");
+    use imageupd::format::pack;
+    let st = imageupd::fs::store::Store::open(store).expect("store");
     let (m_stored, _) = st.read_manifest_raw("v2").expect("v2");
-    let m = imageupd::store::decode_manifest(&m_stored).expect("manifest");
+    let m = imageupd::format::codec::decode_manifest(&m_stored).expect("manifest");
     let (o_stored, _) = st.read_manifest_raw("v1").expect("v1");
     let old: std::collections::HashSet<_> =
-        pack::object_order(&imageupd::store::decode_manifest(&o_stored).expect("v1"))
+        pack::object_order(&imageupd::format::codec::decode_manifest(&o_stored).expect("v1"))
             .into_iter()
             .map(|(d, _)| d)
             .collect();
@@ -499,7 +499,7 @@ fn largest_packed_new_object(store: &Path) -> (String, String, u64, u64) {
     .expect("decode index");
     let order = pack::object_order(&m);
     let map = idx
-        .locate(&imageupd::manifest::Digest::of(&m_stored), &order)
+        .locate(&imageupd::format::manifest::Digest::of(&m_stored), &order)
         .expect("locate");
     let (d, l) = order
         .iter()
@@ -516,9 +516,9 @@ fn v1_to_v2_over_packs_takes_few_requests() {
     let v2 = store.image("v2");
     let s = scratch("pack-few");
     // The store's packs are consistent with its loose objects.
-    let st = imageupd::store::Store::open(&store.dir).expect("store");
+    let st = imageupd::fs::store::Store::open(&store.dir).expect("store");
     for id in ["v1", "v2"] {
-        let n = imageupd::pack::check_store(&st, id).expect("packs match loose objects");
+        let n = imageupd::publish::pack::check_store(&st, id).expect("packs match loose objects");
         assert!(n > 1000, "{id}: only {n} objects");
     }
     let srv = Server::local(&store_copy(&s.join("store")), &s.join("serve.log"));

@@ -3,14 +3,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use imageupd::apply::{self, ApplyOptions};
-use imageupd::config::KernelPolicy;
-use imageupd::error::ExitKind;
-use imageupd::progress::Progress;
-use imageupd::publish::{self, PublishOptions};
+use imageupd::engine::config::KernelPolicy;
+use imageupd::publish::image::PublishOptions;
+use imageupd::sys::error::ExitKind;
+
+mod cli;
 
 /// In-place golden-image updates for deployed Linux nodes.
 ///
@@ -54,7 +54,7 @@ enum Cmd {
         #[arg(long)]
         store: PathBuf,
         /// Address to listen on (port 0: any free port).
-        #[arg(long, default_value = imageupd::serve::DEFAULT_LISTEN)]
+        #[arg(long, default_value = imageupd::publish::serve::DEFAULT_LISTEN)]
         listen: String,
         /// PEM certificate chain: serve HTTPS.
         #[arg(long, requires = "tls_key")]
@@ -97,7 +97,7 @@ enum Cmd {
         #[arg(long)]
         parent: Option<String>,
         /// zstd level for new objects (1-22).
-        #[arg(long, default_value_t = publish::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=22))]
+        #[arg(long, default_value_t = imageupd::publish::image::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=22))]
         level: i32,
         /// Print the result as JSON.
         #[arg(long)]
@@ -235,13 +235,13 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            imageupd::logging::init("warn");
+            imageupd::sys::logging::init("warn");
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
     // The agent's and the server's logs are at info level.
-    imageupd::logging::init(
+    imageupd::sys::logging::init(
         if matches!(cli.cmd, Cmd::Agent { .. } | Cmd::Serve { .. }) {
             "info"
         } else {
@@ -259,11 +259,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
-}
-
 fn run(cli: Cli) -> Result<u8> {
     match cli.cmd {
         Cmd::Serve {
@@ -272,26 +267,8 @@ fn run(cli: Cli) -> Result<u8> {
             tls_cert,
             tls_key,
             throttle,
-        } => {
-            imageupd::serve::serve(&imageupd::serve::ServeOptions {
-                store,
-                listen,
-                tls_cert,
-                tls_key,
-                throttle_bps: throttle,
-            })?;
-            Ok(0)
-        }
-        Cmd::Keygen { out, comment } => {
-            let vk = imageupd::sign::keygen(&out, &comment)?;
-            println!(
-                "wrote {} and {} (key id {})",
-                out.display(),
-                imageupd::sign::pub_path(&out).display(),
-                imageupd::sign::key_id(&vk)
-            );
-            Ok(0)
-        }
+        } => cli::serve(store, listen, tls_cert, tls_key, throttle),
+        Cmd::Keygen { out, comment } => cli::keygen(&out, &comment),
         Cmd::Publish {
             store,
             id,
@@ -300,287 +277,42 @@ fn run(cli: Cli) -> Result<u8> {
             level,
             json,
             source,
-        } => {
-            let threads = std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2);
-            let opts = PublishOptions {
+        } => cli::publish(
+            PublishOptions {
                 store,
                 id,
                 key,
                 parent,
                 level,
-                threads,
-            };
-            let r = publish::publish(&opts, &source, &Progress::new(json))?;
-            if json {
-                print_json(&r)?;
-            } else {
-                println!(
-                    "published {} ({} entries, {}): {} new objects ({} compressed), {} shared{}{}",
-                    r.id,
-                    r.entries,
-                    imageupd::progress::human_bytes(r.content_bytes),
-                    r.new_objects,
-                    imageupd::progress::human_bytes(r.new_object_bytes),
-                    r.reused_objects,
-                    if r.signed { ", signed" } else { ", UNSIGNED" },
-                    r.kernel
-                        .map(|k| format!(", kernel {k}"))
-                        .unwrap_or_default()
-                );
-            }
-            Ok(0)
-        }
-        Cmd::Plan { target, root, json } => run_apply(target, root, None, json, true),
+                threads: cli::threads(),
+            },
+            &source,
+            json,
+        ),
+        Cmd::Plan { target, root, json } => cli::apply(target, root, None, json, true),
         Cmd::Apply {
             target,
             root,
             kernel_policy,
             download_only,
             json,
-        } => run_apply(target, root, kernel_policy, json, download_only),
+        } => cli::apply(target, root, kernel_policy, json, download_only),
         Cmd::Agent { root } => {
-            imageupd::agent::run(&root.root)?;
+            imageupd::agent::daemon::run(&root.root)?;
             Ok(0)
         }
         Cmd::Verify {
             root,
             checksum,
             json,
-        } => {
-            let threads = std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2);
-            let r = imageupd::verify::verify(&root.root, checksum, threads)?;
-            if json {
-                print_json(&r)?;
-            } else if r.clean() {
-                println!(
-                    "{} matches image {} ({} entries checked{})",
-                    root.root.display(),
-                    r.id,
-                    r.checked,
-                    if checksum { ", contents hashed" } else { "" }
-                );
-            } else {
-                println!("{} drifted from image {}:", root.root.display(), r.id);
-                for d in &r.modified {
-                    println!("  modified {} ({})", d.path, d.what.join(", "));
-                }
-                for p in &r.missing {
-                    println!("  missing  {p}");
-                }
-                for p in &r.extra {
-                    println!("  extra    {p}");
-                }
-            }
-            Ok(if r.clean() {
-                0
-            } else {
-                ExitKind::Drift.code() as u8
-            })
-        }
-        Cmd::Status { root, json } => status(&root.root, json),
+        } => cli::verify(&root.root, checksum, json),
+        Cmd::Status { root, json } => cli::status::status(&root.root, json),
         Cmd::Reboot {
             root,
             kernel_policy,
-        } => {
-            let rf = imageupd::rootfs::RootFs::open(&root.root).context(ExitKind::Usage)?;
-            let cfg = imageupd::config::Config::load(&rf.path)?;
-            let act = imageupd::reboot::Actuator::host();
-            match imageupd::reboot::reboot_now(
-                &act,
-                &rf,
-                &cfg,
-                kernel_policy,
-                &Progress::new(false),
-            )? {
-                Some(a) => println!("{}: {}", rf.path.display(), a.as_str()),
-                None => println!(
-                    "no kernel change is pending on {}: nothing to do",
-                    rf.path.display()
-                ),
-            }
-            Ok(0)
-        }
-        Cmd::BootCheck { root, json } => {
-            let rf = imageupd::rootfs::RootFs::open(&root.root).context(ExitKind::Usage)?;
-            let r = imageupd::reboot::confirm_boot(&rf)?;
-            if json {
-                print_json(&r)?;
-            } else {
-                if let Some(rec) = &r.record {
-                    println!("kernel:   {}", rec.describe());
-                }
-                for p in &r.pruned {
-                    println!("removed stale modules {p}");
-                }
-            }
-            Ok(match &r.record {
-                Some(rec) if rec.state == imageupd::reboot::KernelState::Failed && r.confirmed => 1,
-                _ => 0,
-            })
-        }
-        Cmd::Rollback { root, from, json } => {
-            let r = apply::rollback(&root.root, from, &Progress::new(json))?;
-            if json {
-                print_json(&r)?;
-            } else {
-                print!("{}", apply::human_summary(&r));
-            }
-            Ok(0)
-        }
-        Cmd::FaultPoints => {
-            for p in imageupd::fault::POINTS {
-                println!("{p}");
-            }
-            Ok(0)
-        }
+        } => cli::reboot(&root.root, kernel_policy),
+        Cmd::BootCheck { root, json } => cli::boot_check(&root.root, json),
+        Cmd::Rollback { root, from, json } => cli::rollback(&root.root, from, json),
+        Cmd::FaultPoints => cli::fault_points(),
     }
-}
-
-fn run_apply(
-    target: TargetArgs,
-    root: RootArg,
-    kernel_policy: Option<KernelPolicy>,
-    json: bool,
-    dry_run: bool,
-) -> Result<u8> {
-    let r = if target.from_metadata {
-        let o = imageupd::agent::FromMetadataOptions {
-            root: root.root,
-            from: target.from,
-            allow_unsigned: target.allow_unsigned,
-            kernel_policy,
-            dry_run,
-            ca_file: target.ca_file.clone(),
-        };
-        imageupd::agent::apply_from_metadata(&o, &Progress::new(json))?
-    } else {
-        let opts = ApplyOptions {
-            root: root.root,
-            from: target.from,
-            id: target.id,
-            allow_unsigned: target.allow_unsigned,
-            kernel_policy,
-            dry_run,
-            cancel: None,
-            ca_file: target.ca_file,
-        };
-        apply::run(&opts, &Progress::new(json))?
-    };
-    if json {
-        print_json(&r)?;
-    } else {
-        print!("{}", apply::human_summary(&r));
-    }
-    Ok(0)
-}
-
-fn status(root: &std::path::Path, json: bool) -> Result<u8> {
-    let rf = imageupd::rootfs::RootFs::open(root).context(ExitKind::Usage)?;
-    let live = imageupd::status::Status::load(&rf.runtime_dir())?;
-    let journal = match rf.state_dir()? {
-        Some(s) => imageupd::journal::Journal::load(std::os::fd::AsFd::as_fd(&s))?,
-        None => None,
-    };
-    let current = rf.image_id()?;
-    let pending = journal
-        .as_ref()
-        .filter(|j| j.interrupted())
-        .map(|j| j.target.clone());
-    let agent = imageupd::agent::AgentRecord::load(&rf.runtime_dir())
-        .ok()
-        .filter(|a| *a != Default::default());
-    let kernel = imageupd::reboot::load(&rf)?;
-    let reboot_required = kernel
-        .as_ref()
-        .is_some_and(|k| k.state == imageupd::reboot::KernelState::Pending);
-    if json {
-        print_json(&serde_json::json!({
-            "root": rf.path,
-            "current": current,
-            "pending": pending,
-            "phase": live.as_ref().map_or(imageupd::lifecycle::Phase::Idle, |s| s.phase),
-            "journal": journal,
-            "status": live,
-            "agent": agent,
-            "kernel": {
-                "running": imageupd::rootfs::running_release().filter(|_| rf.is_host_root()),
-                "reboot_required": reboot_required,
-                "record": kernel,
-            },
-        }))?;
-    } else {
-        println!("root:     {}", rf.path.display());
-        println!("current:  {}", current.as_deref().unwrap_or("(none)"));
-        if let Some(p) = &pending {
-            println!("pending:  {p} (interrupted; `imageupd apply` converges)");
-        }
-        if let Some(s) = &live {
-            println!("phase:    {}", s.phase);
-            println!(
-                "last:     {} {} at {}",
-                s.result,
-                s.target.as_deref().unwrap_or(""),
-                s.updated
-            );
-            if s.reboot_required {
-                println!(
-                    "reboot:   required ({})",
-                    s.reboot_reason.as_deref().unwrap_or("")
-                );
-            }
-            if let Some(q) = s.quiesce_ms {
-                println!("quiesce:  {q} ms");
-            }
-            if let Some(e) = &s.last_error {
-                println!("error:    {e}");
-            }
-        }
-        if let Some(k) = &kernel {
-            let what = if reboot_required {
-                "reboot:  "
-            } else {
-                "kernel:  "
-            };
-            println!("{what} {}", k.describe());
-        }
-        if let Some(a) = &agent {
-            println!("agent:    {} ({})", a.state, a.metadata_source);
-            if let Some(w) = &a.wanted {
-                println!(
-                    "wanted:   {w} from {}",
-                    a.wanted_source.as_deref().unwrap_or("?")
-                );
-            }
-            if let Some(e) = &a.metadata_error {
-                println!("metadata: {e}");
-            }
-            if let Some(l) = &a.last_applied {
-                if let Some(ms) = l.metadata_to_commit_ms {
-                    println!(
-                        "latency:  {ms} ms from the metadata write to the commit of {}",
-                        l.id
-                    );
-                }
-                if let Some(d) = &l.download {
-                    println!(
-                        "fetched:  {} in {} requests for {}",
-                        imageupd::progress::human_bytes(d.bytes),
-                        d.requests,
-                        l.id
-                    );
-                }
-            }
-            for (k, f) in &a.failures.by_target {
-                println!(
-                    "failing:  {k}: {} attempt(s), last: {}",
-                    f.attempts, f.last_error
-                );
-            }
-        }
-    }
-    Ok(0)
 }

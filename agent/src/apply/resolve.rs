@@ -1,0 +1,112 @@
+//! Step "resolve": which image, from where, and its trusted manifest.
+
+use std::os::fd::{AsFd, OwnedFd};
+
+use anyhow::{anyhow, Context, Result};
+
+use super::context::Ctx;
+use super::ApplyReport;
+use crate::engine::journal::Journal;
+use crate::engine::lifecycle::Event;
+use crate::format::manifest::Manifest;
+use crate::format::sign;
+use crate::format::trust::{Resolved, Trust};
+use crate::net::source::Source;
+use crate::sys::error::ExitKind;
+
+/// The update's target, resolved.
+pub(super) struct Target {
+    /// Its image id.
+    pub(super) id: String,
+    /// Where it comes from.
+    pub(super) source: Source,
+    /// Its manifest, verified, with the stored bytes.
+    pub(super) resolved: Resolved,
+    /// Worker threads for hashing and downloads.
+    pub(super) threads: usize,
+    /// The state directory, when the root has one yet.
+    pub(super) state: Option<OwnedFd>,
+    /// The journal of an interrupted update this run converges.
+    pub(super) interrupted: Option<Journal>,
+}
+
+impl Target {
+    /// The target's manifest.
+    pub(super) fn manifest(&self) -> &Manifest {
+        &self.resolved.manifest
+    }
+}
+
+/// Resolve the target: arguments first, else an interrupted update; open
+/// its source and fetch and verify its manifest.
+pub(super) fn resolve(ctx: &mut Ctx<'_>, report: &mut ApplyReport) -> Result<Target> {
+    let state = ctx.root.state_dir()?;
+    let journal = match &state {
+        Some(s) => Journal::load(s.as_fd())?,
+        None => None,
+    };
+    let interrupted = journal.as_ref().filter(|j| j.interrupted()).cloned();
+    let (id, from) = target_and_source(ctx, interrupted.as_ref())?;
+    if let Some(j) = &interrupted {
+        report.resumed = true;
+        ctx.progress.line(&format!(
+            "an update to {} was interrupted during {:?}; converging",
+            j.target, j.phase
+        ));
+    }
+    ctx.status.target = Some(id.clone());
+    ctx.status.source = Some(from.clone());
+    report.id = id.clone();
+    report.from_id = ctx.root.image_id()?;
+    ctx.advance(Event::Planned);
+    let net = crate::net::fetch::NetOptions::for_root(
+        ctx.opts.ca_file.as_deref(),
+        ctx.cfg.ca_file.as_deref(),
+        &ctx.root.path,
+    );
+    let source = Source::open_with(&from, &net)?;
+    report.source = source.describe();
+    let keys_dir = ctx.root.path.join("etc/imageupd/trusted.d");
+    let keys = sign::load_trusted(&keys_dir)?;
+    let trust = Trust {
+        keys: &keys,
+        keys_dir: keys_dir.display().to_string(),
+        allow_unsigned: ctx.opts.allow_unsigned || ctx.cfg.allow_unsigned,
+    };
+    let threads = ctx.cfg.threads();
+    let resolved = source.manifest(&id, &trust, threads)?;
+    report.signed_by = resolved.signed_by.clone();
+    report.download = source.download_report();
+    Ok(Target {
+        id,
+        source,
+        resolved,
+        threads,
+        state,
+        interrupted,
+    })
+}
+
+/// The image id and source: `--id` and `--from`, else the interrupted
+/// update's.
+fn target_and_source(ctx: &Ctx<'_>, interrupted: Option<&Journal>) -> Result<(String, String)> {
+    let id = ctx
+        .opts
+        .id
+        .clone()
+        .or_else(|| interrupted.map(|j| j.target.clone()))
+        .ok_or_else(|| anyhow!("no target image: pass --id ID (or --from-metadata)"))
+        .context(ExitKind::Usage)?;
+    let from = ctx
+        .opts
+        .from
+        .clone()
+        .or_else(|| {
+            interrupted
+                .filter(|j| j.target == id)
+                .map(|j| j.source.clone())
+        })
+        .ok_or_else(|| anyhow!("no source: pass --from STORE_OR_IMAGE_DIR"))
+        .context(ExitKind::Usage)?;
+    Ok((id, from))
+}

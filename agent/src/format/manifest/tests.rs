@@ -1,0 +1,132 @@
+use super::*;
+
+fn dir(p: &str) -> Entry {
+    Entry {
+        path: RelPath(p.as_bytes().to_vec()),
+        ftype: FileType::Dir,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime_ns: 1,
+        size: 0,
+        sha256: None,
+        target: None,
+        rdev: None,
+        xattrs: Xattrs::new(),
+    }
+}
+
+fn file(p: &[u8]) -> Entry {
+    Entry {
+        path: RelPath(p.to_vec()),
+        ftype: FileType::File,
+        sha256: Some(Digest::of(b"x")),
+        size: 1,
+        ..dir("x")
+    }
+}
+
+fn manifest(entries: Vec<Entry>) -> Manifest {
+    Manifest {
+        format: FORMAT_VERSION,
+        id: "v1".into(),
+        parent: None,
+        created: "now".into(),
+        kernel: None,
+        entries,
+    }
+}
+
+#[test]
+fn roundtrip_with_binary_names_and_xattrs() {
+    let mut f = file(b"a/\xff\xfe");
+    f.xattrs.insert(
+        RawBytes(b"security.capability".to_vec()),
+        XattrValue(vec![1, 0, 0, 2, 0, 32]),
+    );
+    let m = manifest(vec![dir("."), dir("a"), f]);
+    let bytes = m.to_json();
+    let back = Manifest::parse(&bytes).unwrap();
+    assert_eq!(m, back);
+    assert!(String::from_utf8_lossy(&bytes)
+        .contains("\"hex\":\"61 2fff fe\"".replace(' ', "").as_str()));
+}
+
+#[test]
+fn rejects_traversal_and_absolute() {
+    for bad in [
+        &b"a/../etc"[..],
+        b"/etc",
+        b"a//b",
+        b"a/./b",
+        b"a/b\0c",
+        b"a/",
+    ] {
+        let m = manifest(vec![dir("."), dir("a"), file(bad)]);
+        let err = Manifest::parse(&m.to_json()).unwrap_err();
+        assert!(
+            matches!(err, ManifestError::BadPath { .. }),
+            "{bad:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn rejects_escape_through_symlink_parent() {
+    let mut l = dir("a");
+    l.ftype = FileType::Symlink;
+    l.target = Some(RawBytes(b"/etc".to_vec()));
+    let m = manifest(vec![dir("."), l, file(b"a/passwd")]);
+    let err = Manifest::parse(&m.to_json()).unwrap_err();
+    assert!(
+        err.to_string().contains("parent is not a directory"),
+        "{err}"
+    );
+}
+
+#[test]
+fn rejects_unknown_version() {
+    let mut m = manifest(vec![dir(".")]);
+    m.format = 99;
+    let err = Manifest::parse(&m.to_json()).unwrap_err();
+    assert!(matches!(err, ManifestError::UnknownVersion { found: 99 }));
+}
+
+#[test]
+fn rejects_unsorted_and_duplicates() {
+    let m = manifest(vec![dir("."), dir("b"), dir("a")]);
+    assert!(Manifest::parse(&m.to_json()).is_err());
+    let m = manifest(vec![dir("."), dir("a"), dir("a")]);
+    assert!(Manifest::parse(&m.to_json()).is_err());
+}
+
+#[test]
+fn tree_order_puts_dir_before_children() {
+    let a = RelPath(b"a".to_vec());
+    let ab = RelPath(b"a/b".to_vec());
+    let adot = RelPath(b"a.b".to_vec());
+    assert!(a.tree_cmp(&ab).is_lt());
+    assert!(ab.tree_cmp(&adot).is_lt());
+    assert!(RelPath::root().tree_cmp(&a).is_lt());
+    assert!(a.tree_cmp(&RelPath::root()).is_gt());
+}
+
+#[test]
+fn relpath_helpers() {
+    let p = RelPath(b"usr/bin/ls".to_vec());
+    assert_eq!(p.parent().unwrap().0, b"usr/bin");
+    assert_eq!(p.file_name(), b"ls");
+    assert_eq!(p.depth(), 3);
+    assert!(p.starts_with(&RelPath(b"usr".to_vec())));
+    assert!(!p.starts_with(&RelPath(b"us".to_vec())));
+    assert_eq!(RelPath(b"x".to_vec()).parent().unwrap(), RelPath::root());
+}
+
+#[test]
+fn validates_image_ids() {
+    assert!(validate_image_id("0b4d5c0e-1b2a-4c3d-9e8f-7a6b5c4d3e2f").is_ok());
+    assert!(validate_image_id("build-2026.11.21").is_ok());
+    for bad in ["", "../x", "a/b", ".hidden", "-x", "a b"] {
+        assert!(validate_image_id(bad).is_err(), "{bad}");
+    }
+}

@@ -1,0 +1,226 @@
+//! Manifests in content-defined zstd frames, so that a node refetches only
+//! the parts of a new manifest that differ from the manifests it holds.
+//!
+//! A manifest's JSON has the head on its first line and one entry per line
+//! ([`crate::format::manifest::Manifest::to_json`]). [`encode`] cuts it after the
+//! head and after every entry line whose 64-bit FNV-1a hash is 0 modulo
+//! [`CUT_EVERY`] (so cuts depend on content, not on position: an insertion
+//! changes only the frame it falls in), and compresses each piece as its
+//! own zstd frame; the stored manifest is the frames back to back, still
+//! one valid zstd stream for every reader.
+//!
+//! `publish` writes the frame list beside the manifest:
+//!
+//! ```text
+//! STORE/images/<id>/manifest.frames.json   {"frames":[{"offset":…,"len":…,"sha256":"…"},…]}
+//! ```
+//!
+//! A node ([`crate::net::fetch`]) splits the stored manifests in its state
+//! directory into frames, fetches only the frames it lacks with `Range`
+//! requests and assembles the stored bytes. The list is not signed and
+//! needs no signature: the assembled bytes are checked against the
+//! manifest's signature like a whole download, and anything amiss (no
+//! list, a frame that does not match, a server without ranges) falls back
+//! to fetching the manifest whole.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::format::manifest::Digest;
+
+/// File name of the frame list inside `images/<id>/`.
+pub const FRAMES_NAME: &str = "manifest.frames.json";
+/// An entry line ends a frame when its hash is 0 modulo this (entries per
+/// frame on average).
+pub const CUT_EVERY: u64 = 256;
+/// Largest frame list accepted, in bytes.
+pub const MAX_FRAMES_BYTES: u64 = 16 << 20;
+
+/// One frame of a stored manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrameRef {
+    /// Byte offset in the stored manifest.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// sha256 of the frame's bytes, hex.
+    pub sha256: String,
+}
+
+/// The frame list file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrameList {
+    /// The frames, in order; together they are the stored manifest.
+    pub frames: Vec<FrameRef>,
+}
+
+fn fnv1a(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &x| {
+        (h ^ u64::from(x)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Compress manifest JSON (one entry per line) into content-defined frames
+/// at zstd `level`; returns the stored bytes and the frame list.
+pub fn encode(json: &[u8], level: i32) -> Result<(Vec<u8>, FrameList)> {
+    encode_reusing(json, level, &HashMap::new())
+}
+
+/// The frames of stored manifest bytes keyed by the sha256 of their
+/// decompressed piece of JSON (for [`encode_reusing`]).
+pub fn frames_by_piece(stored: &[u8]) -> Result<HashMap<Digest, Vec<u8>>> {
+    let mut map = HashMap::new();
+    for f in split(stored)? {
+        let mut piece = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(zstd::stream::read::Decoder::new(f)?, MAX_PIECE_BYTES + 1),
+            &mut piece,
+        )
+        .context("decompressing a manifest frame")?;
+        if piece.len() as u64 > MAX_PIECE_BYTES {
+            bail!("manifest frame larger than {MAX_PIECE_BYTES} bytes");
+        }
+        map.insert(Digest::of(&piece), f.to_vec());
+    }
+    Ok(map)
+}
+
+/// Largest decompressed frame [`frames_by_piece`] takes, in bytes.
+const MAX_PIECE_BYTES: u64 = 64 << 20;
+
+/// [`encode`], taking a frame from `reuse` (see [`frames_by_piece`])
+/// instead of compressing its piece again: the same bytes as [`encode`]
+/// when those frames were made by it at the same level, in much less time
+/// (a node rebuilding a manifest from an update delta, [`crate::format::delta`]).
+pub fn encode_reusing(
+    json: &[u8],
+    level: i32,
+    reuse: &HashMap<Digest, Vec<u8>>,
+) -> Result<(Vec<u8>, FrameList)> {
+    // Cut points first (cheap), then the pieces compressed in parallel:
+    // each is a frame of its own, so the bytes do not depend on the order.
+    let mut pieces: Vec<(usize, usize)> = Vec::new();
+    let mut start = 0;
+    let mut pos = 0;
+    while pos < json.len() {
+        let end = json[pos..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(json.len(), |i| pos + i + 1);
+        if pieces.is_empty() || fnv1a(&json[pos..end]) % CUT_EVERY == 0 || end == json.len() {
+            pieces.push((start, end));
+            start = end;
+        }
+        pos = end;
+    }
+    if start < json.len() {
+        pieces.push((start, json.len()));
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let coded = crate::sys::par::par_map(&pieces, threads, |&(a, b)| {
+        let piece = &json[a..b];
+        if let Some(f) = (!reuse.is_empty())
+            .then(|| reuse.get(&Digest::of(piece)))
+            .flatten()
+        {
+            return Ok(f.clone());
+        }
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), level)?;
+        enc.include_checksum(false)?;
+        enc.set_pledged_src_size(Some(piece.len() as u64))?;
+        std::io::Write::write_all(&mut enc, piece)?;
+        enc.finish().context("compressing the manifest")
+    })?;
+    let mut out = Vec::with_capacity(coded.iter().map(Vec::len).sum());
+    let mut frames = Vec::with_capacity(coded.len());
+    for f in coded {
+        frames.push(FrameRef {
+            offset: out.len() as u64,
+            len: f.len() as u64,
+            sha256: Digest::of(&f).to_hex(),
+        });
+        out.extend_from_slice(&f);
+    }
+    Ok((out, FrameList { frames }))
+}
+
+/// Split stored bytes into their zstd frames.
+pub fn split(stored: &[u8]) -> Result<Vec<&[u8]>> {
+    let mut v = Vec::new();
+    let mut rest = stored;
+    while !rest.is_empty() {
+        let n = zstd::zstd_safe::find_frame_compressed_size(rest).map_err(|c| {
+            anyhow::anyhow!("not a zstd frame ({})", zstd::zstd_safe::get_error_name(c))
+        })?;
+        if n == 0 || n > rest.len() {
+            bail!("bad zstd frame length {n}");
+        }
+        v.push(&rest[..n]);
+        rest = &rest[n..];
+    }
+    Ok(v)
+}
+
+/// Frames by sha256, from stored manifests a node holds.
+pub fn known_frames(stored: &[Vec<u8>]) -> HashMap<String, Vec<u8>> {
+    let mut m = HashMap::new();
+    for s in stored {
+        if let Ok(fr) = split(s) {
+            for f in fr {
+                m.entry(Digest::of(f).to_hex())
+                    .or_insert_with(|| f.to_vec());
+            }
+        }
+    }
+    m
+}
+
+/// Check that a frame list describes one contiguous file.
+pub fn check_list(l: &FrameList) -> Result<u64> {
+    let mut end = 0u64;
+    for f in &l.frames {
+        if f.offset != end || f.len == 0 || f.sha256.len() != 64 {
+            bail!("frame list is not contiguous at byte {end}");
+        }
+        end += f.len;
+    }
+    Ok(end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(n: usize, change: Option<usize>) -> Vec<u8> {
+        let mut j = b"{\"format\":1,\"id\":\"x\",\"entries\":[\n".to_vec();
+        for i in 0..n {
+            let v = if Some(i) == change { 999_999 } else { i };
+            j.extend_from_slice(format!("{{\"path\":\"p/{i}\",\"size\":{v}}},\n").as_bytes());
+        }
+        j.extend_from_slice(b"]}\n");
+        j
+    }
+
+    #[test]
+    fn frames_decode_as_one_stream_and_only_changed_frames_differ() {
+        let a = json(5000, None);
+        let (sa, la) = encode(&a, 3).expect("encode");
+        assert_eq!(zstd::decode_all(&sa[..]).expect("decode"), a);
+        assert!(la.frames.len() > 5, "{} frames", la.frames.len());
+        assert_eq!(check_list(&la).expect("contiguous"), sa.len() as u64);
+        assert_eq!(split(&sa).expect("split").len(), la.frames.len());
+        let b = json(5000, Some(2500));
+        let (sb, lb) = encode(&b, 3).expect("encode");
+        let known = known_frames(&[sa]);
+        let missing: Vec<&FrameRef> = lb
+            .frames
+            .iter()
+            .filter(|f| !known.contains_key(&f.sha256))
+            .collect();
+        assert_eq!(missing.len(), 1, "one entry changed: one frame to fetch");
+        assert_eq!(zstd::decode_all(&sb[..]).expect("decode"), b);
+        assert!(split(b"junk").is_err());
+    }
+}

@@ -1,0 +1,13 @@
+//! Local file systems: fd-relative primitives beneath a root ([`fsx`]),
+//! the content-addressed store directory ([`store`]), scanning a tree
+//! into manifest entries with its stamp cache ([`scan`], [`stamps`]), the
+//! preserve rules, and the root being updated with its state directory
+//! ([`rootfs`]). Uses [`crate::format`] and [`crate::sys`].
+
+pub mod fsx;
+pub mod node;
+pub mod preserve;
+pub mod rootfs;
+pub mod scan;
+pub mod stamps;
+pub mod store;

@@ -1,0 +1,188 @@
+//! Where an update comes from: a store directory (signed manifests and
+//! objects) or a directory holding a mounted image (the operator vouches for
+//! it; the manifest is computed by walking it), or an HTTP(S) store
+//! ([`crate::net::fetch`]).
+
+use std::io::{self, Read};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::format::kernel;
+use crate::format::manifest::{Digest, Entry, Manifest, FORMAT_VERSION};
+use crate::format::trust::{verify_stored, Resolved, Trust};
+use crate::fs::fsx;
+use crate::fs::scan::{self, ScanOptions};
+use crate::fs::store::Store;
+use crate::net::fetch::{DownloadReport, HttpStore, NetOptions};
+use crate::sys::error::ExitKind;
+
+/// An update source.
+pub enum Source {
+    /// A local store directory.
+    Store(Store),
+    /// A directory holding a mounted (or unpacked) image.
+    Dir {
+        /// Its path.
+        path: PathBuf,
+        /// Pinned descriptor of its top.
+        fd: OwnedFd,
+    },
+    /// A store reached over HTTP(S).
+    Http(Box<HttpStore>),
+}
+
+impl Source {
+    /// Interpret `--from`: a store directory, an image directory, or an
+    /// `http(s)://` store URL (with default network settings).
+    pub fn open(from: &str) -> Result<Source> {
+        Source::open_with(from, &NetOptions::default())
+    }
+
+    /// Like [`Source::open`], with network settings for URLs.
+    pub fn open_with(from: &str, net: &NetOptions) -> Result<Source> {
+        if crate::net::fetch::is_url(from) {
+            return Ok(Source::Http(Box::new(HttpStore::open(from, net)?)));
+        }
+        let p = Path::new(from);
+        if !p.is_dir() {
+            return Err(anyhow::anyhow!("source {from} is not a directory"))
+                .context(ExitKind::Source);
+        }
+        if Store::is_store(p) {
+            Ok(Source::Store(Store::open(p).context(ExitKind::Source)?))
+        } else {
+            let fd = fsx::open_dir(p)
+                .with_context(|| format!("opening source {from}"))
+                .context(ExitKind::Source)?;
+            Ok(Source::Dir {
+                path: p.to_path_buf(),
+                fd,
+            })
+        }
+    }
+
+    /// Short description for logs and hooks.
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Store(s) => format!("store {}", s.path().display()),
+            Source::Dir { path, .. } => format!("image directory {}", path.display()),
+            Source::Http(h) => format!("store at {}", h.url()),
+        }
+    }
+
+    /// The `--from` string to record for resuming.
+    pub fn location(&self) -> String {
+        match self {
+            Source::Store(s) => s.path().display().to_string(),
+            Source::Dir { path, .. } => path.display().to_string(),
+            Source::Http(h) => h.url().to_string(),
+        }
+    }
+
+    /// Fetch and verify the manifest of image `id`.
+    pub fn manifest(&self, id: &str, trust: &Trust<'_>, threads: usize) -> Result<Resolved> {
+        match self {
+            Source::Store(st) => {
+                let (stored, sig) = st.read_manifest_raw(id).context(ExitKind::Source)?;
+                verify_stored(id, stored, sig, trust)
+            }
+            Source::Http(h) => {
+                // An update delta from the node's image first; a manifest
+                // rebuilt from it passes the same checks as a downloaded one,
+                // and when it does not, the manifest is downloaded.
+                let by_delta = h.manifest_from_delta(id).and_then(|(stored, sig)| {
+                    verify_stored(id, stored, sig, trust)
+                        .inspect_err(|e| {
+                            tracing::warn!("the manifest from the update delta is refused ({e:#}); downloading it");
+                            h.drop_delta();
+                        })
+                        .ok()
+                });
+                let r = match by_delta {
+                    Some(r) => r,
+                    None => {
+                        let (stored, sig) = h.read_manifest_raw(id)?;
+                        verify_stored(id, stored, sig, trust)?
+                    }
+                };
+                // Packs are looked up (lazily, at the fetch step) for this image.
+                h.use_packs(id, &r, trust);
+                Ok(r)
+            }
+            Source::Dir { fd, .. } => {
+                let nodes = scan::scan(fd.as_fd(), &ScanOptions::default())
+                    .context("walking the image directory")?;
+                let entries = scan::to_entries(fd.as_fd(), &nodes, threads)?;
+                let m = Manifest {
+                    format: FORMAT_VERSION,
+                    id: id.to_string(),
+                    parent: None,
+                    created: crate::sys::clock::now_rfc3339(),
+                    kernel: kernel::detect(&entries),
+                    entries,
+                };
+                m.validate()
+                    .context("the image directory does not form a valid image")
+                    .context(ExitKind::Untrusted)?;
+                let stored = crate::format::codec::encode_manifest(&m)?;
+                Ok(Resolved {
+                    manifest: m,
+                    stored,
+                    sig: None,
+                    signed_by: None,
+                })
+            }
+        }
+    }
+
+    /// Open the content of a file entry (unverified; the caller verifies).
+    pub fn open_content(&self, d: &Digest, e: &Entry) -> io::Result<Box<dyn Read + Send + '_>> {
+        match self {
+            Source::Store(st) => Ok(Box::new(st.open_object(d)?)),
+            Source::Dir { fd, .. } => Ok(Box::new(fsx::open_file_beneath(fd.as_fd(), &e.path)?)),
+            Source::Http(h) => h.open_content(d),
+        }
+    }
+
+    /// Fetch step (SPEC §5.3): download the contents of `fetch` (digest,
+    /// size in bytes) that a remote source must provide into the download
+    /// cache below the state directory `state`. Local sources need nothing.
+    pub fn prefetch(
+        &self,
+        fetch: &[(Digest, u64)],
+        state: BorrowedFd<'_>,
+        progress: &crate::sys::progress::Progress,
+    ) -> Result<()> {
+        match self {
+            Source::Http(h) => h.prefetch(fetch, state, progress),
+            Source::Store(_) | Source::Dir { .. } => Ok(()),
+        }
+    }
+
+    /// Extra free bytes the fetch step needs on the root's filesystem (an
+    /// upper bound: the download cache holds compressed objects).
+    pub fn cache_space(&self, fetch: &[(Digest, u64)]) -> u64 {
+        match self {
+            Source::Http(_) => fetch.iter().map(|(_, s)| *s).sum(),
+            Source::Store(_) | Source::Dir { .. } => 0,
+        }
+    }
+
+    /// Network counters, for remote sources.
+    pub fn download_report(&self) -> Option<DownloadReport> {
+        match self {
+            Source::Http(h) => Some(h.report()),
+            Source::Store(_) | Source::Dir { .. } => None,
+        }
+    }
+
+    /// Once staging is done: drop the download cache below `state`.
+    pub fn drop_cache(&self, state: BorrowedFd<'_>) -> Result<()> {
+        match self {
+            Source::Http(_) => crate::net::fetch::drop_cache(state).map(|_| ()),
+            Source::Store(_) | Source::Dir { .. } => Ok(()),
+        }
+    }
+}
