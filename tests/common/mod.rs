@@ -12,6 +12,8 @@
 //! Every test binary includes this module and uses a different subset of it.
 #![allow(dead_code)]
 
+pub mod etcd;
+pub mod fleet;
 pub mod oracle;
 pub mod serve;
 

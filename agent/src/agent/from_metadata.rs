@@ -111,6 +111,7 @@ pub fn apply_from_metadata(o: &FromMetadataOptions, progress: &Progress) -> Resu
         dry_run: o.dry_run,
         cancel: None,
         ca_file: o.ca_file.clone(),
+        slot: None,
     };
     drop(root);
     let started = SystemTime::now();
