@@ -109,11 +109,12 @@ impl EtcdServer {
     pub fn call(&self, path: &str, body: Value) -> Option<Value> {
         self.http
             .post(format!("{}{path}", self.url))
-            .json(&body)
+            .body(body.to_string())
             .send()
             .ok()?
-            .json()
+            .bytes()
             .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
     }
 
     /// Current revision.

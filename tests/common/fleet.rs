@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -228,10 +228,11 @@ impl Fleet {
         let id = format!("node{i:02}");
         let dir = self.s.join(&id);
         let root = dir.join("root");
+        std::fs::create_dir_all(&dir).unwrap();
         make_root(&self.trees[first], &root, &self.key);
         let port = free_port();
         let meta = dir.join("meta.json");
-        let mut n = FleetNode { id: id.clone(), root: root.clone(), meta: meta.clone(), port, dir: dir.clone(), agent: None };
+        let n = FleetNode { id: id.clone(), root: root.clone(), meta: meta.clone(), port, dir: dir.clone(), agent: None };
         n.want(first, &self.store, &serde_json::json!({}));
         write_config(
             &root,
@@ -243,8 +244,8 @@ impl Fleet {
                 spec.rollout
             ),
         );
-        let www = dir.join("www");
-        std::fs::create_dir_all(&www).unwrap();
+        // The service serves the fleet's store (any directory it accepts).
+        let www = &self.store;
         let (ev, pidf) = (self.events.display(), dir.join("svc.pid"));
         let pidf = pidf.display();
         // Windows of 1, 1.5 or 2 s, so that they overlap.
@@ -258,13 +259,14 @@ impl Fleet {
         let stop = format!(
             "echo \"{id} stop $(date +%s%N)\" >> {ev}\nif [ -f {pidf} ]; then kill -9 $(cat {pidf}) 2>/dev/null; rm -f {pidf}; fi\nfor _ in $(seq 1 500); do (exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null || break; sleep 0.01; done\nsleep {pause}"
         );
+        // Adopted before the hooks exist: no event, no service started twice.
+        apply(&self.store, first, &root, &[]).expect_ok();
+        assert_eq!(image_id(&root).as_deref(), Some(first));
         let hooks = root.join("etc/imageupd/hooks");
         bash_script(&hooks.join("pre-apply.d/10-stop-service"), &stop);
         bash_script(&hooks.join("post-apply.d/90-start-service"), &start);
         bash_script(&hooks.join("abort.d/90-start-service"), &start);
         n.check("required", "10-service-answers", &format!("(exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null"));
-        apply(&self.store, first, &root, &[]).expect_ok();
-        assert_eq!(image_id(&root).as_deref(), Some(first));
         // The service runs before the rollout (not an event: no window).
         Run::new("bash").arg("-c").arg(&svc).ok();
         assert!(n.up(), "{id}'s service did not come up");

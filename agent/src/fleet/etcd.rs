@@ -195,7 +195,11 @@ impl Etcd {
     }
 
     fn post(&self, ep: &str, path: &str, body: &Value, auth: bool) -> Result<Value, String> {
-        let mut rq = self.http.post(format!("{}{path}", ep.trim_end_matches('/'))).json(body);
+        let mut rq = self
+            .http
+            .post(format!("{}{path}", ep.trim_end_matches('/')))
+            .header("Content-Type", "application/json")
+            .body(body.to_string());
         if auth {
             if let Some(t) = self.token.lock().unwrap_or_else(|e| e.into_inner()).clone() {
                 rq = rq.header("Authorization", t);
@@ -203,7 +207,8 @@ impl Etcd {
         }
         let resp = rq.send().map_err(|e| format!("{ep}: {e}"))?;
         let status = resp.status();
-        let v: Value = resp.json().map_err(|e| format!("{ep}: {e}"))?;
+        let bytes = resp.bytes().map_err(|e| format!("{ep}: {e}"))?;
+        let v: Value = serde_json::from_slice(&bytes).map_err(|e| format!("{ep}: {e}"))?;
         if !status.is_success() || v.get("error").is_some() {
             return Ok(json!({"__error": v.get("message").or(v.get("error")).cloned().unwrap_or(Value::Null), "__status": status.as_u16()}));
         }
