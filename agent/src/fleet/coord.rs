@@ -160,7 +160,9 @@ impl Rollout {
             .is_some_and(|c| c.load(Ordering::SeqCst))
     }
 
-    fn save_record(&self, halted: Option<Halted>) {
+    /// Write the local record; `halted`: the group's breaker as just seen
+    /// (None: as recorded before).
+    fn save_record(&self, halted: Option<Option<Halted>>) {
         let cfg = lock(&self.cfg).clone();
         let m = lock(&self.machine).clone();
         let mut rec = FleetRecord::load(&self.rt).unwrap_or_default();
@@ -169,8 +171,8 @@ impl Rollout {
         rec.phase = Some(m.phase);
         rec.slot = m.slot;
         rec.state = lock(&self.state).clone();
-        if halted.is_some() || rec.state.state != "waiting" {
-            rec.halted = halted;
+        if let Some(h) = halted {
+            rec.halted = h;
         }
         let _ = std::fs::create_dir_all(&self.rt);
         if let Ok(b) = serde_json::to_vec_pretty(&rec) {
@@ -299,6 +301,9 @@ impl Rollout {
         let cfg = self.cfg();
         self.ensure_lease()?;
         let g = self.view()?;
+        if FleetRecord::load(&self.rt).is_none_or(|r| r.halted != g.halted) {
+            self.save_record(Some(g.halted.clone()));
+        }
         if let Some((i, c)) = g.claim_of(&self.node) {
             let bytes = serde_json::to_vec(c)?;
             let lease = self.ensure_lease()?;
@@ -319,7 +324,6 @@ impl Rollout {
             return Ok(None);
         }
         if let Some(h) = &g.halted {
-            self.save_record(Some(h.clone()));
             self.publish(
                 "waiting",
                 &format!("group {} is halted ({} failed {}); `imageupd fleet resume {}` lifts it", cfg.group, h.failures, h.target, cfg.group),
@@ -425,7 +429,7 @@ impl Rollout {
         let h = Halted { target: target.to_owned(), failures: n as u32, by: self.node.clone(), at_ms: f.at_ms };
         self.etcd.txn(&[Cmp::Absent(self.keys.halted())], &[Op::Put(self.keys.halted(), serde_json::to_vec(&h)?, 0)])?;
         tracing::error!("rollout: {n} node(s) of group {} failed {target} (max_failures {limit}): group halted", cfg.group);
-        self.save_record(Some(h));
+        self.save_record(Some(Some(h)));
         Ok(true)
     }
 
