@@ -22,10 +22,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::window::{parse_offset, Window, WindowSpec};
+use crate::engine::config::Config;
 
 /// Default key prefix of everything imageupd keeps in etcd.
 pub const DEFAULT_PREFIX: &str = "/imageupd";
@@ -315,6 +316,40 @@ impl HealthConfig {
         }
         Ok(())
     }
+}
+
+fn sources(cfg: &Config) -> String {
+    let v: Vec<String> = cfg.sources.iter().map(|p| p.display().to_string()).collect();
+    v.join(", ")
+}
+
+/// The node's `[rollout]` table, parsed and checked; `None` without one.
+pub fn rollout(cfg: &Config) -> Result<Option<RolloutConfig>> {
+    let Some(t) = &cfg.rollout else {
+        return Ok(None);
+    };
+    let parse = || -> Result<RolloutConfig> {
+        let f: RolloutFragment = toml::Value::Table(t.clone()).try_into()?;
+        let r = RolloutConfig::merge(None, f)?;
+        r.validate()?;
+        Ok(r)
+    };
+    parse()
+        .map(Some)
+        .with_context(|| format!("table [rollout] of {}", sources(cfg)))
+}
+
+/// The node's `[health]` table, parsed (defaults without one).
+pub fn health(cfg: &Config) -> Result<HealthConfig> {
+    let mut h = HealthConfig::default();
+    if let Some(t) = &cfg.health {
+        let f: HealthFragment = toml::Value::Table(t.clone())
+            .try_into()
+            .with_context(|| format!("table [health] of {}", sources(cfg)))?;
+        h.merge(f)
+            .with_context(|| format!("table [health] of {}", sources(cfg)))?;
+    }
+    Ok(h)
 }
 
 #[cfg(test)]

@@ -16,8 +16,8 @@ use super::config::RolloutConfig;
 use super::etcd::{Cmp, Etcd, EtcdOptions, Op};
 use super::group::{Claim, Failed, GroupView, Halted, InProgress, Keys, NodeState};
 use super::slot::{SlotEvent, SlotMachine, SlotPhase};
-use crate::backoff::epoch_ms;
-use crate::config::Config;
+use crate::engine::config::Config;
+use crate::sys::backoff::epoch_ms;
 
 /// File name of the node's rollout record, in the runtime directory.
 pub const RECORD_NAME: &str = "fleet.json";
@@ -62,7 +62,7 @@ pub fn node_id(root: &Path, cfg: &RolloutConfig) -> Result<String> {
     if mid.is_empty() {
         bail!("{} is empty; set [rollout] node_id", p.display());
     }
-    let d = crate::manifest::Digest::of(format!("imageupd-fleet:{mid}").as_bytes()).to_hex();
+    let d = crate::format::manifest::Digest::of(format!("imageupd-fleet:{mid}").as_bytes()).to_hex();
     Ok(d[..32].to_owned())
 }
 
@@ -101,10 +101,9 @@ impl Rollout {
     /// The rollout of the node `root` configured by `cfg`; `None` without
     /// a `[rollout]` table. No connection is made.
     pub fn open(root: &Path, rt: &Path, cfg: &Config) -> Result<Option<Arc<Rollout>>> {
-        let Some(r) = &cfg.rollout else {
+        let Some(r) = &super::config::rollout(cfg)? else {
             return Ok(None);
         };
-        r.validate()?;
         let node = node_id(root, r)?;
         Ok(Some(Arc::new(Rollout {
             root: root.to_path_buf(),
@@ -126,13 +125,18 @@ impl Rollout {
     /// node too).
     pub fn cfg(&self) -> RolloutConfig {
         if let Ok(c) = Config::load(&self.root) {
-            if let Some(r) = c.rollout {
+            if let Ok(Some(r)) = super::config::rollout(&c) {
                 if r.group == lock(&self.cfg).group {
                     *lock(&self.cfg) = r;
                 }
             }
         }
         lock(&self.cfg).clone()
+    }
+
+    /// The metadata key of the phased-rollout percentage.
+    pub fn percent_key(&self) -> String {
+        lock(&self.cfg).percent_key.clone()
     }
 
     /// The slot phase.
@@ -176,7 +180,7 @@ impl Rollout {
         }
         let _ = std::fs::create_dir_all(&self.rt);
         if let Ok(b) = serde_json::to_vec_pretty(&rec) {
-            let _ = crate::store::write_volatile(&self.rt.join(RECORD_NAME), &b);
+            let _ = crate::fs::store::write_volatile(&self.rt.join(RECORD_NAME), &b);
         }
     }
 
@@ -189,7 +193,7 @@ impl Rollout {
                 s.state = state.to_owned();
                 s.why = why.to_owned();
                 s.target = target.map(str::to_owned);
-                s.current = crate::rootfs::RootFs::open(&self.root)
+                s.current = crate::fs::rootfs::RootFs::open(&self.root)
                     .ok()
                     .and_then(|r| r.image_id().ok().flatten());
                 s.updated_ms = epoch_ms(SystemTime::now());

@@ -100,7 +100,7 @@ pub fn select(root: &Path, required: bool) -> Vec<PathBuf> {
         .filter(|e| e.path().is_file())
         .filter_map(|e| e.file_name().into_string().ok())
         .collect();
-    let (ordered, skipped) = crate::hooks::order_hook_names(names);
+    let (ordered, skipped) = crate::engine::hooks::order_hook_names(names);
     for (n, why) in skipped {
         tracing::warn!("skipping health check {}: {why}", dir.join(n).display());
     }
@@ -227,14 +227,14 @@ pub fn run_gate(root: &Path, cfg: &HealthConfig, target: &str, from: Option<&str
         round(root, &env, limit, &mut rep);
     }
     rep.passed = rep.required_failed.is_empty();
-    rep.at = crate::publish::now_rfc3339();
+    rep.at = crate::sys::clock::now_rfc3339();
     rep
 }
 
 /// Keep the report for `status`.
 pub fn save(rt: &Path, rep: &HealthReport) -> Result<()> {
     std::fs::create_dir_all(rt).with_context(|| format!("creating {}", rt.display()))?;
-    crate::store::write_volatile(&rt.join(REPORT_NAME), &serde_json::to_vec_pretty(rep)?)
+    crate::fs::store::write_volatile(&rt.join(REPORT_NAME), &serde_json::to_vec_pretty(rep)?)
 }
 
 /// The last report, if any.

@@ -31,19 +31,12 @@ use serde::{Deserialize, Serialize};
 pub use coord::Rollout;
 use slot::{SlotEvent, SlotPhase};
 
+pub use crate::apply::gate::SlotGate;
 use crate::apply::ApplyReport;
-use crate::config::Config;
-use crate::error::ExitKind;
-use crate::progress::Progress;
-use crate::rootfs::RootFs;
-
-/// What the engine asks before it disrupts the node.
-pub trait SlotGate: Send + Sync + std::fmt::Debug {
-    /// Called after staging and the durability sync, just before the
-    /// pre-apply hooks; returns once the node may quiesce. An error stops
-    /// the update before its swap (the root is unchanged).
-    fn before_quiesce(&self, target: &str) -> Result<()>;
-}
+use crate::engine::config::Config;
+use crate::fs::rootfs::RootFs;
+use crate::sys::error::ExitKind;
+use crate::sys::progress::Progress;
 
 impl SlotGate for Rollout {
     fn before_quiesce(&self, target: &str) -> Result<()> {
@@ -67,6 +60,23 @@ pub struct FailedTarget {
     pub reason: String,
 }
 
+/// The `status` lines of the health gate and the rollout, for the runtime
+/// directory `rt`.
+pub fn print_status(rt: &Path) {
+    if let Some(h) = health::load(rt) {
+        println!("health:   {}", h.summary());
+    }
+    if let Some(f) = failed_target(rt) {
+        println!("failed:   {} (not retried until the metadata names another image)", f.target);
+    }
+    if let Some(f) = coord::FleetRecord::load(rt) {
+        println!("rollout:  {} of {}: {} {}", f.node, f.group, f.state.state, f.state.why);
+        if let Some(h) = &f.halted {
+            println!("halted:   group {} after {} failure(s) of {}", f.group, h.failures, h.target);
+        }
+    }
+}
+
 /// The remembered failed target of `rt`, if any.
 pub fn failed_target(rt: &Path) -> Option<FailedTarget> {
     std::fs::read(rt.join(FAILED_NAME))
@@ -76,13 +86,13 @@ pub fn failed_target(rt: &Path) -> Option<FailedTarget> {
 
 /// Why the agent must not start an update to `id` now, if it must not:
 /// the node rolled back from `id` before, or `id`'s phased rollout does
-/// not include the node yet (`rollout_percent` in the metadata). An
+/// not include the node yet (`percent`: the metadata's value under the
+/// rollout's `percent_key`, see [`Rollout::percent_key`]). An
 /// interrupted update (`resume`) is always converged.
 pub fn hold_back(
     root: &Path,
-    cfg: &Config,
     rollout: Option<&Rollout>,
-    doc: &serde_json::Value,
+    percent: Option<&serde_json::Value>,
     id: &str,
     resume: bool,
 ) -> Option<String> {
@@ -104,8 +114,8 @@ pub fn hold_back(
         None => {}
     }
     let r = rollout?;
-    let key = &cfg.rollout.as_ref()?.percent_key;
-    let pct = match crate::metadata::lookup(doc, key).map(bucket::parse_percent) {
+    let key = r.percent_key();
+    let pct = match percent.map(bucket::parse_percent) {
         None => None,
         Some(Ok(p)) => Some(p),
         Some(Err(e)) => {
@@ -166,7 +176,7 @@ fn root_mixed(root: &Path) -> bool {
     RootFs::open(root)
         .ok()
         .and_then(|r| r.state_dir().ok().flatten())
-        .and_then(|s| crate::journal::Journal::load(s.as_fd()).ok().flatten())
+        .and_then(|s| crate::engine::journal::Journal::load(s.as_fd()).ok().flatten())
         .is_some_and(|j| j.interrupted())
 }
 
@@ -190,7 +200,11 @@ pub fn gate(
         }
         r.publish("gating", "running the health checks", Some(id));
     }
-    let rep = health::run_gate(root, &cfg.health, id, from);
+    let hc = config::health(cfg).unwrap_or_else(|e| {
+        tracing::error!("{e:#}; using the default [health] settings");
+        Default::default()
+    });
+    let rep = health::run_gate(root, &hc, id, from);
     if let Err(e) = health::save(&rt, &rep) {
         tracing::warn!("cannot keep the health report: {e:#}");
     }
@@ -209,7 +223,7 @@ pub fn gate(
         r.step(SlotEvent::Failed, None);
         r.publish("rolling-back", &format!("required checks failed: {reason}"), Some(id));
     }
-    let back = if cfg.health.rollback {
+    let back = if hc.rollback {
         match crate::apply::rollback(root, None, progress) {
             Ok(rb) => {
                 tracing::info!("rolled back in place from {id} to {} ({} ms)", rb.id, rb.total_ms);
@@ -225,7 +239,7 @@ pub fn gate(
     };
     let ft = FailedTarget { target: id.to_owned(), back_to: back.clone(), reason: reason.clone() };
     if let Ok(b) = serde_json::to_vec_pretty(&ft) {
-        let _ = crate::store::write_volatile(&rt.join(FAILED_NAME), &b);
+        let _ = crate::fs::store::write_volatile(&rt.join(FAILED_NAME), &b);
     }
     if let Some(r) = rollout {
         match r.record_failure(id, &reason, back.is_some()) {

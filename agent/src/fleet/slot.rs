@@ -1,5 +1,5 @@
 //! The slot lifecycle of one node, as a plain state machine (the style of
-//! [`crate::lifecycle`]): an enum of phases, an enum of events, and guarded
+//! [`crate::engine::lifecycle`]): an enum of phases, an enum of events, and guarded
 //! transitions, so a coordination bug (say, releasing a slot before the
 //! health gate) becomes an error instead of a silent capacity loss.
 //!
