@@ -34,7 +34,8 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 /// Claims under the group at every revision since `from`.
 fn claims_history(f: &Fleet, from: i64) -> Vec<(i64, Vec<(String, i64, String)>)> {
-    f.etcd.history(&format!("{PREFIX}/groups/{GROUP}/claims/"), from)
+    f.etcd
+        .history(&format!("{PREFIX}/groups/{GROUP}/claims/"), from)
 }
 
 #[test]
@@ -42,16 +43,40 @@ fn checkers_catch_violations() {
     // Four windows overlapping: the sweep must say 4.
     let ev = |n: &str, s: bool, t: i128| (n.to_string(), s, t);
     let four = vec![
-        ev("a", true, 0), ev("b", true, 1), ev("c", true, 2), ev("d", true, 3),
-        ev("a", false, 10), ev("b", false, 11), ev("c", false, 12), ev("d", false, 13),
+        ev("a", true, 0),
+        ev("b", true, 1),
+        ev("c", true, 2),
+        ev("d", true, 3),
+        ev("a", false, 10),
+        ev("b", false, 11),
+        ev("c", false, 12),
+        ev("d", false, 13),
     ];
     assert_eq!(max_overlap(&four), 4);
-    let staggered = vec![ev("a", true, 0), ev("a", false, 5), ev("b", true, 5), ev("b", false, 9)];
-    assert_eq!(max_overlap(&staggered), 1, "back to back is not overlapping");
-    let never_closed = vec![ev("a", true, 0), ev("b", true, 1), ev("b", false, 2), ev("c", true, 3)];
+    let staggered = vec![
+        ev("a", true, 0),
+        ev("a", false, 5),
+        ev("b", true, 5),
+        ev("b", false, 9),
+    ];
+    assert_eq!(
+        max_overlap(&staggered),
+        1,
+        "back to back is not overlapping"
+    );
+    let never_closed = vec![
+        ev("a", true, 0),
+        ev("b", true, 1),
+        ev("b", false, 2),
+        ev("c", true, 3),
+    ];
     assert_eq!(max_overlap(&never_closed), 2);
     let k = |s: &str| (s.to_string(), 1, String::new());
-    let h = vec![(1, vec![k("x")]), (2, vec![k("x"), k("y"), k("z"), k("w")]), (3, vec![])];
+    let h = vec![
+        (1, vec![k("x")]),
+        (2, vec![k("x"), k("y"), k("z"), k("w")]),
+        (3, vec![]),
+    ];
     assert_eq!(max_keys(&h), 4);
 }
 
@@ -83,15 +108,35 @@ fn rollout_keeps_capacity_and_completes() {
         hist.len()
     );
     assert!(samples > 100, "the prober ran ({samples} samples)");
-    assert!(min_up >= n - 3, "at some sample only {min_up} of {n} services were up\n{}", f.describe());
-    assert!(min_up < n, "the prober never saw a service down: it cannot be measuring");
-    assert!(overlap <= 3, "{overlap} windows were open at once\n{}", f.describe());
-    assert!(overlap >= 2, "windows never overlapped: the slots were not used in parallel");
+    assert!(
+        min_up >= n - 3,
+        "at some sample only {min_up} of {n} services were up\n{}",
+        f.describe()
+    );
+    assert!(
+        min_up < n,
+        "the prober never saw a service down: it cannot be measuring"
+    );
+    assert!(
+        overlap <= 3,
+        "{overlap} windows were open at once\n{}",
+        f.describe()
+    );
+    assert!(
+        overlap >= 2,
+        "windows never overlapped: the slots were not used in parallel"
+    );
     assert!(max_claims <= 3, "{max_claims} claims at one revision");
-    assert_eq!(max_claims, 3, "three slots were used at once at some revision");
+    assert_eq!(
+        max_claims, 3,
+        "three slots were used at once at some revision"
+    );
     assert_eq!(stops.len(), n, "one window per node: {ev:?}");
     f.assert_on(&ids, "B");
-    let st = imageupd(["status", "--json", "--root"]).arg(&f.nodes[0].root).ok().json();
+    let st = imageupd(["status", "--json", "--root"])
+        .arg(&f.nodes[0].root)
+        .ok()
+        .json();
     assert_eq!(st["health"]["passed"], true, "{st:#}");
     assert_eq!(st["rollout"]["node"], "node00", "{st:#}");
 }
@@ -106,42 +151,82 @@ fn failing_health_check_rolls_back_and_halts() {
     };
     let mut f = Fleet::new("fleet-b", &spec);
     // node07's application does not work on B.
-    f.node("node07").check("required", "20-app-works", "[ \"$IMAGEUPD_TO\" != B ] || { echo 'app broken on B' >&2; exit 1; }");
+    f.node("node07").check(
+        "required",
+        "20-app-works",
+        "[ \"$IMAGEUPD_TO\" != B ] || { echo 'app broken on B' >&2; exit 1; }",
+    );
     f.start_agents();
     f.wait_registered();
     let probe = Prober::start(f.nodes.iter().map(|n| n.port).collect());
     // node07 first, so that the breaker trips early.
     f.node("node07").want("B", &f.store, &json!({}));
-    f.wait(Duration::from_secs(60), "node07's window", |f| f.events().iter().any(|e| e.0 == "node07" && e.1));
+    f.wait(Duration::from_secs(60), "node07's window", |f| {
+        f.events().iter().any(|e| e.0 == "node07" && e.1)
+    });
     f.want_all("B", &json!({}));
-    f.wait(Duration::from_secs(90), "the halt", |f| !f.keys("halted").is_empty());
+    f.wait(Duration::from_secs(90), "the halt", |f| {
+        !f.keys("halted").is_empty()
+    });
     let halted_rev = f.keys("halted")[0].1;
     // In-flight nodes finish; nothing new starts.
-    f.wait(Duration::from_secs(60), "in-flight windows to finish", |f| f.keys("claims/").is_empty());
+    f.wait(
+        Duration::from_secs(60),
+        "in-flight windows to finish",
+        |f| f.keys("claims/").is_empty(),
+    );
     std::thread::sleep(Duration::from_secs(3));
     for (rev, keys) in claims_history(&f, halted_rev) {
         for (k, created, v) in keys {
-            assert!(created <= halted_rev, "claim {k} ({v}) created at rev {created}, after the halt at {halted_rev}\n{}", f.describe());
+            assert!(
+                created <= halted_rev,
+                "claim {k} ({v}) created at rev {created}, after the halt at {halted_rev}\n{}",
+                f.describe()
+            );
         }
         let _ = rev;
     }
     let n07 = f.node("node07");
-    assert_eq!(n07.image().as_deref(), Some("A"), "node07 rolled back\n{}", f.describe());
+    assert_eq!(
+        n07.image().as_deref(),
+        Some("A"),
+        "node07 rolled back\n{}",
+        f.describe()
+    );
     f.assert_on(&["node07"], "A");
     assert!(n07.log().contains("rolled back in place"), "{}", n07.log());
-    let st = imageupd(["status", "--json", "--root"]).arg(&n07.root).ok().json();
+    let st = imageupd(["status", "--json", "--root"])
+        .arg(&n07.root)
+        .ok()
+        .json();
     assert_eq!(st["health_failed"]["target"], "B", "{st:#}");
     assert_eq!(st["health"]["passed"], false, "{st:#}");
     assert!(st["rollout"]["halted"]["target"] == "B", "{st:#}");
     let failed = f.keys("failed/");
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert!(failed[0].0.ends_with("/node07"));
-    let on_a: Vec<String> = f.nodes.iter().filter(|n| n.image().as_deref() == Some("A")).map(|n| n.id.clone()).collect();
-    assert!(on_a.len() >= 4, "the breaker stopped the rollout early: still on A: {on_a:?}\n{}", f.describe());
-    let fs = imageupd(["fleet", "status", "--json", "--etcd", &f.etcd.url]).ok().json();
+    let on_a: Vec<String> = f
+        .nodes
+        .iter()
+        .filter(|n| n.image().as_deref() == Some("A"))
+        .map(|n| n.id.clone())
+        .collect();
+    assert!(
+        on_a.len() >= 4,
+        "the breaker stopped the rollout early: still on A: {on_a:?}\n{}",
+        f.describe()
+    );
+    let fs = imageupd(["fleet", "status", "--json", "--etcd", &f.etcd.url])
+        .ok()
+        .json();
     assert_eq!(fs["groups"][0]["halted"]["target"], "B", "{fs:#}");
-    let text = imageupd(["fleet", "status", "--etcd", &f.etcd.url]).ok().stdout;
-    assert!(text.contains("HALTED") && text.contains("failed: node07"), "{text}");
+    let text = imageupd(["fleet", "status", "--etcd", &f.etcd.url])
+        .ok()
+        .stdout;
+    assert!(
+        text.contains("HALTED") && text.contains("failed: node07"),
+        "{text}"
+    );
     // Resume with a fixed image: everyone converges on C.
     imageupd(["fleet", "resume", GROUP, "--etcd", &f.etcd.url]).ok();
     f.want_all("C", &json!({}));
@@ -152,7 +237,10 @@ fn failing_health_check_rolls_back_and_halts() {
     assert!(min_up >= f.nodes.len() - 3, "min up {min_up}");
     assert!(max_overlap(&f.events()) <= 3);
     f.assert_on(&ids, "C");
-    assert!(f.keys("failed/").is_empty(), "node07's record goes once it passed on C");
+    assert!(
+        f.keys("failed/").is_empty(),
+        "node07's record goes once it passed on C"
+    );
 }
 
 #[test]
@@ -163,7 +251,9 @@ fn killed_holder_keeps_its_slot_until_it_converges() {
     f.wait_registered();
     let probe = Prober::start(f.nodes.iter().map(|n| n.port).collect());
     f.want_all("B", &json!({}));
-    f.wait(Duration::from_secs(60), "a first window", |f| f.events().iter().any(|e| e.1));
+    f.wait(Duration::from_secs(60), "a first window", |f| {
+        f.events().iter().any(|e| e.1)
+    });
     let victim = f.events().iter().find(|e| e.1).unwrap().0.clone();
     let vi = f.nodes.iter().position(|n| n.id == victim).unwrap();
     f.nodes[vi].kill_agent();
@@ -177,13 +267,26 @@ fn killed_holder_keeps_its_slot_until_it_converges() {
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(8) {
         let now = f.keys("claims/");
-        let c = now.iter().find(|c| c.0 == claim.0).unwrap_or_else(|| panic!("slot {} was freed\n{}", claim.0, f.describe()));
-        assert!(c.2.contains(&format!("\"{victim}\"")), "slot {} taken by another node: {}", claim.0, c.2);
+        let c = now
+            .iter()
+            .find(|c| c.0 == claim.0)
+            .unwrap_or_else(|| panic!("slot {} was freed\n{}", claim.0, f.describe()));
+        assert!(
+            c.2.contains(&format!("\"{victim}\"")),
+            "slot {} taken by another node: {}",
+            claim.0,
+            c.2
+        );
         assert!(now.len() <= 3);
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(!f.nodes[vi].up(), "the victim's service stays down until its agent is back");
-    let text = imageupd(["fleet", "status", "--etcd", &f.etcd.url]).ok().stdout;
+    assert!(
+        !f.nodes[vi].up(),
+        "the victim's service stays down until its agent is back"
+    );
+    let text = imageupd(["fleet", "status", "--etcd", &f.etcd.url])
+        .ok()
+        .stdout;
     assert!(text.contains("lease gone"), "{text}");
     f.nodes[vi].start_agent();
     let ids = f.ids();
@@ -193,7 +296,11 @@ fn killed_holder_keeps_its_slot_until_it_converges() {
     assert!(min_up >= 9, "min up {min_up}");
     assert!(max_overlap(&f.events()) <= 3, "{}", f.describe());
     f.assert_on(&ids, "B");
-    assert!(f.nodes[vi].log().contains("slot") && f.nodes[vi].log().contains("released"), "{}", f.nodes[vi].log());
+    assert!(
+        f.nodes[vi].log().contains("slot") && f.nodes[vi].log().contains("released"),
+        "{}",
+        f.nodes[vi].log()
+    );
 }
 
 #[test]
@@ -204,15 +311,26 @@ fn etcd_outage_fails_closed() {
     f.wait_registered();
     let probe = Prober::start(f.nodes.iter().map(|n| n.port).collect());
     f.want_all("B", &json!({}));
-    f.wait(Duration::from_secs(60), "a first window", |f| f.events().iter().any(|e| e.1));
+    f.wait(Duration::from_secs(60), "a first window", |f| {
+        f.events().iter().any(|e| e.1)
+    });
     f.etcd.kill();
     let killed = now_ns();
     std::thread::sleep(Duration::from_secs(8));
     let ev = f.events();
-    let late: Vec<_> = ev.iter().filter(|e| e.1 && e.2 > killed + 1_000_000_000).collect();
-    assert!(late.is_empty(), "windows opened while etcd was down: {late:?}");
+    let late: Vec<_> = ev
+        .iter()
+        .filter(|e| e.1 && e.2 > killed + 1_000_000_000)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "windows opened while etcd was down: {late:?}"
+    );
     for (n, _, _) in ev.iter().filter(|e| e.1) {
-        assert!(ev.iter().any(|e| &e.0 == n && !e.1), "{n}'s window did not complete while etcd was down");
+        assert!(
+            ev.iter().any(|e| &e.0 == n && !e.1),
+            "{n}'s window did not complete while etcd was down"
+        );
     }
     f.etcd.restart();
     let ids = f.ids();
@@ -241,24 +359,59 @@ fn phased_rollout_admits_exactly_the_low_buckets() {
         .map(|i| format!("B{i}"))
         .find(|t| (2..=6).contains(&ids.iter().filter(|n| bucket(t, n) < 25.0).count()))
         .unwrap();
-    let spec = FleetSpec { images: vec!["A".into(), target.clone()], ..Default::default() };
+    let spec = FleetSpec {
+        images: vec!["A".into(), target.clone()],
+        ..Default::default()
+    };
     let mut f = Fleet::new("fleet-e", &spec);
     f.start_agents();
     f.wait_registered();
-    let admitted: Vec<&str> = ids.iter().filter(|n| bucket(&target, n) < 25.0).map(String::as_str).collect();
+    let admitted: Vec<&str> = ids
+        .iter()
+        .filter(|n| bucket(&target, n) < 25.0)
+        .map(String::as_str)
+        .collect();
     f.want_all(&target, &json!({"rollout_percent": 25}));
     f.wait_converged(&admitted, &target, Duration::from_secs(90));
     std::thread::sleep(Duration::from_secs(4));
     for n in &f.nodes {
-        let want = if admitted.contains(&n.id.as_str()) { target.as_str() } else { "A" };
-        assert_eq!(n.image().as_deref(), Some(want), "{} (bucket {:.2})\n{}", n.id, bucket(&target, &n.id), f.describe());
+        let want = if admitted.contains(&n.id.as_str()) {
+            target.as_str()
+        } else {
+            "A"
+        };
+        assert_eq!(
+            n.image().as_deref(),
+            Some(want),
+            "{} (bucket {:.2})\n{}",
+            n.id,
+            bucket(&target, &n.id),
+            f.describe()
+        );
     }
-    let others: Vec<&str> = ids.iter().map(String::as_str).filter(|n| !admitted.contains(n)).collect();
+    let others: Vec<&str> = ids
+        .iter()
+        .map(String::as_str)
+        .filter(|n| !admitted.contains(n))
+        .collect();
     f.assert_on(&admitted, &target);
     f.assert_on(&others, "A");
-    let node = f.nodes.iter().find(|n| !admitted.contains(&n.id.as_str())).unwrap();
-    let st = imageupd(["status", "--json", "--root"]).arg(&node.root).ok().json();
-    assert!(st["rollout"]["state"]["why"].as_str().unwrap_or("").contains("phased"), "{st:#}");
+    let node = f
+        .nodes
+        .iter()
+        .find(|n| !admitted.contains(&n.id.as_str()))
+        .unwrap();
+    let st = imageupd(["status", "--json", "--root"])
+        .arg(&node.root)
+        .ok()
+        .json();
+    assert!(
+        st["rollout"]["state"]["why"]
+            .as_str()
+            .unwrap_or("")
+            .contains("phased"),
+        "{st:#}"
+    );
     eprintln!("FIGURES phased: target {target}, admitted {admitted:?}");
 }
 
@@ -266,30 +419,57 @@ fn phased_rollout_admits_exactly_the_low_buckets() {
 fn no_quiesce_outside_the_maintenance_window() {
     let _g = serial();
     // A one-hour window starting in 12 hours (UTC).
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
     let at = now + 12 * 3600;
     let day = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][((at / 86400) % 7) as usize];
     let hm = format!("{:02}:{:02}", (at % 86400) / 3600, (at % 3600) / 60);
-    let window = format!("[[rollout.window]]\ndays = [\"{day}\"]\nstart_time = \"{hm}\"\nlength_minutes = 60\n");
-    let spec = FleetSpec { nodes: 4, rollout: format!("max_unavailable = 3\n{window}"), ..Default::default() };
+    let window = format!(
+        "[[rollout.window]]\ndays = [\"{day}\"]\nstart_time = \"{hm}\"\nlength_minutes = 60\n"
+    );
+    let spec = FleetSpec {
+        nodes: 4,
+        rollout: format!("max_unavailable = 3\n{window}"),
+        ..Default::default()
+    };
     let mut f = Fleet::new("fleet-f", &spec);
     f.start_agents();
     f.wait_registered();
     f.want_all("B", &json!({}));
-    f.wait(Duration::from_secs(60), "every node waiting for the window", |f| {
-        f.keys("nodes/").iter().filter(|k| k.2.contains("maintenance window")).count() == f.nodes.len()
-    });
+    f.wait(
+        Duration::from_secs(60),
+        "every node waiting for the window",
+        |f| {
+            f.keys("nodes/")
+                .iter()
+                .filter(|k| k.2.contains("maintenance window"))
+                .count()
+                == f.nodes.len()
+        },
+    );
     std::thread::sleep(Duration::from_secs(3));
-    assert!(f.events().is_empty(), "a node quiesced outside its window: {:?}", f.events());
+    assert!(
+        f.events().is_empty(),
+        "a node quiesced outside its window: {:?}",
+        f.events()
+    );
     assert!(f.keys("claims/").is_empty());
-    assert!(f.nodes.iter().all(|n| n.image().as_deref() == Some("A") && n.up()));
+    assert!(f
+        .nodes
+        .iter()
+        .all(|n| n.image().as_deref() == Some("A") && n.up()));
     // Positive control: a window that covers now lets them through (the
     // waiting nodes re-read their configuration).
     let day_now = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][((now / 86400) % 7) as usize];
     let hm_now = format!("{:02}:{:02}", (now % 86400) / 3600, (now % 3600) / 60);
     for n in &f.nodes {
         let p = n.root.join("etc/imageupd/config.toml");
-        let c = std::fs::read_to_string(&p).unwrap().replace(&format!("days = [\"{day}\"]\nstart_time = \"{hm}\""), &format!("days = [\"{day_now}\"]\nstart_time = \"{hm_now}\""));
+        let c = std::fs::read_to_string(&p).unwrap().replace(
+            &format!("days = [\"{day}\"]\nstart_time = \"{hm}\""),
+            &format!("days = [\"{day_now}\"]\nstart_time = \"{hm_now}\""),
+        );
         std::fs::write(&p, c).unwrap();
     }
     let ids = f.ids();

@@ -77,9 +77,24 @@ impl EtcdServer {
         let child = Command::new("/usr/bin/etcd")
             .args(["--name", "t1", "--data-dir"])
             .arg(self.data.join("d"))
-            .args(["--listen-client-urls", &self.url, "--advertise-client-urls", &self.url])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("t1={peer}"), "--initial-cluster-state", "new"])
+            .args([
+                "--listen-client-urls",
+                &self.url,
+                "--advertise-client-urls",
+                &self.url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args([
+                "--initial-cluster",
+                &format!("t1={peer}"),
+                "--initial-cluster-state",
+                "new",
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -119,7 +134,9 @@ impl EtcdServer {
 
     /// Current revision.
     pub fn revision(&self) -> i64 {
-        let v = self.call("/v3/kv/range", json!({"key": "eA=="})).expect("etcd answers");
+        let v = self
+            .call("/v3/kv/range", json!({"key": "eA=="}))
+            .expect("etcd answers");
         num(&v["header"]["revision"])
     }
 
@@ -137,7 +154,10 @@ impl EtcdServer {
             .map(|a| {
                 a.iter()
                     .map(|kv| {
-                        let dec = |f: &str| String::from_utf8(B64.decode(kv[f].as_str().unwrap_or("")).unwrap()).unwrap();
+                        let dec = |f: &str| {
+                            String::from_utf8(B64.decode(kv[f].as_str().unwrap_or("")).unwrap())
+                                .unwrap()
+                        };
                         (dec("key"), num(&kv["create_revision"]), dec("value"))
                     })
                     .collect()
@@ -148,12 +168,17 @@ impl EtcdServer {
     /// For each revision from `from` to now, the keys under `prefix`.
     pub fn history(&self, prefix: &str, from: i64) -> Vec<(i64, Vec<(String, i64, String)>)> {
         let now = self.revision();
-        (from.max(1)..=now).map(|r| (r, self.range(prefix, r))).collect()
+        (from.max(1)..=now)
+            .map(|r| (r, self.range(prefix, r)))
+            .collect()
     }
 }
 
 fn num(v: &Value) -> i64 {
-    v.as_str().and_then(|s| s.parse().ok()).or(v.as_i64()).unwrap_or(0)
+    v.as_str()
+        .and_then(|s| s.parse().ok())
+        .or(v.as_i64())
+        .unwrap_or(0)
 }
 
 fn prefix_end(p: &str) -> Vec<u8> {

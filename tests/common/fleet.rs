@@ -23,7 +23,10 @@ pub const PREFIX: &str = "/imageupd";
 
 /// Wall clock in ns (what the hooks' `date +%s%N` writes).
 pub fn now_ns() -> i128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as i128
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i128
 }
 
 /// Write a small synthetic image tree for `id` (a few files, some shared
@@ -32,7 +35,10 @@ pub fn make_tree(dir: &Path, id: &str) {
     for (p, body) in [
         ("etc/app/version", id.to_string()),
         ("etc/app/shared.conf", "listen = 127.0.0.1\n".to_string()),
-        ("usr/share/app/data-1", format!("payload one of {id}\n").repeat(200)),
+        (
+            "usr/share/app/data-1",
+            format!("payload one of {id}\n").repeat(200),
+        ),
         ("usr/share/app/data-2", "unchanged payload\n".repeat(300)),
         ("usr/bin/app", format!("#!/bin/sh\necho app {id}\n")),
     ] {
@@ -40,8 +46,11 @@ pub fn make_tree(dir: &Path, id: &str) {
         std::fs::create_dir_all(f.parent().unwrap()).unwrap();
         std::fs::write(&f, body).unwrap();
     }
-    std::fs::set_permissions(dir.join("usr/bin/app"), std::fs::Permissions::from_mode(0o755))
-        .unwrap();
+    std::fs::set_permissions(
+        dir.join("usr/bin/app"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     std::fs::create_dir_all(dir.join("var/lib")).unwrap();
 }
 
@@ -135,7 +144,11 @@ impl FleetNode {
     /// Write a health check.
     pub fn check(&self, kind: &str, name: &str, body: &str) {
         bash_script(
-            &self.root.join("etc/imageupd/health.d").join(format!("{kind}.d")).join(name),
+            &self
+                .root
+                .join("etc/imageupd/health.d")
+                .join(format!("{kind}.d"))
+                .join(name),
             body,
         );
     }
@@ -152,7 +165,10 @@ impl Drop for FleetNode {
         // The service, started by a hook, is not our child: its pid file.
         if let Ok(p) = std::fs::read_to_string(self.dir.join("svc.pid")) {
             if let Ok(pid) = p.trim().parse::<i32>() {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
     }
@@ -232,7 +248,14 @@ impl Fleet {
         make_root(&self.trees[first], &root, &self.key);
         let port = free_port();
         let meta = dir.join("meta.json");
-        let n = FleetNode { id: id.clone(), root: root.clone(), meta: meta.clone(), port, dir: dir.clone(), agent: None };
+        let n = FleetNode {
+            id: id.clone(),
+            root: root.clone(),
+            meta: meta.clone(),
+            port,
+            dir: dir.clone(),
+            agent: None,
+        };
         n.want(first, &self.store, &serde_json::json!({}));
         write_config(
             &root,
@@ -266,7 +289,11 @@ impl Fleet {
         bash_script(&hooks.join("pre-apply.d/10-stop-service"), &stop);
         bash_script(&hooks.join("post-apply.d/90-start-service"), &start);
         bash_script(&hooks.join("abort.d/90-start-service"), &start);
-        n.check("required", "10-service-answers", &format!("(exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null"));
+        n.check(
+            "required",
+            "10-service-answers",
+            &format!("(exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null"),
+        );
         // The service runs before the rollout (not an event: no window).
         Run::new("bash").arg("-c").arg(&svc).ok();
         assert!(n.up(), "{id}'s service did not come up");
@@ -294,17 +321,22 @@ impl Fleet {
 
     /// Registered nodes.
     pub fn registered(&self) -> usize {
-        self.etcd.range(&format!("{PREFIX}/groups/{GROUP}/nodes/"), 0).len()
+        self.etcd
+            .range(&format!("{PREFIX}/groups/{GROUP}/nodes/"), 0)
+            .len()
     }
 
     /// Wait until every agent registered.
     pub fn wait_registered(&self) {
-        self.wait(Duration::from_secs(60), "every node registered", |f| f.registered() == f.nodes.len());
+        self.wait(Duration::from_secs(60), "every node registered", |f| {
+            f.registered() == f.nodes.len()
+        });
     }
 
     /// Keys under the group's `kind/` now.
     pub fn keys(&self, kind: &str) -> Vec<(String, i64, String)> {
-        self.etcd.range(&format!("{PREFIX}/groups/{GROUP}/{kind}"), 0)
+        self.etcd
+            .range(&format!("{PREFIX}/groups/{GROUP}/{kind}"), 0)
     }
 
     /// Poll `cond` every 200 ms; panic with the fleet's state after `limit`.
@@ -312,7 +344,10 @@ impl Fleet {
         let t = Instant::now();
         while !cond(self) {
             if t.elapsed() > limit {
-                panic!("timed out after {limit:?} waiting for {what}\n{}", self.describe());
+                panic!(
+                    "timed out after {limit:?} waiting for {what}\n{}",
+                    self.describe()
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -321,7 +356,8 @@ impl Fleet {
     /// Wait until the nodes in `ids` run `image` and nothing is claimed.
     pub fn wait_converged(&self, ids: &[&str], image: &str, limit: Duration) {
         self.wait(limit, &format!("{ids:?} on {image}"), |f| {
-            ids.iter().all(|i| f.node(i).image().as_deref() == Some(image))
+            ids.iter()
+                .all(|i| f.node(i).image().as_deref() == Some(image))
                 && f.keys("claims/").is_empty()
                 && f.keys("inprogress/").is_empty()
         });
@@ -339,7 +375,8 @@ impl Fleet {
             .lines()
             .filter_map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
-                (f.len() == 3).then(|| (f[0].to_string(), f[1] == "stop", f[2].parse().unwrap_or(0)))
+                (f.len() == 3)
+                    .then(|| (f[0].to_string(), f[1] == "stop", f[2].parse().unwrap_or(0)))
             })
             .collect()
     }
@@ -347,12 +384,32 @@ impl Fleet {
     /// Everything about the fleet, for panic messages.
     pub fn describe(&self) -> String {
         let mut o = String::new();
-        let st = imageupd(["fleet", "status", "--etcd", &self.etcd.url, "--prefix", PREFIX]).run();
+        let st = imageupd([
+            "fleet",
+            "status",
+            "--etcd",
+            &self.etcd.url,
+            "--prefix",
+            PREFIX,
+        ])
+        .run();
         o.push_str(&st.stdout);
         for n in &self.nodes {
-            o.push_str(&format!("--- {} on {:?}, up {} ---\n{}\n", n.id, n.image(), n.up(), clip(&tail(&n.log(), 15), 15)));
+            o.push_str(&format!(
+                "--- {} on {:?}, up {} ---\n{}\n",
+                n.id,
+                n.image(),
+                n.up(),
+                clip(&tail(&n.log(), 15), 15)
+            ));
         }
-        o.push_str(&format!("--- events ---\n{}", clip(&std::fs::read_to_string(&self.events).unwrap_or_default(), 80)));
+        o.push_str(&format!(
+            "--- events ---\n{}",
+            clip(
+                &std::fs::read_to_string(&self.events).unwrap_or_default(),
+                80
+            )
+        ));
         o
     }
 
@@ -380,7 +437,8 @@ pub fn tail(s: &str, n: usize) -> String {
 /// stop opens the node's window, its next start closes it; a window never
 /// closed stays open). The sweep behind the "at most K down" check.
 pub fn max_overlap(events: &[(String, bool, i128)]) -> usize {
-    let mut ev: Vec<(i128, bool, String)> = events.iter().map(|(n, s, t)| (*t, *s, n.clone())).collect();
+    let mut ev: Vec<(i128, bool, String)> =
+        events.iter().map(|(n, s, t)| (*t, *s, n.clone())).collect();
     // At equal times, closes before opens.
     ev.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
     let mut open = std::collections::BTreeSet::new();
@@ -414,11 +472,17 @@ impl Prober {
             let t0 = Instant::now();
             while !s2.load(Ordering::SeqCst) {
                 let up = ports.iter().filter(|p| port_up(**p)).count();
-                m2.lock().unwrap().push((t0.elapsed().as_millis() as u64, up));
+                m2.lock()
+                    .unwrap()
+                    .push((t0.elapsed().as_millis() as u64, up));
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
-        Prober { stop, thread: Some(thread), samples }
+        Prober {
+            stop,
+            thread: Some(thread),
+            samples,
+        }
     }
 
     /// Stop; (samples, fewest up).

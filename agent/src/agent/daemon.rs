@@ -380,7 +380,8 @@ impl Agent {
                     return;
                 }
                 let rollout = self.fleet.as_ref().map(|f| &*f.0);
-                let pct = rollout.and_then(|r| crate::agent::metadata::lookup(&snap.doc, &r.percent_key()));
+                let pct = rollout
+                    .and_then(|r| crate::agent::metadata::lookup(&snap.doc, &r.percent_key()));
                 if let Some(why) = crate::fleet::hold_back(&self.root, rollout, pct, &id, resume) {
                     tracing::debug!("not updating to {id}: {why}");
                     self.notifier.status(&format!("holding back {id}: {why}"));

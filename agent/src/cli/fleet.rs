@@ -79,7 +79,9 @@ pub(crate) fn run(cmd: FleetCmd) -> Result<u8> {
                 print!("{}", ops::render(&s));
             }
         }
-        FleetCmd::Release { group: g, node, .. } => print_json(&ops::release(&t, &group(g)?, &node)?)?,
+        FleetCmd::Release { group: g, node, .. } => {
+            print_json(&ops::release(&t, &group(g)?, &node)?)?
+        }
         FleetCmd::Resume { group: g, .. } => print_json(&ops::resume(&t, &g)?)?,
     }
     Ok(0)

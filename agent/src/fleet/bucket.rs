@@ -64,8 +64,12 @@ mod tests {
         assert_eq!(parse_percent(&serde_json::json!("25%")).unwrap(), 25.0);
         assert!(parse_percent(&serde_json::json!(101)).is_err());
         // Salted: the ordering differs between targets.
-        let a: Vec<bool> = (0..32).map(|i| bucket("a", &format!("n{i}")) < 50.0).collect();
-        let z: Vec<bool> = (0..32).map(|i| bucket("z", &format!("n{i}")) < 50.0).collect();
+        let a: Vec<bool> = (0..32)
+            .map(|i| bucket("a", &format!("n{i}")) < 50.0)
+            .collect();
+        let z: Vec<bool> = (0..32)
+            .map(|i| bucket("z", &format!("n{i}")) < 50.0)
+            .collect();
         assert_ne!(a, z);
     }
 }

@@ -59,7 +59,9 @@ impl Budget {
                 Ok(Budget::Count(*n as u32))
             }
             toml::Value::String(s) => Budget::parse_str(s),
-            other => bail!("expected a count of at least 1 or a percentage like \"25%\", not {other}"),
+            other => {
+                bail!("expected a count of at least 1 or a percentage like \"25%\", not {other}")
+            }
         }
     }
 
@@ -153,7 +155,9 @@ pub(crate) struct RolloutFragment {
 
 /// Whether `g` is a valid group name (zincati's rule, `^[a-zA-Z0-9.-]+$`).
 pub fn valid_group(g: &str) -> bool {
-    !g.is_empty() && g.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+    !g.is_empty()
+        && g.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
 }
 
 /// Whether `id` is a valid node id: 1–128 bytes of `[A-Za-z0-9._-]`.
@@ -187,7 +191,9 @@ impl RolloutConfig {
             windows: Vec::new(),
         });
         if let Some(e) = f.etcd {
-            if e.iter().any(|u| !(u.starts_with("http://") || u.starts_with("https://"))) {
+            if e.iter()
+                .any(|u| !(u.starts_with("http://") || u.starts_with("https://")))
+            {
                 bail!("etcd endpoints must be http:// or https:// URLs: {e:?}");
             }
             c.etcd = e;
@@ -205,8 +211,8 @@ impl RolloutConfig {
             c.group = g;
         }
         if let Some(v) = f.max_unavailable {
-            c.max_unavailable = Budget::parse(&v)
-                .map_err(|e| anyhow::anyhow!("max_unavailable: {e}"))?;
+            c.max_unavailable =
+                Budget::parse(&v).map_err(|e| anyhow::anyhow!("max_unavailable: {e}"))?;
         }
         if let Some(v) = f.max_failures {
             c.max_failures =
@@ -319,7 +325,11 @@ impl HealthConfig {
 }
 
 fn sources(cfg: &Config) -> String {
-    let v: Vec<String> = cfg.sources.iter().map(|p| p.display().to_string()).collect();
+    let v: Vec<String> = cfg
+        .sources
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
     v.join(", ")
 }
 
@@ -397,7 +407,9 @@ mod tests {
             "bogus = 1",
         ] {
             let f: Result<RolloutFragment, _> = toml::from_str(bad);
-            let r = f.map_err(anyhow::Error::from).and_then(|f| RolloutConfig::merge(None, f));
+            let r = f
+                .map_err(anyhow::Error::from)
+                .and_then(|f| RolloutConfig::merge(None, f));
             assert!(r.is_err(), "{bad}");
         }
         let empty = RolloutConfig::merge(None, RolloutFragment::default()).unwrap();

@@ -62,7 +62,8 @@ pub fn node_id(root: &Path, cfg: &RolloutConfig) -> Result<String> {
     if mid.is_empty() {
         bail!("{} is empty; set [rollout] node_id", p.display());
     }
-    let d = crate::format::manifest::Digest::of(format!("imageupd-fleet:{mid}").as_bytes()).to_hex();
+    let d =
+        crate::format::manifest::Digest::of(format!("imageupd-fleet:{mid}").as_bytes()).to_hex();
     Ok(d[..32].to_owned())
 }
 
@@ -201,7 +202,10 @@ impl Rollout {
             changed
         };
         if changed {
-            tracing::info!("rollout: {state}{}{why}", if why.is_empty() { "" } else { ": " });
+            tracing::info!(
+                "rollout: {state}{}{why}",
+                if why.is_empty() { "" } else { ": " }
+            );
             self.save_record(None);
             let _ = self.put_node();
         }
@@ -236,7 +240,8 @@ impl Rollout {
         let slot = lock(&self.machine).slot;
         if let Some(i) = slot.filter(|_| self.phase().holds()) {
             let lease = self.ensure_lease()?;
-            self.etcd.put(&self.keys.slot(i), self.node.as_bytes(), lease)?;
+            self.etcd
+                .put(&self.keys.slot(i), self.node.as_bytes(), lease)?;
         }
         Ok(())
     }
@@ -313,12 +318,20 @@ impl Rollout {
             let lease = self.ensure_lease()?;
             let (ok, rev) = self.etcd.txn(
                 &[Cmp::ValueIs(self.keys.claim(i), bytes.clone())],
-                &[Op::Put(self.keys.slot(i), self.node.as_bytes().to_vec(), lease)],
+                &[Op::Put(
+                    self.keys.slot(i),
+                    self.node.as_bytes().to_vec(),
+                    lease,
+                )],
             )?;
             if ok {
                 *lock(&self.claim) = Some(bytes);
                 self.step(SlotEvent::Reclaimed, Some(i));
-                self.publish("holding", &format!("slot {i} again (our in-progress record, rev {rev})"), Some(target));
+                self.publish(
+                    "holding",
+                    &format!("slot {i} again (our in-progress record, rev {rev})"),
+                    Some(target),
+                );
                 return Ok(Some(i));
             }
             return Ok(None);
@@ -330,22 +343,45 @@ impl Rollout {
         if let Some(h) = &g.halted {
             self.publish(
                 "waiting",
-                &format!("group {} is halted ({} failed {}); `imageupd fleet resume {}` lifts it", cfg.group, h.failures, h.target, cfg.group),
+                &format!(
+                    "group {} is halted ({} failed {}); `imageupd fleet resume {}` lifts it",
+                    cfg.group, h.failures, h.target, cfg.group
+                ),
                 Some(target),
             );
             return Ok(None);
         }
         let k = cfg.max_unavailable.resolve(g.nodes.len());
         let Some(i) = g.free_slot(k) else {
-            self.publish("waiting", &format!("for a slot ({k} of {} nodes; holders {})", g.nodes.len(), g.holders()), Some(target));
+            self.publish(
+                "waiting",
+                &format!(
+                    "for a slot ({k} of {} nodes; holders {})",
+                    g.nodes.len(),
+                    g.holders()
+                ),
+                Some(target),
+            );
             return Ok(None);
         };
         let now = epoch_ms(SystemTime::now());
-        let claim = serde_json::to_vec(&Claim { node: self.node.clone(), target: target.to_owned(), since_ms: now })?;
-        let ip = serde_json::to_vec(&InProgress { slot: i, target: target.to_owned(), since_ms: now })?;
+        let claim = serde_json::to_vec(&Claim {
+            node: self.node.clone(),
+            target: target.to_owned(),
+            since_ms: now,
+        })?;
+        let ip = serde_json::to_vec(&InProgress {
+            slot: i,
+            target: target.to_owned(),
+            since_ms: now,
+        })?;
         let lease = self.ensure_lease()?;
         let (ok, rev) = self.etcd.txn(
-            &[Cmp::Absent(self.keys.slot(i)), Cmp::Absent(self.keys.claim(i)), Cmp::Absent(self.keys.halted())],
+            &[
+                Cmp::Absent(self.keys.slot(i)),
+                Cmp::Absent(self.keys.claim(i)),
+                Cmp::Absent(self.keys.halted()),
+            ],
             &[
                 Op::Put(self.keys.slot(i), self.node.as_bytes().to_vec(), lease),
                 Op::Put(self.keys.claim(i), claim.clone(), 0),
@@ -363,7 +399,11 @@ impl Rollout {
             self.release()?;
             return Ok(None);
         }
-        self.publish("holding", &format!("slot {i} of {k} (rev {rev})"), Some(target));
+        self.publish(
+            "holding",
+            &format!("slot {i} of {k} (rev {rev})"),
+            Some(target),
+        );
         Ok(Some(i))
     }
 
@@ -392,7 +432,9 @@ impl Rollout {
                     ],
                 )?;
                 if !ok {
-                    tracing::warn!("rollout: slot {i} was no longer ours (released by an operator?)");
+                    tracing::warn!(
+                        "rollout: slot {i} was no longer ours (released by an operator?)"
+                    );
                     self.etcd.delete(&self.keys.inprogress(&self.node))?;
                 }
                 tracing::info!("rollout: released slot {i} (rev {rev})");
@@ -401,7 +443,9 @@ impl Rollout {
             match r {
                 Ok(()) => break,
                 Err(e) if self.cancelled() => {
-                    return Err(e.context("stopping: the in-progress record stays until the next start"))
+                    return Err(
+                        e.context("stopping: the in-progress record stays until the next start")
+                    )
                 }
                 Err(e) => {
                     tracing::warn!("rollout: cannot release slot {i} yet: {e:#}");
@@ -419,8 +463,14 @@ impl Rollout {
     /// `max_failures` nodes of the group failed it. Whether it tripped.
     pub fn record_failure(&self, target: &str, reason: &str, rolled_back: bool) -> Result<bool> {
         let cfg = self.cfg();
-        let f = Failed { target: target.to_owned(), reason: reason.to_owned(), rolled_back, at_ms: epoch_ms(SystemTime::now()) };
-        self.etcd.put(&self.keys.failed(&self.node), &serde_json::to_vec(&f)?, 0)?;
+        let f = Failed {
+            target: target.to_owned(),
+            reason: reason.to_owned(),
+            rolled_back,
+            at_ms: epoch_ms(SystemTime::now()),
+        };
+        self.etcd
+            .put(&self.keys.failed(&self.node), &serde_json::to_vec(&f)?, 0)?;
         let Some(maxf) = cfg.max_failures else {
             return Ok(false);
         };
@@ -430,9 +480,20 @@ impl Rollout {
         if n < limit || g.halted.is_some() {
             return Ok(g.halted.is_some());
         }
-        let h = Halted { target: target.to_owned(), failures: n as u32, by: self.node.clone(), at_ms: f.at_ms };
-        self.etcd.txn(&[Cmp::Absent(self.keys.halted())], &[Op::Put(self.keys.halted(), serde_json::to_vec(&h)?, 0)])?;
-        tracing::error!("rollout: {n} node(s) of group {} failed {target} (max_failures {limit}): group halted", cfg.group);
+        let h = Halted {
+            target: target.to_owned(),
+            failures: n as u32,
+            by: self.node.clone(),
+            at_ms: f.at_ms,
+        };
+        self.etcd.txn(
+            &[Cmp::Absent(self.keys.halted())],
+            &[Op::Put(self.keys.halted(), serde_json::to_vec(&h)?, 0)],
+        )?;
+        tracing::error!(
+            "rollout: {n} node(s) of group {} failed {target} (max_failures {limit}): group halted",
+            cfg.group
+        );
         self.save_record(Some(Some(h)));
         Ok(true)
     }
@@ -446,7 +507,10 @@ impl Rollout {
 
     /// After a restart: this node's claim, if etcd still has one.
     pub fn own_claim(&self) -> Result<Option<(u32, Claim)>> {
-        Ok(self.view()?.claim_of(&self.node).map(|(i, c)| (i, c.clone())))
+        Ok(self
+            .view()?
+            .claim_of(&self.node)
+            .map(|(i, c)| (i, c.clone())))
     }
 
     /// Hold `slot` again after a restart without an update to converge
@@ -468,6 +532,11 @@ impl Rollout {
     /// For messages.
     pub fn describe(&self) -> String {
         let c = lock(&self.cfg);
-        format!("node {} of group {} ({})", self.node, c.group, c.etcd.join(", "))
+        format!(
+            "node {} of group {} ({})",
+            self.node,
+            c.group,
+            c.etcd.join(", ")
+        )
     }
 }

@@ -104,7 +104,9 @@ pub fn parse_kvs(v: &Value) -> Result<Vec<Kv>, EtcdError> {
             let dec = |f: &str| -> Result<Vec<u8>, EtcdError> {
                 match kv.get(f).and_then(Value::as_str) {
                     None => Ok(Vec::new()),
-                    Some(s) => B64.decode(s).map_err(|e| EtcdError::Bad(format!("{f}: {e}"))),
+                    Some(s) => B64
+                        .decode(s)
+                        .map_err(|e| EtcdError::Bad(format!("{f}: {e}"))),
                 }
             };
             Ok(Kv {
@@ -210,7 +212,9 @@ impl Etcd {
         let bytes = resp.bytes().map_err(|e| format!("{ep}: {e}"))?;
         let v: Value = serde_json::from_slice(&bytes).map_err(|e| format!("{ep}: {e}"))?;
         if !status.is_success() || v.get("error").is_some() {
-            return Ok(json!({"__error": v.get("message").or(v.get("error")).cloned().unwrap_or(Value::Null), "__status": status.as_u16()}));
+            return Ok(
+                json!({"__error": v.get("message").or(v.get("error")).cloned().unwrap_or(Value::Null), "__status": status.as_u16()}),
+            );
         }
         Ok(v)
     }
@@ -241,7 +245,9 @@ impl Etcd {
 
     fn call_once(&self, ep: &str, path: &str, body: &Value) -> Result<Value, EtcdError> {
         match self.post(ep, path, body, true) {
-            Ok(v) if v.get("__error").is_some() => Err(EtcdError::Refused(format!("{path}: {}", v["__error"]))),
+            Ok(v) if v.get("__error").is_some() => {
+                Err(EtcdError::Refused(format!("{path}: {}", v["__error"])))
+            }
             Ok(v) => Ok(v),
             Err(e) => Err(EtcdError::Unreachable(e)),
         }
@@ -252,11 +258,16 @@ impl Etcd {
             return Ok(());
         };
         let v = self
-            .post(ep, "/v3/auth/authenticate", &json!({"name": u, "password": p}), false)
+            .post(
+                ep,
+                "/v3/auth/authenticate",
+                &json!({"name": u, "password": p}),
+                false,
+            )
             .map_err(EtcdError::Unreachable)?;
-        let t = v["token"]
-            .as_str()
-            .ok_or_else(|| EtcdError::Refused(format!("authentication as {u} failed: {}", v["__error"])))?;
+        let t = v["token"].as_str().ok_or_else(|| {
+            EtcdError::Refused(format!("authentication as {u} failed: {}", v["__error"]))
+        })?;
         *self.token.lock().unwrap_or_else(|e| e.into_inner()) = Some(t.to_owned());
         Ok(())
     }
@@ -335,10 +346,19 @@ mod tests {
         let kvs = parse_kvs(&v).unwrap();
         assert_eq!(kvs[0].key, "foo");
         assert_eq!(kvs[0].value, b"bar");
-        assert_eq!((kvs[0].create_revision, kvs[0].mod_revision, kvs[0].lease), (2, 5, 9));
+        assert_eq!(
+            (kvs[0].create_revision, kvs[0].mod_revision, kvs[0].lease),
+            (2, 5, 9)
+        );
         assert!(parse_kvs(&json!({"header": {}})).unwrap().is_empty());
         assert!(parse_kvs(&json!({"kvs": [{"key": "!!"}]})).is_err());
-        let b = txn_body(&[Cmp::Absent("k".into())], &[Op::Put("k".into(), b"v".to_vec(), 3), Op::Delete("d".into())]);
+        let b = txn_body(
+            &[Cmp::Absent("k".into())],
+            &[
+                Op::Put("k".into(), b"v".to_vec(), 3),
+                Op::Delete("d".into()),
+            ],
+        );
         assert_eq!(b["compare"][0]["target"], "CREATE");
         assert_eq!(b["success"][0]["request_put"]["lease"], "3");
         assert_eq!(b["success"][1]["request_delete_range"]["key"], "ZA==");

@@ -165,7 +165,10 @@ impl GroupView {
                     .is_ok(),
                 "slots" => name
                     .parse()
-                    .map(|i| g.slots.insert(i, String::from_utf8_lossy(&kv.value).into_owned()))
+                    .map(|i| {
+                        g.slots
+                            .insert(i, String::from_utf8_lossy(&kv.value).into_owned())
+                    })
                     .is_ok(),
                 "claims" => match (name.parse(), serde_json::from_slice(&kv.value)) {
                     (Ok(i), Ok(c)) => g.claims.insert(i, c).is_none(),
@@ -244,11 +247,20 @@ mod tests {
             &k,
             9,
             &[
-                kv("/p/groups/g/nodes/a", r#"{"state":"holding","why":"","target":null,"current":null,"updated_ms":0}"#),
-                kv("/p/groups/g/nodes/b", r#"{"state":"waiting","why":"slot","target":null,"current":null,"updated_ms":0}"#),
+                kv(
+                    "/p/groups/g/nodes/a",
+                    r#"{"state":"holding","why":"","target":null,"current":null,"updated_ms":0}"#,
+                ),
+                kv(
+                    "/p/groups/g/nodes/b",
+                    r#"{"state":"waiting","why":"slot","target":null,"current":null,"updated_ms":0}"#,
+                ),
                 kv("/p/groups/g/claims/0", claim),
                 kv("/p/groups/g/slots/1", "c"),
-                kv("/p/groups/g/failed/b", r#"{"target":"B","reason":"x","rolled_back":true,"at_ms":2}"#),
+                kv(
+                    "/p/groups/g/failed/b",
+                    r#"{"target":"B","reason":"x","rolled_back":true,"at_ms":2}"#,
+                ),
                 kv("/p/groups/g/claims/x", claim),
             ],
         );

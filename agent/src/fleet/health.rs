@@ -221,7 +221,10 @@ pub fn run_gate(root: &Path, cfg: &HealthConfig, target: &str, from: Option<&str
     };
     round(root, &env, limit, &mut rep);
     if rep.required_failed.is_empty() && cfg.bake_secs > 0 {
-        tracing::info!("health gate: baking {} s before checking again", cfg.bake_secs);
+        tracing::info!(
+            "health gate: baking {} s before checking again",
+            cfg.bake_secs
+        );
         std::thread::sleep(Duration::from_secs(cfg.bake_secs));
         rep.bake_secs = cfg.bake_secs;
         round(root, &env, limit, &mut rep);
@@ -259,7 +262,10 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let r = t.path();
         let h = r.join(HEALTH_SUBDIR);
-        script(&h.join("required.d/10-ok"), "echo fine; test \"$IMAGEUPD_TO\" = B");
+        script(
+            &h.join("required.d/10-ok"),
+            "echo fine; test \"$IMAGEUPD_TO\" = B",
+        );
         script(&h.join("wanted.d/10-meh"), "echo meh >&2; exit 3");
         script(&h.join("wanted.d/skip.sh"), "exit 1");
         let cfg = HealthConfig {

@@ -67,12 +67,21 @@ pub fn print_status(rt: &Path) {
         println!("health:   {}", h.summary());
     }
     if let Some(f) = failed_target(rt) {
-        println!("failed:   {} (not retried until the metadata names another image)", f.target);
+        println!(
+            "failed:   {} (not retried until the metadata names another image)",
+            f.target
+        );
     }
     if let Some(f) = coord::FleetRecord::load(rt) {
-        println!("rollout:  {} of {}: {} {}", f.node, f.group, f.state.state, f.state.why);
+        println!(
+            "rollout:  {} of {}: {} {}",
+            f.node, f.group, f.state.state, f.state.why
+        );
         if let Some(h) = &f.halted {
-            println!("halted:   group {} after {} failure(s) of {}", f.group, h.failures, h.target);
+            println!(
+                "halted:   group {} after {} failure(s) of {}",
+                f.group, h.failures, h.target
+            );
         }
     }
 }
@@ -176,7 +185,11 @@ fn root_mixed(root: &Path) -> bool {
     RootFs::open(root)
         .ok()
         .and_then(|r| r.state_dir().ok().flatten())
-        .and_then(|s| crate::engine::journal::Journal::load(s.as_fd()).ok().flatten())
+        .and_then(|s| {
+            crate::engine::journal::Journal::load(s.as_fd())
+                .ok()
+                .flatten()
+        })
         .is_some_and(|j| j.interrupted())
 }
 
@@ -221,12 +234,20 @@ pub fn gate(
     let reason = rep.required_failed.join(", ");
     if let Some(r) = rollout {
         r.step(SlotEvent::Failed, None);
-        r.publish("rolling-back", &format!("required checks failed: {reason}"), Some(id));
+        r.publish(
+            "rolling-back",
+            &format!("required checks failed: {reason}"),
+            Some(id),
+        );
     }
     let back = if hc.rollback {
         match crate::apply::rollback(root, None, progress) {
             Ok(rb) => {
-                tracing::info!("rolled back in place from {id} to {} ({} ms)", rb.id, rb.total_ms);
+                tracing::info!(
+                    "rolled back in place from {id} to {} ({} ms)",
+                    rb.id,
+                    rb.total_ms
+                );
                 Some(rb.id)
             }
             Err(e) => {
@@ -237,7 +258,11 @@ pub fn gate(
     } else {
         None
     };
-    let ft = FailedTarget { target: id.to_owned(), back_to: back.clone(), reason: reason.clone() };
+    let ft = FailedTarget {
+        target: id.to_owned(),
+        back_to: back.clone(),
+        reason: reason.clone(),
+    };
     if let Ok(b) = serde_json::to_vec_pretty(&ft) {
         let _ = crate::fs::store::write_volatile(&rt.join(FAILED_NAME), &b);
     }
@@ -275,7 +300,17 @@ pub fn recover(root: &Path, cfg: &Config, r: &Rollout) -> Result<()> {
         );
         return Ok(());
     }
-    tracing::info!("rollout: found our in-progress record for slot {slot}; running the gate for {}", claim.target);
+    tracing::info!(
+        "rollout: found our in-progress record for slot {slot}; running the gate for {}",
+        claim.target
+    );
     r.readopt(slot, &claim)?;
-    gate(root, cfg, Some(r), &claim.target, None, &Progress::new(false))
+    gate(
+        root,
+        cfg,
+        Some(r),
+        &claim.target,
+        None,
+        &Progress::new(false),
+    )
 }

@@ -25,7 +25,11 @@ pub struct Target {
 
 impl Target {
     /// From a node's `[rollout]` table, with command-line overrides.
-    pub fn new(cfg: Option<&RolloutConfig>, etcd: &[String], prefix: Option<&str>) -> Result<Target> {
+    pub fn new(
+        cfg: Option<&RolloutConfig>,
+        etcd: &[String],
+        prefix: Option<&str>,
+    ) -> Result<Target> {
         let mut c = match cfg {
             Some(c) => c.clone(),
             None if etcd.is_empty() => {
@@ -103,7 +107,12 @@ pub fn status(t: &Target, group: Option<&str>) -> Result<Vec<GroupStatus>> {
                 .filter(|(_, s)| s.state == "waiting" || s.state == "failed")
                 .map(|(n, s)| (n.clone(), s.why.clone()))
                 .collect();
-            Ok(GroupStatus { group: g, view, holders_without_lease, waiting })
+            Ok(GroupStatus {
+                group: g,
+                view,
+                holders_without_lease,
+                waiting,
+            })
         })
         .collect()
 }
@@ -116,19 +125,42 @@ pub fn render(groups: &[GroupStatus]) -> String {
     }
     for g in groups {
         let v = &g.view;
-        o.push_str(&format!("group {} (rev {}): {} node(s) registered\n", g.group, v.revision, v.nodes.len()));
+        o.push_str(&format!(
+            "group {} (rev {}): {} node(s) registered\n",
+            g.group,
+            v.revision,
+            v.nodes.len()
+        ));
         if let Some(h) = &v.halted {
-            o.push_str(&format!("  HALTED: {} node(s) failed {} (last: {}); `imageupd fleet resume {}`\n", h.failures, h.target, h.by, g.group));
+            o.push_str(&format!(
+                "  HALTED: {} node(s) failed {} (last: {}); `imageupd fleet resume {}`\n",
+                h.failures, h.target, h.by, g.group
+            ));
         }
         for (i, c) in &v.claims {
-            let live = if g.holders_without_lease.contains(&c.node) { "lease gone: down or cut off, still counts" } else { "alive" };
-            o.push_str(&format!("  slot {i}: {} -> {} ({live})\n", c.node, c.target));
+            let live = if g.holders_without_lease.contains(&c.node) {
+                "lease gone: down or cut off, still counts"
+            } else {
+                "alive"
+            };
+            o.push_str(&format!(
+                "  slot {i}: {} -> {} ({live})\n",
+                c.node, c.target
+            ));
         }
         for (n, ip) in &v.inprogress {
-            o.push_str(&format!("  in progress: {n} -> {} (slot {})\n", ip.target, ip.slot));
+            o.push_str(&format!(
+                "  in progress: {n} -> {} (slot {})\n",
+                ip.target, ip.slot
+            ));
         }
         for (n, f) in &v.failed {
-            o.push_str(&format!("  failed: {n} on {} ({}){}\n", f.target, f.reason, if f.rolled_back { ", rolled back" } else { "" }));
+            o.push_str(&format!(
+                "  failed: {n} on {} ({}){}\n",
+                f.target,
+                f.reason,
+                if f.rolled_back { ", rolled back" } else { "" }
+            ));
         }
         for (n, why) in &g.waiting {
             o.push_str(&format!("  waiting: {n}: {why}\n"));
@@ -153,7 +185,10 @@ pub fn release(t: &Target, group: &str, node: &str) -> Result<serde_json::Value>
             slots.push(*i);
         }
     }
-    let ip = t.etcd.delete(&keys.inprogress(node)).context("deleting the in-progress record")?;
+    let ip = t
+        .etcd
+        .delete(&keys.inprogress(node))
+        .context("deleting the in-progress record")?;
     if slots.is_empty() && ip == 0 {
         bail!("node {node} holds no slot and has no in-progress record in group {group}");
     }

@@ -130,7 +130,11 @@ impl Default for SlotMachine {
 
 impl SlotMachine {
     /// Take a step; `Acquired`/`Reclaimed` carry the slot index.
-    pub fn step(&mut self, ev: SlotEvent, slot: Option<u32>) -> Result<SlotPhase, BadSlotTransition> {
+    pub fn step(
+        &mut self,
+        ev: SlotEvent,
+        slot: Option<u32>,
+    ) -> Result<SlotPhase, BadSlotTransition> {
         let to = self.phase.next(ev)?;
         if matches!(ev, SlotEvent::Acquired | SlotEvent::Reclaimed) {
             if slot.is_none() {
@@ -170,13 +174,26 @@ mod tests {
         }
         assert_eq!(m.slot, None);
         // A slot is never given back before the gate ran or the update aborted.
-        for p in [P::Idle, P::Waiting, P::Holding, P::Gating, P::RollingBack, P::AcrossReboot] {
+        for p in [
+            P::Idle,
+            P::Waiting,
+            P::Holding,
+            P::Gating,
+            P::RollingBack,
+            P::AcrossReboot,
+        ] {
             assert!(p.next(E::Released).is_err(), "{p:?}");
         }
-        assert!(P::Waiting.next(E::Applied).is_err(), "no disruption without a slot");
+        assert!(
+            P::Waiting.next(E::Applied).is_err(),
+            "no disruption without a slot"
+        );
         assert!(P::Idle.next(E::Acquired).is_err());
         let mut m = SlotMachine::default();
-        assert!(m.step(E::Reclaimed, None).is_err(), "a slot needs its index");
+        assert!(
+            m.step(E::Reclaimed, None).is_err(),
+            "a slot needs its index"
+        );
         m.step(E::Reclaimed, Some(0)).unwrap();
         m.step(E::Applied, None).unwrap();
         assert_eq!(m.step(E::Reboot, None).unwrap(), P::AcrossReboot);

@@ -87,7 +87,9 @@ pub fn parse_offset(tz: &str) -> Result<i32> {
     let (sign, rest) = match t.as_bytes().first() {
         Some(b'+') => (1, &t[1..]),
         Some(b'-') => (-1, &t[1..]),
-        _ => bail!("time_zone {tz:?}: use UTC or an offset like +02:00 (IANA names are not supported)"),
+        _ => bail!(
+            "time_zone {tz:?}: use UTC or an offset like +02:00 (IANA names are not supported)"
+        ),
     };
     let (h, m) = rest.split_once(':').unwrap_or((rest, "0"));
     let (h, m): (i32, i32) = (
@@ -152,8 +154,18 @@ mod tests {
         assert!(is_open(&[], 0, 0), "no windows: always open");
         assert_eq!(parse_offset("-05:30").unwrap(), -(5 * 3600 + 1800));
         assert!(parse_offset("Europe/Berlin").is_err());
-        for (d, s, l) in [("Xyz", "01:00", 5), ("Mon", "24:00", 5), ("Mon", "1", 5), ("Mon", "01:00", 0)] {
-            assert!(Window::from_spec(&WindowSpec { days: vec![d.into()], start_time: s.into(), length_minutes: l }).is_err());
+        for (d, s, l) in [
+            ("Xyz", "01:00", 5),
+            ("Mon", "24:00", 5),
+            ("Mon", "1", 5),
+            ("Mon", "01:00", 0),
+        ] {
+            assert!(Window::from_spec(&WindowSpec {
+                days: vec![d.into()],
+                start_time: s.into(),
+                length_minutes: l
+            })
+            .is_err());
         }
     }
 }
