@@ -33,7 +33,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 /// Claims under the group at every revision since `from`.
-fn claims_history(f: &Fleet, from: i64) -> Vec<(i64, Vec<(String, i64, String)>)> {
+fn claims_history(f: &Fleet, from: i64) -> common::etcd::History {
     f.etcd
         .history(&format!("{PREFIX}/groups/{GROUP}/claims/"), from)
 }

@@ -21,6 +21,11 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Keys present at one revision: (key, create revision, value).
+pub type Keys = Vec<(String, i64, String)>;
+/// A history: the keys present at each revision.
+pub type History = Vec<(i64, Keys)>;
+
 /// A running etcd.
 pub struct EtcdServer {
     child: Option<Child>,
@@ -142,7 +147,7 @@ impl EtcdServer {
 
     /// Keys (with create revisions and values) under `prefix` at `rev`
     /// (0: now).
-    pub fn range(&self, prefix: &str, rev: i64) -> Vec<(String, i64, String)> {
+    pub fn range(&self, prefix: &str, rev: i64) -> Keys {
         let v = self
             .call(
                 "/v3/kv/range",
@@ -166,7 +171,7 @@ impl EtcdServer {
     }
 
     /// For each revision from `from` to now, the keys under `prefix`.
-    pub fn history(&self, prefix: &str, from: i64) -> Vec<(i64, Vec<(String, i64, String)>)> {
+    pub fn history(&self, prefix: &str, from: i64) -> History {
         let now = self.revision();
         (from.max(1)..=now)
             .map(|r| (r, self.range(prefix, r)))

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::etcd::{free_port, EtcdServer};
+use super::etcd::{free_port, EtcdServer, History, Keys};
 use super::*;
 
 /// The group every test node is in.
@@ -334,7 +334,7 @@ impl Fleet {
     }
 
     /// Keys under the group's `kind/` now.
-    pub fn keys(&self, kind: &str) -> Vec<(String, i64, String)> {
+    pub fn keys(&self, kind: &str) -> Keys {
         self.etcd
             .range(&format!("{PREFIX}/groups/{GROUP}/{kind}"), 0)
     }
@@ -498,6 +498,6 @@ impl Prober {
 
 /// For each revision of a history (see `EtcdServer::history`), how many
 /// keys were present; the largest.
-pub fn max_keys(history: &[(i64, Vec<(String, i64, String)>)]) -> usize {
+pub fn max_keys(history: &History) -> usize {
     history.iter().map(|(_, k)| k.len()).max().unwrap_or(0)
 }

@@ -142,15 +142,19 @@ mod tests {
         assert_eq!(minute_of_week(mon + 86_400 * 6 + 60, 0), 6 * 1440 + 1);
         let sat = w(&["Sat"], "22:00", 180);
         let sat22 = mon + 5 * 86_400 + 22 * 3600;
-        assert!(!is_open(&[sat.clone()], 0, sat22 - 60));
-        assert!(is_open(&[sat.clone()], 0, sat22));
-        assert!(is_open(&[sat.clone()], 0, sat22 + 179 * 60));
-        assert!(!is_open(&[sat.clone()], 0, sat22 + 180 * 60));
+        assert!(!is_open(std::slice::from_ref(&sat), 0, sat22 - 60));
+        assert!(is_open(std::slice::from_ref(&sat), 0, sat22));
+        assert!(is_open(std::slice::from_ref(&sat), 0, sat22 + 179 * 60));
+        assert!(!is_open(std::slice::from_ref(&sat), 0, sat22 + 180 * 60));
         // Wraps past Sunday midnight.
         let sun = w(&["sunday"], "23:00", 120);
-        assert!(is_open(&[sun.clone()], 0, mon + 7 * 86_400 + 30 * 60));
+        assert!(is_open(
+            std::slice::from_ref(&sun),
+            0,
+            mon + 7 * 86_400 + 30 * 60
+        ));
         // Offsets: 22:00 at +02:00 is 20:00 UTC.
-        assert!(is_open(&[sat.clone()], 7200, sat22 - 2 * 3600));
+        assert!(is_open(std::slice::from_ref(&sat), 7200, sat22 - 2 * 3600));
         assert!(is_open(&[], 0, 0), "no windows: always open");
         assert_eq!(parse_offset("-05:30").unwrap(), -(5 * 3600 + 1800));
         assert!(parse_offset("Europe/Berlin").is_err());
