@@ -304,6 +304,65 @@ fn killed_holder_keeps_its_slot_until_it_converges() {
 }
 
 #[test]
+fn killed_during_its_gate_the_holder_settles_after_restart() {
+    let _g = serial();
+    let spec = FleetSpec {
+        nodes: 3,
+        rollout: "max_unavailable = 1\n".into(),
+        ..Default::default()
+    };
+    let mut f = Fleet::new("fleet-g", &spec);
+    let marks = f.s.join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    for n in &f.nodes {
+        let m = marks.display();
+        n.check(
+            "required",
+            "20-slow",
+            &format!("touch {m}/gating-{}; [ -e {m}/fast ] || sleep 5", n.id),
+        );
+    }
+    f.start_agents();
+    f.wait_registered();
+    f.want_all("B", &json!({}));
+    let gating = |f: &Fleet| {
+        f.ids()
+            .into_iter()
+            .find(|i| f.s.join("marks").join(format!("gating-{i}")).exists())
+    };
+    f.wait(Duration::from_secs(60), "a node in its gate", |f| {
+        gating(f).is_some()
+    });
+    let victim = gating(&f).unwrap();
+    let vi = f.nodes.iter().position(|n| n.id == victim).unwrap();
+    f.nodes[vi].kill_agent();
+    let killed = now_ns();
+    std::fs::write(marks.join("fast"), "").unwrap();
+    // Longer than the lease: with one slot, nobody else may quiesce.
+    std::thread::sleep(Duration::from_secs(6));
+    let claims = f.keys("claims/");
+    assert_eq!(claims.len(), 1, "{claims:?}");
+    assert!(claims[0].2.contains(&format!("\"{victim}\"")), "{claims:?}");
+    let late: Vec<_> = f
+        .events()
+        .into_iter()
+        .filter(|e| e.1 && e.2 > killed)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "a window opened while the victim held the only slot: {late:?}"
+    );
+    f.nodes[vi].start_agent();
+    let ids = f.ids();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    f.wait_converged(&ids, "B", Duration::from_secs(90));
+    assert!(max_overlap(&f.events()) <= 1);
+    f.assert_on(&ids, "B");
+    let log = f.nodes[vi].log();
+    assert!(log.contains("found our in-progress record"), "{log}");
+}
+
+#[test]
 fn etcd_outage_fails_closed() {
     let _g = serial();
     let mut f = Fleet::new("fleet-d", &FleetSpec::default());

@@ -175,6 +175,20 @@ pub fn settle(
         return res;
     }
     let from = res.as_ref().ok().and_then(|r| r.from_id.clone());
+    let rebooting = res.as_ref().ok().and_then(|r| r.kernel.action.as_deref());
+    if let (Some(r), Some(a @ ("kexec" | "reboot"))) = (rollout.filter(|_| holding), rebooting) {
+        // The gate runs after the boot (the agent's start finds the claim).
+        r.step(SlotEvent::Applied, None);
+        r.step(SlotEvent::Reboot, None);
+        r.publish(
+            "across-reboot",
+            &format!(
+                "{a} into the new kernel; the slot is kept until the gate passes after the boot"
+            ),
+            Some(id),
+        );
+        return res;
+    }
     match gate(root, cfg, rollout, id, from.as_deref(), progress) {
         Ok(()) => res,
         Err(e) => Err(e),
@@ -304,7 +318,11 @@ pub fn recover(root: &Path, cfg: &Config, r: &Rollout) -> Result<()> {
         "rollout: found our in-progress record for slot {slot}; running the gate for {}",
         claim.target
     );
-    r.readopt(slot, &claim)?;
+    if r.phase() == SlotPhase::AcrossReboot {
+        r.step(SlotEvent::Booted, None);
+    } else {
+        r.readopt(slot, &claim)?;
+    }
     gate(
         root,
         cfg,
