@@ -548,26 +548,60 @@ fn operator_release_and_resume() {
     let base = format!("{PREFIX}/groups/{GROUP}/");
     for (k, v) in [
         ("claims/0", r#"{"node":"ghost","target":"B","since_ms":1}"#),
-        ("inprogress/ghost", r#"{"slot":0,"target":"B","since_ms":1}"#),
-        ("halted", r#"{"target":"B","failures":1,"by":"ghost","at_ms":2}"#),
+        (
+            "inprogress/ghost",
+            r#"{"slot":0,"target":"B","since_ms":1}"#,
+        ),
+        (
+            "halted",
+            r#"{"target":"B","failures":1,"by":"ghost","at_ms":2}"#,
+        ),
     ] {
-        etcd.call("/v3/kv/put", json!({"key": b(&format!("{base}{k}")), "value": b(v)}))
-            .expect("put");
+        etcd.call(
+            "/v3/kv/put",
+            json!({"key": b(&format!("{base}{k}")), "value": b(v)}),
+        )
+        .expect("put");
     }
     let url = etcd.url.clone();
     let text = imageupd(["fleet", "status", "--etcd", &url]).ok().stdout;
     assert!(text.contains("slot 0: ghost -> B (lease gone"), "{text}");
-    assert!(text.contains("HALTED") && text.contains("in progress: ghost"), "{text}");
-    let j = imageupd(["fleet", "status", "--json", "--etcd", &url, "--group", GROUP]).ok().json();
+    assert!(
+        text.contains("HALTED") && text.contains("in progress: ghost"),
+        "{text}"
+    );
+    let j = imageupd([
+        "fleet", "status", "--json", "--etcd", &url, "--group", GROUP,
+    ])
+    .ok()
+    .json();
     assert_eq!(j["groups"][0]["holders_without_lease"][0], "ghost", "{j:#}");
-    let out = imageupd(["fleet", "release", "ghost", "--group", GROUP, "--etcd", &url]).ok().json();
+    let out = imageupd([
+        "fleet", "release", "ghost", "--group", GROUP, "--etcd", &url,
+    ])
+    .ok()
+    .json();
     assert_eq!(out["released_slots"][0], 0, "{out:#}");
     assert!(etcd.range(&format!("{base}claims/"), 0).is_empty());
     assert!(etcd.range(&format!("{base}inprogress/"), 0).is_empty());
-    let again = imageupd(["fleet", "release", "ghost", "--group", GROUP, "--etcd", &url]).run();
-    assert_ne!(again.code(), Some(0), "releasing nothing is an error\n{}", again.describe());
-    assert!(again.stderr.contains("holds no slot"), "{}", again.describe());
-    let r = imageupd(["fleet", "resume", GROUP, "--etcd", &url]).ok().json();
+    let again = imageupd([
+        "fleet", "release", "ghost", "--group", GROUP, "--etcd", &url,
+    ])
+    .run();
+    assert_ne!(
+        again.code(),
+        Some(0),
+        "releasing nothing is an error\n{}",
+        again.describe()
+    );
+    assert!(
+        again.stderr.contains("holds no slot"),
+        "{}",
+        again.describe()
+    );
+    let r = imageupd(["fleet", "resume", GROUP, "--etcd", &url])
+        .ok()
+        .json();
     assert_eq!(r["was_halted"], true);
     assert!(etcd.range(&format!("{base}halted"), 0).is_empty());
     // Without [rollout] and without --etcd: a usage error.

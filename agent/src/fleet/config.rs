@@ -415,4 +415,31 @@ mod tests {
         let empty = RolloutConfig::merge(None, RolloutFragment::default()).unwrap();
         assert!(empty.validate().is_err());
     }
+
+    #[test]
+    fn node_config_fragments() {
+        let mut c = Config::default();
+        assert!(rollout(&c).unwrap().is_none(), "no [rollout]: no rollout");
+        let p = std::path::Path::new;
+        c.merge_str(
+            "[rollout]\netcd = [\"http://e:2379\"]\ngroup = \"ha-a\"\nmax_unavailable = 2\n",
+            p("a.toml"),
+        )
+        .unwrap();
+        c.merge_str(
+            "[rollout]\nmax_unavailable = \"50%\"\n[health]\nbake_secs = 5\n",
+            p("b.toml"),
+        )
+        .unwrap();
+        let r = rollout(&c).unwrap().unwrap();
+        assert_eq!(
+            (r.group.as_str(), r.max_unavailable),
+            ("ha-a", Budget::Percent(50.0))
+        );
+        assert_eq!(health(&c).unwrap().bake_secs, 5);
+        c.merge_str("[rollout]\nlease_secs = 1\n", p("c.toml"))
+            .unwrap();
+        let e = format!("{:#}", rollout(&c).unwrap_err());
+        assert!(e.contains("c.toml") && e.contains("lease_secs"), "{e}");
+    }
 }

@@ -397,6 +397,7 @@ impl Rollout {
             tracing::info!("rollout: the window closed as slot {i} was taken; giving it back");
             self.step(SlotEvent::Aborted, None);
             self.release()?;
+            self.step(SlotEvent::Wait, None);
             return Ok(None);
         }
         self.publish(
