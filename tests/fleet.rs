@@ -609,3 +609,41 @@ fn operator_release_and_resume() {
     let none = imageupd(["fleet", "status", "--root"]).arg(s.path()).run();
     assert_eq!(none.code(), Some(EXIT_USAGE), "{}", none.describe());
 }
+
+#[test]
+fn apply_from_metadata_takes_a_slot_too() {
+    let _g = serial();
+    let spec = FleetSpec {
+        nodes: 2,
+        ..Default::default()
+    };
+    let f = Fleet::new("fleet-h", &spec);
+    let n = &f.nodes[0];
+    // Phase 0 %: held back, exit 0, nothing changed.
+    n.want("B", &f.store, &json!({"rollout_percent": 0}));
+    let out = imageupd(["apply", "--from-metadata", "--json", "--root"])
+        .arg(&n.root)
+        .ok();
+    assert_eq!(out.json()["result"], "held-back", "{}", out.describe());
+    assert_eq!(n.image().as_deref(), Some("A"));
+    assert!(f.events().is_empty());
+    // Everyone admitted: one window, under a claim, released after the gate.
+    n.want("B", &f.store, &json!({"rollout_percent": 100}));
+    let out = imageupd(["apply", "--from-metadata", "--json", "--root"])
+        .arg(&n.root)
+        .ok();
+    assert_eq!(out.json()["result"], "applied", "{}", out.describe());
+    f.assert_on(&["node00"], "B");
+    assert_eq!(f.events().len(), 2, "{:?}", f.events());
+    assert!(f.keys("claims/").is_empty() && f.keys("inprogress/").is_empty());
+    let rev0 = 1;
+    let hist = f
+        .etcd
+        .history(&format!("{PREFIX}/groups/{GROUP}/claims/"), rev0);
+    assert_eq!(max_keys(&hist), 1, "the update held a slot");
+    let st = imageupd(["status", "--json", "--root"])
+        .arg(&n.root)
+        .ok()
+        .json();
+    assert_eq!(st["health"]["passed"], true, "{st:#}");
+}

@@ -69,7 +69,7 @@ pub fn apply_from_metadata(o: &FromMetadataOptions, progress: &Progress) -> Resu
         }
     };
     let decision = decide(&root, &cfg, &snap, o.from.as_deref())?;
-    let (id, from, key) = match decision {
+    let (id, from, key, resume) = match decision {
         Decision::Nothing { why, id } => {
             progress.line(&format!("nothing to do: {why}"));
             if !o.dry_run {
@@ -94,8 +94,38 @@ pub fn apply_from_metadata(o: &FromMetadataOptions, progress: &Progress) -> Resu
                 ..Default::default()
             });
         }
-        Decision::Apply { id, from, key, .. } => (id, from, key),
+        Decision::Apply {
+            id,
+            from,
+            key,
+            resume,
+        } => (id, from, key, resume),
     };
+    // The fleet rollout: the same slots, gate and hold-back as the agent.
+    let fleet = match o.dry_run {
+        true => None,
+        false => crate::fleet::Rollout::open(&root.path, &rt, &cfg)?,
+    };
+    if let Some(f) = &fleet {
+        f.spawn_heartbeat()?;
+    }
+    let pct = fleet
+        .as_deref()
+        .and_then(|r| crate::agent::metadata::lookup(&snap.doc, &r.percent_key()));
+    let held = (!o.dry_run)
+        .then(|| crate::fleet::hold_back(&root.path, fleet.as_deref(), pct, &id, resume))
+        .flatten();
+    if let Some(why) = held {
+        progress.line(&format!("not updating to {id} now: {why}"));
+        return Ok(ApplyReport {
+            result: "held-back".into(),
+            id,
+            from_id: root.image_id()?,
+            root: root.path.display().to_string(),
+            warnings: vec![why],
+            ..Default::default()
+        });
+    }
     if !o.dry_run {
         AgentRecord::update(&rt, |r| {
             r.metadata_source = src.describe();
@@ -111,11 +141,21 @@ pub fn apply_from_metadata(o: &FromMetadataOptions, progress: &Progress) -> Resu
         dry_run: o.dry_run,
         cancel: None,
         ca_file: o.ca_file.clone(),
-        slot: None,
+        slot: fleet
+            .clone()
+            .map(|f| f as std::sync::Arc<dyn crate::apply::gate::SlotGate>),
     };
+    let root_path = root.path.clone();
     drop(root);
     let started = SystemTime::now();
     let res = apply::run(&opts, progress);
+    let res = match o.dry_run {
+        true => res,
+        false => crate::fleet::settle(&root_path, &cfg, fleet.as_deref(), &id, res, progress),
+    };
+    if let Some(f) = &fleet {
+        f.shutdown();
+    }
     if !o.dry_run {
         let policy = cfg.agent.backoff();
         AgentRecord::update(&rt, |r| {
