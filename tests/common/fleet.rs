@@ -159,9 +159,27 @@ impl FleetNode {
     }
 }
 
+impl FleetNode {
+    /// The engine's runtime directory of this root (`/run/imageupd/roots/`
+    /// and the first 16 hex digits of sha256 of the canonical root path).
+    pub fn runtime_dir(&self) -> Option<PathBuf> {
+        use sha2::Digest as _;
+        use std::os::unix::ffi::OsStrExt as _;
+        let canon = std::fs::canonicalize(&self.root).ok()?;
+        let h = sha2::Sha256::digest(canon.as_os_str().as_bytes());
+        let hex: String = h.iter().map(|b| format!("{b:02x}")).collect();
+        Some(Path::new("/run/imageupd/roots").join(&hex[..16]))
+    }
+}
+
 impl Drop for FleetNode {
     fn drop(&mut self) {
         self.kill_agent();
+        if let Some(rt) = self.runtime_dir() {
+            if rt.join("fleet.json").exists() || rt.join("status.json").exists() {
+                let _ = std::fs::remove_dir_all(rt);
+            }
+        }
         // The service, started by a hook, is not our child: its pid file.
         if let Ok(p) = std::fs::read_to_string(self.dir.join("svc.pid")) {
             if let Ok(pid) = p.trim().parse::<i32>() {
@@ -188,20 +206,23 @@ pub fn bash_script(path: &Path, body: &str) {
 }
 
 /// A fleet: etcd, a store, nodes.
+///
+/// Fields drop in order: the nodes (agents, then services, by the pid
+/// files in their directories) before etcd, and the scratch last.
 pub struct Fleet {
-    /// Scratch.
-    pub s: Scratch,
+    /// Nodes.
+    pub nodes: Vec<FleetNode>,
     /// etcd.
     pub etcd: EtcdServer,
     /// The store.
     pub store: PathBuf,
     /// Image trees by id.
     pub trees: BTreeMap<String, PathBuf>,
-    /// Nodes.
-    pub nodes: Vec<FleetNode>,
     /// The events file.
     pub events: PathBuf,
     key: Key,
+    /// Scratch (dropped last).
+    pub s: Scratch,
 }
 
 impl Fleet {
