@@ -106,25 +106,8 @@ pub fn apply_from_metadata(o: &FromMetadataOptions, progress: &Progress) -> Resu
         true => None,
         false => crate::fleet::Rollout::open(&root.path, &rt, &cfg)?,
     };
-    if let Some(f) = &fleet {
-        f.spawn_heartbeat()?;
-    }
-    let pct = fleet
-        .as_deref()
-        .and_then(|r| crate::agent::metadata::lookup(&snap.doc, &r.percent_key()));
-    let held = (!o.dry_run)
-        .then(|| crate::fleet::hold_back(&root.path, fleet.as_deref(), pct, &id, resume))
-        .flatten();
-    if let Some(why) = held {
-        progress.line(&format!("not updating to {id} now: {why}"));
-        return Ok(ApplyReport {
-            result: "held-back".into(),
-            id,
-            from_id: root.image_id()?,
-            root: root.path.display().to_string(),
-            warnings: vec![why],
-            ..Default::default()
-        });
+    if let Some(rep) = held_back(&root, fleet.as_ref(), &snap, &id, resume, o, progress)? {
+        return Ok(rep);
     }
     if !o.dry_run {
         AgentRecord::update(&rt, |r| {
@@ -166,6 +149,39 @@ pub fn apply_from_metadata(o: &FromMetadataOptions, progress: &Progress) -> Resu
         })?;
     }
     res
+}
+
+/// The fleet's hold-back (a failed gate, the phased rollout) as a
+/// `held-back` report; starts the rollout's lease when the update goes on.
+fn held_back(
+    root: &RootFs,
+    fleet: Option<&std::sync::Arc<crate::fleet::Rollout>>,
+    snap: &Snapshot,
+    id: &str,
+    resume: bool,
+    o: &FromMetadataOptions,
+    progress: &Progress,
+) -> Result<Option<ApplyReport>> {
+    if o.dry_run {
+        return Ok(None);
+    }
+    let pct = fleet.and_then(|r| crate::agent::metadata::lookup(&snap.doc, &r.percent_key()));
+    let Some(why) = crate::fleet::hold_back(&root.path, fleet.map(|f| &**f), pct, id, resume)
+    else {
+        if let Some(f) = fleet {
+            f.spawn_heartbeat()?;
+        }
+        return Ok(None);
+    };
+    progress.line(&format!("not updating to {id} now: {why}"));
+    Ok(Some(ApplyReport {
+        result: "held-back".into(),
+        id: id.to_owned(),
+        from_id: root.image_id()?,
+        root: root.path.display().to_string(),
+        warnings: vec![why],
+        ..Default::default()
+    }))
 }
 
 /// Fold an apply's outcome into the record.
