@@ -16,12 +16,15 @@
 //!   journal, record, verify, hooks, settings);
 //! - [`boot`]: acting on a kernel change and confirming the boot;
 //! - [`apply`]: the update pipeline, one command's steps in order;
+//! - [`fleet`]: fleet rollout (etcd slots, health gate, rollback in place,
+//!   breaker, phases, windows) between the pipeline and the agent;
 //! - [`agent`]: the node agent and its metadata.
 
 pub mod agent;
 pub mod apply;
 pub mod boot;
 pub mod engine;
+pub mod fleet;
 pub mod format;
 pub mod fs;
 pub mod net;

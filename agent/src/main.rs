@@ -203,6 +203,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Fleet rollout: the slots, in-progress records, failures and halts
+    /// of the node groups, kept in etcd (see docs/fleet.md).
+    Fleet {
+        #[command(subcommand)]
+        cmd: cli::fleet::FleetCmd,
+    },
     /// List the deterministic fault points (for crash tests).
     #[command(hide = true)]
     FaultPoints,
@@ -313,6 +319,7 @@ fn run(cli: Cli) -> Result<u8> {
         } => cli::reboot(&root.root, kernel_policy),
         Cmd::BootCheck { root, json } => cli::boot_check(&root.root, json),
         Cmd::Rollback { root, from, json } => cli::rollback(&root.root, from, json),
+        Cmd::Fleet { cmd } => cli::fleet::run(cmd),
         Cmd::FaultPoints => cli::fault_points(),
     }
 }

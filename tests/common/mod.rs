@@ -26,6 +26,8 @@
 //! Every test binary includes this module and uses a different subset of it.
 #![allow(dead_code)]
 
+pub mod etcd;
+pub mod fleet;
 pub mod http;
 pub mod mounts;
 pub mod net;

@@ -75,6 +75,9 @@ struct Agent {
     /// Failures kept in memory too, so that the backoff holds even when the
     /// record cannot be written.
     failures: FailureBook,
+    /// The fleet rollout this node takes part in (`[rollout]`), and whether
+    /// a claim left by an earlier run has been looked for.
+    fleet: Option<(Arc<crate::fleet::Rollout>, bool)>,
 }
 
 /// Run the agent for `root` until SIGTERM or SIGINT.
@@ -135,6 +138,13 @@ pub fn run(root: &Path) -> Result<()> {
     let source = cfg
         .agent
         .metadata_source(std::env::var(OS_CONFIG_FILES_ENV).ok());
+    let cancel = Arc::new(AtomicBool::new(false));
+    let fleet = crate::fleet::Rollout::open(&root, &rt, &cfg)?;
+    if let Some(f) = &fleet {
+        f.set_cancel(cancel.clone());
+        f.spawn_heartbeat()?;
+        tracing::info!("rollout: {}", f.describe());
+    }
     let mut agent = Agent {
         debouncer: Debouncer::new(Duration::from_millis(cfg.agent.debounce_ms)),
         root,
@@ -146,9 +156,10 @@ pub fn run(root: &Path) -> Result<()> {
         watcher,
         retry_at: None,
         running: None,
-        cancel: Arc::new(AtomicBool::new(false)),
+        cancel,
         stopping: false,
         failures: FailureBook::default(),
+        fleet: fleet.map(|f| (f, false)),
     };
     agent.record(|r| {
         r.agent_pid = Some(std::process::id());
@@ -163,6 +174,9 @@ pub fn run(root: &Path) -> Result<()> {
         .notifier
         .ready(&format!("watching {}", agent.source.describe()));
     let res = agent.main_loop(&rx);
+    if let Some((f, _)) = &agent.fleet {
+        f.shutdown();
+    }
     agent.record(|r| {
         r.agent_pid = None;
         r.state = "stopped".into();
@@ -302,6 +316,7 @@ impl Agent {
                 });
             }
             Ok(Decision::Nothing { why, id }) => {
+                self.recover_fleet();
                 if id.is_some() {
                     self.failures = FailureBook::default();
                 }
@@ -364,7 +379,28 @@ impl Agent {
                     self.record(|r| r.state = "backing-off".into());
                     return;
                 }
+                let rollout = self.fleet.as_ref().map(|f| &*f.0);
+                let pct = rollout
+                    .and_then(|r| crate::agent::metadata::lookup(&snap.doc, &r.percent_key()));
+                if let Some(why) = crate::fleet::hold_back(&self.root, rollout, pct, &id, resume) {
+                    tracing::debug!("not updating to {id}: {why}");
+                    self.notifier.status(&format!("holding back {id}: {why}"));
+                    self.record(|r| r.state = "held-back".into());
+                    return;
+                }
                 self.start(id, from, key, resume);
+            }
+        }
+    }
+
+    /// Once per run, settle a slot an earlier run of this agent left
+    /// claimed (it died inside its window) when the root already runs its
+    /// target.
+    fn recover_fleet(&mut self) {
+        if let Some((f, done @ false)) = &mut self.fleet {
+            match crate::fleet::recover(&self.root, &self.cfg, f) {
+                Ok(()) => *done = true,
+                Err(e) => tracing::warn!("rollout: recovering our earlier claim: {e:#}"),
             }
         }
     }
@@ -388,12 +424,21 @@ impl Agent {
             dry_run: false,
             cancel: Some(self.cancel.clone()),
             ca_file: None,
+            slot: self
+                .fleet
+                .as_ref()
+                .map(|f| f.0.clone() as Arc<dyn crate::apply::gate::SlotGate>),
         };
         let tx = self.tx.clone();
+        let (root, cfg, target) = (self.root.clone(), self.cfg.clone(), id.clone());
+        let fleet = self.fleet.as_ref().map(|f| f.0.clone());
         let spawned = std::thread::Builder::new()
             .name("apply".into())
             .spawn(move || {
-                let res = apply::run(&opts, &Progress::new(false));
+                let progress = Progress::new(false);
+                let res = apply::run(&opts, &progress);
+                let res =
+                    crate::fleet::settle(&root, &cfg, fleet.as_deref(), &target, res, &progress);
                 let _ = tx.send(Msg::Done(Box::new(res)));
             });
         match spawned {

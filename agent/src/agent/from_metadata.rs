@@ -69,7 +69,7 @@ pub fn apply_from_metadata(o: &FromMetadataOptions, progress: &Progress) -> Resu
         }
     };
     let decision = decide(&root, &cfg, &snap, o.from.as_deref())?;
-    let (id, from, key) = match decision {
+    let (id, from, key, resume) = match decision {
         Decision::Nothing { why, id } => {
             progress.line(&format!("nothing to do: {why}"));
             if !o.dry_run {
@@ -94,8 +94,21 @@ pub fn apply_from_metadata(o: &FromMetadataOptions, progress: &Progress) -> Resu
                 ..Default::default()
             });
         }
-        Decision::Apply { id, from, key, .. } => (id, from, key),
+        Decision::Apply {
+            id,
+            from,
+            key,
+            resume,
+        } => (id, from, key, resume),
     };
+    // The fleet rollout: the same slots, gate and hold-back as the agent.
+    let fleet = match o.dry_run {
+        true => None,
+        false => crate::fleet::Rollout::open(&root.path, &rt, &cfg)?,
+    };
+    if let Some(rep) = held_back(&root, fleet.as_ref(), &snap, &id, resume, o, progress)? {
+        return Ok(rep);
+    }
     if !o.dry_run {
         AgentRecord::update(&rt, |r| {
             r.metadata_source = src.describe();
@@ -111,10 +124,21 @@ pub fn apply_from_metadata(o: &FromMetadataOptions, progress: &Progress) -> Resu
         dry_run: o.dry_run,
         cancel: None,
         ca_file: o.ca_file.clone(),
+        slot: fleet
+            .clone()
+            .map(|f| f as std::sync::Arc<dyn crate::apply::gate::SlotGate>),
     };
+    let root_path = root.path.clone();
     drop(root);
     let started = SystemTime::now();
     let res = apply::run(&opts, progress);
+    let res = match o.dry_run {
+        true => res,
+        false => crate::fleet::settle(&root_path, &cfg, fleet.as_deref(), &id, res, progress),
+    };
+    if let Some(f) = &fleet {
+        f.shutdown();
+    }
     if !o.dry_run {
         let policy = cfg.agent.backoff();
         AgentRecord::update(&rt, |r| {
@@ -125,6 +149,39 @@ pub fn apply_from_metadata(o: &FromMetadataOptions, progress: &Progress) -> Resu
         })?;
     }
     res
+}
+
+/// The fleet's hold-back (a failed gate, the phased rollout) as a
+/// `held-back` report; starts the rollout's lease when the update goes on.
+fn held_back(
+    root: &RootFs,
+    fleet: Option<&std::sync::Arc<crate::fleet::Rollout>>,
+    snap: &Snapshot,
+    id: &str,
+    resume: bool,
+    o: &FromMetadataOptions,
+    progress: &Progress,
+) -> Result<Option<ApplyReport>> {
+    if o.dry_run {
+        return Ok(None);
+    }
+    let pct = fleet.and_then(|r| crate::agent::metadata::lookup(&snap.doc, &r.percent_key()));
+    let Some(why) = crate::fleet::hold_back(&root.path, fleet.map(|f| &**f), pct, id, resume)
+    else {
+        if let Some(f) = fleet {
+            f.spawn_heartbeat()?;
+        }
+        return Ok(None);
+    };
+    progress.line(&format!("not updating to {id} now: {why}"));
+    Ok(Some(ApplyReport {
+        result: "held-back".into(),
+        id: id.to_owned(),
+        from_id: root.image_id()?,
+        root: root.path.display().to_string(),
+        warnings: vec![why],
+        ..Default::default()
+    }))
 }
 
 /// Fold an apply's outcome into the record.

@@ -143,6 +143,7 @@ impl Node {
             dry_run,
             cancel: None,
             ca_file: None,
+            slot: None,
         }
     }
 

@@ -24,6 +24,7 @@ use crate::sys::progress::Progress;
 pub use crate::engine::report::{human_summary, ApplyReport, KernelVerdict, WalkReport};
 
 mod context;
+pub mod gate;
 mod preflight;
 mod resolve;
 mod staging;
@@ -53,6 +54,9 @@ pub struct ApplyOptions {
     /// Set (by the agent on SIGTERM) to stop at the next safe point before
     /// the swap; once the swap has begun, the update finishes.
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Asked just before the pre-apply hooks whether the node may be
+    /// disrupted now (the fleet rollout's slot); waits until it may.
+    pub slot: Option<std::sync::Arc<dyn gate::SlotGate>>,
 }
 
 impl ApplyOptions {

@@ -57,6 +57,11 @@ pub(super) fn quiesce(
         plan_path,
         kernel_changed: report.kernel.changed,
     };
+    if let Some(gate) = &ctx.opts.slot {
+        if let Err(e) = gate.before_quiesce(&t.id) {
+            return Err(b.abort(ctx, e));
+        }
+    }
     ctx.advance(Event::Quiesced);
     let start = Instant::now();
     if let Err(e) = runner.run(HookPhase::PreApply, &hook_env) {

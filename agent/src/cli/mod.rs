@@ -12,6 +12,7 @@ use imageupd::publish::image::{self as publish_image, PublishOptions};
 use imageupd::sys::error::ExitKind;
 use imageupd::sys::progress::{human_bytes, Progress};
 
+pub(crate) mod fleet;
 pub(crate) mod status;
 
 pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
@@ -194,6 +195,7 @@ pub(crate) fn apply(
             dry_run,
             cancel: None,
             ca_file: target.ca_file,
+            slot: None,
         };
         apply::run(&opts, &Progress::new(json))?
     };

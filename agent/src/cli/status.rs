@@ -42,6 +42,9 @@ pub(crate) fn status(root: &Path, json: bool) -> Result<u8> {
                 "reboot_required": reboot_required,
                 "record": kernel,
             },
+            "health": imageupd::fleet::health::load(&rf.runtime_dir()),
+            "health_failed": imageupd::fleet::failed_target(&rf.runtime_dir()),
+            "rollout": imageupd::fleet::coord::FleetRecord::load(&rf.runtime_dir()),
         }))?;
     } else {
         println!("root:     {}", rf.path.display());
@@ -78,6 +81,7 @@ pub(crate) fn status(root: &Path, json: bool) -> Result<u8> {
             };
             println!("{what} {}", k.describe());
         }
+        imageupd::fleet::print_status(&rf.runtime_dir());
         if let Some(a) = &agent {
             println!("agent:    {} ({})", a.state, a.metadata_source);
             if let Some(w) = &a.wanted {

@@ -61,6 +61,13 @@ pub struct Config {
     pub ca_file: Option<PathBuf>,
     /// Files that contributed, in order.
     pub sources: Vec<PathBuf>,
+    /// The `[rollout]` table as written, merged key by key over the
+    /// fragments; parsed and checked by the fleet layer
+    /// (`crate::fleet::config`). `None`: apply as soon as the metadata
+    /// says so.
+    pub rollout: Option<toml::Table>,
+    /// The `[health]` table (the health gate), likewise.
+    pub health: Option<toml::Table>,
 }
 
 impl Default for Config {
@@ -75,6 +82,8 @@ impl Default for Config {
             agent: AgentConfig::default(),
             ca_file: None,
             sources: Vec::new(),
+            rollout: None,
+            health: None,
         }
     }
 }
@@ -92,6 +101,8 @@ struct Fragment {
     threads: Option<usize>,
     agent: Option<AgentFragment>,
     ca_file: Option<PathBuf>,
+    rollout: Option<toml::Table>,
+    health: Option<toml::Table>,
 }
 
 impl Config {
@@ -136,6 +147,11 @@ impl Config {
         }
         if let Some(v) = f.ca_file {
             self.ca_file = Some(v);
+        }
+        for (have, t) in [(&mut self.rollout, f.rollout), (&mut self.health, f.health)] {
+            if let Some(t) = t {
+                have.get_or_insert_with(Default::default).extend(t);
+            }
         }
         self.sources.push(origin.to_path_buf());
         Ok(())
