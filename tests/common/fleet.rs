@@ -6,8 +6,8 @@
 //! lines (one O_APPEND write each) to a shared events file.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
