@@ -18,12 +18,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchlib import free_port, run, wait_port
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = os.environ["IMAGEUPD_BIN"]
@@ -39,36 +40,6 @@ procs = []
 
 def log(*a):
     print("net-bench:", *a, file=sys.stderr, flush=True)
-
-
-def run(cmd, **kw):
-    """Run a command; on failure raise with its stderr."""
-    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    if r.returncode != 0:
-        raise SystemExit(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stderr[-4000:]}")
-    return r.stdout
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def wait_port(port, proc, what):
-    t0 = time.time()
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if proc.poll() is not None:
-                raise SystemExit(f"{what} exited ({proc.returncode})")
-            if time.time() - t0 > 30:
-                raise SystemExit(f"{what} did not listen on {port}")
-            time.sleep(0.05)
 
 
 def start(cmd, port, what, **kw):
