@@ -88,7 +88,7 @@ fn rollout_keeps_capacity_and_completes() {
     f.wait_registered();
     let rev0 = f.etcd.revision();
     let n = f.nodes.len();
-    let probe = Prober::start(f.nodes.iter().map(|n| n.port).collect());
+    let probe = f.prober();
     let t0 = Instant::now();
     let flip = now_ns();
     f.want_all("B", &json!({}));
@@ -158,7 +158,7 @@ fn failing_health_check_rolls_back_and_halts() {
     );
     f.start_agents();
     f.wait_registered();
-    let probe = Prober::start(f.nodes.iter().map(|n| n.port).collect());
+    let probe = f.prober();
     // node07 first, so that the breaker trips early.
     f.node("node07").want("B", &f.store, &json!({}));
     f.wait(Duration::from_secs(60), "node07's window", |f| {
@@ -249,12 +249,9 @@ fn killed_holder_keeps_its_slot_until_it_converges() {
     let mut f = Fleet::new("fleet-c", &FleetSpec::default());
     f.start_agents();
     f.wait_registered();
-    let probe = Prober::start(f.nodes.iter().map(|n| n.port).collect());
+    let probe = f.prober();
     f.want_all("B", &json!({}));
-    f.wait(Duration::from_secs(60), "a first window", |f| {
-        f.events().iter().any(|e| e.1)
-    });
-    let victim = f.events().iter().find(|e| e.1).unwrap().0.clone();
+    let victim = f.wait_first_window();
     let vi = f.nodes.iter().position(|n| n.id == victim).unwrap();
     f.nodes[vi].kill_agent();
     let claim = f
@@ -368,11 +365,9 @@ fn etcd_outage_fails_closed() {
     let mut f = Fleet::new("fleet-d", &FleetSpec::default());
     f.start_agents();
     f.wait_registered();
-    let probe = Prober::start(f.nodes.iter().map(|n| n.port).collect());
+    let probe = f.prober();
     f.want_all("B", &json!({}));
-    f.wait(Duration::from_secs(60), "a first window", |f| {
-        f.events().iter().any(|e| e.1)
-    });
+    f.wait_first_window();
     f.etcd.kill();
     let killed = now_ns();
     std::thread::sleep(Duration::from_secs(8));

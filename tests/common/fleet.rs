@@ -356,6 +356,19 @@ impl Fleet {
         });
     }
 
+    /// A prober over every node's service.
+    pub fn prober(&self) -> Prober {
+        Prober::start(self.nodes.iter().map(|n| n.port).collect())
+    }
+
+    /// Wait until some node opened its window; that node's id.
+    pub fn wait_first_window(&self) -> String {
+        self.wait(Duration::from_secs(60), "a first window", |f| {
+            f.events().iter().any(|e| e.1)
+        });
+        self.events().iter().find(|e| e.1).unwrap().0.clone()
+    }
+
     /// Keys under the group's `kind/` now.
     pub fn keys(&self, kind: &str) -> Keys {
         self.etcd
