@@ -279,11 +279,11 @@ fn unknown_manifest_version_is_refused() {
         .ok();
 
     craft_manifest(&st, |m| {
-        assert_eq!(m["format"], 1, "published manifests are format 1");
-        m["format"] = json!(2);
+        assert_eq!(m["format"], 2, "published manifests are format 2");
+        m["format"] = json!(3);
     });
     let out = node.apply(&st, "s2", &[]);
-    expect_refused(&out, EXIT_UNTRUSTED, "manifest format 2");
+    expect_refused(&out, EXIT_UNTRUSTED, "manifest format 3");
     assert!(
         out.all_output().to_lowercase().contains("version"),
         "the error must name the version problem\n{}",

@@ -28,7 +28,7 @@ struct Cli {
 
 /// Exit codes, shown in --help.
 const EXIT_CODES: &str = "Exit codes: 0 ok or nothing to do; 1 error; 2 usage; 3 drift found (verify); \
-4 untrusted input (signature, digest, manifest); 5 preflight refused (space, conflicts; root unchanged); \
+4 untrusted input (signature, digest, manifest, downgrade, another role); 5 preflight refused (space, conflicts; root unchanged); \
 6 pre-apply hook failed (root unchanged); 7 post-apply hook failed (update committed); \
 8 another apply holds the lock; 9 source unavailable.";
 
@@ -96,6 +96,17 @@ enum Cmd {
         /// Id of the image this one succeeds.
         #[arg(long)]
         parent: Option<String>,
+        /// Release channel: nodes compare release numbers within a channel.
+        #[arg(long, default_value = imageupd::format::manifest::DEFAULT_CHANNEL)]
+        channel: String,
+        /// Release number on the channel (default: one above the highest in
+        /// the store); must be above every image already on the channel.
+        #[arg(long)]
+        release: Option<u64>,
+        /// The node role this image is for (e.g. compute-x86_64); nodes whose
+        /// `compatible` key names another role refuse it.
+        #[arg(long)]
+        compatible: Option<String>,
         /// zstd level for new objects (1-22).
         #[arg(long, default_value_t = imageupd::publish::image::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=22))]
         level: i32,
@@ -235,6 +246,10 @@ struct TargetArgs {
     /// Accept an unsigned manifest.
     #[arg(long)]
     allow_unsigned: bool,
+    /// Accept an image whose signed release is below the highest this node
+    /// has installed on its channel (a deliberate, local rollback).
+    #[arg(long)]
+    allow_downgrade: bool,
 }
 
 fn main() -> ExitCode {
@@ -280,6 +295,9 @@ fn run(cli: Cli) -> Result<u8> {
             id,
             key,
             parent,
+            channel,
+            release,
+            compatible,
             level,
             json,
             source,
@@ -291,6 +309,9 @@ fn run(cli: Cli) -> Result<u8> {
                 parent,
                 level,
                 threads: cli::threads(),
+                channel,
+                release,
+                compatible,
             },
             &source,
             json,

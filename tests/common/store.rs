@@ -65,7 +65,25 @@ pub fn write_config(root: &Path, toml: &str) {
     std::fs::write(d.join("config.toml"), toml).expect("write config.toml");
 }
 
-/// `imageupd publish --store STORE --id ID [--key K] [--parent P] --level 3 SOURCE`.
+/// The channel the test kit publishes image ID on: one per fixture id, so
+/// that the many tests which move a root between fixtures in any order
+/// (v2 -> v1, s2 -> s1) are never downgrades. Downgrade protection itself
+/// is tested in tests/trust.rs with its own store on one channel.
+pub fn fixture_channel(id: &str) -> String {
+    let safe: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("fixture-{safe}")
+}
+
+/// `imageupd publish --store STORE --id ID --channel fixture-ID [--key K] [--parent P] --level 3 SOURCE`.
 #[track_caller]
 pub fn publish(
     store: &Path,
@@ -76,7 +94,8 @@ pub fn publish(
 ) -> Out {
     let mut r = imageupd(["publish", "--store"])
         .arg(store)
-        .args(["--id", id, "--level", LEVEL]);
+        .args(["--id", id, "--level", LEVEL, "--channel"])
+        .arg(fixture_channel(id));
     if let Some(k) = key {
         r = r.arg("--key").arg(&k.secret);
     }

@@ -420,6 +420,8 @@ impl Agent {
             from: Some(from.clone()),
             id: Some(id.clone()),
             allow_unsigned: false,
+            // Whatever the metadata names must not be below the mark.
+            allow_downgrade: false,
             kernel_policy: None,
             dry_run: false,
             cancel: Some(self.cancel.clone()),

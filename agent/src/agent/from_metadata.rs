@@ -25,6 +25,8 @@ pub struct FromMetadataOptions {
     pub from: Option<String>,
     /// `--allow-unsigned`.
     pub allow_unsigned: bool,
+    /// `--allow-downgrade` (local intent; the agent never sets it).
+    pub allow_downgrade: bool,
     /// `--kernel-policy`.
     pub kernel_policy: Option<KernelPolicy>,
     /// Plan only (`plan --from-metadata`, `apply --download-only`): resolve,
@@ -120,6 +122,7 @@ pub fn apply_from_metadata(o: &FromMetadataOptions, progress: &Progress) -> Resu
         from: Some(from.clone()),
         id: Some(id.clone()),
         allow_unsigned: o.allow_unsigned,
+        allow_downgrade: o.allow_downgrade,
         kernel_policy: o.kernel_policy,
         dry_run: o.dry_run,
         cancel: None,

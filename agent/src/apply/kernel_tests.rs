@@ -108,6 +108,10 @@ impl Node {
                 parent: None,
                 level: 1,
                 threads: 2,
+                // One channel per image: the tests move between them freely.
+                channel: format!("test-{id}"),
+                release: None,
+                compatible: None,
             };
             let r = publish::publish(&o, &t, &Progress::new(true)).unwrap();
             assert_eq!(
@@ -139,6 +143,7 @@ impl Node {
             from: Some(self.store.display().to_string()),
             id: Some(id.into()),
             allow_unsigned: true,
+            allow_downgrade: false,
             kernel_policy: policy,
             dry_run,
             cancel: None,

@@ -45,6 +45,9 @@ pub struct ApplyOptions {
     pub id: Option<String>,
     /// `--allow-unsigned`.
     pub allow_unsigned: bool,
+    /// `--allow-downgrade` (and `imageupd rollback`): the operator's local
+    /// intent to install a lower release than the node's high-water mark.
+    pub allow_downgrade: bool,
     /// `--kernel-policy`.
     pub kernel_policy: Option<KernelPolicy>,
     /// Plan only (`imageupd plan`).
@@ -136,6 +139,10 @@ fn pipeline(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
 fn nothing_to_do(ctx: &Ctx<'_>, t: &resolve::Target, s: &survey::Survey) {
     if let Some(st) = &t.state {
         refresh_stamps(st.as_fd(), s.stamps.as_ref(), &s.new_stamps);
+        // A root already on a higher release (provisioned) raises the mark.
+        if let Err(e) = crate::engine::releases::record_installed(st.as_fd(), t.manifest()) {
+            tracing::warn!("could not record the release high-water mark: {e:#}");
+        }
     }
     ctx.progress.line(&format!(
         "nothing to do: {} already matches image {}",
@@ -195,6 +202,9 @@ pub fn rollback(
         root: rf.path.clone(),
         from: Some(from),
         id: Some(prev),
+        // Going back is the point: local intent (also the fleet's
+        // automatic rollback in place, a decision the node took itself).
+        allow_downgrade: true,
         ..Default::default()
     };
     drop(state);

@@ -8,6 +8,7 @@ use super::context::Ctx;
 use super::ApplyReport;
 use crate::engine::journal::Journal;
 use crate::engine::lifecycle::Event;
+use crate::engine::releases;
 use crate::format::manifest::Manifest;
 use crate::format::sign;
 use crate::format::trust::{Resolved, Trust};
@@ -75,6 +76,7 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, report: &mut ApplyReport) -> Result<Tar
     };
     let threads = ctx.cfg.threads();
     let resolved = source.manifest(&id, &trust, threads)?;
+    check_release(ctx, state.as_ref(), &resolved, report, interrupted.as_ref())?;
     report.signed_by = resolved.signed_by.clone();
     report.download = source.download_report();
     Ok(Target {
@@ -85,6 +87,36 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, report: &mut ApplyReport) -> Result<Tar
         state,
         interrupted,
     })
+}
+
+/// Downgrade protection and the node's role, before anything is fetched:
+/// refused (exit 4) unless the root already runs this image, the image is
+/// the target of an interrupted update this node began, or the operator
+/// allowed a downgrade locally.
+fn check_release(
+    ctx: &Ctx<'_>,
+    state: Option<&OwnedFd>,
+    r: &Resolved,
+    report: &ApplyReport,
+    interrupted: Option<&Journal>,
+) -> Result<()> {
+    let id = &r.manifest.id;
+    if report.from_id.as_deref() == Some(id.as_str()) {
+        return Ok(());
+    }
+    let marks = match state {
+        Some(s) => releases::load(s.as_fd()).context(ExitKind::Untrusted)?,
+        None => releases::Marks::default(),
+    };
+    let resuming = interrupted.is_some_and(|j| &j.target == id);
+    releases::check(
+        &marks,
+        &r.manifest,
+        ctx.cfg.compatible.as_deref(),
+        ctx.opts.allow_downgrade || resuming,
+    )
+    .map_err(anyhow::Error::from)
+    .context(ExitKind::Untrusted)
 }
 
 /// The image id and source: `--id` and `--from`, else the interrupted

@@ -200,6 +200,7 @@ fn commit(ctx: &Ctx<'_>, b: &mut Begun, t: &Target, s: &Survey, sw: &mut SwapRep
     let target = t.manifest();
     let id = &t.id;
     promote_next_record(&b.state, s.cur.id.as_deref().is_some_and(|c| c != id))?;
+    crate::engine::releases::record_installed(b.state.as_fd(), target)?;
     let mut dirs = s.plan.dirmeta.clone();
     dirs.extend(forced_dirs(target));
     swap::finalise_dirs(&dirs, &target.entries, ctx.root.fd(), sw)?;

@@ -64,8 +64,10 @@ pub(crate) fn publish(opts: PublishOptions, source: &Path, json: bool) -> Result
         print_json(&r)?;
     } else {
         println!(
-            "published {} ({} entries, {}): {} new objects ({} compressed), {} shared{}{}",
+            "published {} (release {} on channel {}, {} entries, {}): {} new objects ({} compressed), {} shared{}{}",
             r.id,
+            r.release,
+            r.channel,
             r.entries,
             human_bytes(r.content_bytes),
             r.new_objects,
@@ -180,6 +182,7 @@ pub(crate) fn apply(
             root: root.root,
             from: target.from,
             allow_unsigned: target.allow_unsigned,
+            allow_downgrade: target.allow_downgrade,
             kernel_policy,
             dry_run,
             ca_file: target.ca_file.clone(),
@@ -191,6 +194,7 @@ pub(crate) fn apply(
             from: target.from,
             id: target.id,
             allow_unsigned: target.allow_unsigned,
+            allow_downgrade: target.allow_downgrade,
             kernel_policy,
             dry_run,
             cancel: None,

@@ -59,6 +59,8 @@ pub struct Config {
     pub agent: AgentConfig,
     /// Extra CA certificate(s) (PEM) for `https://` sources, a path on the node.
     pub ca_file: Option<PathBuf>,
+    /// The node's role: images whose signed `compatible` differs are refused.
+    pub compatible: Option<String>,
     /// Files that contributed, in order.
     pub sources: Vec<PathBuf>,
     /// The `[rollout]` table as written, merged key by key over the
@@ -81,6 +83,7 @@ impl Default for Config {
             threads: 0,
             agent: AgentConfig::default(),
             ca_file: None,
+            compatible: None,
             sources: Vec::new(),
             rollout: None,
             health: None,
@@ -101,6 +104,7 @@ struct Fragment {
     threads: Option<usize>,
     agent: Option<AgentFragment>,
     ca_file: Option<PathBuf>,
+    compatible: Option<String>,
     rollout: Option<toml::Table>,
     health: Option<toml::Table>,
 }
@@ -147,6 +151,12 @@ impl Config {
         }
         if let Some(v) = f.ca_file {
             self.ca_file = Some(v);
+        }
+        if let Some(v) = f.compatible {
+            crate::format::manifest::validate_label(&v)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("{}: key compatible", origin.display()))?;
+            self.compatible = Some(v);
         }
         for (have, t) in [(&mut self.rollout, f.rollout), (&mut self.health, f.health)] {
             if let Some(t) = t {

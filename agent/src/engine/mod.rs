@@ -13,6 +13,7 @@ pub mod lifecycle;
 pub mod lock;
 pub mod plan;
 pub mod record;
+pub mod releases;
 pub mod remount;
 pub mod report;
 pub mod stage;

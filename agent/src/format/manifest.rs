@@ -13,8 +13,19 @@ use serde::{Deserialize, Serialize};
 mod values;
 pub use values::{Digest, FileType, RawBytes, RelPath, XattrValue, Xattrs};
 
-/// Manifest format version written by this build. Readers refuse any other.
-pub const FORMAT_VERSION: u32 = 1;
+/// Manifest format version written by this build: 2 adds the signed
+/// `channel`, `release` and `compatible` (downgrade protection). Readers
+/// accept it and [`LEGACY_FORMAT`], and refuse any other; imageupd builds
+/// that read only version 1 refuse version 2 with "format version 2 is not
+/// supported".
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The format before release numbers: such a manifest counts as release 0
+/// on channel [`DEFAULT_CHANNEL`] (see `crate::engine::releases`).
+pub const LEGACY_FORMAT: u32 = 1;
+
+/// The channel of an image published without `--channel`.
+pub const DEFAULT_CHANNEL: &str = "default";
 
 /// Upper bound on a decompressed manifest, in bytes (512 MiB): a guard against
 /// decompression bombs from an untrusted store.
@@ -30,7 +41,7 @@ pub enum ManifestError {
     #[error("manifest is not valid JSON: {0}")]
     Syntax(#[from] serde_json::Error),
     /// A manifest from a newer (or older, unsupported) imageupd.
-    #[error("manifest format version {found} is not supported (this imageupd reads version {FORMAT_VERSION}); upgrade imageupd or republish the image")]
+    #[error("manifest format version {found} is not supported (this imageupd reads versions {LEGACY_FORMAT} and {FORMAT_VERSION}); upgrade imageupd or republish the image")]
     UnknownVersion {
         /// The version the manifest declares.
         found: u32,
@@ -124,6 +135,17 @@ pub struct Manifest {
     /// The image's kernel, when it carries one.
     #[serde(default)]
     pub kernel: Option<KernelInfo>,
+    /// Release channel (format 2; required there, absent in format 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    /// Release number on the channel, increasing with every publish
+    /// (format 2; required there, absent in format 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<u64>,
+    /// The node role the image is for (e.g. `compute-x86_64`); a node whose
+    /// configuration names a role refuses an image for another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compatible: Option<String>,
     /// Every path of the image, sorted by [`RelPath::tree_cmp`].
     pub entries: Vec<Entry>,
 }
@@ -146,6 +168,21 @@ pub fn validate_image_id(id: &str) -> Result<(), String> {
     }
 }
 
+/// Check a channel or compatible label: 1-64 characters of A-Z a-z 0-9 . _ -.
+pub fn validate_label(v: &str) -> Result<(), String> {
+    let ok = !v.is_empty()
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{v:?} is invalid: use 1-64 characters from A-Z a-z 0-9 . _ -"
+        ))
+    }
+}
+
 impl Manifest {
     /// Parse and fully validate a manifest from JSON bytes.
     pub fn parse(bytes: &[u8]) -> Result<Manifest, ManifestError> {
@@ -160,7 +197,7 @@ impl Manifest {
             Ok(m) => m,
             Err(e) => {
                 let probe: VersionProbe = serde_json::from_slice(bytes)?;
-                if probe.format != FORMAT_VERSION {
+                if probe.format != FORMAT_VERSION && probe.format != LEGACY_FORMAT {
                     return Err(ManifestError::UnknownVersion {
                         found: probe.format,
                     });
@@ -168,7 +205,7 @@ impl Manifest {
                 return Err(e.into());
             }
         };
-        if m.format != FORMAT_VERSION {
+        if m.format != FORMAT_VERSION && m.format != LEGACY_FORMAT {
             return Err(ManifestError::UnknownVersion { found: m.format });
         }
         m.validate()?;
@@ -190,6 +227,15 @@ impl Manifest {
             "kernel".into(),
             serde_json::to_value(&self.kernel).unwrap_or_default(),
         );
+        if let Some(c) = &self.channel {
+            head.insert("channel".into(), c.clone().into());
+        }
+        if let Some(r) = self.release {
+            head.insert("release".into(), r.into());
+        }
+        if let Some(c) = &self.compatible {
+            head.insert("compatible".into(), c.clone().into());
+        }
         let head = serde_json::to_vec(&serde_json::Value::Object(head)).unwrap_or_default();
         // Splice the entries in before the closing brace of the head object.
         out.extend_from_slice(&head[..head.len() - 1]);
@@ -217,6 +263,7 @@ impl Manifest {
                 why,
             })?;
         }
+        self.validate_release()?;
         let mut prev: Option<&RelPath> = None;
         let mut types: crate::sys::fastmap::HashMap<&RelPath, FileType> =
             crate::sys::fastmap::HashMap::default();
@@ -266,6 +313,34 @@ impl Manifest {
                 path: ".".into(),
                 why: "top entry is not a directory".into(),
             });
+        }
+        Ok(())
+    }
+
+    /// Format 2 carries a channel and a release, format 1 neither; names
+    /// are short identifiers.
+    fn validate_release(&self) -> Result<(), ManifestError> {
+        let bad = |why: String| ManifestError::BadEntry {
+            path: "<release>".into(),
+            why,
+        };
+        let legacy = self.format == LEGACY_FORMAT;
+        if legacy && (self.channel.is_some() || self.release.is_some() || self.compatible.is_some())
+        {
+            return Err(bad(
+                "a format 1 manifest carries no channel, release or compatible".into(),
+            ));
+        }
+        if !legacy && (self.channel.is_none() || self.release.is_none()) {
+            return Err(bad(format!(
+                "a format {} manifest needs a channel and a release",
+                self.format
+            )));
+        }
+        for (what, v) in [("channel", &self.channel), ("compatible", &self.compatible)] {
+            if let Some(v) = v {
+                validate_label(v).map_err(|e| bad(format!("{what}: {e}")))?;
+            }
         }
         Ok(())
     }

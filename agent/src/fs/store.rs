@@ -59,6 +59,12 @@ pub struct IndexEntry {
     pub bytes: u64,
     /// Whether a signature was published.
     pub signed: bool,
+    /// Release channel (absent for images published before releases).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    /// Release number on the channel (absent: release 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<u64>,
     /// Disk images published with it (provisioning artifacts).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskEntry>,
@@ -279,6 +285,8 @@ impl Store {
             entries: m.entries.len(),
             bytes: m.content_bytes(),
             signed: sig.is_some(),
+            channel: m.channel.clone(),
+            release: m.release,
             disks,
         });
         write_atomic(

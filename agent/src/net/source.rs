@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use crate::format::kernel;
-use crate::format::manifest::{Digest, Entry, Manifest, FORMAT_VERSION};
+use crate::format::manifest::{Digest, Entry, Manifest, LEGACY_FORMAT};
 use crate::format::trust::{verify_stored, Resolved, Trust};
 use crate::fs::fsx;
 use crate::fs::scan::{self, ScanOptions};
@@ -115,12 +115,17 @@ impl Source {
                 let nodes = scan::scan(fd.as_fd(), &ScanOptions::default())
                     .context("walking the image directory")?;
                 let entries = scan::to_entries(fd.as_fd(), &nodes, threads)?;
+                // An image directory carries no release: it is a legacy
+                // (release 0) image, see crate::engine::releases.
                 let m = Manifest {
-                    format: FORMAT_VERSION,
+                    format: LEGACY_FORMAT,
                     id: id.to_string(),
                     parent: None,
                     created: crate::sys::clock::now_rfc3339(),
                     kernel: kernel::detect(&entries),
+                    channel: None,
+                    release: None,
+                    compatible: None,
                     entries,
                 };
                 m.validate()

@@ -44,6 +44,12 @@ pub struct PublishOptions {
     pub level: i32,
     /// Worker threads for hashing and compression.
     pub threads: usize,
+    /// Release channel (`--channel`, default `default`).
+    pub channel: String,
+    /// `--release`: the release number (default: one above the channel's highest).
+    pub release: Option<u64>,
+    /// `--compatible`: the node role the image is for.
+    pub compatible: Option<String>,
 }
 
 /// Result summary.
@@ -51,6 +57,10 @@ pub struct PublishOptions {
 pub struct PublishReport {
     /// Image id.
     pub id: String,
+    /// Release channel.
+    pub channel: String,
+    /// Release number on the channel.
+    pub release: u64,
     /// Entries in the manifest.
     pub entries: usize,
     /// Content bytes of regular files.
@@ -112,6 +122,7 @@ fn source_kind(p: &Path) -> Result<SourceKind> {
 pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Result<PublishReport> {
     let t0 = Instant::now();
     let (key, kind, st) = check_request(opts, source)?;
+    let release = crate::publish::release::assign(&st, &opts.channel, opts.release)?;
     let mut tree = Tree::open(&st, kind, source, progress)?;
     let root = fsx::open_dir(&tree.path)
         .with_context(|| format!("opening source {}", tree.path.display()))?;
@@ -122,10 +133,12 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
         m.close()
             .context("releasing the disk image's root filesystem")?;
     }
-    let m = manifest_of(opts, entries)?;
+    let m = manifest_of(opts, release, entries)?;
     let written = write_image(&st, &m, key.as_ref(), tree.disk.take(), opts, progress)?;
     Ok(PublishReport {
         id: m.id.clone(),
+        channel: opts.channel.clone(),
+        release,
         entries: m.entries.len(),
         content_bytes: m.content_bytes(),
         new_objects: objects.new,
@@ -301,6 +314,7 @@ fn store_objects(
 /// The image's manifest, validated.
 fn manifest_of(
     opts: &PublishOptions,
+    release: u64,
     entries: Vec<crate::format::manifest::Entry>,
 ) -> Result<Manifest> {
     let kernel = kernel::detect(&entries);
@@ -310,6 +324,9 @@ fn manifest_of(
         parent: opts.parent.clone(),
         created: crate::sys::clock::now_rfc3339(),
         kernel,
+        channel: Some(opts.channel.clone()),
+        release: Some(release),
+        compatible: opts.compatible.clone(),
         entries,
     };
     m.validate()

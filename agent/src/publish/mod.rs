@@ -8,4 +8,5 @@ pub mod delta;
 pub mod disk;
 pub mod image;
 pub mod pack;
+pub mod release;
 pub mod serve;

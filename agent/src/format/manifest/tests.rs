@@ -33,6 +33,9 @@ fn manifest(entries: Vec<Entry>) -> Manifest {
         parent: None,
         created: "now".into(),
         kernel: None,
+        channel: Some("default".into()),
+        release: Some(1),
+        compatible: None,
         entries,
     }
 }

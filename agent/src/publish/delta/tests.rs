@@ -37,6 +37,9 @@ fn image(st: &Store, id: &str, parent: Option<&str>, files: &[(&str, &[u8])]) ->
         parent: parent.map(str::to_string),
         created: "2026-01-01T00:00:00Z".into(),
         kernel: None,
+        channel: Some("default".into()),
+        release: Some(1),
+        compatible: None,
         entries,
     };
     let (stored, _) = crate::format::codec::encode_manifest_framed(&m).expect("encode");
