@@ -27,6 +27,9 @@ PACKAGES=(
     nginx systemd dbus python3 python3-venv python3-pip
     # disk images and the VM tests (see QEMU below)
     qemu-system-x86 qemu-utils fdisk gdisk
+    # provisioning (issue 12): UEFI firmware for the boot test, a standalone
+    # GRUB EFI image for the ESP, vfat for the ESP and the configdrive
+    ovmf grub-efi-amd64-bin dosfstools mtools
     # anchors the benchmarks compare against
     ostree wrk hyperfine
     # fleet rollout: a real etcd, and protoc for the etcd client crate's build
