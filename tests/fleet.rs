@@ -515,10 +515,21 @@ fn no_quiesce_outside_the_maintenance_window() {
         .iter()
         .all(|n| n.image().as_deref() == Some("A") && n.up()));
     // Positive control: a window that covers now lets them through (the
-    // waiting nodes re-read their configuration).
-    let day_now = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][((now / 86400) % 7) as usize];
-    let hm_now = format!("{:02}:{:02}", (now % 86400) / 3600, (now % 3600) / 60);
+    // waiting nodes re-read their configuration). It is written in the
+    // local time of an IANA zone, Asia/Kathmandu (UTC+05:45, no DST), set
+    // by a config.d fragment: read as UTC, that window would not be open.
+    let local = now + 5 * 3600 + 45 * 60;
+    let day_now =
+        ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][((local / 86400) % 7) as usize];
+    let hm_now = format!("{:02}:{:02}", (local % 86400) / 3600, (local % 3600) / 60);
     for n in &f.nodes {
+        let d = n.root.join("etc/imageupd/config.d");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join("50-zone.toml"),
+            "[rollout]\ntime_zone = \"Asia/Kathmandu\"\n",
+        )
+        .unwrap();
         let p = n.root.join("etc/imageupd/config.toml");
         let c = std::fs::read_to_string(&p).unwrap().replace(
             &format!("days = [\"{day}\"]\nstart_time = \"{hm}\""),

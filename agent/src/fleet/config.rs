@@ -9,7 +9,7 @@
 //! lease_secs = 10
 //! # node_id = "…"            # default: derived from /etc/machine-id
 //! # ca_file, cert_file, key_file, username, password: for a secured etcd
-//! time_zone = "+01:00"       # or "UTC" (the default)
+//! time_zone = "Europe/Berlin" # an IANA zone, "UTC" (the default) or "+01:00"
 //! [[rollout.window]]
 //! days = ["Sat", "Sun"]
 //! start_time = "22:00"
@@ -25,7 +25,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::window::{parse_offset, Window, WindowSpec};
+use super::window::{Window, WindowSpec};
+use super::zone::Zone;
 use crate::engine::config::Config;
 
 /// Default key prefix of everything imageupd keeps in etcd.
@@ -125,8 +126,9 @@ pub struct RolloutConfig {
     pub poll_ms: u64,
     /// Metadata key of the phased-rollout percentage.
     pub percent_key: String,
-    /// Offset of the windows' clock from UTC, in seconds.
-    pub utc_offset_secs: i32,
+    /// The time zone the windows are written in (an IANA zone follows its
+    /// daylight saving time).
+    pub time_zone: Zone,
     /// Weekly maintenance windows; empty: always open.
     pub windows: Vec<Window>,
 }
@@ -187,7 +189,7 @@ impl RolloutConfig {
             password: None,
             poll_ms: DEFAULT_POLL_MS,
             percent_key: DEFAULT_PERCENT_KEY.into(),
-            utc_offset_secs: 0,
+            time_zone: Zone::default(),
             windows: Vec::new(),
         });
         if let Some(e) = f.etcd {
@@ -243,7 +245,7 @@ impl RolloutConfig {
             c.percent_key = k;
         }
         if let Some(tz) = f.time_zone {
-            c.utc_offset_secs = parse_offset(&tz)?;
+            c.time_zone = Zone::parse(&tz)?;
         }
         if let Some(ws) = f.window {
             c.windows = ws.iter().map(Window::from_spec).collect::<Result<_>>()?;
@@ -392,7 +394,7 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.max_unavailable, Budget::Percent(25.0));
         assert_eq!(c.max_failures, Some(Budget::Count(1)));
-        assert_eq!(c.utc_offset_secs, 7200);
+        assert_eq!(c.time_zone.offset_at(0), 7200);
         assert_eq!(c.windows.len(), 1);
         let c = RolloutConfig::merge(Some(c), frag("lease_secs = 5")).unwrap();
         assert_eq!(c.lease_secs, 5);

@@ -303,7 +303,7 @@ impl Rollout {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
-        super::window::is_open(&cfg.windows, cfg.utc_offset_secs, now)
+        super::window::is_open(&cfg.windows, cfg.time_zone.offset_at(now), now)
     }
 
     fn try_acquire(&self, target: &str) -> Result<Option<u32>> {

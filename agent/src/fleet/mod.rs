@@ -6,7 +6,7 @@
 //! etcd client ([`etcd`]), the key layout and its pure view ([`group`]), the
 //! slot state machine ([`slot`]), the node's coordinator ([`coord`]), the
 //! health gate ([`health`]), phased buckets ([`bucket`]), maintenance
-//! windows ([`window`]) and the operator commands ([`ops`]). It may use the
+//! windows ([`window`], in the clock of [`zone`]) and the operator commands ([`ops`]). It may use the
 //! engine (apply, rollback, the journal, hooks' naming rules) and the
 //! node's configuration and runtime directory; the engine knows it only
 //! through the [`SlotGate`] in the apply options, called once between the
@@ -21,6 +21,7 @@ pub mod health;
 pub mod ops;
 pub mod slot;
 pub mod window;
+pub mod zone;
 
 use std::os::fd::AsFd;
 use std::path::Path;

@@ -1,6 +1,7 @@
 //! Weekly maintenance windows (zincati's `periodic` strategy): a node takes
 //! a slot only inside one, and checks again once it holds the slot. Pure:
-//! the caller passes the time.
+//! the caller passes the time and the zone's offset at that time
+//! ([`super::zone::Zone::offset_at`]).
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -87,9 +88,7 @@ pub fn parse_offset(tz: &str) -> Result<i32> {
     let (sign, rest) = match t.as_bytes().first() {
         Some(b'+') => (1, &t[1..]),
         Some(b'-') => (-1, &t[1..]),
-        _ => bail!(
-            "time_zone {tz:?}: use UTC or an offset like +02:00 (IANA names are not supported)"
-        ),
+        _ => bail!("time_zone {tz:?}: not UTC or an offset like +02:00"),
     };
     let (h, m) = rest.split_once(':').unwrap_or((rest, "0"));
     let (h, m): (i32, i32) = (
