@@ -519,8 +519,7 @@ fn no_quiesce_outside_the_maintenance_window() {
     // local time of an IANA zone, Asia/Kathmandu (UTC+05:45, no DST), set
     // by a config.d fragment: read as UTC, that window would not be open.
     let local = now + 5 * 3600 + 45 * 60;
-    let day_now =
-        ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][((local / 86400) % 7) as usize];
+    let day_now = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][((local / 86400) % 7) as usize];
     let hm_now = format!("{:02}:{:02}", (local % 86400) / 3600, (local % 3600) / 60);
     for n in &f.nodes {
         let d = n.root.join("etc/imageupd/config.d");
