@@ -89,10 +89,19 @@ enum Cmd {
         /// Id of the new image (immutable once published).
         #[arg(long)]
         id: String,
-        /// Secret key to sign the manifest with; without it the image is
-        /// unsigned and nodes refuse it unless they allow unsigned images.
+        /// Secret key to sign the manifest with (repeatable: a root whose
+        /// targets role needs k signatures needs k keys here); without it
+        /// the image is unsigned and nodes refuse it unless they allow
+        /// unsigned images.
         #[arg(long)]
-        key: Option<PathBuf>,
+        key: Vec<PathBuf>,
+        /// Online key that re-signs the store's index (timestamp.json)
+        /// once the image is in: nodes with a root of trust need it.
+        #[arg(long)]
+        timestamp_key: Option<PathBuf>,
+        /// Lifetime of that index, in hours.
+        #[arg(long, default_value_t = imageupd::publish::trust::DEFAULT_INDEX_HOURS)]
+        timestamp_hours: u64,
         /// Id of the image this one succeeds.
         #[arg(long)]
         parent: Option<String>,
@@ -220,6 +229,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: cli::fleet::FleetCmd,
     },
+    /// The store's root of trust (k-of-n keys per role, rotation,
+    /// revocation) and its signed, expiring index.
+    Trust {
+        #[command(subcommand)]
+        cmd: cli::trust::TrustCmd,
+    },
     /// List the deterministic fault points (for crash tests).
     #[command(hide = true)]
     FaultPoints,
@@ -294,6 +309,8 @@ fn run(cli: Cli) -> Result<u8> {
             store,
             id,
             key,
+            timestamp_key,
+            timestamp_hours,
             parent,
             channel,
             release,
@@ -305,7 +322,9 @@ fn run(cli: Cli) -> Result<u8> {
             PublishOptions {
                 store,
                 id,
-                key,
+                keys: key,
+                timestamp_key,
+                timestamp_hours,
                 parent,
                 level,
                 threads: cli::threads(),
@@ -341,6 +360,7 @@ fn run(cli: Cli) -> Result<u8> {
         Cmd::BootCheck { root, json } => cli::boot_check(&root.root, json),
         Cmd::Rollback { root, from, json } => cli::rollback(&root.root, from, json),
         Cmd::Fleet { cmd } => cli::fleet::run(cmd),
+        Cmd::Trust { cmd } => cli::trust::run(cmd),
         Cmd::FaultPoints => cli::fault_points(),
     }
 }

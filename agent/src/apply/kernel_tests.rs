@@ -104,7 +104,9 @@ impl Node {
             let o = PublishOptions {
                 store: store.clone(),
                 id: id.into(),
-                key: None,
+                keys: Vec::new(),
+                timestamp_key: None,
+                timestamp_hours: crate::publish::trust::DEFAULT_INDEX_HOURS,
                 parent: None,
                 level: 1,
                 threads: 2,

@@ -30,6 +30,7 @@ mod resolve;
 mod staging;
 mod survey;
 mod swap;
+pub mod trust;
 
 use context::{refresh_stamps, Clock, Ctx};
 use staging::Begun;

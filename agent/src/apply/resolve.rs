@@ -67,15 +67,61 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, report: &mut ApplyReport) -> Result<Tar
     );
     let source = Source::open_with(&from, &net)?;
     report.source = source.describe();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let tuf = super::trust::refresh(
+        &ctx.root.path,
+        state.as_ref(),
+        &source,
+        ctx.cfg.allow_expired_index,
+        now,
+    )?;
     let keys_dir = ctx.root.path.join("etc/imageupd/trusted.d");
-    let keys = sign::load_trusted(&keys_dir)?;
+    let keys = match &tuf {
+        // With a root of trust its targets keys sign, not trusted.d.
+        Some(v) => v
+            .root
+            .role("targets")
+            .keyids
+            .iter()
+            .filter_map(|k| v.root.keys.get(k).copied())
+            .collect(),
+        None => sign::load_trusted(&keys_dir)?,
+    };
     let trust = Trust {
         keys: &keys,
-        keys_dir: keys_dir.display().to_string(),
+        keys_dir: match &tuf {
+            Some(v) => format!("{} (root v{})", super::trust::ANCHOR, v.root.doc.version),
+            None => keys_dir.display().to_string(),
+        },
         allow_unsigned: ctx.opts.allow_unsigned || ctx.cfg.allow_unsigned,
+        tuf: tuf.as_ref().map(|v| (&v.root, &v.index)),
     };
     let threads = ctx.cfg.threads();
     let resolved = source.manifest(&id, &trust, threads)?;
+    report.index = tuf.map(|v| {
+        let (channel, _) = releases::release_of(&resolved.manifest);
+        let mut r = v.report;
+        r.newest_on_channel = v.index.newest_on(channel).map(|(i, n)| (i.to_owned(), n));
+        r
+    });
+    if let Some((newer, n)) = report
+        .index
+        .as_ref()
+        .and_then(|i| i.newest_on_channel.clone())
+    {
+        let (channel, release) = releases::release_of(&resolved.manifest);
+        if n > release {
+            let w = format!(
+                "the store's signed index lists a newer release on channel {channel:?}: {n} (image {newer}) \
+                 than the {release} of {id}; is this node's metadata stale?"
+            );
+            tracing::warn!("{w}");
+            report.warnings.push(w);
+        }
+    }
     check_release(ctx, state.as_ref(), &resolved, report, interrupted.as_ref())?;
     report.signed_by = resolved.signed_by.clone();
     report.download = source.download_report();

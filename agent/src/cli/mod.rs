@@ -14,6 +14,7 @@ use imageupd::sys::progress::{human_bytes, Progress};
 
 pub(crate) mod fleet;
 pub(crate) mod status;
+pub(crate) mod trust;
 
 pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);

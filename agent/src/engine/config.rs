@@ -61,6 +61,10 @@ pub struct Config {
     pub ca_file: Option<PathBuf>,
     /// The node's role: images whose signed `compatible` differs are refused.
     pub compatible: Option<String>,
+    /// Accept a store index (`timestamp.json`) past its expiry, with a
+    /// warning. Off: an expired index is refused (exit 4), since a frozen
+    /// store is how a node is kept from learning of a fix.
+    pub allow_expired_index: bool,
     /// Files that contributed, in order.
     pub sources: Vec<PathBuf>,
     /// The `[rollout]` table as written, merged key by key over the
@@ -84,6 +88,7 @@ impl Default for Config {
             agent: AgentConfig::default(),
             ca_file: None,
             compatible: None,
+            allow_expired_index: false,
             sources: Vec::new(),
             rollout: None,
             health: None,
@@ -105,6 +110,7 @@ struct Fragment {
     agent: Option<AgentFragment>,
     ca_file: Option<PathBuf>,
     compatible: Option<String>,
+    allow_expired_index: Option<bool>,
     rollout: Option<toml::Table>,
     health: Option<toml::Table>,
 }
@@ -157,6 +163,9 @@ impl Config {
                 .map_err(anyhow::Error::msg)
                 .with_context(|| format!("{}: key compatible", origin.display()))?;
             self.compatible = Some(v);
+        }
+        if let Some(v) = f.allow_expired_index {
+            self.allow_expired_index = v;
         }
         for (have, t) in [(&mut self.rollout, f.rollout), (&mut self.health, f.health)] {
             if let Some(t) = t {

@@ -19,4 +19,5 @@ pub mod report;
 pub mod stage;
 pub mod status;
 pub mod swap;
+pub mod trust_state;
 pub mod verify;

@@ -39,6 +39,28 @@ pub struct WalkReport {
     pub from_stamps: u64,
 }
 
+/// What the node verified of the store's trust metadata.
+#[derive(Serialize, Debug, Default, Clone)]
+pub struct IndexReport {
+    /// Version of the root of trust in force.
+    pub root_version: u64,
+    /// Root versions taken from the store in this run (rotations).
+    pub root_rotations: u64,
+    /// Version of the signed index.
+    pub version: u64,
+    /// When the index was signed, RFC 3339.
+    pub issued: String,
+    /// Its expiry, RFC 3339.
+    pub expires: String,
+    /// Seconds since it was signed, at the start of the run.
+    pub age_secs: i64,
+    /// Past its expiry (accepted only with `allow_expired_index`).
+    pub expired: bool,
+    /// The newest release the index lists on the target's channel, and
+    /// its image: a node told to install an older one can see that.
+    pub newest_on_channel: Option<(String, u64)>,
+}
+
 /// The outcome, printed by the CLI (human or `--json`).
 #[derive(Serialize, Debug, Default)]
 pub struct ApplyReport {
@@ -52,8 +74,11 @@ pub struct ApplyReport {
     pub source: String,
     /// The root.
     pub root: String,
-    /// Key id that signed the manifest.
+    /// Key id that signed the manifest (several, comma-separated, for a
+    /// k-of-n root).
     pub signed_by: Option<String>,
+    /// The store's signed index, when the node has a root of trust.
+    pub index: Option<IndexReport>,
     /// The walk of the root.
     pub walk: WalkReport,
     /// Plan counts.

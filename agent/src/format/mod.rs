@@ -13,4 +13,5 @@ pub mod pack;
 pub mod sign;
 pub mod stream;
 pub mod trust;
+pub mod tuf;
 pub mod varint;

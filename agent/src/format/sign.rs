@@ -5,7 +5,8 @@
 //! `imageupd-ed25519-public <base64 key> <comment>`. A signature file is JSON:
 //! `{"alg":"ed25519","key_id":"<hex>","sig":"<base64>"}` over the exact bytes
 //! of the signed file, so it can be checked before anything is decompressed
-//! or parsed.
+//! or parsed; a file signed by several keys (a k-of-n `targets` role, see
+//! [`crate::format::tuf`]) holds one such line per key.
 
 use std::path::Path;
 
@@ -30,6 +31,14 @@ pub enum SignatureError {
     /// The signature file is malformed.
     #[error("the signature file is malformed: {0}")]
     Malformed(String),
+    /// Fewer distinct keys of the role signed than its threshold.
+    #[error("the manifest carries {valid} valid signature(s) of the root's targets keys; {threshold} required")]
+    BelowThreshold {
+        /// Distinct valid signatures of the role's keys.
+        valid: usize,
+        /// Required by the root.
+        threshold: u32,
+    },
     /// No trusted key verifies the signature.
     #[error("the manifest signature (key id {key_id}) does not verify with any of the {trusted} trusted key(s) in {dir}")]
     NotTrusted {
@@ -165,6 +174,36 @@ pub fn sign_file(key_path: &Path, data_path: &Path) -> Result<()> {
     std::fs::write(&sig_path, sign(&key, &data)).with_context(|| format!("writing {:?}", sig_path))
 }
 
+/// The signature lines of a signature file (at least one).
+fn parse_lines(
+    sig_file: &[u8],
+) -> Result<Vec<(SignatureFile, ed25519_dalek::Signature)>, SignatureError> {
+    let text =
+        std::str::from_utf8(sig_file).map_err(|_| SignatureError::Malformed("not UTF-8".into()))?;
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let f: SignatureFile =
+            serde_json::from_str(line).map_err(|e| SignatureError::Malformed(e.to_string()))?;
+        if f.alg != ALG {
+            return Err(SignatureError::Malformed(format!(
+                "unsupported algorithm {:?}",
+                f.alg
+            )));
+        }
+        let raw = b64()
+            .decode(&f.sig)
+            .map_err(|e| SignatureError::Malformed(e.to_string()))?;
+        let raw: [u8; 64] = raw
+            .try_into()
+            .map_err(|_| SignatureError::Malformed("signature is not 64 bytes".into()))?;
+        out.push((f, ed25519_dalek::Signature::from_bytes(&raw)));
+    }
+    if out.is_empty() {
+        return Err(SignatureError::Malformed("no signature in the file".into()));
+    }
+    Ok(out)
+}
+
 /// Check `data` against a signature file's bytes with any of `trusted`.
 pub fn verify(
     data: &[u8],
@@ -172,32 +211,54 @@ pub fn verify(
     trusted: &[VerifyingKey],
     dir: &str,
 ) -> Result<String, SignatureError> {
-    let sig_file = sig_file.ok_or(SignatureError::Unsigned)?;
-    let f: SignatureFile =
-        serde_json::from_slice(sig_file).map_err(|e| SignatureError::Malformed(e.to_string()))?;
-    if f.alg != ALG {
-        return Err(SignatureError::Malformed(format!(
-            "unsupported algorithm {:?}",
-            f.alg
-        )));
-    }
-    let raw = b64()
-        .decode(&f.sig)
-        .map_err(|e| SignatureError::Malformed(e.to_string()))?;
-    let raw: [u8; 64] = raw
-        .try_into()
-        .map_err(|_| SignatureError::Malformed("signature is not 64 bytes".into()))?;
-    let sig = ed25519_dalek::Signature::from_bytes(&raw);
-    for k in trusted {
-        if k.verify_strict(data, &sig).is_ok() {
-            return Ok(key_id(k));
+    let lines = parse_lines(sig_file.ok_or(SignatureError::Unsigned)?)?;
+    for (_, sig) in &lines {
+        for k in trusted {
+            if k.verify_strict(data, sig).is_ok() {
+                return Ok(key_id(k));
+            }
         }
     }
     Err(SignatureError::NotTrusted {
-        key_id: f.key_id,
+        key_id: lines[0].0.key_id.clone(),
         trusted: trusted.len(),
         dir: dir.into(),
     })
+}
+
+/// Check `data` against a threshold of `role`'s keys: the distinct key ids
+/// whose signature verifies, at least `role.threshold` of them.
+pub fn verify_role(
+    data: &[u8],
+    sig_file: Option<&[u8]>,
+    keys: &crate::format::tuf::Keys,
+    role: &crate::format::tuf::Role,
+) -> Result<Vec<String>, SignatureError> {
+    let lines = parse_lines(sig_file.ok_or(SignatureError::Unsigned)?)?;
+    let mut ok = std::collections::BTreeSet::new();
+    for (f, sig) in &lines {
+        if !role.keyids.contains(&f.key_id) {
+            continue;
+        }
+        if keys
+            .get(&f.key_id)
+            .is_some_and(|k| k.verify_strict(data, sig).is_ok())
+        {
+            ok.insert(f.key_id.clone());
+        }
+    }
+    if ok.len() < role.threshold as usize {
+        return Err(SignatureError::BelowThreshold {
+            valid: ok.len(),
+            threshold: role.threshold,
+        });
+    }
+    Ok(ok.into_iter().collect())
+}
+
+/// Sign `data` with every key, one signature line each.
+pub fn sign_all(keys: &[SigningKey], data: &[u8]) -> Vec<u8> {
+    keys.iter().flat_map(|k| sign(k, data)).collect()
 }
 
 /// Load every `*.pub` in a trusted-keys directory; a missing directory means
@@ -259,5 +320,34 @@ mod tests {
             Err(SignatureError::NotTrusted { .. })
         ));
         assert!(keygen(&k, "again").is_err(), "must not overwrite");
+    }
+
+    #[test]
+    fn threshold_of_a_role() {
+        let ks: Vec<SigningKey> = (1..=3).map(|n| SigningKey::from_bytes(&[n; 32])).collect();
+        let keys: crate::format::tuf::Keys = ks
+            .iter()
+            .map(|k| (key_id(&k.verifying_key()), k.verifying_key()))
+            .collect();
+        let role = crate::format::tuf::Role {
+            keyids: keys.keys().take(2).cloned().collect(),
+            threshold: 2,
+        };
+        let two = sign_all(&ks[..2], b"m");
+        assert_eq!(
+            verify_role(b"m", Some(&two), &keys, &role).unwrap().len(),
+            2
+        );
+        // One key twice is one signature.
+        let dup = sign_all(&[ks[0].clone(), ks[0].clone()], b"m");
+        assert!(matches!(
+            verify_role(b"m", Some(&dup), &keys, &role),
+            Err(SignatureError::BelowThreshold { valid: 1, .. })
+        ));
+        // A key outside the role (the third) does not count.
+        let out = sign_all(&[ks[0].clone(), ks[2].clone()], b"m");
+        assert!(verify_role(b"m", Some(&out), &keys, &role).is_err());
+        // Any single valid line still satisfies the legacy any-key check.
+        assert!(verify(b"m", Some(&out), &[ks[2].verifying_key()], "t").is_ok());
     }
 }

@@ -16,6 +16,13 @@ pub struct Trust<'a> {
     pub keys_dir: String,
     /// Accept unsigned manifests.
     pub allow_unsigned: bool,
+    /// With a root of trust: the root (whose `targets` role must sign, k of
+    /// n) and the verified index (which must list the manifest's bytes).
+    /// `keys` then holds the targets keys, for pack indexes.
+    pub tuf: Option<(
+        &'a crate::format::tuf::Root,
+        &'a crate::format::tuf::Timestamp,
+    )>,
 }
 
 /// A resolved manifest plus its stored bytes (kept as the node's record).
@@ -37,6 +44,17 @@ pub fn verify_stored(
     sig: Option<Vec<u8>>,
     trust: &Trust<'_>,
 ) -> Result<Resolved> {
+    if let Some((root, index)) = trust.tuf {
+        index
+            .check_listed(id, &stored)
+            .map_err(anyhow::Error::from)
+            .context(ExitKind::Untrusted)?;
+        let ids = sign::verify_role(&stored, sig.as_deref(), &root.keys, root.role("targets"))
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("manifest of image {id:?}"))
+            .context(ExitKind::Untrusted)?;
+        return parse_verified(id, stored, sig, Some(ids.join(",")));
+    }
     let signed_by = match sign::verify(&stored, sig.as_deref(), trust.keys, &trust.keys_dir) {
         Ok(k) => Some(k),
         Err(sign::SignatureError::Unsigned) if trust.allow_unsigned => None,
@@ -46,6 +64,16 @@ pub fn verify_stored(
                 .context(ExitKind::Untrusted)
         }
     };
+    parse_verified(id, stored, sig, signed_by)
+}
+
+/// Decompress and parse bytes whose signature was checked.
+fn parse_verified(
+    id: &str,
+    stored: Vec<u8>,
+    sig: Option<Vec<u8>>,
+    signed_by: Option<String>,
+) -> Result<Resolved> {
     let manifest = crate::format::codec::decode_manifest(&stored)
         .with_context(|| format!("manifest of image {id:?}"))
         .context(ExitKind::Untrusted)?;

@@ -225,6 +225,27 @@ impl Store {
         self.image_dir(id).join(MANIFEST_NAME).is_file()
     }
 
+    /// A trust-metadata file under the store (`timestamp.json`,
+    /// `root/<N>.root.json`); `None` when absent. Bounded like a download.
+    pub fn trust_file(&self, rel: &str) -> Result<Option<Vec<u8>>> {
+        use std::io::Read as _;
+        let cap = crate::format::tuf::envelope::MAX_ENVELOPE_BYTES as u64;
+        let p = self.path.join(rel);
+        let f = match fs::File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
+        };
+        let mut b = Vec::new();
+        f.take(cap + 1)
+            .read_to_end(&mut b)
+            .with_context(|| format!("reading {}", p.display()))?;
+        if b.len() as u64 > cap {
+            bail!("{} is larger than {cap} bytes", p.display());
+        }
+        Ok(Some(b))
+    }
+
     /// Raw stored manifest bytes and signature bytes (if any).
     pub fn read_manifest_raw(&self, id: &str) -> Result<(Vec<u8>, Option<Vec<u8>>)> {
         manifest::validate_image_id(id).map_err(anyhow::Error::msg)?;

@@ -327,6 +327,17 @@ impl HttpStore {
         Ok((stored, sig))
     }
 
+    /// A trust-metadata file (see [`crate::net::source::Source::trust_file`]);
+    /// `None` on 403/404/410.
+    pub fn trust_file(&self, rel: &str) -> Result<Option<Vec<u8>>> {
+        let cap = crate::format::tuf::envelope::MAX_ENVELOPE_BYTES as u64;
+        match self.get_small(rel, cap) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if is_status(&e, &[403, 404, 410]) => Ok(None),
+            Err(e) => Err(e.context(format!("fetching {rel} from {}", self.url()))),
+        }
+    }
+
     /// A small file, whole, with retries; at most `limit` bytes.
     fn get_small(&self, rel: &str, limit: u64) -> Result<Vec<u8>> {
         let url = self.join(rel)?;

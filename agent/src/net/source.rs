@@ -81,6 +81,19 @@ impl Source {
         }
     }
 
+    /// A trust-metadata file of the store (`timestamp.json`,
+    /// `root/<N>.root.json`), at most
+    /// [`crate::format::tuf::envelope::MAX_ENVELOPE_BYTES`]; `None` when the
+    /// store has none, or the source is an image directory (which carries
+    /// no trust metadata). Unverified.
+    pub fn trust_file(&self, rel: &str) -> Result<Option<Vec<u8>>> {
+        match self {
+            Source::Store(st) => st.trust_file(rel).context(ExitKind::Source),
+            Source::Http(h) => h.trust_file(rel),
+            Source::Dir { .. } => Ok(None),
+        }
+    }
+
     /// Fetch and verify the manifest of image `id`.
     pub fn manifest(&self, id: &str, trust: &Trust<'_>, threads: usize) -> Result<Resolved> {
         match self {

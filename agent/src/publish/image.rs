@@ -36,8 +36,14 @@ pub struct PublishOptions {
     pub store: PathBuf,
     /// Image id.
     pub id: String,
-    /// Signing key; `None` publishes unsigned.
-    pub key: Option<PathBuf>,
+    /// Signing keys (each adds a signature line: a k-of-n targets role
+    /// needs k of them); none publishes unsigned.
+    pub keys: Vec<PathBuf>,
+    /// Online key that re-signs the store's index (`timestamp.json`) after
+    /// the image is written; `None` leaves the index as it is.
+    pub timestamp_key: Option<PathBuf>,
+    /// Lifetime of that index, in hours.
+    pub timestamp_hours: u64,
     /// Parent image id.
     pub parent: Option<String>,
     /// zstd level for new objects.
@@ -134,7 +140,12 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
             .context("releasing the disk image's root filesystem")?;
     }
     let m = manifest_of(opts, release, entries)?;
-    let written = write_image(&st, &m, key.as_ref(), tree.disk.take(), opts, progress)?;
+    let written = write_image(&st, &m, &key, tree.disk.take(), opts, progress)?;
+    if let Some(k) = &opts.timestamp_key {
+        let v = crate::publish::trust::timestamp(&st, k, opts.timestamp_hours)
+            .context("the image is published, but re-signing the store's index failed")?;
+        progress.line(&format!("signed the store's index, version {v}"));
+    }
     Ok(PublishReport {
         id: m.id.clone(),
         channel: opts.channel.clone(),
@@ -158,7 +169,7 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
 fn check_request(
     opts: &PublishOptions,
     source: &Path,
-) -> Result<(Option<ed25519_dalek::SigningKey>, SourceKind, Store)> {
+) -> Result<(Vec<ed25519_dalek::SigningKey>, SourceKind, Store)> {
     manifest::validate_image_id(&opts.id)
         .map_err(anyhow::Error::msg)
         .context(ExitKind::Usage)?;
@@ -167,7 +178,11 @@ fn check_request(
             .map_err(anyhow::Error::msg)
             .context(ExitKind::Usage)?;
     }
-    let key = opts.key.as_deref().map(sign::load_secret).transpose()?;
+    let key = opts
+        .keys
+        .iter()
+        .map(|k| sign::load_secret(k))
+        .collect::<Result<Vec<_>>>()?;
     let kind = source_kind(source).context(ExitKind::Source)?;
     let st = Store::create_or_open(&opts.store)?;
     if st.has_image(&opts.id) {
@@ -348,17 +363,17 @@ struct Written {
 fn write_image(
     st: &Store,
     m: &Manifest,
-    key: Option<&ed25519_dalek::SigningKey>,
+    key: &[ed25519_dalek::SigningKey],
     disk: Option<crate::publish::disk::StagedDisk>,
     opts: &PublishOptions,
     progress: &Progress,
 ) -> Result<Written> {
     let (stored, frames) = crate::format::codec::encode_manifest_framed(m)?;
-    let sig = key.map(|k| sign::sign(k, &stored));
+    let sig = (!key.is_empty()).then(|| sign::sign_all(key, &stored));
     progress.line("writing packs");
     let (pidx, packs) =
         crate::publish::pack::build(st, m, &stored, opts.parent.as_deref(), opts.level)?;
-    let psig = key.map(|k| sign::sign(k, &pidx));
+    let psig = (!key.is_empty()).then(|| sign::sign_all(key, &pidx));
     crate::publish::pack::put_index(st, &m.id, &pidx, psig.as_deref())?;
     store::write_atomic(
         &st.image_dir(&m.id)

@@ -10,3 +10,4 @@ pub mod image;
 pub mod pack;
 pub mod release;
 pub mod serve;
+pub mod trust;

@@ -55,7 +55,9 @@ pub fn resolve_path(raw: &str) -> Result<(RelPath, CacheClass), PathRefusal> {
         }
     }
     let class = match (parts[0], parts.len()) {
-        (b"index.json", 1) => CacheClass::Revalidate,
+        (b"index.json" | b"timestamp.json" | b"root.json", 1) => CacheClass::Revalidate,
+        // Root versions never change once published.
+        (b"root", 2) => CacheClass::Immutable,
         (top, 1) if top == MARKER.as_bytes() => CacheClass::Revalidate,
         (b"objects" | b"images" | b"packs", n) if n > 1 => CacheClass::Immutable,
         (b"disks", n) if n > 1 => CacheClass::Revalidate,
