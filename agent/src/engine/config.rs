@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::fs::preserve::{Preserve, DEFAULT_PRESERVE};
+use crate::net::limits::{FetchFragment, FetchLimits};
 
 /// Default per-hook timeout, in seconds.
 pub const DEFAULT_HOOK_TIMEOUT_SECS: u64 = 300;
@@ -70,6 +71,9 @@ pub struct Config {
     pub rollout: Option<toml::Table>,
     /// The `[health]` table (the health gate), likewise.
     pub health: Option<toml::Table>,
+    /// The `[fetch]` table: byte caps, low-speed abort and deadline of
+    /// every download (`crate::net::limits`).
+    pub fetch: FetchLimits,
 }
 
 impl Default for Config {
@@ -87,6 +91,7 @@ impl Default for Config {
             sources: Vec::new(),
             rollout: None,
             health: None,
+            fetch: FetchLimits::default(),
         }
     }
 }
@@ -107,6 +112,7 @@ struct Fragment {
     compatible: Option<String>,
     rollout: Option<toml::Table>,
     health: Option<toml::Table>,
+    fetch: Option<FetchFragment>,
 }
 
 impl Config {
@@ -157,6 +163,11 @@ impl Config {
                 .map_err(anyhow::Error::msg)
                 .with_context(|| format!("{}: key compatible", origin.display()))?;
             self.compatible = Some(v);
+        }
+        if let Some(t) = f.fetch {
+            self.fetch
+                .merge(t)
+                .with_context(|| format!("{}: table [fetch]", origin.display()))?;
         }
         for (have, t) in [(&mut self.rollout, f.rollout), (&mut self.health, f.health)] {
             if let Some(t) = t {
