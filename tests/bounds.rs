@@ -136,7 +136,11 @@ fn layout_store(s: &Scratch, l: Layout) -> PathBuf {
                 store.image("v2");
                 cmd(
                     "cp",
-                    [std::ffi::OsStr::new("-al"), store.dir.as_os_str(), dst.as_os_str()],
+                    [
+                        std::ffi::OsStr::new("-al"),
+                        store.dir.as_os_str(),
+                        dst.as_os_str(),
+                    ],
                 );
                 dst.clone()
             }
@@ -301,7 +305,11 @@ fn check_case(c: &Case, b: &Bounded, srv: &FileServer, cache_bound: u64) {
         "{ctx}: the download cache reached {} bytes (> {cache_bound})",
         b.cache_peak
     );
-    assert!(!b.out.timed_out, "{ctx}: the apply hung\n{}", b.out.describe());
+    assert!(
+        !b.out.timed_out,
+        "{ctx}: the apply hung\n{}",
+        b.out.describe()
+    );
     if c.refused {
         assert_eq!(
             b.out.code(),
@@ -431,7 +439,11 @@ fn zstd_bombs_are_refused_at_the_declared_size() {
         "refused by the decompression cap, not by the digest after 4 GiB\n{}",
         b.out.describe()
     );
-    assert!(b.rss_kib <= MAX_RSS_KIB, "object bomb: RSS {} KiB", b.rss_kib);
+    assert!(
+        b.rss_kib <= MAX_RSS_KIB,
+        "object bomb: RSS {} KiB",
+        b.rss_kib
+    );
     assert!(b.cache_peak <= new_object_bytes(&store) + CACHE_MARGIN);
     assert_unchanged(&root, &before, "zstd bomb object");
 
@@ -459,7 +471,11 @@ fn zstd_bombs_are_refused_at_the_declared_size() {
         "{}",
         b.out.describe()
     );
-    assert!(b.rss_kib <= MAX_RSS_KIB, "manifest bomb: RSS {} KiB", b.rss_kib);
+    assert!(
+        b.rss_kib <= MAX_RSS_KIB,
+        "manifest bomb: RSS {} KiB",
+        b.rss_kib
+    );
     assert_unchanged(&root, &before, "zstd bomb manifest");
 }
 
@@ -529,18 +545,26 @@ fn a_trickling_server_is_aborted_retried_and_leaves_quiesce_alone() {
             "{tag}: the abort does not name its cause {cause:?}\n{}",
             out.describe()
         );
-        assert!(j["download"]["retries"].as_u64().unwrap_or(0) >= 1, "{tag}: {j}");
+        assert!(
+            j["download"]["retries"].as_u64().unwrap_or(0) >= 1,
+            "{tag}: {j}"
+        );
         let q = j["quiesce_ms"].as_u64().expect("quiesce_ms");
         let fetch = j["phases"]["fetch"].as_u64().unwrap_or(0);
         // The stall cost fetch time (seconds), and none of it fell inside
         // the quiesce window: that stays within noise of the normal run's.
-        assert!(fetch >= 2000, "{tag}: the stall did not happen in the fetch step: {j}");
+        assert!(
+            fetch >= 2000,
+            "{tag}: the stall did not happen in the fetch step: {j}"
+        );
         assert!(
             q <= 2 * q_normal + 500,
             "{tag}: quiesce {q} ms against {q_normal} ms in a normal run"
         );
         assert_applied(&v2, &root, "v2", &format!("trickle ({tag})"));
-        rows.push(format!("{tag}: fetch {fetch} ms, quiesce {q} ms (normal {q_normal} ms)"));
+        rows.push(format!(
+            "{tag}: fetch {fetch} ms, quiesce {q} ms (normal {q_normal} ms)"
+        ));
     }
     eprintln!("trickle:\n{}", rows.join("\n"));
 }

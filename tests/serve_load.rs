@@ -147,7 +147,12 @@ fn hostile(addr: SocketAddr, path: &str, kind: usize, stop: &AtomicBool) {
 
 /// Run GOOD good clients (and HOSTILE hostile ones) for [`PHASE`]; the
 /// good clients' tally.
-fn phase(addr: SocketAddr, files: &Arc<Vec<(String, u64)>>, good_n: usize, bad_n: usize) -> Arc<Tally> {
+fn phase(
+    addr: SocketAddr,
+    files: &Arc<Vec<(String, u64)>>,
+    good_n: usize,
+    bad_n: usize,
+) -> Arc<Tally> {
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
     let big = files
@@ -213,7 +218,10 @@ fn two_hundred_clients_stallers_and_quitters_do_not_hurt_the_others() {
     for (name, t) in [("alone", &alone), ("loaded", &loaded)] {
         assert_eq!(g(t, |t| &t.server_errors), 0, "{name}: 5xx answers");
         assert_eq!(g(t, |t| &t.failures), 0, "{name}: failed requests");
-        assert!(g(t, |t| &t.requests) > 100, "{name}: too few requests to judge");
+        assert!(
+            g(t, |t| &t.requests) > 100,
+            "{name}: too few requests to judge"
+        );
     }
     assert!(
         b_loaded * 2 >= b_alone,

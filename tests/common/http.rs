@@ -211,7 +211,11 @@ fn serve_connection(
             *c += 1;
             *c
         };
-        let flake = if n > 1 { None } else { (behave.fail_first)(&path) };
+        let flake = if n > 1 {
+            None
+        } else {
+            (behave.fail_first)(&path)
+        };
         let rel = path.split('?').next().unwrap_or("").trim_start_matches('/');
         let file = dir.join(rel);
         let confined = !rel.split('/').any(|c| c == "..");

@@ -126,7 +126,9 @@ impl<R: Read> Read for CappedReader<R> {
                 )),
             };
         }
-        let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
         let n = self.inner.read(&mut buf[..want])?;
         self.left -= n as u64;
         Ok(n)
@@ -146,7 +148,9 @@ mod tests {
     fn capped_reader_errors_past_the_cap() {
         let mut out = Vec::new();
         assert_eq!(
-            CappedReader::new(&b"abc"[..], 3).read_to_end(&mut out).unwrap(),
+            CappedReader::new(&b"abc"[..], 3)
+                .read_to_end(&mut out)
+                .unwrap(),
             3
         );
         let e = CappedReader::new(&b"abcd"[..], 3)
@@ -158,7 +162,10 @@ mod tests {
         assert!(bomb.len() < 64 * 1024);
         let dec = zstd::stream::read::Decoder::new(&bomb[..]).unwrap();
         let r = VerifyReader::new(CappedReader::new(dec, 1000)).finish(&Digest::of(b"x"), 1000);
-        assert!(r.is_err(), "a bomb must fail as an I/O error, not run to its end");
+        assert!(
+            r.is_err(),
+            "a bomb must fail as an I/O error, not run to its end"
+        );
     }
 
     #[test]

@@ -117,7 +117,8 @@ mod tests {
     #[test]
     fn merge_overrides_key_by_key_and_refuses_zero() {
         let mut l = FetchLimits::default();
-        let f: FetchFragment = toml::from_str("low_speed_secs = 5\nmax_manifest_bytes = 99").unwrap();
+        let f: FetchFragment =
+            toml::from_str("low_speed_secs = 5\nmax_manifest_bytes = 99").unwrap();
         l.merge(f).unwrap();
         assert_eq!(l.low_speed_secs, 5);
         assert_eq!(l.max_manifest_bytes, 99);

@@ -198,18 +198,39 @@ mod tests {
     #[test]
     fn trickle_is_stalled_and_deadline_ends_a_steady_body() {
         let c = AtomicU64::new(0);
-        let mut b = Body::new(Trickle(1000), 1 << 20, pace(100, 200, 60_000), Instant::now(), &c);
+        let mut b = Body::new(
+            Trickle(1000),
+            1 << 20,
+            pace(100, 200, 60_000),
+            Instant::now(),
+            &c,
+        );
         let e = b.read_to_end(&mut Vec::new()).unwrap_err();
         assert!(
             matches!(body_error(&e), Some(BodyError::Stalled { want: 100, .. })),
             "{e}"
         );
         // Fast enough per window, but longer than the deadline.
-        let mut b = Body::new(Trickle(1000), 1 << 20, pace(1, 100, 300), Instant::now(), &c);
+        let mut b = Body::new(
+            Trickle(1000),
+            1 << 20,
+            pace(1, 100, 300),
+            Instant::now(),
+            &c,
+        );
         let e = b.read_to_end(&mut Vec::new()).unwrap_err();
-        assert!(matches!(body_error(&e), Some(BodyError::Deadline { .. })), "{e}");
+        assert!(
+            matches!(body_error(&e), Some(BodyError::Deadline { .. })),
+            "{e}"
+        );
         // And a body that keeps up passes.
-        let mut b = Body::new(Trickle(10), 1 << 20, pace(1, 100, 60_000), Instant::now(), &c);
+        let mut b = Body::new(
+            Trickle(10),
+            1 << 20,
+            pace(1, 100, 60_000),
+            Instant::now(),
+            &c,
+        );
         assert_eq!(b.read_to_end(&mut Vec::new()).unwrap(), 10);
     }
 }

@@ -2,8 +2,8 @@
 //! (in parallel, resumed and retried), and reading an object's content
 //! from the cache or straight from the store.
 
-use super::cache::Cache;
 use super::body::{body_error, BodyError};
+use super::cache::Cache;
 use super::{Attempt, HttpStore, BUF, PARALLEL_DOWNLOADS};
 use crate::format::codec::max_compressed;
 use crate::format::manifest::Digest;
