@@ -18,7 +18,9 @@
 //! - [`apply`]: the update pipeline, one command's steps in order;
 //! - [`fleet`]: fleet rollout (etcd slots, health gate, rollback in place,
 //!   breaker, phases, windows) between the pipeline and the agent;
-//! - [`agent`]: the node agent and its metadata.
+//! - [`agent`]: the node agent and its metadata;
+//! - [`fuzzing`]: entry points of the fuzz targets (`fuzz/`) and their
+//!   corpus replay, over the parsers of untrusted bytes in every layer.
 
 pub mod agent;
 pub mod apply;
@@ -27,6 +29,7 @@ pub mod engine;
 pub mod fleet;
 pub mod format;
 pub mod fs;
+pub mod fuzzing;
 pub mod net;
 pub mod publish;
 pub mod sys;

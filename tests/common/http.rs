@@ -1,11 +1,14 @@
 //! HTTP for the tests, apart from `imageupd serve` itself ([`super::serve`]):
 //!
 //! * [`FileServer`]: the one HTTP test server, a minimal keep-alive
-//!   HTTP/1.1 file server over a directory, run in the test process. It
-//!   never honours Range (every GET gets the whole file, 200), answers HEAD
-//!   with the headers only, sends Last-Modified, counts the requests for
-//!   each path and, when asked, fails the first request for chosen paths
-//!   with a status of the test's choosing;
+//!   HTTP/1.1 file server over a directory, run in the test process. By
+//!   default it never honours Range (every GET gets the whole file, 200);
+//!   [`FileServerOptions::ranges`] makes it answer a single `bytes=` range
+//!   with 206. It answers HEAD with the headers only, sends Last-Modified,
+//!   counts the requests for each path and, when asked, fails the first
+//!   request for chosen paths with a status of the test's choosing, or
+//!   answers chosen requests with a hostile body ([`Fault`]: endless, or
+//!   trickled a byte a second);
 //! * [`Nginx`]: a stock nginx serving a directory;
 //! * [`raw`]: a request written by hand over TCP, so no client normalises
 //!   the target first;
@@ -36,10 +39,28 @@ pub fn free_port() -> u16 {
 /// `None` to serve it.
 type FailFirst = fn(&str) -> Option<&'static str>;
 
+/// A hostile answer to one request ([`FileServerOptions::fault`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Serve it properly.
+    None,
+    /// The right status (and Content-Range) and the right bytes, then zeros
+    /// without end: no Content-Length, `Connection: close`.
+    Endless,
+    /// The right headers, then the body at one byte a second.
+    Trickle,
+}
+
+/// For a request (path, how many times it was asked for so far, 1 = the
+/// first): the [`Fault`] to answer it with.
+type FaultRule = fn(&str, u32) -> Fault;
+
 /// What a [`FileServer`] will do; [`FileServer::over`] makes one.
 pub struct FileServerOptions {
     dir: PathBuf,
     fail_first: FailFirst,
+    ranges: bool,
+    fault: FaultRule,
 }
 
 impl FileServerOptions {
@@ -50,6 +71,19 @@ impl FileServerOptions {
         self
     }
 
+    /// Honour a single `Range: bytes=A-B` / `bytes=A-` (206, or 416 past
+    /// the end), as a static web server does.
+    pub fn ranges(mut self) -> FileServerOptions {
+        self.ranges = true;
+        self
+    }
+
+    /// Answer the requests RULE picks with a hostile body.
+    pub fn fault(mut self, rule: FaultRule) -> FileServerOptions {
+        self.fault = rule;
+        self
+    }
+
     /// Listen on an ephemeral loopback port.
     pub fn start(self) -> FileServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -57,7 +91,12 @@ impl FileServerOptions {
         let seen: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let (seen2, stop2) = (seen.clone(), stop.clone());
-        let (dir, fail_first) = (self.dir, self.fail_first);
+        let behave = Behaviour {
+            fail_first: self.fail_first,
+            ranges: self.ranges,
+            fault: self.fault,
+        };
+        let dir = self.dir;
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if stop2.load(Ordering::SeqCst) {
@@ -65,7 +104,7 @@ impl FileServerOptions {
                 }
                 let Ok(conn) = conn else { continue };
                 let (dir, seen) = (dir.clone(), seen2.clone());
-                std::thread::spawn(move || serve_connection(conn, &dir, &seen, fail_first));
+                std::thread::spawn(move || serve_connection(conn, &dir, &seen, behave));
             }
         });
         FileServer {
@@ -94,6 +133,8 @@ impl FileServer {
         FileServerOptions {
             dir: dir.to_path_buf(),
             fail_first: |_| None,
+            ranges: false,
+            fault: |_, _| Fault::None,
         }
     }
 
@@ -111,12 +152,36 @@ impl Drop for FileServer {
     }
 }
 
+/// How a [`FileServer`] answers.
+#[derive(Clone, Copy)]
+struct Behaviour {
+    fail_first: FailFirst,
+    ranges: bool,
+    fault: FaultRule,
+}
+
+/// A single `bytes=A-B` / `bytes=A-` range of a LEN-byte file, if VALUE is
+/// one: `Ok((start, end_inclusive))`, or `Err(())` past the end.
+fn single_range(value: &str, len: u64) -> Option<Result<(u64, u64), ()>> {
+    let spec = value.trim().strip_prefix("bytes=")?;
+    let (a, b) = spec.split_once('-')?;
+    let start: u64 = a.trim().parse().ok()?;
+    let end = match b.trim() {
+        "" => len.saturating_sub(1),
+        b => b.parse::<u64>().ok()?.min(len.saturating_sub(1)),
+    };
+    if start >= len || end < start {
+        return Some(Err(()));
+    }
+    Some(Ok((start, end)))
+}
+
 /// Answer requests on CONN until the client closes it.
 fn serve_connection(
     conn: TcpStream,
     dir: &Path,
     seen: &Mutex<HashMap<String, u32>>,
-    fail_first: FailFirst,
+    behave: Behaviour,
 ) {
     let mut w = conn.try_clone().expect("clone stream");
     let mut r = BufReader::new(conn);
@@ -125,10 +190,16 @@ fn serve_connection(
         if r.read_line(&mut first).unwrap_or(0) == 0 {
             return;
         }
+        let mut range: Option<String> = None;
         loop {
             let mut h = String::new();
             if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
                 break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.trim().eq_ignore_ascii_case("range") {
+                    range = Some(v.trim().to_string());
+                }
             }
         }
         let mut words = first.split_whitespace();
@@ -140,11 +211,15 @@ fn serve_connection(
             *c += 1;
             *c
         };
-        let flake = if n > 1 { None } else { fail_first(&path) };
+        let flake = if n > 1 {
+            None
+        } else {
+            (behave.fail_first)(&path)
+        };
         let rel = path.split('?').next().unwrap_or("").trim_start_matches('/');
         let file = dir.join(rel);
         let confined = !rel.split('/').any(|c| c == "..");
-        let (status, body, modified) = match (flake, confined) {
+        let (mut status, mut body, modified) = match (flake, confined) {
             (Some(st), _) => (st, Vec::new(), None),
             (None, false) => ("404 Not Found", Vec::new(), None),
             (None, true) => match std::fs::read(&file) {
@@ -156,7 +231,37 @@ fn serve_connection(
                 Err(_) => ("404 Not Found", Vec::new(), None),
             },
         };
-        let mut head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\n", body.len());
+        let mut content_range = None;
+        if behave.ranges && status == "200 OK" {
+            let len = body.len() as u64;
+            match range.as_deref().and_then(|v| single_range(v, len)) {
+                Some(Ok((a, b))) => {
+                    body = body[a as usize..=b as usize].to_vec();
+                    status = "206 Partial Content";
+                    content_range = Some(format!("bytes {a}-{b}/{len}"));
+                }
+                Some(Err(())) => {
+                    body = Vec::new();
+                    status = "416 Range Not Satisfiable";
+                    content_range = Some(format!("bytes */{len}"));
+                }
+                None => {}
+            }
+        }
+        let fault = if status.starts_with('2') {
+            (behave.fault)(&path, n)
+        } else {
+            Fault::None
+        };
+        let mut head = format!("HTTP/1.1 {status}\r\n");
+        if fault == Fault::Endless {
+            head.push_str("Connection: close\r\n");
+        } else {
+            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        if let Some(cr) = content_range {
+            head.push_str(&format!("Content-Range: {cr}\r\n"));
+        }
         if let Some(t) = modified {
             head.push_str(&format!(
                 "Last-Modified: {}\r\n",
@@ -165,11 +270,32 @@ fn serve_connection(
         }
         head.push_str("\r\n");
         let body: &[u8] = if method == "HEAD" { &[] } else { &body };
-        if w.write_all(head.as_bytes())
-            .and_then(|_| w.write_all(body))
-            .is_err()
-        {
+        if w.write_all(head.as_bytes()).is_err() {
             return;
+        }
+        match fault {
+            Fault::None => {
+                if w.write_all(body).is_err() {
+                    return;
+                }
+            }
+            Fault::Endless => {
+                // Until the client gives up and closes the connection.
+                let zeros = vec![0u8; 64 * 1024];
+                if w.write_all(body).is_err() {
+                    return;
+                }
+                while w.write_all(&zeros).is_ok() {}
+                return;
+            }
+            Fault::Trickle => {
+                for b in body {
+                    if w.write_all(std::slice::from_ref(b)).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
         }
     }
 }

@@ -60,11 +60,12 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, report: &mut ApplyReport) -> Result<Tar
     report.id = id.clone();
     report.from_id = ctx.root.image_id()?;
     ctx.advance(Event::Planned);
-    let net = crate::net::fetch::NetOptions::for_root(
+    let mut net = crate::net::fetch::NetOptions::for_root(
         ctx.opts.ca_file.as_deref(),
         ctx.cfg.ca_file.as_deref(),
         &ctx.root.path,
     );
+    net.limits = ctx.cfg.fetch.clone();
     let source = Source::open_with(&from, &net)?;
     report.source = source.describe();
     let now = std::time::SystemTime::now()

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::fs::preserve::{Preserve, DEFAULT_PRESERVE};
+use crate::net::limits::{FetchFragment, FetchLimits};
 
 /// Default per-hook timeout, in seconds.
 pub const DEFAULT_HOOK_TIMEOUT_SECS: u64 = 300;
@@ -74,6 +75,9 @@ pub struct Config {
     pub rollout: Option<toml::Table>,
     /// The `[health]` table (the health gate), likewise.
     pub health: Option<toml::Table>,
+    /// The `[fetch]` table: byte caps, low-speed abort and deadline of
+    /// every download (`crate::net::limits`).
+    pub fetch: FetchLimits,
 }
 
 impl Default for Config {
@@ -92,6 +96,7 @@ impl Default for Config {
             sources: Vec::new(),
             rollout: None,
             health: None,
+            fetch: FetchLimits::default(),
         }
     }
 }
@@ -113,6 +118,7 @@ struct Fragment {
     allow_expired_index: Option<bool>,
     rollout: Option<toml::Table>,
     health: Option<toml::Table>,
+    fetch: Option<FetchFragment>,
 }
 
 impl Config {
@@ -166,6 +172,11 @@ impl Config {
         }
         if let Some(v) = f.allow_expired_index {
             self.allow_expired_index = v;
+        }
+        if let Some(t) = f.fetch {
+            self.fetch
+                .merge(t)
+                .with_context(|| format!("{}: table [fetch]", origin.display()))?;
         }
         for (have, t) in [(&mut self.rollout, f.rollout), (&mut self.health, f.health)] {
             if let Some(t) = t {

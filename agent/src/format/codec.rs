@@ -7,18 +7,33 @@ use anyhow::{bail, Context, Result};
 
 use crate::format::manifest::{self, Manifest};
 
+/// A stored manifest decompresses to at most this many times its own
+/// length (manifests hold a 64-hex-digit digest per file and compress
+/// some 3-10 times; a zstd bomb, hundreds or thousands of times).
+pub const MAX_MANIFEST_RATIO: u64 = 64;
+
+/// The most JSON bytes `stored` (a stored manifest of that length) may
+/// decompress to: [`MAX_MANIFEST_RATIO`] times its length, at most
+/// [`manifest::MAX_MANIFEST_BYTES`].
+pub fn max_manifest_json(stored_len: u64) -> u64 {
+    stored_len
+        .saturating_mul(MAX_MANIFEST_RATIO)
+        .min(manifest::MAX_MANIFEST_BYTES)
+}
+
 /// Decompress and parse a manifest's stored bytes (after its signature has
-/// been checked).
+/// been checked); the output is bounded by [`max_manifest_json`].
 pub fn decode_manifest(stored: &[u8]) -> Result<Manifest> {
     let dec = zstd::stream::read::Decoder::new(stored).context("manifest is not a zstd stream")?;
+    let max = max_manifest_json(stored.len() as u64);
     let mut json = Vec::new();
-    dec.take(manifest::MAX_MANIFEST_BYTES + 1)
+    dec.take(max + 1)
         .read_to_end(&mut json)
         .context("decompressing the manifest")?;
-    if json.len() as u64 > manifest::MAX_MANIFEST_BYTES {
+    if json.len() as u64 > max {
         bail!(
-            "manifest exceeds {} bytes uncompressed",
-            manifest::MAX_MANIFEST_BYTES
+            "manifest decompresses to more than {max} bytes ({MAX_MANIFEST_RATIO} times its {} stored bytes); refused",
+            stored.len()
         );
     }
     Ok(Manifest::parse(&json)?)

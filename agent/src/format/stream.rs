@@ -81,6 +81,60 @@ impl<R: Read> Read for VerifyReader<R> {
     }
 }
 
+/// More bytes than a [`CappedReader`] allows (a decompression bomb, or a
+/// file that grew).
+#[derive(Debug, thiserror::Error)]
+#[error("more than the {cap} bytes declared; refused")]
+pub struct OverCap {
+    /// The declared size, in bytes.
+    pub cap: u64,
+}
+
+/// Passes at most `cap` bytes through; one more is an error ([`OverCap`]),
+/// never a silent truncation. Put it right after a decompressor, so its
+/// output stops at the size the manifest declares.
+pub struct CappedReader<R> {
+    inner: R,
+    left: u64,
+    cap: u64,
+}
+
+impl<R: Read> CappedReader<R> {
+    /// Allow `cap` bytes out of `inner`.
+    pub fn new(inner: R, cap: u64) -> Self {
+        CappedReader {
+            inner,
+            left: cap,
+            cap,
+        }
+    }
+}
+
+impl<R: Read> Read for CappedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.left == 0 {
+            // At the cap: the stream must end here.
+            let mut b = [0u8; 1];
+            return match self.inner.read(&mut b)? {
+                0 => Ok(0),
+                _ => Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    OverCap { cap: self.cap },
+                )),
+            };
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
 /// Hash a whole reader.
 pub fn digest_of<R: Read>(r: R) -> io::Result<(Digest, u64)> {
     VerifyReader::new(r).digest()
@@ -89,6 +143,30 @@ pub fn digest_of<R: Read>(r: R) -> io::Result<(Digest, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capped_reader_errors_past_the_cap() {
+        let mut out = Vec::new();
+        assert_eq!(
+            CappedReader::new(&b"abc"[..], 3)
+                .read_to_end(&mut out)
+                .unwrap(),
+            3
+        );
+        let e = CappedReader::new(&b"abcd"[..], 3)
+            .read_to_end(&mut Vec::new())
+            .unwrap_err();
+        assert!(e.get_ref().is_some_and(|i| i.is::<OverCap>()), "{e}");
+        // A zstd bomb: a few hundred bytes that decompress to 64 MiB.
+        let bomb = zstd::encode_all(&vec![0u8; 64 << 20][..], 3).unwrap();
+        assert!(bomb.len() < 64 * 1024);
+        let dec = zstd::stream::read::Decoder::new(&bomb[..]).unwrap();
+        let r = VerifyReader::new(CappedReader::new(dec, 1000)).finish(&Digest::of(b"x"), 1000);
+        assert!(
+            r.is_err(),
+            "a bomb must fail as an I/O error, not run to its end"
+        );
+    }
 
     #[test]
     fn verifies_and_detects_mismatch() {

@@ -31,6 +31,12 @@
 //! - Connect errors, timeouts, broken bodies, 408, 429 and 5xx are retried
 //!   with exponential backoff ([`MAX_ATTEMPTS`], [`BACKOFF_INITIAL`],
 //!   [`BACKOFF_MAX`]); other 4xx and TLS certificate failures are final.
+//! - Every response is read through a [`body::Body`]: a byte cap (the
+//!   marker and signatures [`MAX_SMALL_BYTES`], the manifest and pack index
+//!   by `[fetch]` keys, an object by its declared size, pack spans and
+//!   delta ranges by their signed index and header), a low-speed abort and
+//!   a per-request deadline ([`crate::net::limits`]). A longer body is
+//!   refused (exit 4), never truncated; a slow one is retried.
 //! - TLS trusts the system's roots plus an optional CA file.
 
 use std::io::{self, Read};
@@ -43,18 +49,22 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
 
-use crate::format::manifest::{Digest, MAX_MANIFEST_BYTES};
+use crate::format::manifest::Digest;
 use crate::fs::fsx;
 use crate::fs::store;
 use crate::sys::error::ExitKind;
 
+pub mod body;
 mod cache;
 mod delta;
 mod loose;
 mod manifest;
 mod packed;
 
+use body::{Body, BodyError, Pace};
 use cache::Cache;
+
+use crate::net::limits::FetchLimits;
 
 /// Attempts per request (the first try included) before giving up.
 pub const MAX_ATTEMPTS: u32 = 10;
@@ -64,14 +74,12 @@ pub const BACKOFF_INITIAL: Duration = Duration::from_millis(250);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(8);
 /// Time allowed to establish a connection (TCP + TLS).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest wait for response headers, and for each read of a body.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Objects downloaded at once (each over a pooled keep-alive connection).
 pub const PARALLEL_DOWNLOADS: usize = 8;
 /// The download cache, relative to the state directory.
 pub const CACHE_DIR: &str = "cache";
 /// Largest marker file or signature accepted, in bytes.
-const MAX_SMALL_BYTES: u64 = 64 * 1024;
+pub const MAX_SMALL_BYTES: u64 = 64 * 1024;
 /// Copy buffer for downloads, in bytes.
 const BUF: usize = 128 * 1024;
 
@@ -87,6 +95,8 @@ pub struct NetOptions {
     /// The node's root: an update delta's patches read the current
     /// image's files there.
     pub root: Option<PathBuf>,
+    /// Caps, low-speed abort and deadline of every request (`[fetch]`).
+    pub limits: FetchLimits,
 }
 
 impl NetOptions {
@@ -105,6 +115,7 @@ impl NetOptions {
             ca_file,
             state_dir: Some(root.join(crate::fs::rootfs::STATE_DIR)),
             root: Some(root.to_path_buf()),
+            limits: FetchLimits::default(),
         }
     }
 }
@@ -174,6 +185,7 @@ enum Attempt {
 pub struct HttpStore {
     base: reqwest::Url,
     client: reqwest::blocking::Client,
+    limits: FetchLimits,
     counters: Counters,
     cache: OnceLock<Cache>,
     packs: OnceLock<packed::PackCtx>,
@@ -207,7 +219,10 @@ impl HttpStore {
         let mut b = reqwest::blocking::Client::builder()
             .use_rustls_tls()
             .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(READ_TIMEOUT)
+            // In the blocking client this bounds the wait for the headers
+            // and for each read, so a silent server is caught by the
+            // low-speed window even when no byte arrives at all.
+            .timeout(Duration::from_secs(opts.limits.low_speed_secs))
             .pool_max_idle_per_host(PARALLEL_DOWNLOADS)
             .user_agent(concat!("imageupd/", env!("CARGO_PKG_VERSION")))
             .http1_only();
@@ -230,6 +245,7 @@ impl HttpStore {
         let h = HttpStore {
             base,
             client,
+            limits: opts.limits.clone(),
             counters: Counters::default(),
             cache: OnceLock::new(),
             packs: OnceLock::new(),
@@ -305,7 +321,7 @@ impl HttpStore {
         let by_frames = self.manifest_by_frames(id);
         let stored = by_frames
             .map(Ok)
-            .unwrap_or_else(|| self.get_small(&m, MAX_MANIFEST_BYTES))
+            .unwrap_or_else(|| self.get_small(&m, self.limits.max_manifest_bytes))
             .map_err(|e| {
                 if is_status(&e, &[404, 410]) {
                     e.context(format!(
@@ -344,18 +360,23 @@ impl HttpStore {
         self.retrying(&url, || {
             let resp = self.send(&url, None)?;
             let mut body = Vec::new();
-            let mut r = CountingReader {
-                inner: resp,
-                counter: &self.counters.bytes,
-            };
-            match (&mut r).take(limit + 1).read_to_end(&mut body) {
-                Ok(_) if body.len() as u64 > limit => Err(Attempt::Fatal(anyhow!(
-                    "{url} is larger than {limit} bytes"
-                ))),
+            match self.body(resp, limit).read_to_end(&mut body) {
                 Ok(_) => Ok(body),
-                Err(e) => Err(Attempt::Retry(anyhow!(e).context(format!("reading {url}")))),
+                Err(e) => Err(read_failed(e, &url)),
             }
         })
+    }
+
+    /// The body of `resp`, bounded to `cap` bytes and by the `[fetch]`
+    /// pace, counted into the report.
+    fn body<R: Read>(&self, resp: R, cap: u64) -> Body<'_, R> {
+        Body::new(
+            resp,
+            cap,
+            Pace::from(&self.limits),
+            std::time::Instant::now(),
+            &self.counters.bytes,
+        )
     }
 
     /// Send one GET (from byte `from` on, if given). Success and 416 are
@@ -523,17 +544,16 @@ fn is_tls_failure(e: &reqwest::Error) -> bool {
     false
 }
 
-/// Counts bytes read into an atomic counter.
-struct CountingReader<'a, R> {
-    inner: R,
-    counter: &'a AtomicU64,
-}
-
-impl<R: Read> Read for CountingReader<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.counter.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
+/// A failed read of the body of `url`: a body longer than allowed is
+/// untrusted input (final); a stall, a deadline or a broken connection is
+/// worth a retry.
+fn read_failed(e: io::Error, url: &reqwest::Url) -> Attempt {
+    let too_long = matches!(body::body_error(&e), Some(BodyError::TooLong { .. }));
+    let e = anyhow!(e).context(format!("reading {url}"));
+    if too_long {
+        Attempt::Fatal(e.context(ExitKind::Untrusted))
+    } else {
+        Attempt::Retry(e)
     }
 }
 

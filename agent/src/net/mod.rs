@@ -5,4 +5,5 @@
 //! [`crate::format`] and [`crate::sys`].
 
 pub mod fetch;
+pub mod limits;
 pub mod source;

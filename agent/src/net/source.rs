@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 
 use crate::format::kernel;
 use crate::format::manifest::{Digest, Entry, Manifest, LEGACY_FORMAT};
+use crate::format::stream::CappedReader;
 use crate::format::trust::{verify_stored, Resolved, Trust};
 use crate::fs::fsx;
 use crate::fs::scan::{self, ScanOptions};
@@ -156,11 +157,16 @@ impl Source {
     }
 
     /// Open the content of a file entry (unverified; the caller verifies).
+    /// More bytes than the entry's size are an error, so a decompression
+    /// bomb stops at the declared size.
     pub fn open_content(&self, d: &Digest, e: &Entry) -> io::Result<Box<dyn Read + Send + '_>> {
         match self {
-            Source::Store(st) => Ok(Box::new(st.open_object(d)?)),
-            Source::Dir { fd, .. } => Ok(Box::new(fsx::open_file_beneath(fd.as_fd(), &e.path)?)),
-            Source::Http(h) => h.open_content(d),
+            Source::Store(st) => Ok(Box::new(CappedReader::new(st.open_object(d)?, e.size))),
+            Source::Dir { fd, .. } => Ok(Box::new(CappedReader::new(
+                fsx::open_file_beneath(fd.as_fd(), &e.path)?,
+                e.size,
+            ))),
+            Source::Http(h) => h.open_content(d, e.size),
         }
     }
 

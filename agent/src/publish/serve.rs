@@ -47,7 +47,7 @@ use crate::format::manifest::RelPath;
 use crate::fs::fsx;
 use crate::fs::store::Store;
 
-mod request;
+pub mod request;
 pub use request::{parse_range, resolve_path, CacheClass, PathRefusal, RangeSpec};
 
 /// Default listen address.

@@ -12,7 +12,7 @@ use rustix::fs::{Mode, OFlags};
 
 use super::CACHE_DIR;
 use crate::format::manifest::{Digest, RelPath};
-use crate::format::stream::VerifyReader;
+use crate::format::stream::{CappedReader, VerifyReader};
 use crate::fs::fsx;
 
 /// The download cache's directories.
@@ -64,9 +64,11 @@ impl Cache {
         let mut f = f.try_clone()?;
         f.seek(SeekFrom::Start(0))?;
         let dec = zstd::stream::read::Decoder::new(f).context("not a zstd frame")?;
-        VerifyReader::new(dec)
+        // A frame that decompresses past the declared size (a zstd bomb)
+        // stops there instead of running on.
+        VerifyReader::new(CappedReader::new(dec, size))
             .finish(d, size)
-            .context("not a valid zstd frame")?
+            .context("not a valid zstd frame of the declared size")?
             .map_err(anyhow::Error::new)
     }
 

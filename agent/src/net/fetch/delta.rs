@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::{Attempt, Cache, CountingReader, HttpStore};
+use super::{read_failed, Attempt, Cache, HttpStore};
 use crate::format::delta::{self, Header, Kind, ObjectError, Payload};
 use crate::format::manifest::{Digest, FileType, Manifest, RelPath, MAX_MANIFEST_BYTES};
 use crate::format::mframes;
@@ -179,14 +179,10 @@ impl HttpStore {
             s => return Err(Attempt::Fatal(anyhow!("{url}: HTTP {s}"))),
         };
         let mut body = Vec::with_capacity(limit as usize);
-        let r = CountingReader {
-            inner: resp,
-            counter: &self.counters.bytes,
-        };
-        match r.take(limit).read_to_end(&mut body) {
+        match self.body(resp, limit).read_to_end(&mut body) {
             Ok(n) if n as u64 == limit => Ok((body, total)),
             Ok(n) => Err(Attempt::Retry(anyhow!("{url}: body ended after {n} bytes"))),
-            Err(e) => Err(Attempt::Retry(anyhow!(e).context(format!("reading {url}")))),
+            Err(e) => Err(read_failed(e, url)),
         }
     }
 
@@ -202,7 +198,7 @@ impl HttpStore {
         if head.len() as u64 >= upto {
             return Ok(());
         }
-        if upto > total || upto > MAX_MANIFEST_BYTES + delta::MAX_HEADER_BYTES {
+        if upto > total || upto > self.limits.max_manifest_bytes + delta::MAX_HEADER_BYTES {
             bail!("{url} is shorter than its header says");
         }
         let start = head.len() as u64;
@@ -215,14 +211,10 @@ impl HttpStore {
                 )));
             }
             let mut body = Vec::new();
-            let r = CountingReader {
-                inner: resp,
-                counter: &self.counters.bytes,
-            };
-            match r.take(upto - start).read_to_end(&mut body) {
+            match self.body(resp, upto - start).read_to_end(&mut body) {
                 Ok(n) if n as u64 == upto - start => Ok(body),
                 Ok(n) => Err(Attempt::Retry(anyhow!("{url}: body ended after {n} bytes"))),
-                Err(e) => Err(Attempt::Retry(anyhow!(e).context(format!("reading {url}")))),
+                Err(e) => Err(read_failed(e, url)),
             }
         })?;
         head.extend_from_slice(&more);
@@ -319,10 +311,7 @@ impl HttpStore {
                 s => return Err(Attempt::Fatal(anyhow!("{}: HTTP {s}", ctx.url))),
             };
             let mut r = NetReader {
-                inner: CountingReader {
-                    inner: resp,
-                    counter: &self.counters.bytes,
-                },
+                inner: self.body(resp, left),
                 broke: &broke,
                 left,
             };
@@ -480,6 +469,24 @@ impl<R: Read> Read for NetReader<'_, R> {
             }
             Ok(k) => {
                 self.left -= k as u64;
+                if self.left == 0 {
+                    // The response must end with the range asked for: more
+                    // is refused rather than left unread.
+                    match self.inner.read(&mut [0u8; 1]) {
+                        Ok(0) => {}
+                        Ok(_) => {
+                            return Err(io::Error::other(
+                                "the response continues past the range asked for; refused",
+                            ))
+                        }
+                        Err(e) => {
+                            if super::body::body_error(&e).is_none() {
+                                self.broke.store(true, Ordering::Relaxed);
+                            }
+                            return Err(e);
+                        }
+                    }
+                }
                 Ok(k)
             }
             Err(e) => {

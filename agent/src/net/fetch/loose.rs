@@ -2,10 +2,12 @@
 //! (in parallel, resumed and retried), and reading an object's content
 //! from the cache or straight from the store.
 
+use super::body::{body_error, BodyError};
 use super::cache::Cache;
-use super::{Attempt, CountingReader, HttpStore, BUF, PARALLEL_DOWNLOADS};
+use super::{Attempt, HttpStore, BUF, PARALLEL_DOWNLOADS};
 use crate::format::codec::max_compressed;
 use crate::format::manifest::Digest;
+use crate::format::stream::CappedReader;
 use crate::sys::error::ExitKind;
 use crate::sys::progress::{Bar, Progress};
 use anyhow::{anyhow, Context, Result};
@@ -178,12 +180,20 @@ impl HttpStore {
         f.seek(SeekFrom::Start(have))
             .map_err(|e| fatal(e, "writing to"))?;
         let expect = have + resp.content_length().unwrap_or(0);
+        // The body may bring the part up to `limit` bytes, not one more.
+        let mut body = self.body(&mut resp, limit - have);
         let mut buf = vec![0u8; BUF];
         loop {
-            let n = match resp.read(&mut buf) {
+            let n = match body.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if matches!(body_error(&e), Some(BodyError::TooLong { .. })) => {
+                    f.set_len(0).map_err(|e| fatal(e, "writing to"))?;
+                    return Err(Attempt::Fatal(
+                        anyhow!("{url} is larger than any zstd frame of {size} bytes can be ({limit}); refused").context(ExitKind::Untrusted),
+                    ));
+                }
                 Err(e) => {
                     return Err(Attempt::Retry(anyhow!(e).context(format!(
                         "download of {url} broke off after {have} bytes"
@@ -191,13 +201,6 @@ impl HttpStore {
                 }
             };
             have += n as u64;
-            self.counters.bytes.fetch_add(n as u64, Ordering::Relaxed);
-            if have > limit {
-                let _ = f.set_len(0);
-                return Err(Attempt::Fatal(
-                    anyhow!("{url} is larger than any zstd frame of {size} bytes can be ({limit}); refused").context(ExitKind::Untrusted),
-                ));
-            }
             f.write_all(&buf[..n]).map_err(|e| fatal(e, "writing to"))?;
             // Progress in content bytes, scaled by how much of the body arrived.
             if expect > 0 {
@@ -212,13 +215,18 @@ impl HttpStore {
         Ok(resumed)
     }
 
-    /// Read the content of an object: from the download cache after a
-    /// prefetch, else streamed from the store (unverified; the caller
-    /// verifies).
-    pub fn open_content(&self, d: &Digest) -> io::Result<Box<dyn Read + Send + '_>> {
+    /// Read the content of an object of `size` bytes: from the download
+    /// cache after a prefetch, else streamed from the store (unverified;
+    /// the caller verifies). More than `size` bytes is an error.
+    pub fn open_content(&self, d: &Digest, size: u64) -> io::Result<Box<dyn Read + Send + '_>> {
         if let Some(c) = self.cache.get() {
             match c.open(d) {
-                Ok(f) => return Ok(Box::new(zstd::stream::read::Decoder::new(f)?)),
+                Ok(f) => {
+                    return Ok(Box::new(CappedReader::new(
+                        zstd::stream::read::Decoder::new(f)?,
+                        size,
+                    )))
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
@@ -236,11 +244,9 @@ impl HttpStore {
                 return Err(io::Error::other(format!("{e:#}")))
             }
         };
-        Ok(Box::new(zstd::stream::read::Decoder::new(
-            CountingReader {
-                inner: resp,
-                counter: &self.counters.bytes,
-            },
-        )?))
+        Ok(Box::new(CappedReader::new(
+            zstd::stream::read::Decoder::new(self.body(resp, max_compressed(size)))?,
+            size,
+        )))
     }
 }

@@ -11,8 +11,8 @@ use std::os::unix::ffi::OsStrExt;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::{Attempt, CountingReader, HttpStore};
-use crate::format::manifest::{Digest, MAX_MANIFEST_BYTES};
+use super::{read_failed, Attempt, HttpStore};
+use crate::format::manifest::Digest;
 use crate::format::mframes::{self, FrameList, FRAMES_NAME, MAX_FRAMES_BYTES};
 use crate::fs::rootfs::{CURRENT_MANIFEST, PREVIOUS_MANIFEST};
 
@@ -45,7 +45,7 @@ impl HttpStore {
         let list = self.get_small(&format!("images/{id}/{FRAMES_NAME}"), MAX_FRAMES_BYTES)?;
         let list: FrameList = serde_json::from_slice(&list).context("parsing the frame list")?;
         let total = mframes::check_list(&list)?;
-        if total > MAX_MANIFEST_BYTES {
+        if total > self.limits.max_manifest_bytes {
             bail!("frame list adds up to {total} bytes");
         }
         let known = mframes::known_frames(local);
@@ -99,16 +99,12 @@ impl HttpStore {
                 )));
             }
             let mut body = Vec::with_capacity((end - start) as usize);
-            let r = CountingReader {
-                inner: resp,
-                counter: &self.counters.bytes,
-            };
-            match r.take(end - start).read_to_end(&mut body) {
+            match self.body(resp, end - start).read_to_end(&mut body) {
                 Ok(_) if body.len() as u64 == end - start => Ok(body),
                 Ok(n) => Err(Attempt::Retry(anyhow!(
                     "{url}: range body ended after {n} bytes"
                 ))),
-                Err(e) => Err(Attempt::Retry(anyhow!(e).context(format!("reading {url}")))),
+                Err(e) => Err(read_failed(e, &url)),
             }
         })
     }

@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 use anyhow::{anyhow, Context, Result};
 use ed25519_dalek::VerifyingKey;
 
-use super::{is_status, Attempt, Cache, CountingReader, HttpStore, BUF, PARALLEL_DOWNLOADS};
+use super::{is_status, read_failed, Attempt, Cache, HttpStore, BUF, PARALLEL_DOWNLOADS};
 use crate::format::codec::max_compressed;
 use crate::format::manifest::Digest;
 use crate::format::pack::{
@@ -39,8 +39,6 @@ use crate::sys::progress::Bar;
 /// index (two requests and a few bytes per object of the whole image) would
 /// cost more than it saves.
 pub const PACK_MIN_OBJECTS: usize = 8;
-/// Largest stored pack index accepted, in bytes.
-const MAX_INDEX_STORED: u64 = 64 << 20;
 
 /// What is needed to find and trust an image's pack index.
 pub(super) struct PackCtx {
@@ -73,7 +71,7 @@ impl HttpStore {
             return Ok(None);
         };
         let rel = format!("images/{}/{}", ctx.id, pack::INDEX_NAME);
-        let stored = match self.get_small(&rel, MAX_INDEX_STORED) {
+        let stored = match self.get_small(&rel, self.limits.max_pack_index_bytes) {
             Ok(b) => b,
             Err(e) if is_status(&e, &[403, 404, 410]) => {
                 tracing::info!(
@@ -193,7 +191,8 @@ impl HttpStore {
         let last = span.end - 1;
         self.counters.pack_requests.fetch_add(1, Ordering::Relaxed);
         let resp = self.send_range(url, Some(format!("bytes={start}-{last}")))?;
-        let mut pos = match resp.status().as_u16() {
+        let status = resp.status().as_u16();
+        let mut pos = match status {
             206 => {
                 let cr = resp
                     .headers()
@@ -219,10 +218,13 @@ impl HttpStore {
             }
             s => return Err(Attempt::Fatal(anyhow!("{url}: unexpected HTTP {s}"))),
         };
-        let mut body = CountingReader {
-            inner: resp,
-            counter: &self.counters.bytes,
+        // A 206 brings exactly the range; a 200 (Range ignored) the pack
+        // from byte 0, read up to the span's end only.
+        let cap = match status {
+            206 => last + 1 - start,
+            _ => span.end,
         };
+        let mut body = self.body(resp, cap);
         let mut buf = vec![0u8; BUF];
         for (i, w) in span.frames.iter().enumerate().skip(first) {
             if w.offset < pos {
@@ -257,6 +259,11 @@ impl HttpStore {
                     bar.inc(p.size);
                 }
             }
+        }
+        if status == 206 {
+            // Whatever of the range follows the last frame, then its end.
+            copy_exact(&mut body, last + 1 - pos, None, &mut buf, url)?;
+            body.expect_end().map_err(|e| read_failed(e, url))?;
         }
         Ok(())
     }

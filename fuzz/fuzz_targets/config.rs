@@ -1,0 +1,6 @@
+//! Fuzz target `config`: see `imageupd::fuzzing`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    imageupd::fuzzing::run("config", data);
+});

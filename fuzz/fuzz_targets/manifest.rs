@@ -1,0 +1,6 @@
+//! Fuzz target `manifest`: see `imageupd::fuzzing`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    imageupd::fuzzing::run("manifest", data);
+});
