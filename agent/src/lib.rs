@@ -18,7 +18,10 @@
 //! - [`apply`]: the update pipeline, one command's steps in order;
 //! - [`fleet`]: fleet rollout (etcd slots, health gate, rollback in place,
 //!   breaker, phases, windows) between the pipeline and the agent;
-//! - [`agent`]: the node agent and its metadata.
+//! - [`agent`]: the node agent and its metadata;
+//! - [`provision`]: making a bare node's disks a bootable node of an image
+//!   (partitions, filesystems, the image through [`apply`], bootloader,
+//!   configdrive).
 
 pub mod agent;
 pub mod apply;
@@ -28,5 +31,6 @@ pub mod fleet;
 pub mod format;
 pub mod fs;
 pub mod net;
+pub mod provision;
 pub mod publish;
 pub mod sys;
