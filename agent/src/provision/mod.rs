@@ -438,6 +438,9 @@ impl Work<'_> {
         let root = self.root()?;
         let rf = crate::fs::rootfs::RootFs::open(&root)?;
         let etc = fsx::ensure_dir_beneath(rf.fd(), &RelPath(b"etc".to_vec()), 0o755)?;
+        // etc/ keeps the image's mtime: fstab is a local file (preserved by
+        // updates), not a change to the image's directory.
+        let mtime = fsx::stat_fd(etc.as_fd())?.mtime_ns;
         fsx::write_atomic(
             etc.as_fd(),
             b"fstab",
@@ -445,6 +448,7 @@ impl Work<'_> {
             0o644,
         )
         .context("writing etc/fstab")?;
+        fsx::set_mtime_fd(etc.as_fd(), mtime).context("keeping the mtime of etc/")?;
         fsx::syncfs(rf.fd()).context("syncing the new root")
     }
 

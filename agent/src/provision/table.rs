@@ -55,9 +55,6 @@ pub fn write(disk: &Disk, d: &DiskPlan) -> Result<()> {
         "--wipe-partitions",
         "never",
     ]);
-    if !disk.block {
-        c.arg("--sector-size").arg(d.sector_size.to_string());
-    }
     c.arg(&disk.path)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
