@@ -17,7 +17,7 @@ pub(crate) struct Args {
     pub(crate) report_url: Option<String>,
 }
 
-fn read(p: &PathBuf, what: &str) -> Result<String> {
+fn read(p: &std::path::Path, what: &str) -> Result<String> {
     std::fs::read_to_string(p)
         .with_context(|| format!("reading the {what} {}", p.display()))
         .context(ExitKind::Usage)
