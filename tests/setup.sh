@@ -177,6 +177,7 @@ setup_host() {
 setup_fixtures() {
     tests/fixtures/build-trees.sh
     tests/fixtures/build-vm-trees.sh
+    tests/fixtures/build-prov-tree.sh
     tests/fixtures/tripleo-venv.sh "${IMAGEUPD_TEST_VENV:-/opt/imageupd-venv}"
 }
 

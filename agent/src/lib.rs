@@ -21,6 +21,9 @@
 //! - [`agent`]: the node agent and its metadata;
 //! - [`fuzzing`]: entry points of the fuzz targets (`fuzz/`) and their
 //!   corpus replay, over the parsers of untrusted bytes in every layer.
+//! - [`provision`]: making a bare node's disks a bootable node of an image
+//!   (partitions, filesystems, the image through [`apply`], bootloader,
+//!   configdrive).
 
 pub mod agent;
 pub mod apply;
@@ -31,5 +34,6 @@ pub mod format;
 pub mod fs;
 pub mod fuzzing;
 pub mod net;
+pub mod provision;
 pub mod publish;
 pub mod sys;

@@ -235,6 +235,54 @@ enum Cmd {
         #[command(subcommand)]
         cmd: cli::trust::TrustCmd,
     },
+    /// Make bare disks a bootable node of an image: partitions, filesystems,
+    /// the signed image, /etc/fstab, UEFI loader, configdrive.
+    ///
+    /// Every input is checked (scheme, configdrive inputs, disks, the
+    /// image's signature) before any disk is written; the partition tables
+    /// are written last, so a disk whose run stopped half-way does not boot.
+    /// Run again with the same inputs, it continues where it stopped, or
+    /// prints "nothing to do". The node's root trusts the keys of
+    /// --trusted-keys and can be updated in place by `apply` later. See
+    /// docs/provision.md for the scheme and configdrive formats.
+    Provision {
+        /// Store directory or http(s):// store URL.
+        #[arg(long)]
+        from: String,
+        /// Image id.
+        #[arg(long)]
+        id: String,
+        /// Partitioning scheme (TOML, or JSON starting with `{`).
+        #[arg(long)]
+        scheme: PathBuf,
+        /// A disk: a block device or a disk image file, as PATH (in the
+        /// scheme's order) or NAME=PATH; repeat for each disk.
+        #[arg(long = "disk", required = true)]
+        disks: Vec<String>,
+        /// Configdrive inputs (TOML or JSON): uuid, hostname, keys,
+        /// network, user_data parts.
+        #[arg(long)]
+        configdrive: Option<PathBuf>,
+        /// Directory of trusted publisher keys (*.pub), also installed into
+        /// the node's /etc/imageupd/trusted.d.
+        #[arg(long, default_value = imageupd::provision::DEFAULT_KEYS_DIR)]
+        trusted_keys: PathBuf,
+        /// Accept an unsigned image.
+        #[arg(long)]
+        allow_unsigned: bool,
+        /// Extra CA certificate(s) (PEM) for an https:// source.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// Print the plan (byte offsets, UUIDs) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// JSON: progress lines on stderr, the report (or plan) on stdout.
+        #[arg(long)]
+        json: bool,
+        /// POST the final report (or the error) as JSON to this URL.
+        #[arg(long)]
+        report_url: Option<String>,
+    },
     /// List the deterministic fault points (for crash tests).
     #[command(hide = true)]
     FaultPoints,
@@ -361,6 +409,34 @@ fn run(cli: Cli) -> Result<u8> {
         Cmd::Rollback { root, from, json } => cli::rollback(&root.root, from, json),
         Cmd::Fleet { cmd } => cli::fleet::run(cmd),
         Cmd::Trust { cmd } => cli::trust::run(cmd),
+        Cmd::Provision {
+            from,
+            id,
+            scheme,
+            disks,
+            configdrive,
+            trusted_keys,
+            allow_unsigned,
+            ca_file,
+            dry_run,
+            json,
+            report_url,
+        } => cli::provision::provision(cli::provision::Args {
+            opts: imageupd::provision::ProvisionOptions {
+                from,
+                id,
+                disks,
+                keys_dir: trusted_keys,
+                allow_unsigned,
+                ca_file,
+                dry_run,
+                json,
+                ..Default::default()
+            },
+            scheme,
+            configdrive,
+            report_url,
+        }),
         Cmd::FaultPoints => cli::fault_points(),
     }
 }

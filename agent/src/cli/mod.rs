@@ -13,6 +13,7 @@ use imageupd::sys::error::ExitKind;
 use imageupd::sys::progress::{human_bytes, Progress};
 
 pub(crate) mod fleet;
+pub(crate) mod provision;
 pub(crate) mod status;
 pub(crate) mod trust;
 

@@ -21,6 +21,14 @@ pub const POINTS: &[&str] = &[
     "after-dirmeta",
     "before-commit",
     "after-commit",
+    "provision-wiped",
+    "provision-formatted",
+    "provision-applied",
+    "provision-fstab",
+    "provision-bootloader",
+    "provision-configdrive",
+    "provision-table",
+    "provision-done",
 ];
 
 static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
