@@ -302,6 +302,9 @@ fn check_image(opts: &ProvisionOptions) -> Result<Option<String>> {
         keys: &keys,
         keys_dir: opts.keys_dir.display().to_string(),
         allow_unsigned: opts.allow_unsigned,
+        // Provisioning checks against --trusted-keys; a root of trust
+        // (root.json) is not yet taken here.
+        tuf: None,
     };
     let r = source.manifest(&opts.id, &trust, 2)?;
     Ok(r.signed_by)
