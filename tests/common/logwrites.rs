@@ -99,7 +99,7 @@ pub fn parse_super(b: &[u8]) -> Result<Super, String> {
     }
     let nr_entries = u64_at(b, 16);
     let sectorsize = u32::from_le_bytes(b[24..28].try_into().expect("4 bytes"));
-    if sectorsize < 512 || sectorsize > MAX_SECTOR_SIZE || !sectorsize.is_power_of_two() {
+    if !(512..=MAX_SECTOR_SIZE).contains(&sectorsize) || !sectorsize.is_power_of_two() {
         return Err(format!("super block: sector size {sectorsize}"));
     }
     Ok(Super {
