@@ -23,7 +23,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 /// The super block's magic.
-pub const MAGIC: u64 = 0x6a73_6677_7368_72;
+pub const MAGIC: u64 = 0x006a_7366_7773_6872;
 /// The only log format version.
 pub const VERSION: u64 = 1;
 /// Entry flag: a flush (everything logged before it is durable).
