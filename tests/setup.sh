@@ -30,6 +30,10 @@ PACKAGES=(
     # provisioning (issue 12): UEFI firmware for the boot test, a standalone
     # GRUB EFI image for the ESP, vfat for the ESP and the configdrive
     ovmf grub-efi-amd64-bin dosfstools mtools
+    # power-loss replay (issue 13, tests/powerloss.rs): the guest's
+    # initramfs carries a static busybox and dmsetup (+ its libraries) to put
+    # dm-log-writes under the root
+    busybox-static dmsetup
     # anchors the benchmarks compare against
     ostree wrk hyperfine
     # fleet rollout: a real etcd, and protoc for the etcd client crate's build

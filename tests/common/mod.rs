@@ -21,6 +21,8 @@
 //!   request), a raw HTTP client, and a stock nginx;
 //! * [`nodekit`]: a managed node with a local store, for the agent tests;
 //! * [`vm`]: the QEMU scaffolding of tests/vm.rs;
+//! * [`logwrites`]: a replayer of dm-log-writes logs, and [`powerloss`]:
+//!   the guest of tests/powerloss.rs (initramfs, disks, one TCG boot);
 //! * [`rng`]: a deterministic PRNG.
 //!
 //! Every test binary includes this module and uses a different subset of it.
@@ -29,11 +31,13 @@
 pub mod etcd;
 pub mod fleet;
 pub mod http;
+pub mod logwrites;
 pub mod mounts;
 pub mod net;
 pub mod node;
 pub mod nodekit;
 pub mod oracle;
+pub mod powerloss;
 pub mod preserve;
 pub mod rng;
 pub mod run;

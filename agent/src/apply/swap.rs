@@ -134,8 +134,10 @@ fn write_plan_json(
 }
 
 /// Swap and commit. Everything from here to the commit record is inside
-/// the quiesce window, so it does no fsync of its own: one syncfs after the
-/// renames, one after the commit record.
+/// the quiesce window, so the renames get no fsync of their own: one syncfs
+/// after them, then `etc/image_id` and the journal's "committed" (small
+/// files, each fsync'd before and after its rename), then one syncfs for
+/// the directory metadata.
 pub(super) fn swap_and_commit(
     ctx: &mut Ctx<'_>,
     b: &mut Begun,
@@ -210,8 +212,9 @@ fn commit(ctx: &Ctx<'_>, b: &mut Begun, t: &Target, s: &Survey, sw: &mut SwapRep
     swap::finalise_dirs(&forced_dirs(target), &target.entries, ctx.root.fd(), sw)?;
     fault::point("after-dirmeta");
     fault::point("before-commit");
-    b.journal
-        .store_unsynced(b.state.as_fd(), JournalPhase::Committed)?;
+    // Durable on its own (an empty journal after a power cut would stop
+    // every later run); the syncfs below covers the directory metadata.
+    b.journal.store(b.state.as_fd(), JournalPhase::Committed)?;
     fsx::syncfs(ctx.root.fd()).context("syncfs of the commit record")?;
     fault::point("after-commit");
     Ok(())

@@ -68,21 +68,14 @@ impl Journal {
         )
     }
 
-    /// Durably record the journal.
+    /// Durably record the journal: temp file, fsync, rename, fsync of the
+    /// directory. Never without the fsyncs: a journal renamed into place
+    /// before its bytes are on disk reads back empty after a power cut.
     pub fn store(&mut self, state: BorrowedFd<'_>, phase: JournalPhase) -> Result<()> {
         self.phase = phase;
         self.updated = crate::sys::clock::now_rfc3339();
         let bytes = serde_json::to_vec_pretty(self)?;
         fsx::write_atomic(state, JOURNAL_NAME, &bytes, 0o644).context("writing the apply journal")
-    }
-
-    /// Record the journal without an fsync; the caller's next `syncfs` makes
-    /// it durable together with everything written before it.
-    pub fn store_unsynced(&mut self, state: BorrowedFd<'_>, phase: JournalPhase) -> Result<()> {
-        self.phase = phase;
-        self.updated = crate::sys::clock::now_rfc3339();
-        let bytes = serde_json::to_vec_pretty(self)?;
-        fsx::write_renamed(state, JOURNAL_NAME, &bytes, 0o644).context("writing the apply journal")
     }
 
     /// True when an earlier run stopped mid-way.

@@ -142,11 +142,13 @@ pub fn promote_next_record(state: &OwnedFd, image_changes: bool) -> Result<()> {
         .context("recording the new image's manifest")
 }
 
-/// Write `etc/image_id` (temp + rename; the commit's syncfs makes it durable).
+/// Write `etc/image_id` durably (temp, fsync, rename, fsync of etc/): other
+/// tools read it, and a rename that outlives its bytes in a power cut would
+/// leave it empty.
 pub fn write_image_id(root: &RootFs, id: &str) -> Result<()> {
     let etc = fsx::open_dir_beneath(root.fd(), &RelPath(b"etc".to_vec()))
         .context("opening etc/ to record the image id")?;
-    fsx::write_renamed(
+    fsx::write_atomic(
         etc.as_fd(),
         b"image_id",
         format!("{id}\n").as_bytes(),

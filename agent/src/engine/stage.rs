@@ -237,6 +237,8 @@ impl<'a> Writer<'a> {
             let reader = self.reader(e, &d, from_stage, &mut fetched, &mut local)?;
             self.copy_verified(e, &d, reader, fetched, &mut out)?;
         }
+        fault::io_error("eio-stage-write")
+            .with_context(|| format!("writing staged file for {}", e.path))?;
         out.set_len(e.size)?;
         fsx::set_meta_fd(out.as_fd(), &meta_of(e))
             .with_context(|| format!("setting owner/mode/xattrs of staged {}", e.path))?;

@@ -1,0 +1,602 @@
+//! Power loss, replayed (issue 13; TRUST.md B1–B4): an `imageupd apply`
+//! v1 -> v2 runs inside one TCG guest (the Debian cloud kernel of the VM
+//! kit) with the root under dm-log-writes, on ext4, ext4 `noauto_da_alloc`
+//! and xfs, and once more on each with the pre-swap syncfs skipped (the
+//! positive control, `IMAGEUPD_TEST_UNSAFE_SKIP=presync-syncfs`). The host
+//! then replays each write log (tests/common/logwrites.rs) to every MARK
+//! (one per phase of the apply) and a sample of FLUSH/FUA points, and at
+//! each point mounts a copy (journal recovery) and requires:
+//!
+//! * every path wholly v1 or wholly v2 by hash, and nothing that is in
+//!   neither image outside the preserve list and the staging areas;
+//! * the apply journal parses;
+//! * `fsck -n` clean (`e2fsck -fn`, `xfs_repair -n`);
+//! * a re-run of `apply` converges to v2 (metadata oracle) and `verify
+//!   --checksum` is clean.
+//!
+//! Self-check: the whole log replayed must give a device byte-identical to
+//! the guest's final root disk. The control must show at least one torn
+//! path, or the test proves nothing.
+//!
+//! Tunables: IMAGEUPD_POWERLOSS_POINTS (points per log, marks included
+//! whatever the cap; default 24), IMAGEUPD_TEST_NO_VM=1 skips.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::logwrites::{self, Log, SynthData, FLUSH, FUA, MARK};
+use common::powerloss::{self as pl, Scenario};
+use common::vm;
+use common::vm::OsArg;
+use common::*;
+
+/// Points replayed per log when IMAGEUPD_POWERLOSS_POINTS is unset.
+const DEFAULT_POINTS: usize = 24;
+/// Threads checking replayed points (the machine has 2 cores).
+const WORKERS: usize = 2;
+/// Marks every recorded apply must leave in its log (the fault points of
+/// the phases, the guest's own, and dm-log-writes' end mark).
+const EXPECTED_MARKS: &[&str] = &[
+    "start",
+    "after-journal-begin",
+    "after-stage",
+    "after-presync",
+    "after-swap",
+    "after-delete",
+    "after-image-id",
+    "after-commit",
+    "unmounted",
+    "dm-log-writes-end",
+];
+
+fn points_cap() -> usize {
+    std::env::var("IMAGEUPD_POWERLOSS_POINTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_POINTS)
+}
+
+/// Kinds with content identity of both images.
+struct Versions {
+    old: Tree,
+    new: Tree,
+}
+
+/// Staging areas an interrupted run may leave (removed by the next run).
+fn is_staging(rel: &[u8]) -> bool {
+    rel == b".imageupd-stage" || rel.starts_with(b".imageupd-stage/")
+}
+
+/// Paths torn (neither version, or missing though both images have it) and
+/// stray (in neither image) at a crash point.
+fn crash_check(root: &Path, ver: &Versions) -> (Vec<String>, Vec<String>) {
+    let now = scan(root, &|r| is_preserved(r) || is_staging(r));
+    let (mut torn, mut stray) = (Vec::new(), Vec::new());
+    for (p, n) in &now {
+        let old = ver.old.get(p).map(|x| &x.kind);
+        let new = ver.new.get(p).map(|x| &x.kind);
+        if old.is_none() && new.is_none() {
+            stray.push(format!("{}: in neither image ({:?})", show(p), n.kind));
+        } else if old != Some(&n.kind) && new != Some(&n.kind) {
+            torn.push(format!("{}: neither version: {:?}", show(p), n.kind));
+        }
+    }
+    for p in ver.old.keys().filter(|p| ver.new.contains_key(*p)) {
+        if !now.contains_key(p) {
+            torn.push(format!("{}: missing, but both images have it", show(p)));
+        }
+    }
+    (torn, stray)
+}
+
+/// A loop mount, unmounted on drop.
+struct Mounted(PathBuf);
+
+impl Mounted {
+    fn new(img: &Path, mnt: &Path, opts: &str) -> Result<Mounted, String> {
+        std::fs::create_dir_all(mnt).unwrap();
+        let out = Run::new("mount")
+            .arg("-o")
+            .arg(opts)
+            .arg(img)
+            .arg(mnt)
+            .run();
+        if out.code() != Some(0) {
+            return Err(format!("mount failed: {}", out.describe()));
+        }
+        Ok(Mounted(mnt.to_path_buf()))
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let out = Run::new("umount").arg(&self.0).run();
+        if out.code() != Some(0) && !std::thread::panicking() {
+            panic!("umount {}: {}", self.0.display(), out.describe());
+        }
+    }
+}
+
+/// What one crash point showed.
+#[derive(Default)]
+struct PointResult {
+    torn: Vec<String>,
+    stray: Vec<String>,
+    /// Journal, fsck, mount, convergence or verify failures.
+    failures: Vec<String>,
+    fsck_error: bool,
+    converged: bool,
+}
+
+/// Everything the replay of one scenario showed.
+#[derive(Default)]
+struct Outcome {
+    entries: usize,
+    flush_points: usize,
+    marks: Vec<String>,
+    points: usize,
+    torn_points: usize,
+    max_torn: usize,
+    first_torn: Vec<String>,
+    strays: usize,
+    fsck_errors: usize,
+    converged: usize,
+    failures: Vec<String>,
+    self_check: bool,
+    took: Duration,
+}
+
+/// Indices of the entries to replay to: every MARK, and up to `cap` points
+/// in all, FLUSH/FUA entries evenly sampled, half of them inside the swap
+/// window (after-stage .. after-commit), each after at least one write
+/// (a point with no write since the last one is the same state). A
+/// control takes every FLUSH/FUA point of the window.
+fn choose_points(log: &Log, cap: usize, control: bool) -> Vec<usize> {
+    let marks: Vec<usize> = log.marks().into_iter().map(|(i, _)| i).collect();
+    let mark_at = |name: &str| {
+        log.marks()
+            .into_iter()
+            .find(|(_, m)| m == name)
+            .map(|(i, _)| i)
+    };
+    let (lo, hi) = (
+        mark_at("after-stage").unwrap_or(0),
+        mark_at("after-commit").unwrap_or(log.entries.len()),
+    );
+    let mut dirty = false;
+    let (mut inside, mut outside) = (Vec::new(), Vec::new());
+    for (i, e) in log.entries.iter().enumerate() {
+        dirty |= e.has_data();
+        if e.flags & MARK != 0 {
+            dirty = false;
+        } else if e.flags & (FLUSH | FUA) != 0 && dirty {
+            dirty = false;
+            if (lo..=hi).contains(&i) {
+                inside.push(i);
+            } else {
+                outside.push(i);
+            }
+        }
+    }
+    if control {
+        // The control's torn states lie where renames are durable and data
+        // is not: inside the window. Its checks are cheap (no fsck, no
+        // re-run): every point there.
+        let mut pts = marks;
+        pts.extend(inside);
+        pts.sort_unstable();
+        pts.dedup();
+        return pts;
+    }
+    let budget = cap.saturating_sub(marks.len());
+    let half = (budget / 2).max(budget.saturating_sub(outside.len()));
+    let want_in = half.min(inside.len());
+    let want_out = (budget - want_in).min(outside.len());
+    let mut pts = marks;
+    pts.extend(spread(&inside, want_in));
+    pts.extend(spread(&outside, want_out));
+    pts.sort_unstable();
+    pts.dedup();
+    pts
+}
+
+/// `k` elements of `v`, evenly spaced.
+fn spread(v: &[usize], k: usize) -> Vec<usize> {
+    (0..k).map(|i| v[(2 * i + 1) * v.len() / (2 * k)]).collect()
+}
+
+/// Check one crash state: `copy`, a copy of the device replayed to a
+/// point (removed afterwards), mounted at `mnt`.
+fn check_point(
+    sc: &Scenario,
+    copy: &Path,
+    mnt: &Path,
+    ver: &Versions,
+    store: &Path,
+    full: bool,
+) -> PointResult {
+    let mut r = PointResult::default();
+    let opts = sc.host_mount_opts();
+    match Mounted::new(copy, mnt, &opts) {
+        Err(e) => r.failures.push(format!("journal recovery: {e}")),
+        Ok(m) => {
+            (r.torn, r.stray) = crash_check(mnt, ver);
+            match std::fs::read(mnt.join("var/lib/imageupd/journal.json")) {
+                Err(e) => r.failures.push(format!("journal.json: {e}")),
+                Ok(b) => match serde_json::from_slice::<serde_json::Value>(&b) {
+                    Ok(j)
+                        if ["staging", "swapping", "committed", "aborted"]
+                            .contains(&j["phase"].as_str().unwrap_or("")) => {}
+                    Ok(j) => r
+                        .failures
+                        .push(format!("journal.json: unknown phase in {j}")),
+                    Err(e) => r.failures.push(format!(
+                        "journal.json does not parse ({e}): {:?}",
+                        String::from_utf8_lossy(&b)
+                    )),
+                },
+            }
+            drop(m);
+        }
+    }
+    if full {
+        let fsck = match sc.fs {
+            "xfs" => Run::new("xfs_repair").args(["-n", "-f"]).arg(copy).run(),
+            _ => Run::new("e2fsck").arg("-fn").arg(copy).run(),
+        };
+        if fsck.code() != Some(0) {
+            r.fsck_error = true;
+            r.failures
+                .push(format!("fsck: {}", clip(&fsck.all_output(), 20)));
+        }
+        match Mounted::new(copy, mnt, &opts) {
+            Err(e) => r.failures.push(e),
+            Ok(m) => {
+                r.converged = converge(mnt, ver, store, &mut r.failures);
+                drop(m);
+            }
+        }
+    }
+    std::fs::remove_file(copy).unwrap();
+    r
+}
+
+/// Re-run the apply; true when it converges to v2 and `verify --checksum`
+/// is clean.
+fn converge(root: &Path, ver: &Versions, store: &Path, failures: &mut Vec<String>) -> bool {
+    let out = apply(store, "v2", root, &[]);
+    if out.code() != Some(EXIT_OK) {
+        failures.push(format!("re-run apply failed: {}", out.describe()));
+        return false;
+    }
+    let d = diff_trees(&ver.new, &scan(root, &|r| is_preserved(r)), "v2", "root");
+    if !d.is_empty() {
+        failures.push(format!(
+            "re-run apply did not converge: {}",
+            clip(&d.join("\n"), 10)
+        ));
+        return false;
+    }
+    let v = verify(root, true);
+    if v.code() != Some(EXIT_OK) {
+        failures.push(format!(
+            "verify --checksum after the re-run: {}",
+            v.describe()
+        ));
+        return false;
+    }
+    true
+}
+
+/// Replay one scenario's log to each chosen point and check it; then the
+/// whole log, against the guest's final disk.
+fn replay(sc: &Scenario, dir: &Path, ver: &Versions, store: &Path, cap: usize) -> Outcome {
+    let t0 = Instant::now();
+    let full = sc.skip.is_none();
+    let log = Log::open(&sc.log).unwrap_or_else(|e| panic!("{}: {e}", sc.log.display()));
+    let mut o = Outcome {
+        entries: log.entries.len(),
+        flush_points: log
+            .entries
+            .iter()
+            .filter(|e| e.flags & (FLUSH | FUA) != 0)
+            .count(),
+        marks: log.marks().into_iter().map(|(_, m)| m).collect(),
+        ..Default::default()
+    };
+    let work = dir.join(format!("{}.work.img", sc.name));
+    cmd(
+        "cp",
+        [
+            OsArg::from("--sparse=always"),
+            sc.pristine.clone().into(),
+            work.clone().into(),
+        ],
+    );
+    let dev = std::fs::OpenOptions::new().write(true).open(&work).unwrap();
+    let mut at = 0;
+    // The replay is incremental on one working copy; each point's copy is
+    // checked by one of WORKERS threads while the replay goes on.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, PathBuf)>(1);
+    let rx = std::sync::Mutex::new(rx);
+    let (rtx, rrx) = std::sync::mpsc::channel::<(usize, PointResult)>();
+    std::thread::scope(|scope| {
+        for w in 0..WORKERS {
+            let (rx, rtx) = (&rx, rtx.clone());
+            let mnt = dir.join(format!("{}.mnt{w}", sc.name));
+            scope.spawn(move || loop {
+                let job = rx.lock().unwrap().recv();
+                let Ok((p, copy)) = job else { break };
+                let r = check_point(sc, &copy, &mnt, ver, store, full);
+                if rtx.send((p, r)).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(rtx);
+        for (k, p) in choose_points(&log, cap, !full).into_iter().enumerate() {
+            log.replay(&dev, at, p + 1).unwrap();
+            at = p + 1;
+            let copy = dir.join(format!("{}.point{k}.img", sc.name));
+            cmd(
+                "cp",
+                [
+                    OsArg::from("--sparse=always"),
+                    work.clone().into(),
+                    copy.clone().into(),
+                ],
+            );
+            tx.send((p, copy)).unwrap();
+        }
+        drop(tx);
+    });
+    for (p, r) in rrx {
+        o.points += 1;
+        if !r.torn.is_empty() {
+            o.torn_points += 1;
+            if r.torn.len() > o.max_torn {
+                o.max_torn = r.torn.len();
+                o.first_torn = r.torn.iter().take(5).cloned().collect();
+            }
+        }
+        o.strays += r.stray.len();
+        o.fsck_errors += usize::from(r.fsck_error);
+        o.converged += usize::from(r.converged);
+        let what = format!("{} at entry {p}", sc.name);
+        o.failures
+            .extend(r.stray.iter().take(5).map(|s| format!("{what}: stray {s}")));
+        if full {
+            o.failures
+                .extend(r.torn.iter().take(5).map(|s| format!("{what}: torn {s}")));
+        }
+        o.failures
+            .extend(r.failures.into_iter().map(|s| format!("{what}: {s}")));
+    }
+    log.replay(&dev, at, log.entries.len()).unwrap();
+    drop(dev);
+    o.self_check = logwrites::same_bytes(&work, &sc.root).unwrap();
+    std::fs::remove_file(&work).unwrap();
+    o.took = t0.elapsed();
+    o
+}
+
+#[test]
+fn replayer_reads_a_synthetic_log() {
+    let s = scratch("logwrites");
+    let log = s.join("log");
+    let a: Vec<u8> = (0..1024u32).map(|i| (i % 251) as u8).collect();
+    logwrites::write_synthetic(
+        &log,
+        512,
+        &[
+            (0, MARK, SynthData::Mark("start".into())),
+            (4, 0, SynthData::Sectors(a.clone())),
+            (0, FLUSH, SynthData::Sectors(Vec::new())),
+            (5, FUA, SynthData::Sectors(vec![7u8; 512])),
+            (4, logwrites::DISCARD, SynthData::Discard(1)),
+            (0, MARK, SynthData::Mark("end".into())),
+        ],
+    );
+    let l = Log::open(&log).unwrap();
+    assert_eq!(l.entries.len(), 6);
+    assert_eq!(
+        l.marks(),
+        vec![(0, "start".to_string()), (5, "end".to_string())]
+    );
+    assert!(l.entries[2].is_point() && l.entries[3].is_point() && !l.entries[1].is_point());
+    let dev_path = s.join("dev");
+    std::fs::write(&dev_path, vec![0u8; 8 * 512]).unwrap();
+    let dev = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&dev_path)
+        .unwrap();
+    // To the flush: the first write only.
+    l.replay(&dev, 0, 3).unwrap();
+    let b = std::fs::read(&dev_path).unwrap();
+    assert_eq!(&b[4 * 512..6 * 512], &a[..]);
+    // On: the FUA write overwrites sector 5, the discard zeroes sector 4.
+    l.replay(&dev, 3, 6).unwrap();
+    let b = std::fs::read(&dev_path).unwrap();
+    assert!(b[4 * 512..5 * 512].iter().all(|&x| x == 0));
+    assert!(b[5 * 512..6 * 512].iter().all(|&x| x == 7));
+    // Damage is reported, not replayed.
+    let mut raw = std::fs::read(&log).unwrap();
+    raw[0] ^= 1;
+    assert!(logwrites::parse_super(&raw).unwrap_err().contains("magic"));
+    raw[0] ^= 1;
+    std::fs::write(&log, &raw[..raw.len() - 512 * 3]).unwrap();
+    let e = Log::open(&log)
+        .err()
+        .expect("a truncated log must not open");
+    assert!(
+        e.contains("past the log's end") || e.contains("overrun"),
+        "{e}"
+    );
+    let mut h = vec![0u8; 512];
+    h[16] = 0x40;
+    assert!(logwrites::parse_entry(&h)
+        .unwrap_err()
+        .contains("unknown flags"));
+}
+
+#[test]
+fn power_loss_replayed_at_flush_points() {
+    if vm::skip() {
+        return;
+    }
+    let t0 = Instant::now();
+    let store = shared_store();
+    let (v1, v2) = (store.image("v1"), store.image("v2"));
+    let s = scratch("powerloss");
+    let dir = s.path();
+    let node = dir.join("node");
+    install_root(store, "v1", &node);
+    let (kernel, moddir) = pl::kernel();
+    let ext4 = pl::root_image(dir, "ext4", &node);
+    let xfs = pl::root_image(dir, "xfs", &node);
+    std::fs::remove_dir_all(&node).unwrap();
+    let mut scenarios = Vec::new();
+    for skip in [None, Some(imageupd_skip())] {
+        for (name, fs, opts, img) in [
+            ("ext4", "ext4", "", &ext4),
+            ("ext4-noauto", "ext4", ",noauto_da_alloc", &ext4),
+            ("xfs", "xfs", "", &xfs),
+        ] {
+            let name = if skip.is_some() {
+                format!("control-{name}")
+            } else {
+                name.to_string()
+            };
+            let root = dir.join(format!("{name}.root.img"));
+            cmd(
+                "cp",
+                [
+                    OsArg::from("--sparse=always"),
+                    img.into(),
+                    root.clone().into(),
+                ],
+            );
+            let log = dir.join(format!("{name}.log.img"));
+            pl::sparse(&log, pl::LOG_MIB);
+            scenarios.push(Scenario {
+                name,
+                fs,
+                opts,
+                skip,
+                pristine: img.clone(),
+                root,
+                log,
+            });
+        }
+    }
+    let store_img = pl::store_image(dir, &store.dir);
+    let initrd = pl::initramfs(dir, &moddir, &scenarios);
+    let prep = t0.elapsed();
+    let (rcs, guest) = pl::run_guest(dir, &kernel, &initrd, &store_img, &scenarios);
+    for sc in &scenarios {
+        assert_eq!(
+            rcs.get(&sc.name),
+            Some(&0),
+            "{}: the apply in the guest failed (see its console log)",
+            sc.name
+        );
+    }
+    let ver = Versions {
+        old: scan(&v1, &|r| is_preserved(r)),
+        new: scan(&v2, &|r| is_preserved(r)),
+    };
+    let cap = points_cap();
+    let mut table = vec![format!(
+        "{:<20} {:>7} {:>6} {:>6} {:>8} {:>6} {:>7} {:>6} {:>10} {:>6} {:>7}",
+        "scenario",
+        "entries",
+        "flush",
+        "points",
+        "torn-pts",
+        "torn",
+        "strays",
+        "fsck",
+        "converged",
+        "self",
+        "time"
+    )];
+    let mut failures = Vec::new();
+    let mut control_torn = Vec::new();
+    for sc in &scenarios {
+        let o = replay(sc, dir, &ver, &store.dir, cap);
+        table.push(format!(
+            "{:<20} {:>7} {:>6} {:>6} {:>8} {:>6} {:>7} {:>6} {:>10} {:>6} {:>6.1?}",
+            sc.name,
+            o.entries,
+            o.flush_points,
+            o.points,
+            o.torn_points,
+            o.max_torn,
+            o.strays,
+            o.fsck_errors,
+            if sc.skip.is_none() {
+                format!("{}/{}", o.converged, o.points)
+            } else {
+                "-".into()
+            },
+            if o.self_check { "ok" } else { "DIFF" },
+            o.took
+        ));
+        eprintln!("powerloss: {}", table.last().unwrap());
+        for f in o.failures.iter().take(5) {
+            eprintln!("powerloss:   {f}");
+        }
+        if !o.self_check {
+            failures.push(format!(
+                "{}: replaying the whole log does not give the guest's final disk",
+                sc.name
+            ));
+        }
+        for m in EXPECTED_MARKS {
+            if !o.marks.iter().any(|x| x == m) {
+                failures.push(format!(
+                    "{}: no mark {m} in the log (marks: {:?})",
+                    sc.name, o.marks
+                ));
+            }
+        }
+        if sc.skip.is_some() {
+            control_torn.push((sc.name.clone(), o.max_torn, o.first_torn.clone()));
+        } else {
+            failures.extend(o.failures.into_iter().take(20));
+            if o.torn_points > 0 || o.fsck_errors > 0 || o.converged != o.points {
+                failures.push(format!(
+                    "{}: {} torn points, {} fsck errors, {}/{} converged",
+                    sc.name, o.torn_points, o.fsck_errors, o.converged, o.points
+                ));
+            }
+        }
+    }
+    eprintln!(
+        "powerloss: prep {prep:.1?}, guest {guest:.1?}, total {:.1?}; points per log capped at {cap} (marks always)\n{}",
+        t0.elapsed(),
+        table.join("\n")
+    );
+    for (name, torn, first) in &control_torn {
+        eprintln!("powerloss: {name}: at worst {torn} torn paths, e.g. {first:?}");
+    }
+    assert!(
+        failures.is_empty(),
+        "power-loss replay:\n{}\n{}",
+        failures.join("\n"),
+        table.join("\n")
+    );
+    let total: usize = control_torn.iter().map(|c| c.1).sum();
+    assert!(
+        total >= 1,
+        "positive control: with the pre-swap syncfs skipped, no replayed point showed a torn file; the replay proves nothing\n{}",
+        table.join("\n")
+    );
+}
+
+/// The control's `IMAGEUPD_TEST_UNSAFE_SKIP` value (agent/src/sys/fault.rs).
+fn imageupd_skip() -> &'static str {
+    imageupd::sys::fault::SKIP_PRESYNC
+}
