@@ -442,6 +442,7 @@ fn replayer_reads_a_synthetic_log() {
 }
 
 #[test]
+#[ignore = "not yet in CI: ~90 replayed points take well over the CI budget, and a complete run (xfs and the controls) is still to be seen; run with `cargo test -p imageupd --test powerloss -- --ignored`"]
 fn power_loss_replayed_at_flush_points() {
     if vm::skip() {
         return;
