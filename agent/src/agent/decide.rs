@@ -9,6 +9,7 @@ use crate::agent::metadata::Snapshot;
 use crate::engine::config::Config;
 use crate::engine::journal::Journal;
 use crate::fs::rootfs::RootFs;
+use crate::net::keep_source::strip_keep;
 use crate::sys::backoff::target_key;
 use crate::sys::error::ExitKind;
 
@@ -37,7 +38,8 @@ pub enum Decision {
 
 /// Decide from a metadata snapshot. `from` (the command line's `--from`)
 /// beats the metadata's source, which beats `default_source`. An update an
-/// earlier run left half-done is always converged, metadata or not.
+/// earlier run left half-done is always converged, metadata or not; an
+/// interrupted rollback in place (a `keep+` journal) from its own source.
 pub fn decide(
     root: &RootFs,
     cfg: &Config,
@@ -51,6 +53,16 @@ pub fn decide(
         None => None,
     };
     let interrupted = journal.filter(|j| j.interrupted());
+    // An interrupted rollback in place is finished first, whatever the
+    // metadata says: it still names the image that failed its gate.
+    if let Some(j) = interrupted.as_ref().filter(|j| strip_keep(&j.source).is_some()) {
+        return Ok(Decision::Apply {
+            key: target_key(&j.target, Some(&j.source)),
+            id: j.target.clone(),
+            from: j.source.clone(),
+            resume: true,
+        });
+    }
     let current = root.image_id()?;
     let Some(w) = wanted else {
         if let Some(j) = interrupted {

@@ -149,6 +149,7 @@ impl Node {
             cancel: None,
             ca_file: None,
             slot: None,
+            keep_replaced: false,
         }
     }
 

@@ -12,6 +12,7 @@ use crate::engine::releases;
 use crate::format::manifest::Manifest;
 use crate::format::sign;
 use crate::format::trust::{Resolved, Trust};
+use crate::net::keep_source::{self, KeepSource};
 use crate::net::source::Source;
 use crate::sys::error::ExitKind;
 
@@ -65,8 +66,9 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, report: &mut ApplyReport) -> Result<Tar
         ctx.cfg.ca_file.as_deref(),
         &ctx.root.path,
     );
-    let source = Source::open_with(&from, &net)?;
+    let source = open_source(&from, &id, &net, state.as_ref())?;
     report.source = source.describe();
+    report.rollback_in_place = source.is_keep();
     let keys_dir = ctx.root.path.join("etc/imageupd/trusted.d");
     let keys = sign::load_trusted(&keys_dir)?;
     let trust = Trust {
@@ -87,6 +89,26 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, report: &mut ApplyReport) -> Result<Tar
         state,
         interrupted,
     })
+}
+
+/// Open `from`; a `keep+` location is the keep area and the node's record
+/// of `id` in front of the original source (a rollback in place).
+fn open_source(
+    from: &str,
+    id: &str,
+    net: &crate::net::fetch::NetOptions,
+    state: Option<&OwnedFd>,
+) -> Result<Source> {
+    let Some(inner) = keep_source::strip_keep(from) else {
+        return Source::open_with(from, net);
+    };
+    let inner = Source::open_with(inner, net)?;
+    let record = match state {
+        Some(s) => crate::engine::record::stored_record_of(s.as_fd(), id)?,
+        None => None,
+    };
+    let keep = KeepSource::open(state.map(|s| s.as_fd()), record, inner)?;
+    Ok(Source::Keep(Box::new(keep)))
 }
 
 /// Downgrade protection and the node's role, before anything is fetched:
