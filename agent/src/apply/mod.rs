@@ -250,4 +250,4 @@ pub fn drop_kept(root: &std::path::Path) {
 }
 
 #[cfg(test)]
-mod kernel_tests;
+pub(crate) mod kernel_tests;

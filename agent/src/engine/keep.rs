@@ -168,7 +168,7 @@ fn link_one(
         *parent = Some((dir, fd));
     }
     let Some((_, pfd)) = parent.as_ref() else {
-        unreachable!("the parent was just opened")
+        anyhow::bail!("internal: its directory is not open");
     };
     match fsx::link_at(pfd.as_fd(), path.file_name(), keep, d.to_hex().as_bytes()) {
         Ok(()) => Ok(()),

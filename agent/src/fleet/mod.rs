@@ -22,6 +22,9 @@ pub mod ops;
 pub mod slot;
 pub mod window;
 
+#[cfg(test)]
+mod reboot_tests;
+
 use std::os::fd::AsFd;
 use std::path::Path;
 
