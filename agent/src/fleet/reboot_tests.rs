@@ -168,7 +168,7 @@ fn a_kernel_change_keeps_its_slot_across_the_reboot_then_gates_and_releases() {
     assert!(rep.kernel.changed, "{:?}", rep.kernel);
     // As the host would: the actuator asks logind to reboot.
     let bus = PrivateBus::start();
-    let fakes = serve(&bus.address, Some(true));
+    let fakes = serve(&bus.address, Some(false));
     let act = n1.actuator(&bus.address, FakeLoader::default());
     after_apply(
         &act,
