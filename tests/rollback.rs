@@ -107,7 +107,10 @@ fn roll(name: &str, drop_keep: bool) -> (usize, usize, Out, Scratch) {
         .parse()
         .expect("a count");
     assert!(kept > 0, "the update kept the replaced inodes ({kept})");
-    let st = imageupd(["status", "--json", "--root"]).arg(&root).ok().json();
+    let st = imageupd(["status", "--json", "--root"])
+        .arg(&root)
+        .ok()
+        .json();
     assert_eq!(st["health_failed"]["target"], "v2", "{st:#}");
     assert_eq!(st["health_failed"]["back_to"], "v1", "{st:#}");
     let before: usize = std::fs::read_to_string(&mark)

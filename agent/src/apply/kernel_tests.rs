@@ -137,7 +137,12 @@ impl Node {
         n
     }
 
-    pub(crate) fn opts(&self, id: &str, policy: Option<KernelPolicy>, dry_run: bool) -> ApplyOptions {
+    pub(crate) fn opts(
+        &self,
+        id: &str,
+        policy: Option<KernelPolicy>,
+        dry_run: bool,
+    ) -> ApplyOptions {
         ApplyOptions {
             root: self.root.clone(),
             from: Some(self.store.display().to_string()),

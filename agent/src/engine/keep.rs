@@ -72,9 +72,10 @@ impl<'a> Replaced<'a> {
 
     fn contains(&self, p: &RelPath) -> bool {
         self.paths.contains(p)
-            || self.dirs.iter().any(|d| {
-                p.0.len() > d.0.len() && p.0.starts_with(&d.0) && p.0[d.0.len()] == b'/'
-            })
+            || self
+                .dirs
+                .iter()
+                .any(|d| p.0.len() > d.0.len() && p.0.starts_with(&d.0) && p.0[d.0.len()] == b'/')
     }
 }
 
@@ -97,7 +98,9 @@ pub fn fill(
     drop_keep(state)?;
     let mut rep = KeepReport::default();
     if fsx::stat_fd(state)?.dev != dev {
-        tracing::info!("the state directory is on another filesystem: nothing is kept for a rollback in place");
+        tracing::info!(
+            "the state directory is on another filesystem: nothing is kept for a rollback in place"
+        );
         return Ok(rep);
     }
     let replaced = Replaced::of(plan, |t| &target.entries[t].path);
@@ -224,7 +227,10 @@ mod tests {
         let has = |p: &str| r.contains(&RelPath(p.as_bytes().to_vec()));
         assert!(!has("a"), "a new path replaces nothing");
         assert!(has("b"));
-        assert!(has("c") && has("c/inner/file"), "an exchanged dir goes whole");
+        assert!(
+            has("c") && has("c/inner/file"),
+            "an exchanged dir goes whole"
+        );
         assert!(!has("cc"), "a sibling with the same prefix is not below c");
         assert!(has("gone/x"));
         assert!(!has("d"));

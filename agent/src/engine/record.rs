@@ -188,9 +188,8 @@ pub fn stored_record_of(
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => {
-                return Err(e).with_context(|| {
-                    format!("reading the record {}", String::from_utf8_lossy(m))
-                })
+                return Err(e)
+                    .with_context(|| format!("reading the record {}", String::from_utf8_lossy(m)))
             }
         };
         if read_head(&bytes).and_then(|h| h.id).as_deref() != Some(id) {

@@ -217,9 +217,7 @@ impl Rollout {
             self.save_record(None);
             if let Err(e) = self.put_node() {
                 // The next change or heartbeat puts it again.
-                tracing::warn!(
-                    "rollout: cannot publish the node's state ({state}) in etcd: {e:#}"
-                );
+                tracing::warn!("rollout: cannot publish the node's state ({state}) in etcd: {e:#}");
             }
         }
     }

@@ -163,7 +163,10 @@ fn run_one(path: &Path, required: bool, env: &[(&str, String)], limit: Duration)
                 res.timed_out = true;
                 let pg = nix::unistd::Pid::from_raw(child.id() as i32);
                 if let Err(e) = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGKILL) {
-                    tracing::warn!("health check {}: cannot kill its process group at the timeout: {e}", path.display());
+                    tracing::warn!(
+                        "health check {}: cannot kill its process group at the timeout: {e}",
+                        path.display()
+                    );
                 }
                 if let Err(e) = child.wait() {
                     tracing::warn!("health check {}: cannot reap it: {e}", path.display());

@@ -24,8 +24,8 @@ use super::*;
 use crate::apply::kernel_tests::{FakeLoader, Node, KB};
 use crate::boot::confirm::confirm;
 use crate::boot::dbus::testbus::{serve, PrivateBus};
-use crate::boot::record::{load, KernelState};
 use crate::boot::reboot::after_apply;
+use crate::boot::record::{load, KernelState};
 use crate::engine::config::KernelPolicy;
 
 /// How long etcd may take to answer after start.
@@ -63,7 +63,12 @@ impl Etcd {
         let child = Command::new("/usr/bin/etcd")
             .args(["--name", "t1", "--data-dir"])
             .arg(data.path().join("d"))
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
             .args([
                 "--listen-peer-urls",
                 &peer,
@@ -148,6 +153,32 @@ fn claims(r: &Rollout) -> Vec<(u32, String, String)> {
         .collect()
 }
 
+/// `r.acquire(target)` for at most `limit`, its lease kept alive meanwhile
+/// (the agent's heartbeat thread does that); an error when no slot was
+/// taken in time.
+fn try_acquire(r: &Arc<Rollout>, target: &str, limit: Duration) -> anyhow::Result<u32> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    r.set_cancel(cancel.clone());
+    let done = Arc::new(AtomicBool::new(false));
+    let (me, stop, over) = (r.clone(), cancel.clone(), done.clone());
+    let beat = std::thread::spawn(move || {
+        let t = Instant::now();
+        while !over.load(Ordering::SeqCst) {
+            if let Err(e) = me.heartbeat() {
+                eprintln!("heartbeat: {e:#}");
+            }
+            if t.elapsed() >= limit {
+                stop.store(true, Ordering::SeqCst);
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    let got = r.acquire(target);
+    done.store(true, Ordering::SeqCst);
+    beat.join().unwrap();
+    got
+}
+
 #[test]
 fn a_kernel_change_keeps_its_slot_across_the_reboot_then_gates_and_releases() {
     let etcd = Etcd::start();
@@ -206,16 +237,9 @@ fn a_kernel_change_keeps_its_slot_across_the_reboot_then_gates_and_releases() {
         [(0, "n1".into(), "b".into())],
         "the claim outlives the lease"
     );
-    // n2 waits for the slot meanwhile, and does not get it.
-    let cancel = Arc::new(AtomicBool::new(false));
-    r2.set_cancel(cancel.clone());
-    let stop = cancel.clone();
-    let stopper = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(2));
-        stop.store(true, Ordering::SeqCst);
-    });
-    let taken = r2.acquire("b");
-    stopper.join().unwrap();
+    // n2 (alive: its lease is kept up) waits for the slot meanwhile, and
+    // does not get it.
+    let taken = try_acquire(&r2, "b", Duration::from_secs(3));
     assert!(
         taken.is_err(),
         "n2 took the slot of a node across its reboot: {taken:?}"
@@ -236,9 +260,8 @@ fn a_kernel_change_keeps_its_slot_across_the_reboot_then_gates_and_releases() {
     );
     assert_eq!(r1.phase(), SlotPhase::Idle);
     assert!(claims(&r2).is_empty(), "released after the gate");
-    // Now n2 gets it at once.
-    cancel.store(false, Ordering::SeqCst);
-    assert_eq!(r2.acquire("b").unwrap(), 0);
+    // Now n2 gets it (the control: the same wait does take a free slot).
+    assert_eq!(try_acquire(&r2, "b", Duration::from_secs(20)).unwrap(), 0);
     r2.step(SlotEvent::Aborted, None);
     r2.release().unwrap();
     for r in [&r1, &r2] {

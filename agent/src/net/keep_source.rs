@@ -123,9 +123,7 @@ impl KeepSource {
                 false
             }
             Err(e) => {
-                tracing::warn!(
-                    "reading kept object {d}: {e}; taking it from the original source"
-                );
+                tracing::warn!("reading kept object {d}: {e}; taking it from the original source");
                 false
             }
         }
