@@ -178,7 +178,7 @@ pub fn previous_id(state: std::os::fd::BorrowedFd<'_>) -> Result<Option<String>>
 pub fn stored_record_of(
     state: std::os::fd::BorrowedFd<'_>,
     id: &str,
-) -> Result<Option<(Vec<u8>, Option<Vec<u8>>)>> {
+) -> Result<Option<crate::net::keep_source::StoredManifest>> {
     for (m, sig) in [
         (PREVIOUS_MANIFEST, PREVIOUS_SIG),
         (CURRENT_MANIFEST, CURRENT_SIG),

@@ -27,6 +27,9 @@ pub const KEEP_PREFIX: &str = "keep+";
 /// Name of the keep area in the state directory (`var/lib/imageupd`).
 pub const KEEP_DIR: &[u8] = b"keep";
 
+/// A manifest as the store served it: its stored bytes and signature.
+pub type StoredManifest = (Vec<u8>, Option<Vec<u8>>);
+
 /// The original source of a `keep+` location, if `from` is one.
 pub fn strip_keep(from: &str) -> Option<&str> {
     from.strip_prefix(KEEP_PREFIX)
@@ -38,7 +41,7 @@ pub struct KeepSource {
     dir: Option<OwnedFd>,
     /// The target's manifest as the node recorded it (stored bytes and
     /// signature), when a record of it is kept.
-    record: Option<(Vec<u8>, Option<Vec<u8>>)>,
+    record: Option<StoredManifest>,
     /// Where everything else comes from.
     inner: Source,
     /// Objects read back from the keep area and found intact.
@@ -51,7 +54,7 @@ impl KeepSource {
     /// one, in front of `inner`.
     pub fn open(
         state: Option<BorrowedFd<'_>>,
-        record: Option<(Vec<u8>, Option<Vec<u8>>)>,
+        record: Option<StoredManifest>,
         inner: Source,
     ) -> Result<KeepSource> {
         let dir = match state {
