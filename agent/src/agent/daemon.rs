@@ -430,6 +430,7 @@ impl Agent {
                 .fleet
                 .as_ref()
                 .map(|f| f.0.clone() as Arc<dyn crate::apply::gate::SlotGate>),
+            keep_replaced: crate::fleet::keeps_replaced(&self.root, &self.cfg),
         };
         let tx = self.tx.clone();
         let (root, cfg, target) = (self.root.clone(), self.cfg.clone(), id.clone());

@@ -9,6 +9,7 @@ use crate::agent::metadata::Snapshot;
 use crate::engine::config::Config;
 use crate::engine::journal::Journal;
 use crate::fs::rootfs::RootFs;
+use crate::net::keep_source::strip_keep;
 use crate::sys::backoff::target_key;
 use crate::sys::error::ExitKind;
 
@@ -37,7 +38,8 @@ pub enum Decision {
 
 /// Decide from a metadata snapshot. `from` (the command line's `--from`)
 /// beats the metadata's source, which beats `default_source`. An update an
-/// earlier run left half-done is always converged, metadata or not.
+/// earlier run left half-done is always converged, metadata or not; an
+/// interrupted rollback in place (a `keep+` journal) from its own source.
 pub fn decide(
     root: &RootFs,
     cfg: &Config,
@@ -51,6 +53,19 @@ pub fn decide(
         None => None,
     };
     let interrupted = journal.filter(|j| j.interrupted());
+    // An interrupted rollback in place is finished first, whatever the
+    // metadata says: it still names the image that failed its gate.
+    if let Some(j) = interrupted
+        .as_ref()
+        .filter(|j| strip_keep(&j.source).is_some())
+    {
+        return Ok(Decision::Apply {
+            key: target_key(&j.target, Some(&j.source)),
+            id: j.target.clone(),
+            from: j.source.clone(),
+            resume: true,
+        });
+    }
     let current = root.image_id()?;
     let Some(w) = wanted else {
         if let Some(j) = interrupted {
@@ -93,4 +108,71 @@ pub fn decide(
         from: src,
         resume,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::journal::JournalPhase;
+
+    /// A root with a journal of an update to `a` from `source`, in `phase`.
+    fn root_with_journal(dir: &std::path::Path, source: &str, phase: JournalPhase) -> RootFs {
+        std::fs::create_dir_all(dir.join("etc")).unwrap();
+        std::fs::write(dir.join("etc/image_id"), "b\n").unwrap();
+        let root = RootFs::open(dir).unwrap();
+        let state = root.ensure_state_dir().unwrap();
+        let mut j = Journal {
+            target: "a".into(),
+            from: Some("b".into()),
+            source: source.into(),
+            phase,
+            remounted_rw: false,
+            started: String::new(),
+            updated: String::new(),
+        };
+        j.store(state.as_fd(), phase).unwrap();
+        root
+    }
+
+    fn wants_b() -> Snapshot {
+        Snapshot {
+            doc: serde_json::json!({"image_id": "b", "image_source": "http://store.example/"}),
+            files: Vec::new(),
+            changed_at: None,
+        }
+    }
+
+    #[test]
+    fn an_interrupted_rollback_in_place_is_finished_whatever_the_metadata_says() {
+        let d = tempfile::tempdir().unwrap();
+        let root = root_with_journal(d.path(), "keep+/srv/store", JournalPhase::Swapping);
+        let got = decide(&root, &Config::default(), &wants_b(), Some("/other")).unwrap();
+        assert_eq!(
+            got,
+            Decision::Apply {
+                id: "a".into(),
+                from: "keep+/srv/store".into(),
+                key: target_key("a", Some("keep+/srv/store")),
+                resume: true,
+            }
+        );
+    }
+
+    #[test]
+    fn an_interrupted_update_goes_where_the_metadata_says() {
+        // The control: an ordinary interrupted journal does not override
+        // the metadata's image.
+        let d = tempfile::tempdir().unwrap();
+        let root = root_with_journal(d.path(), "/srv/store", JournalPhase::Swapping);
+        let got = decide(&root, &Config::default(), &wants_b(), None).unwrap();
+        assert!(
+            matches!(&got, Decision::Apply { id, resume: true, .. } if id == "b"),
+            "{got:?}"
+        );
+        // A finished rollback's journal is no reason to move.
+        let d = tempfile::tempdir().unwrap();
+        let root = root_with_journal(d.path(), "keep+/srv/store", JournalPhase::Committed);
+        let got = decide(&root, &Config::default(), &wants_b(), None).unwrap();
+        assert!(matches!(got, Decision::Nothing { .. }), "{got:?}");
+    }
 }

@@ -130,6 +130,7 @@ pub fn apply_from_metadata(o: &FromMetadataOptions, progress: &Progress) -> Resu
         slot: fleet
             .clone()
             .map(|f| f as std::sync::Arc<dyn crate::apply::gate::SlotGate>),
+        keep_replaced: crate::fleet::keeps_replaced(&root.path, &cfg),
     };
     let root_path = root.path.clone();
     drop(root);

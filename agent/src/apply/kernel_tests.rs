@@ -18,7 +18,7 @@ use crate::boot::record::*;
 use crate::publish::image::{self as publish, PublishOptions};
 
 const KA: &str = "1.0-a";
-const KB: &str = "2.0-b";
+pub(crate) const KB: &str = "2.0-b";
 
 /// One load the fake saw: kernel path, initrd path, command line, and the
 /// bytes behind the kernel descriptor.
@@ -26,7 +26,7 @@ type Seen = (String, String, String, Vec<u8>);
 
 /// A kexec loader that records what it is given; fails when `fail` is set.
 #[derive(Default)]
-struct FakeLoader {
+pub(crate) struct FakeLoader {
     seen: Arc<Mutex<Vec<Seen>>>,
     unloads: Arc<Mutex<u32>>,
     fail: bool,
@@ -66,10 +66,10 @@ impl KexecLoader for FakeLoader {
 
 /// A node with images `a` (kernel 1.0-a) and `b` (kernel 2.0-b) in a store,
 /// its root at `a`.
-struct Node {
-    dir: tempfile::TempDir,
-    root: PathBuf,
-    store: PathBuf,
+pub(crate) struct Node {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) root: PathBuf,
+    pub(crate) store: PathBuf,
 }
 
 fn write(p: &Path, content: &str) {
@@ -95,7 +95,7 @@ fn tree(dir: &Path, k: &str, extra: &str) {
 }
 
 impl Node {
-    fn new() -> Node {
+    pub(crate) fn new() -> Node {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("store");
         for (id, k) in [("a", KA), ("b", KB)] {
@@ -139,7 +139,12 @@ impl Node {
         n
     }
 
-    fn opts(&self, id: &str, policy: Option<KernelPolicy>, dry_run: bool) -> ApplyOptions {
+    pub(crate) fn opts(
+        &self,
+        id: &str,
+        policy: Option<KernelPolicy>,
+        dry_run: bool,
+    ) -> ApplyOptions {
         ApplyOptions {
             root: self.root.clone(),
             from: Some(self.store.display().to_string()),
@@ -151,6 +156,7 @@ impl Node {
             cancel: None,
             ca_file: None,
             slot: None,
+            keep_replaced: false,
         }
     }
 
@@ -158,11 +164,11 @@ impl Node {
         apply::run(&self.opts(id, policy, false), &Progress::new(true))
     }
 
-    fn rootfs(&self) -> RootFs {
+    pub(crate) fn rootfs(&self) -> RootFs {
         RootFs::open(&self.root).unwrap()
     }
 
-    fn record(&self) -> KernelRecord {
+    pub(crate) fn record(&self) -> KernelRecord {
         load(&self.rootfs()).unwrap().expect("a kernel record")
     }
 
@@ -180,7 +186,7 @@ impl Node {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
 
-    fn actuator(&self, bus: &str, loader: FakeLoader) -> Actuator {
+    pub(crate) fn actuator(&self, bus: &str, loader: FakeLoader) -> Actuator {
         Actuator {
             bus: Bus::Address(bus.into()),
             loader: Box::new(loader),

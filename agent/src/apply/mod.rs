@@ -61,6 +61,10 @@ pub struct ApplyOptions {
     /// Asked just before the pre-apply hooks whether the node may be
     /// disrupted now (the fleet rollout's slot); waits until it may.
     pub slot: Option<std::sync::Arc<dyn gate::SlotGate>>,
+    /// Keep what the swap replaces (hard links in `var/lib/imageupd/keep`,
+    /// [`crate::engine::keep`]) for a rollback in place, until the health
+    /// gate passes: set by the callers that run the gate.
+    pub keep_replaced: bool,
 }
 
 impl ApplyOptions {
@@ -125,6 +129,8 @@ fn pipeline(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     ctx.advance(Event::Fetched);
     let staged = b.stage(ctx, &t, &s, &mut report)?;
     clock.lap("stage");
+    b.keep(ctx, &t, &s);
+    clock.lap("keep");
     b.sync(ctx, &t, &s, &mut report)?;
     clock.lap("sync");
     b.stop_if_cancelled(ctx)?;
@@ -212,5 +218,37 @@ pub fn rollback(
     run(&opts, progress)
 }
 
+/// The health gate's rollback in place: back to the previous image from
+/// the node itself — its record of that image's manifest and the inodes
+/// the last swap replaced, kept since ([`crate::engine::keep`]) — so no
+/// network is needed; objects the keep area lacks come from the source the
+/// last update came from. The keep area is dropped once the root is back.
+pub fn rollback_in_place(root: &std::path::Path, progress: &Progress) -> Result<ApplyReport> {
+    let rf = RootFs::open(root).context(ExitKind::Usage)?;
+    let last = rf
+        .state_dir()?
+        .map(|s| Journal::load(s.as_fd()))
+        .transpose()?
+        .flatten()
+        .map(|j| j.source)
+        .ok_or_else(|| anyhow!("no record of where the last update came from"))
+        .context(ExitKind::Usage)?;
+    let inner = crate::net::keep_source::strip_keep(&last).unwrap_or(&last);
+    let from = format!("{}{inner}", crate::net::keep_source::KEEP_PREFIX);
+    let rep = rollback(root, Some(from), progress)?;
+    drop_kept(root);
+    Ok(rep)
+}
+
+/// Drop the keep area of `root` (the gate passed, or the rollback is
+/// done); a failure is logged, never fatal: it is only a cache.
+pub fn drop_kept(root: &std::path::Path) {
+    match RootFs::open(root).and_then(|r| r.state_dir()) {
+        Ok(Some(s)) => crate::engine::keep::drop_area(s.as_fd()),
+        Ok(None) => {}
+        Err(e) => tracing::warn!("cannot drop the keep area: {e:#}"),
+    }
+}
+
 #[cfg(test)]
-mod kernel_tests;
+pub(crate) mod kernel_tests;

@@ -12,6 +12,7 @@ use crate::engine::releases;
 use crate::format::manifest::Manifest;
 use crate::format::sign;
 use crate::format::trust::{Resolved, Trust};
+use crate::net::keep_source::{self, KeepSource};
 use crate::net::source::Source;
 use crate::sys::error::ExitKind;
 
@@ -66,8 +67,9 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, report: &mut ApplyReport) -> Result<Tar
         &ctx.root.path,
     );
     net.limits = ctx.cfg.fetch.clone();
-    let source = Source::open_with(&from, &net)?;
+    let source = open_source(&from, &id, &net, state.as_ref())?;
     report.source = source.describe();
+    report.rollback_in_place = source.is_keep();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -98,15 +100,19 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, report: &mut ApplyReport) -> Result<Tar
             None => keys_dir.display().to_string(),
         },
         allow_unsigned: ctx.opts.allow_unsigned || ctx.cfg.allow_unsigned,
-        tuf: tuf.as_ref().map(|v| (&v.root, &v.index)),
+        tuf: tuf.as_ref().map(|v| (&v.root, v.index.as_ref())),
     };
     let threads = ctx.cfg.threads();
     let resolved = source.manifest(&id, &trust, threads)?;
-    report.index = tuf.map(|v| {
+    report.index = tuf.and_then(|v| {
         let (channel, _) = releases::release_of(&resolved.manifest);
-        let mut r = v.report;
-        r.newest_on_channel = v.index.newest_on(channel).map(|(i, n)| (i.to_owned(), n));
-        r
+        let mut r = v.report?;
+        r.newest_on_channel = v
+            .index
+            .as_ref()
+            .and_then(|ix| ix.newest_on(channel))
+            .map(|(i, n)| (i.to_owned(), n));
+        Some(r)
     });
     if let Some((newer, n)) = report
         .index
@@ -134,6 +140,26 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>, report: &mut ApplyReport) -> Result<Tar
         state,
         interrupted,
     })
+}
+
+/// Open `from`; a `keep+` location is the keep area and the node's record
+/// of `id` in front of the original source (a rollback in place).
+fn open_source(
+    from: &str,
+    id: &str,
+    net: &crate::net::fetch::NetOptions,
+    state: Option<&OwnedFd>,
+) -> Result<Source> {
+    let Some(inner) = keep_source::strip_keep(from) else {
+        return Source::open_with(from, net);
+    };
+    let inner = Source::open_with(inner, net)?;
+    let record = match state {
+        Some(s) => crate::engine::record::stored_record_of(s.as_fd(), id)?,
+        None => None,
+    };
+    let keep = KeepSource::open(state.map(|s| s.as_fd()), record, inner)?;
+    Ok(Source::Keep(Box::new(keep)))
 }
 
 /// Downgrade protection and the node's role, before anything is fetched:

@@ -148,6 +148,49 @@ impl Begun {
         Ok(Assembled { names, trees })
     }
 
+    /// Between stage and swap: empty the keep area of an earlier update and,
+    /// when the caller runs the health gate, fill it with what this swap
+    /// replaces ([`crate::engine::keep`]); a rollback in place keeps its
+    /// area (it reads from it) and adds nothing. Never fails the update:
+    /// the area is a cache, and what it lacks a rollback fetches.
+    pub(super) fn keep(&mut self, ctx: &Ctx<'_>, t: &Target, s: &Survey) {
+        if t.source.is_keep() {
+            return;
+        }
+        let state = self.state.as_fd();
+        if !ctx.opts.keep_replaced {
+            crate::engine::keep::drop_area(state);
+            return;
+        }
+        let r = crate::engine::keep::fill(
+            ctx.root.fd(),
+            ctx.root.dev,
+            state,
+            &s.plan,
+            &s.nodes,
+            t.manifest(),
+            &s.cur,
+        );
+        match r {
+            Ok(k) => {
+                tracing::info!(
+                    "kept {} replaced objects ({} bytes, no copies) for a rollback in place{}",
+                    k.objects,
+                    k.bytes,
+                    if k.unknown + k.failed > 0 {
+                        format!(
+                            "; {} unnamed and {} failed are not kept",
+                            k.unknown, k.failed
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            Err(e) => tracing::warn!("nothing kept for a rollback in place: {e:#}"),
+        }
+    }
+
     /// Drop the spent download cache, keep the walk's stamps, record the
     /// journal ("swapping") durably and make the staged content durable
     /// with one syncfs; any failure takes the abort path.

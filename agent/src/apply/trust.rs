@@ -26,10 +26,11 @@ const MAX_ROOT_STEPS: u64 = 32;
 pub struct Verified {
     /// The newest root of the chain.
     pub root: Root,
-    /// The store's index.
-    pub index: Timestamp,
+    /// The store's index (`None`: a rollback in place, which reads no
+    /// store).
+    pub index: Option<Timestamp>,
     /// For `apply --json`.
-    pub report: IndexReport,
+    pub report: Option<IndexReport>,
 }
 
 fn untrusted(e: TufError) -> anyhow::Error {
@@ -58,6 +59,30 @@ pub fn refresh(
         // An image directory carries no trust metadata; it is taken only
         // as an unsigned image (allow_unsigned), as without a root.
         return Ok(None);
+    }
+    if matches!(source, Source::Keep(_)) {
+        // A rollback in place returns to an image this node installed and
+        // keeps the record of: no chain walk, no index, no network; its
+        // signatures are still checked against the root in force.
+        let st = match state {
+            Some(s) => trust_state::load(s.as_fd())?,
+            None => Default::default(),
+        };
+        let kept = st
+            .root
+            .as_deref()
+            .map(|r| Root::anchor(r.as_bytes()))
+            .transpose()
+            .map_err(untrusted)?;
+        let root = match kept {
+            Some(k) if k.doc.version >= anchor.doc.version => k,
+            _ => anchor,
+        };
+        return Ok(Some(Verified {
+            root,
+            index: None,
+            report: None,
+        }));
     }
     let mut st = match state {
         Some(s) => trust_state::load(s.as_fd())?,
@@ -136,7 +161,7 @@ pub fn refresh(
     };
     Ok(Some(Verified {
         root,
-        index,
-        report,
+        index: Some(index),
+        report: Some(report),
     }))
 }

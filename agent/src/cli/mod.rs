@@ -202,6 +202,8 @@ pub(crate) fn apply(
             cancel: None,
             ca_file: target.ca_file,
             slot: None,
+            // No gate runs after an operator's apply: nothing to keep.
+            keep_replaced: false,
         };
         apply::run(&opts, &Progress::new(json))?
     };

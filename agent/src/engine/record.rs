@@ -172,3 +172,41 @@ pub fn previous_id(state: std::os::fd::BorrowedFd<'_>) -> Result<Option<String>>
     let h: Head = serde_json::from_slice(&json).context("parsing the previous image's record")?;
     Ok(Some(h.id))
 }
+
+/// The node's own record of image `id` (stored bytes and signature, as the
+/// store served them), for a rollback in place: the previous image's
+/// record, else the current or the next one (a rollback interrupted around
+/// its commit has already renamed them).
+pub fn stored_record_of(
+    state: std::os::fd::BorrowedFd<'_>,
+    id: &str,
+) -> Result<Option<crate::net::keep_source::StoredManifest>> {
+    for (m, sig) in [
+        (PREVIOUS_MANIFEST, PREVIOUS_SIG),
+        (CURRENT_MANIFEST, CURRENT_SIG),
+        (NEXT_MANIFEST, NEXT_SIG),
+    ] {
+        let bytes = match fsx::read_beneath(state, &RelPath(m.to_vec())) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("reading the record {}", String::from_utf8_lossy(m)))
+            }
+        };
+        if read_head(&bytes).and_then(|h| h.id).as_deref() != Some(id) {
+            continue;
+        }
+        let sig = match fsx::read_beneath(state, &RelPath(sig.to_vec())) {
+            Ok(s) => Some(s),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("reading the signature {}", String::from_utf8_lossy(sig))
+                })
+            }
+        };
+        return Ok(Some((bytes, sig)));
+    }
+    Ok(None)
+}

@@ -103,6 +103,8 @@ pub struct ApplyReport {
     pub total_ms: u64,
     /// An interrupted update was found and resumed.
     pub resumed: bool,
+    /// The source was the keep area (a rollback in place, `keep+…`).
+    pub rollback_in_place: bool,
     /// Things skipped or worth knowing.
     pub warnings: Vec<String>,
 }

@@ -179,9 +179,17 @@ impl Rollout {
         if let Some(h) = halted {
             rec.halted = h;
         }
-        let _ = std::fs::create_dir_all(&self.rt);
-        if let Ok(b) = serde_json::to_vec_pretty(&rec) {
-            let _ = crate::fs::store::write_volatile(&self.rt.join(RECORD_NAME), &b);
+        let path = self.rt.join(RECORD_NAME);
+        let saved = std::fs::create_dir_all(&self.rt)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| serde_json::to_vec_pretty(&rec).map_err(anyhow::Error::from))
+            .and_then(|b| crate::fs::store::write_volatile(&path, &b));
+        if let Err(e) = saved {
+            // Only `status` reads it; the rollout goes on.
+            tracing::warn!(
+                "rollout: cannot save the node's rollout record {}: {e:#}",
+                path.display()
+            );
         }
     }
 
@@ -207,7 +215,10 @@ impl Rollout {
                 if why.is_empty() { "" } else { ": " }
             );
             self.save_record(None);
-            let _ = self.put_node();
+            if let Err(e) = self.put_node() {
+                // The next change or heartbeat puts it again.
+                tracing::warn!("rollout: cannot publish the node's state ({state}) in etcd: {e:#}");
+            }
         }
     }
 
@@ -526,7 +537,10 @@ impl Rollout {
     pub fn shutdown(&self) {
         let l = std::mem::take(&mut *lock(&self.lease));
         if l != 0 {
-            let _ = self.etcd.lease_revoke(l);
+            if let Err(e) = self.etcd.lease_revoke(l) {
+                // The lease then expires by itself after lease_secs.
+                tracing::warn!("rollout: cannot revoke lease {l:x} at shutdown: {e:#}");
+            }
         }
     }
 

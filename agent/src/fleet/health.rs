@@ -155,30 +155,52 @@ fn run_one(path: &Path, required: bool, env: &[(&str, String)], limit: Duration)
             return res;
         }
     };
+    let mut wait_err = None;
     let status = loop {
         match child.try_wait() {
             Ok(Some(s)) => break Some(s),
             Ok(None) if start.elapsed() >= limit => {
                 res.timed_out = true;
                 let pg = nix::unistd::Pid::from_raw(child.id() as i32);
-                let _ = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGKILL);
-                let _ = child.wait();
+                if let Err(e) = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGKILL) {
+                    tracing::warn!(
+                        "health check {}: cannot kill its process group at the timeout: {e}",
+                        path.display()
+                    );
+                }
+                if let Err(e) = child.wait() {
+                    tracing::warn!("health check {}: cannot reap it: {e}", path.display());
+                }
                 break None;
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(POLL_MS)),
-            Err(_) => break None,
+            Err(e) => {
+                // Counted as failed (no exit code); said in its output.
+                wait_err = Some(e);
+                break None;
+            }
         }
     };
     res.ms = start.elapsed().as_millis() as u64;
     res.code = status.and_then(|s| s.code());
     res.ok = res.code == Some(0);
-    let mut f = out;
-    let len = f.seek(std::io::SeekFrom::End(0)).unwrap_or(0);
-    let _ = f.seek(std::io::SeekFrom::Start(len.saturating_sub(TAIL_BYTES)));
-    let mut buf = Vec::new();
-    let _ = f.read_to_end(&mut buf);
-    res.output = String::from_utf8_lossy(&buf).trim_end().to_owned();
+    res.output = match output_tail(out) {
+        Ok(t) => t,
+        Err(e) => format!("(its output cannot be read: {e})"),
+    };
+    if let Some(e) = wait_err {
+        res.output = format!("cannot wait for it: {e}\n{}", res.output);
+    }
     res
+}
+
+/// The last [`TAIL_BYTES`] of a check's output file.
+fn output_tail(mut f: std::fs::File) -> std::io::Result<String> {
+    let len = f.seek(std::io::SeekFrom::End(0))?;
+    f.seek(std::io::SeekFrom::Start(len.saturating_sub(TAIL_BYTES)))?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf).trim_end().to_owned())
 }
 
 fn round(root: &Path, env: &[(&str, String)], limit: Duration, into: &mut HealthReport) {

@@ -23,6 +23,9 @@ pub mod slot;
 pub mod window;
 pub mod zone;
 
+#[cfg(test)]
+mod reboot_tests;
+
 use std::os::fd::AsFd;
 use std::path::Path;
 
@@ -87,6 +90,40 @@ pub fn print_status(rt: &Path) {
     }
 }
 
+/// Whether an update of `root` keeps what its swap replaces for a rollback
+/// in place ([`crate::engine::keep`]): only when the gate can fail (some
+/// health check exists) and `[health] rollback` is on.
+pub fn keeps_replaced(root: &Path, cfg: &Config) -> bool {
+    let rollback = config::health(cfg).map(|h| h.rollback).unwrap_or(true);
+    rollback && health::any(root)
+}
+
+/// Remember `f` in the runtime directory `rt` (logged when it cannot be).
+fn remember_failed(rt: &Path, f: &FailedTarget) {
+    let written = serde_json::to_vec_pretty(f)
+        .map_err(anyhow::Error::from)
+        .and_then(|b| crate::fs::store::write_volatile(&rt.join(FAILED_NAME), &b));
+    if let Err(e) = written {
+        tracing::error!(
+            "cannot remember that {} failed its gate ({}): {e:#}",
+            f.target,
+            rt.join(FAILED_NAME).display()
+        );
+    }
+}
+
+/// Forget the remembered failed target of `rt` (logged when it cannot be).
+fn forget_failed(rt: &Path) {
+    match std::fs::remove_file(rt.join(FAILED_NAME)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(
+            "cannot forget the failed target {}: {e}",
+            rt.join(FAILED_NAME).display()
+        ),
+    }
+}
+
 /// The remembered failed target of `rt`, if any.
 pub fn failed_target(rt: &Path) -> Option<FailedTarget> {
     std::fs::read(rt.join(FAILED_NAME))
@@ -118,9 +155,7 @@ pub fn hold_back(
             }
             return Some(why);
         }
-        Some(_) => {
-            let _ = std::fs::remove_file(rt.join(FAILED_NAME));
-        }
+        Some(_) => forget_failed(&rt),
         None => {}
     }
     let r = rollout?;
@@ -175,6 +210,16 @@ pub fn settle(
         }
         return res;
     }
+    if let Ok(r) = &res {
+        if r.rollback_in_place {
+            return finish_rollback(root, rollout, id, res);
+        }
+        tracing::info!(
+            "applied {id} in {} ms (swap {} ms)",
+            r.total_ms,
+            r.phases.get("swap").copied().unwrap_or(0)
+        );
+    }
     let from = res.as_ref().ok().and_then(|r| r.from_id.clone());
     let rebooting = res.as_ref().ok().and_then(|r| r.kernel.action.as_deref());
     if let (Some(r), Some(a @ ("kexec" | "reboot"))) = (rollout.filter(|_| holding), rebooting) {
@@ -194,6 +239,53 @@ pub fn settle(
         Ok(()) => res,
         Err(e) => Err(e),
     }
+}
+
+/// A rollback in place that an earlier run began and this run finished
+/// (the agent was killed during it and converged its journal): no gate
+/// for the image it went back to; record the failure the gate found, drop
+/// the keep area, give the slot back.
+fn finish_rollback(
+    root: &Path,
+    rollout: Option<&Rollout>,
+    id: &str,
+    res: Result<ApplyReport>,
+) -> Result<ApplyReport> {
+    crate::apply::drop_kept(root);
+    let rt = RootFs::open(root)?.runtime_dir();
+    let failed = failed_target(&rt);
+    match &failed {
+        Some(f) => {
+            tracing::info!(
+                "finished the interrupted rollback in place from {} to {id}",
+                f.target
+            );
+            remember_failed(
+                &rt,
+                &FailedTarget {
+                    back_to: Some(id.to_owned()),
+                    ..f.clone()
+                },
+            );
+        }
+        None => tracing::warn!(
+            "finished an interrupted rollback in place to {id}; the failed target is not remembered here"
+        ),
+    }
+    if let Some(r) = rollout.filter(|r| r.phase().holds()) {
+        r.step(SlotEvent::Applied, None);
+        r.step(SlotEvent::Failed, None);
+        if let Some(f) = &failed {
+            match r.record_failure(&f.target, &f.reason, true) {
+                Ok(true) => tracing::error!("rollout: group halted after {} failed here", f.target),
+                Ok(false) => {}
+                Err(e) => tracing::error!("rollout: cannot record the failure: {e:#}"),
+            }
+        }
+        r.step(SlotEvent::RolledBack, None);
+        r.release()?;
+    }
+    res
 }
 
 fn root_mixed(root: &Path) -> bool {
@@ -238,7 +330,8 @@ pub fn gate(
     }
     tracing::info!("{}", rep.summary());
     if rep.passed {
-        let _ = std::fs::remove_file(rt.join(FAILED_NAME));
+        forget_failed(&rt);
+        crate::apply::drop_kept(root);
         if let Some(r) = rollout {
             r.step(SlotEvent::Passed, None);
             r.clear_failure();
@@ -255,13 +348,23 @@ pub fn gate(
             Some(id),
         );
     }
+    // Remembered before the rollback starts: an agent killed during it
+    // resumes the rollback (its journal) and still knows the failed target.
+    let mut ft = FailedTarget {
+        target: id.to_owned(),
+        back_to: None,
+        reason: reason.clone(),
+    };
+    remember_failed(&rt, &ft);
     let back = if hc.rollback {
-        match crate::apply::rollback(root, None, progress) {
+        match crate::apply::rollback_in_place(root, progress) {
             Ok(rb) => {
                 tracing::info!(
-                    "rolled back in place from {id} to {} ({} ms)",
+                    "rolled back in place from {id} to {} in {} ms (swap {} ms; {} HTTP requests)",
                     rb.id,
-                    rb.total_ms
+                    rb.total_ms,
+                    rb.phases.get("swap").copied().unwrap_or(0),
+                    rb.download.as_ref().map_or(0, |d| d.requests)
                 );
                 Some(rb.id)
             }
@@ -273,13 +376,9 @@ pub fn gate(
     } else {
         None
     };
-    let ft = FailedTarget {
-        target: id.to_owned(),
-        back_to: back.clone(),
-        reason: reason.clone(),
-    };
-    if let Ok(b) = serde_json::to_vec_pretty(&ft) {
-        let _ = crate::fs::store::write_volatile(&rt.join(FAILED_NAME), &b);
+    if back.is_some() {
+        ft.back_to = back.clone();
+        remember_failed(&rt, &ft);
     }
     if let Some(r) = rollout {
         match r.record_failure(id, &reason, back.is_some()) {

@@ -45,10 +45,12 @@ pub fn verify_stored(
     trust: &Trust<'_>,
 ) -> Result<Resolved> {
     if let Some((root, index)) = trust.tuf {
-        index
-            .check_listed(id, &stored)
-            .map_err(anyhow::Error::from)
-            .context(ExitKind::Untrusted)?;
+        if let Some(index) = index {
+            index
+                .check_listed(id, &stored)
+                .map_err(anyhow::Error::from)
+                .context(ExitKind::Untrusted)?;
+        }
         let ids = sign::verify_role(&stored, sig.as_deref(), &root.keys, root.role("targets"))
             .map_err(anyhow::Error::from)
             .with_context(|| format!("manifest of image {id:?}"))

@@ -17,6 +17,7 @@ use crate::fs::fsx;
 use crate::fs::scan::{self, ScanOptions};
 use crate::fs::store::Store;
 use crate::net::fetch::{DownloadReport, HttpStore, NetOptions};
+use crate::net::keep_source::KeepSource;
 use crate::sys::error::ExitKind;
 
 /// An update source.
@@ -32,6 +33,9 @@ pub enum Source {
     },
     /// A store reached over HTTP(S).
     Http(Box<HttpStore>),
+    /// A rollback in place: the keep area, then an original source
+    /// ([`crate::net::keep_source`]).
+    Keep(Box<KeepSource>),
 }
 
 impl Source {
@@ -64,12 +68,18 @@ impl Source {
         }
     }
 
+    /// Whether this is a rollback in place's source (the keep area first).
+    pub fn is_keep(&self) -> bool {
+        matches!(self, Source::Keep(_))
+    }
+
     /// Short description for logs and hooks.
     pub fn describe(&self) -> String {
         match self {
             Source::Store(s) => format!("store {}", s.path().display()),
             Source::Dir { path, .. } => format!("image directory {}", path.display()),
             Source::Http(h) => format!("store at {}", h.url()),
+            Source::Keep(k) => k.describe(),
         }
     }
 
@@ -79,6 +89,7 @@ impl Source {
             Source::Store(s) => s.path().display().to_string(),
             Source::Dir { path, .. } => path.display().to_string(),
             Source::Http(h) => h.url().to_string(),
+            Source::Keep(k) => k.location(),
         }
     }
 
@@ -91,13 +102,16 @@ impl Source {
         match self {
             Source::Store(st) => st.trust_file(rel).context(ExitKind::Source),
             Source::Http(h) => h.trust_file(rel),
-            Source::Dir { .. } => Ok(None),
+            // A rollback in place reads nothing from the network; its
+            // manifest is the node's own record (see apply::trust).
+            Source::Dir { .. } | Source::Keep(_) => Ok(None),
         }
     }
 
     /// Fetch and verify the manifest of image `id`.
     pub fn manifest(&self, id: &str, trust: &Trust<'_>, threads: usize) -> Result<Resolved> {
         match self {
+            Source::Keep(k) => k.manifest(id, trust, threads),
             Source::Store(st) => {
                 let (stored, sig) = st.read_manifest_raw(id).context(ExitKind::Source)?;
                 verify_stored(id, stored, sig, trust)
@@ -167,6 +181,7 @@ impl Source {
                 e.size,
             ))),
             Source::Http(h) => h.open_content(d, e.size),
+            Source::Keep(k) => k.open_content(d, e),
         }
     }
 
@@ -181,6 +196,7 @@ impl Source {
     ) -> Result<()> {
         match self {
             Source::Http(h) => h.prefetch(fetch, state, progress),
+            Source::Keep(k) => k.prefetch(fetch, state, progress),
             Source::Store(_) | Source::Dir { .. } => Ok(()),
         }
     }
@@ -190,6 +206,7 @@ impl Source {
     pub fn cache_space(&self, fetch: &[(Digest, u64)]) -> u64 {
         match self {
             Source::Http(_) => fetch.iter().map(|(_, s)| *s).sum(),
+            Source::Keep(k) => k.cache_space(fetch),
             Source::Store(_) | Source::Dir { .. } => 0,
         }
     }
@@ -198,6 +215,7 @@ impl Source {
     pub fn download_report(&self) -> Option<DownloadReport> {
         match self {
             Source::Http(h) => Some(h.report()),
+            Source::Keep(k) => k.download_report(),
             Source::Store(_) | Source::Dir { .. } => None,
         }
     }
@@ -206,6 +224,7 @@ impl Source {
     pub fn drop_cache(&self, state: BorrowedFd<'_>) -> Result<()> {
         match self {
             Source::Http(_) => crate::net::fetch::drop_cache(state).map(|_| ()),
+            Source::Keep(k) => k.drop_cache(state),
             Source::Store(_) | Source::Dir { .. } => Ok(()),
         }
     }
