@@ -181,7 +181,8 @@ setup_host() {
 setup_fixtures() {
     tests/fixtures/build-trees.sh
     tests/fixtures/build-vm-trees.sh
-    tests/fixtures/build-prov-tree.sh
+    # tests/fixtures/build-prov-tree.sh (the cloud-init tree) is built by
+    # hand for tests/provision_vm.rs, which is not in CI yet (ignored).
     tests/fixtures/tripleo-venv.sh "${IMAGEUPD_TEST_VENV:-/opt/imageupd-venv}"
 }
 
