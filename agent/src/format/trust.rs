@@ -17,11 +17,13 @@ pub struct Trust<'a> {
     /// Accept unsigned manifests.
     pub allow_unsigned: bool,
     /// With a root of trust: the root (whose `targets` role must sign, k of
-    /// n) and the verified index (which must list the manifest's bytes).
-    /// `keys` then holds the targets keys, for pack indexes.
+    /// n) and the verified index (which must list the manifest's bytes;
+    /// `None` for a rollback in place, whose manifest is the node's own
+    /// record of an image it installed). `keys` then holds the targets
+    /// keys, for pack indexes.
     pub tuf: Option<(
         &'a crate::format::tuf::Root,
-        &'a crate::format::tuf::Timestamp,
+        Option<&'a crate::format::tuf::Timestamp>,
     )>,
 }
 

@@ -6,6 +6,6 @@
 //! [`crate::format`] and [`crate::sys`].
 
 pub mod fetch;
-pub mod limits;
 pub mod keep_source;
+pub mod limits;
 pub mod source;
