@@ -30,6 +30,9 @@ fn deb() -> &'static Path {
             .arg(bin())
             .arg("--out")
             .arg(&out)
+            // xz of a 20 MiB debug binary: ~1 min on an idle CI machine,
+            // far more on a loaded one.
+            .timeout(Duration::from_secs(1200))
             .ok();
         let p = PathBuf::from(o.stdout.trim());
         let size = std::fs::metadata(&p)
