@@ -38,6 +38,12 @@ PACKAGES=(
     ostree wrk hyperfine
     # fleet rollout: a real etcd, and protoc for the etcd client crate's build
     etcd-server etcd-client protobuf-compiler
+    # packaging (issue 14): dpkg-deb and dpkg-shlibdeps build the .deb;
+    # systemd-analyze (systemd) verifies its units; man-db and groff-base
+    # render its man pages;
+    # promtool (prometheus) checks the metrics; sudo, because
+    # diskimage-builder calls it even as root
+    dpkg-dev man-db groff-base prometheus sudo
 )
 
 # Extra packages for a one-off need (and for the check that a package that

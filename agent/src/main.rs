@@ -44,6 +44,8 @@ struct RootArg {
 enum Cmd {
     /// Serve a store over HTTP(S) for nodes (any static web server can too).
     ///
+    /// Metrics for Prometheus at /metrics (see docs/metrics.md).
+    ///
     /// GET answers 200 with Content-Length, HEAD gives Content-Length and
     /// Last-Modified, byte ranges are honoured; objects and images are sent
     /// as immutable, the index as revalidate-always. Nothing outside the
@@ -65,6 +67,10 @@ enum Cmd {
         /// Send each body at most this many bytes per second (tests, demos).
         #[arg(long, hide = true)]
         throttle: Option<u64>,
+        /// Serve the Prometheus metrics (GET /metrics, plain HTTP) on this
+        /// address only; without it /metrics is answered on --listen.
+        #[arg(long)]
+        metrics_listen: Option<String>,
     },
     /// Make an ed25519 signing key pair: FILE (secret, mode 0600) and FILE.pub.
     ///
@@ -155,6 +161,8 @@ enum Cmd {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        progress: ProgressArg,
     },
     /// Compare the root with its current image and report drift (exit 3).
     Verify {
@@ -172,6 +180,19 @@ enum Cmd {
         #[command(flatten)]
         root: RootArg,
         /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the node's configuration and show it as it takes effect.
+    ///
+    /// Reads /etc/imageupd/config.toml and config.d/*.toml below the root,
+    /// merged key by key, and checks every key, the [rollout] and [health]
+    /// tables included: exits 1 naming the file and key on an error (image
+    /// builds run it so that a typo fails the build, not the node).
+    Config {
+        #[command(flatten)]
+        root: RootArg,
+        /// Print the effective configuration as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -222,6 +243,8 @@ enum Cmd {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        progress: ProgressArg,
     },
     /// Fleet rollout: the slots, in-progress records, failures and halts
     /// of the node groups, kept in etcd (see docs/fleet.md).
@@ -286,6 +309,23 @@ enum Cmd {
     /// List the deterministic fault points (for crash tests).
     #[command(hide = true)]
     FaultPoints,
+    /// Write man pages (DIR/man1) and bash, zsh and fish completions
+    /// (DIR/completions) generated from this command line (packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Output directory.
+        dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Clone, Copy)]
+struct ProgressArg {
+    /// Also write progress as JSON lines to this open file descriptor:
+    /// phases, bytes and objects done of each task, messages, and the
+    /// result last (see `imageupd::sys::progress`; bootc's --progress-fd
+    /// is the precedent).
+    #[arg(long, value_name = "FD")]
+    progress_fd: Option<u32>,
 }
 
 #[derive(clap::Args, Clone)]
@@ -351,7 +391,15 @@ fn run(cli: Cli) -> Result<u8> {
             tls_cert,
             tls_key,
             throttle,
-        } => cli::serve(store, listen, tls_cert, tls_key, throttle),
+            metrics_listen,
+        } => cli::serve(imageupd::publish::serve::ServeOptions {
+            store,
+            listen,
+            tls_cert,
+            tls_key,
+            throttle_bps: throttle,
+            metrics_listen,
+        }),
         Cmd::Keygen { out, comment } => cli::keygen(&out, &comment),
         Cmd::Publish {
             store,
@@ -383,14 +431,22 @@ fn run(cli: Cli) -> Result<u8> {
             &source,
             json,
         ),
-        Cmd::Plan { target, root, json } => cli::apply(target, root, None, json, true),
+        Cmd::Plan { target, root, json } => cli::apply(target, root, None, json, true, None),
         Cmd::Apply {
             target,
             root,
             kernel_policy,
             download_only,
             json,
-        } => cli::apply(target, root, kernel_policy, json, download_only),
+            progress,
+        } => cli::apply(
+            target,
+            root,
+            kernel_policy,
+            json,
+            download_only,
+            progress.progress_fd,
+        ),
         Cmd::Agent { root } => {
             imageupd::agent::daemon::run(&root.root)?;
             Ok(0)
@@ -401,12 +457,18 @@ fn run(cli: Cli) -> Result<u8> {
             json,
         } => cli::verify(&root.root, checksum, json),
         Cmd::Status { root, json } => cli::status::status(&root.root, json),
+        Cmd::Config { root, json } => cli::config(&root.root, json),
         Cmd::Reboot {
             root,
             kernel_policy,
         } => cli::reboot(&root.root, kernel_policy),
         Cmd::BootCheck { root, json } => cli::boot_check(&root.root, json),
-        Cmd::Rollback { root, from, json } => cli::rollback(&root.root, from, json),
+        Cmd::Rollback {
+            root,
+            from,
+            json,
+            progress,
+        } => cli::rollback(&root.root, from, json, progress.progress_fd),
         Cmd::Fleet { cmd } => cli::fleet::run(cmd),
         Cmd::Trust { cmd } => cli::trust::run(cmd),
         Cmd::Provision {
@@ -438,5 +500,8 @@ fn run(cli: Cli) -> Result<u8> {
             report_url,
         }),
         Cmd::FaultPoints => cli::fault_points(),
+        Cmd::GenerateDocs { dir } => {
+            cli::docs::generate_docs(<Cli as clap::CommandFactory>::command(), &dir)
+        }
     }
 }

@@ -20,6 +20,8 @@ pub struct Server {
     pub url: String,
     /// Listening address.
     pub addr: SocketAddr,
+    /// The line it printed once ready (`listening on URL serving STORE…`).
+    pub line: String,
     log: PathBuf,
 }
 
@@ -95,6 +97,7 @@ impl Server {
             child: Some(child),
             url,
             addr,
+            line: line.trim_end().to_string(),
             log: log.to_path_buf(),
         }
     }

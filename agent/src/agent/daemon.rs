@@ -165,6 +165,8 @@ pub fn run(root: &Path) -> Result<()> {
         r.agent_pid = Some(std::process::id());
         r.state = "watching".into();
     });
+    // The textfile exists from the start (the last apply's, or empty).
+    agent.write_metrics();
     tracing::info!(
         "imageupd agent watching {} for {}",
         agent.source.describe(),
@@ -185,6 +187,16 @@ pub fn run(root: &Path) -> Result<()> {
 }
 
 impl Agent {
+    /// The node's metrics textfile, after each update attempt (logged,
+    /// never fatal: the agent's job is the update).
+    fn write_metrics(&self) {
+        let res =
+            RootFs::open(&self.root).and_then(|rf| crate::agent::metrics::write(&rf, &self.cfg));
+        if let Err(e) = res {
+            tracing::warn!("cannot write the metrics textfile: {e:#}");
+        }
+    }
+
     fn record(&self, f: impl FnOnce(&mut AgentRecord)) {
         if let Err(e) = AgentRecord::update(&self.rt, f) {
             tracing::warn!("cannot write the agent record: {e:#}");
@@ -491,6 +503,7 @@ impl Agent {
         }
         let attempts = self.failures.by_target.get(&key).map(|f| f.attempts);
         self.record(|r| record_outcome(r, &id, &from, &key, &res, started, &policy));
+        self.write_metrics();
         match &res {
             Ok(rep) => {
                 let msg = format!(

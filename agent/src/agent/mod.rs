@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod decide;
 pub mod from_metadata;
 pub mod metadata;
+pub mod metrics;
 pub mod record;
 pub mod sdnotify;
 pub mod watch;

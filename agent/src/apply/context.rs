@@ -53,6 +53,8 @@ impl<'a> Ctx<'a> {
             reboot_reason: None,
             phases_ms: BTreeMap::new(),
             quiesce_ms: None,
+            total_ms: None,
+            download: None,
             updated: crate::sys::clock::now_rfc3339(),
             pid: std::process::id(),
         };
@@ -77,6 +79,7 @@ impl Ctx<'_> {
     pub(super) fn advance(&mut self, ev: Event) {
         match self.lifecycle.advance(ev) {
             Ok(p) => {
+                self.progress.phase(p.as_str());
                 self.status.phase = p;
                 self.status.updated = crate::sys::clock::now_rfc3339();
                 let due = matches!(ev, Event::Planned | Event::Quiesced)
@@ -102,6 +105,8 @@ impl Ctx<'_> {
                 self.status.result = r.result.clone();
                 self.status.phases_ms = r.phases.clone();
                 self.status.quiesce_ms = r.quiesce_ms;
+                self.status.total_ms = Some(r.total_ms);
+                self.status.download = r.download.clone();
                 self.status.current = self.root.image_id().ok().flatten();
                 self.status.reboot_required = r.kernel.changed;
                 self.status.reboot_reason = r.kernel.reason.clone();

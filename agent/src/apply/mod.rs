@@ -25,6 +25,7 @@ pub use crate::engine::report::{human_summary, ApplyReport, KernelVerdict, WalkR
 
 mod context;
 pub mod gate;
+pub mod metrics;
 mod preflight;
 mod resolve;
 mod staging;

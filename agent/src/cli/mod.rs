@@ -2,7 +2,7 @@
 //! library and prints what it returns (human text or `--json`), and gives
 //! the exit code. Argument parsing stays in `main.rs`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 
@@ -12,6 +12,7 @@ use imageupd::publish::image::{self as publish_image, PublishOptions};
 use imageupd::sys::error::ExitKind;
 use imageupd::sys::progress::{human_bytes, Progress};
 
+pub(crate) mod docs;
 pub(crate) mod fleet;
 pub(crate) mod provision;
 pub(crate) mod status;
@@ -30,20 +31,8 @@ pub(crate) fn threads() -> usize {
 }
 
 /// `imageupd serve`.
-pub(crate) fn serve(
-    store: PathBuf,
-    listen: String,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    throttle: Option<u64>,
-) -> Result<u8> {
-    imageupd::publish::serve::serve(&imageupd::publish::serve::ServeOptions {
-        store,
-        listen,
-        tls_cert,
-        tls_key,
-        throttle_bps: throttle,
-    })?;
+pub(crate) fn serve(opts: imageupd::publish::serve::ServeOptions) -> Result<u8> {
+    imageupd::publish::serve::serve(&opts)?;
     Ok(0)
 }
 
@@ -116,6 +105,49 @@ pub(crate) fn verify(root: &Path, checksum: bool, json: bool) -> Result<u8> {
     })
 }
 
+/// `imageupd config`.
+pub(crate) fn config(root: &Path, json: bool) -> Result<u8> {
+    let rf = imageupd::fs::rootfs::RootFs::open(root).context(ExitKind::Usage)?;
+    let cfg = imageupd::engine::config::Config::load(&rf.path)?;
+    let rollout = imageupd::fleet::config::rollout(&cfg)?;
+    imageupd::fleet::config::health(&cfg)?;
+    if json {
+        print_json(&cfg)?;
+    } else {
+        println!("configuration of {}: valid", rf.path.display());
+        if cfg.sources.is_empty() {
+            println!("  no configuration files: defaults");
+        }
+        for s in &cfg.sources {
+            println!("  read {}", s.display());
+        }
+        println!(
+            "  kernel policy:  {}",
+            imageupd::engine::config::policy_word(cfg.kernel_policy)
+        );
+        println!(
+            "  metadata:       {}",
+            cfg.agent.metadata_source(None).describe()
+        );
+        println!(
+            "  default source: {}",
+            cfg.agent.default_source.as_deref().unwrap_or("(none)")
+        );
+        println!(
+            "  rollout:        {}",
+            rollout.map_or(
+                "none (apply as soon as the metadata says)".into(),
+                |r| format!("group {} via {}", r.group, r.etcd.join(", "))
+            )
+        );
+        println!(
+            "  metrics file:   {}",
+            imageupd::agent::metrics::path(&rf, &cfg).display()
+        );
+    }
+    Ok(0)
+}
+
 /// `imageupd reboot`.
 pub(crate) fn reboot(root: &Path, kernel_policy: Option<KernelPolicy>) -> Result<u8> {
     let rf = imageupd::fs::rootfs::RootFs::open(root).context(ExitKind::Usage)?;
@@ -153,14 +185,50 @@ pub(crate) fn boot_check(root: &Path, json: bool) -> Result<u8> {
 }
 
 /// `imageupd rollback`.
-pub(crate) fn rollback(root: &Path, from: Option<String>, json: bool) -> Result<u8> {
-    let r = apply::rollback(root, from, &Progress::new(json))?;
+pub(crate) fn rollback(
+    root: &Path,
+    from: Option<String>,
+    json: bool,
+    progress_fd: Option<u32>,
+) -> Result<u8> {
+    let progress = Progress::new(json).with_fd(progress_fd)?;
+    let res = apply::rollback(root, from, &progress);
+    write_metrics(root);
+    progress_result(&progress, &res);
+    let r = res?;
     if json {
         print_json(&r)?;
     } else {
         print!("{}", apply::human_summary(&r));
     }
     Ok(0)
+}
+
+/// After an apply or rollback, successful or not: the node's metrics
+/// textfile. Failing to write it does not fail the command (the update is
+/// what matters); it is logged.
+fn write_metrics(root: &Path) {
+    if let Err(e) = imageupd::agent::metrics::write_for(root) {
+        tracing::warn!("could not write the metrics textfile: {e:#}");
+    }
+}
+
+/// The last line on the progress fd: the outcome.
+fn progress_result(progress: &Progress, res: &Result<apply::ApplyReport>) {
+    progress.event(match res {
+        Ok(r) => serde_json::json!({
+            "type": "result",
+            "result": r.result,
+            "id": r.id,
+            "exit": 0,
+        }),
+        Err(e) => serde_json::json!({
+            "type": "result",
+            "result": "failed",
+            "error": format!("{e:#}"),
+            "exit": ExitKind::of(e).code(),
+        }),
+    });
 }
 
 /// `imageupd fault-points`.
@@ -178,8 +246,11 @@ pub(crate) fn apply(
     kernel_policy: Option<KernelPolicy>,
     json: bool,
     dry_run: bool,
+    progress_fd: Option<u32>,
 ) -> Result<u8> {
-    let r = if target.from_metadata {
+    let root_path = root.root.clone();
+    let progress = Progress::new(json).with_fd(progress_fd)?;
+    let res = if target.from_metadata {
         let o = imageupd::agent::from_metadata::FromMetadataOptions {
             root: root.root,
             from: target.from,
@@ -189,7 +260,7 @@ pub(crate) fn apply(
             dry_run,
             ca_file: target.ca_file.clone(),
         };
-        imageupd::agent::from_metadata::apply_from_metadata(&o, &Progress::new(json))?
+        imageupd::agent::from_metadata::apply_from_metadata(&o, &progress)
     } else {
         let opts = ApplyOptions {
             root: root.root,
@@ -205,8 +276,13 @@ pub(crate) fn apply(
             // No gate runs after an operator's apply: nothing to keep.
             keep_replaced: false,
         };
-        apply::run(&opts, &Progress::new(json))?
+        apply::run(&opts, &progress)
     };
+    if !dry_run {
+        write_metrics(&root_path);
+    }
+    progress_result(&progress, &res);
+    let r = res?;
     if json {
         print_json(&r)?;
     } else {

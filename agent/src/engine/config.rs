@@ -66,6 +66,10 @@ pub struct Config {
     /// warning. Off: an expired index is refused (exit 4), since a frozen
     /// store is how a node is kept from learning of a fix.
     pub allow_expired_index: bool,
+    /// The node_exporter textfile the agent and every apply write their
+    /// metrics to, a path on the node (see docs/metrics.md); `None`:
+    /// `metrics.prom` in the root's runtime directory.
+    pub metrics_file: Option<PathBuf>,
     /// Files that contributed, in order.
     pub sources: Vec<PathBuf>,
     /// The `[rollout]` table as written, merged key by key over the
@@ -93,6 +97,7 @@ impl Default for Config {
             ca_file: None,
             compatible: None,
             allow_expired_index: false,
+            metrics_file: None,
             sources: Vec::new(),
             rollout: None,
             health: None,
@@ -116,6 +121,7 @@ struct Fragment {
     ca_file: Option<PathBuf>,
     compatible: Option<String>,
     allow_expired_index: Option<bool>,
+    metrics_file: Option<PathBuf>,
     rollout: Option<toml::Table>,
     health: Option<toml::Table>,
     fetch: Option<FetchFragment>,
@@ -177,6 +183,16 @@ impl Config {
             self.fetch
                 .merge(t)
                 .with_context(|| format!("{}: table [fetch]", origin.display()))?;
+        }
+        if let Some(v) = f.metrics_file {
+            if !v.is_absolute() || v.file_name().is_none() {
+                bail!(
+                    "{}: key metrics_file must be an absolute file path, not {:?}",
+                    origin.display(),
+                    v
+                );
+            }
+            self.metrics_file = Some(v);
         }
         for (have, t) in [(&mut self.rollout, f.rollout), (&mut self.health, f.health)] {
             if let Some(t) = t {
@@ -431,6 +447,32 @@ mod tests {
             .merge_str("kernel_policy = \"yolo\"\n", Path::new("k.toml"))
             .unwrap_err();
         assert!(format!("{err:#}").contains("k.toml"));
+    }
+
+    /// The package's commented default configuration is valid with every
+    /// setting uncommented (a line `#key = …` or `#[table]`).
+    #[test]
+    fn packaged_default_config_parses_uncommented() {
+        let text = include_str!("../../../packaging/deb/config.toml");
+        let on: String = text
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(r) if r.starts_with(|c: char| c.is_ascii_lowercase() || c == '[') => r,
+                _ => l,
+            })
+            .flat_map(|l| [l, "\n"])
+            .collect();
+        let mut c = Config::default();
+        c.merge_str(&on, Path::new("config.toml")).unwrap();
+        assert_eq!(
+            c.metrics_file.as_deref(),
+            Some(Path::new("/var/lib/prometheus/node-exporter/imageupd.prom"))
+        );
+        assert!(c.rollout.is_some() && c.agent.default_source.is_some());
+        let err = c
+            .merge_str("metrics_file = \"relative.prom\"\n", Path::new("m.toml"))
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("metrics_file"), "{err:#}");
     }
 
     #[test]

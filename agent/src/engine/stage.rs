@@ -138,13 +138,23 @@ pub fn stage(
         root,
         sfd: staging.fd.as_fd(),
         source,
-        bar: progress.bar("staging", total),
+        bar: progress.bar_objects(
+            "staging",
+            total,
+            (work.primaries.len() + work.copies.len()) as u64,
+        ),
         report: std::sync::Mutex::new(StageReport::default()),
     };
-    par_map(&work.primaries, threads, |&t| w.write_one(t, None))?;
+    par_map(&work.primaries, threads, |&t| {
+        w.write_one(t, None)?;
+        w.bar.object();
+        Ok(())
+    })?;
     par_map(&work.copies, threads, |&t| {
         let d = entries[t].sha256.unwrap_or(Digest([0; 32]));
-        w.write_one(t, work.first_of.get(&d).copied())
+        w.write_one(t, work.first_of.get(&d).copied())?;
+        w.bar.object();
+        Ok(())
     })?;
     w.bar.finish();
     for &t in &work.others {

@@ -38,6 +38,13 @@ pub struct Status {
     pub phases_ms: BTreeMap<String, u64>,
     /// Quiesce window of the last attempt (pre-apply start to post-apply start), ms.
     pub quiesce_ms: Option<u64>,
+    /// Total wall time of the last attempt that finished, ms.
+    #[serde(default)]
+    pub total_ms: Option<u64>,
+    /// What the last attempt fetched over HTTP(S); absent for local
+    /// sources and in records written before this field.
+    #[serde(default)]
+    pub download: Option<crate::net::fetch::DownloadReport>,
     /// RFC 3339 time of this record.
     pub updated: String,
     /// Process that wrote it.

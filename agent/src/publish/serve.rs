@@ -20,34 +20,34 @@
 //! - SIGTERM or SIGINT stop accepting, let responses in flight finish (up to
 //!   [`SHUTDOWN_GRACE`]) and exit 0.
 //!
-//! Every response is logged at info level (target `imageupd::access`).
+//! Every response is logged at info level (target `imageupd::access`) and
+//! counted in the server's metrics ([`metrics`]), served at `/metrics` on
+//! the same listener, or only on `--metrics-listen` when that is given.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context as TaskContext, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpListener;
 
 use crate::format::manifest::RelPath;
 use crate::fs::fsx;
 use crate::fs::store::Store;
 
+mod body;
+pub mod metrics;
 pub mod request;
+use body::{FileBody, ServeBody};
 pub use request::{parse_range, resolve_path, CacheClass, PathRefusal, RangeSpec};
 
 /// Default listen address.
@@ -56,8 +56,6 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Time a client has to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bytes read from a file per body frame.
-const CHUNK: usize = 256 * 1024;
 /// `Cache-Control` of content named by digest or by immutable image id.
 pub const CACHE_IMMUTABLE: &str = "public, max-age=31536000, immutable";
 /// `Cache-Control` of everything that may change (index, marker, disks/).
@@ -77,12 +75,21 @@ pub struct ServeOptions {
     /// Send each response body at most this fast, in bytes per second
     /// (simulates a slow link in tests and demos).
     pub throttle_bps: Option<u64>,
+    /// Serve `/metrics` on this address (plain HTTP) instead of on
+    /// `listen`.
+    pub metrics_listen: Option<String>,
 }
+
+/// The path the metrics are served at.
+pub const METRICS_PATH: &str = "/metrics";
 
 /// Shared server state.
 struct State {
     store: OwnedFd,
     throttle_bps: Option<u64>,
+    metrics: Arc<metrics::ServeMetrics>,
+    /// `/metrics` is answered on the store's listener.
+    metrics_here: bool,
 }
 
 /// Run the server until SIGTERM/SIGINT. Prints `listening on URL` on stdout
@@ -105,6 +112,8 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
         State {
             store: fd,
             throttle_bps: opts.throttle_bps.filter(|&b| b > 0),
+            metrics: Arc::default(),
+            metrics_here: opts.metrics_listen.is_none(),
         },
         tls,
     ))
@@ -142,18 +151,31 @@ async fn run(
         .with_context(|| format!("listening on {}", opts.listen))?;
     let local = listener.local_addr()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
+    let state = Arc::new(state);
+    // `--metrics-listen`: its own listener, named on the same first line
+    // of stdout (scripts and tests read one line).
+    let mut metrics_at = String::new();
+    if let Some(addr) = &opts.metrics_listen {
+        let ml = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr} for metrics"))?;
+        metrics_at = format!(", metrics on http://{}{METRICS_PATH}", ml.local_addr()?);
+        tokio::spawn(serve_metrics(ml, state.metrics.clone()));
+    }
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
         writeln!(
             out,
-            "listening on {scheme}://{local}/ serving {}",
+            "listening on {scheme}://{local}/ serving {}{metrics_at}",
             opts.store.display()
         )?;
         out.flush()?;
     }
-    tracing::info!("serving {} on {scheme}://{local}/", opts.store.display());
-    let state = Arc::new(state);
+    tracing::info!(
+        "serving {} on {scheme}://{local}/{metrics_at}",
+        opts.store.display()
+    );
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -218,6 +240,52 @@ async fn run(
     Ok(())
 }
 
+/// The metrics' own listener: `/metrics` and nothing else, plain HTTP.
+/// Ends with the runtime when the server shuts down.
+async fn serve_metrics(listener: TcpListener, m: Arc<metrics::ServeMetrics>) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!("metrics accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let m = m.clone();
+        let http = http.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let r = if req.uri().path() == METRICS_PATH {
+                    metrics_response(&m)
+                } else {
+                    plain(StatusCode::NOT_FOUND, "only /metrics here")
+                };
+                async move { Ok::<_, Infallible>(r) }
+            });
+            if let Err(e) = http.serve_connection(TokioIo::new(tcp), svc).await {
+                tracing::debug!("metrics connection from {peer}: {e}");
+            }
+        });
+    }
+}
+
+fn metrics_response(m: &metrics::ServeMetrics) -> Response<ServeBody> {
+    let mut r = Response::new(ServeBody::Bytes(Some(Bytes::from(m.render()))));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(crate::sys::metrics::CONTENT_TYPE),
+    );
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(CACHE_REVALIDATE),
+    );
+    r
+}
+
 async fn handle(
     state: Arc<State>,
     peer: SocketAddr,
@@ -226,12 +294,25 @@ async fn handle(
     let t0 = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    if state.metrics_here && path == METRICS_PATH && method == Method::GET {
+        return Ok(metrics_response(&state.metrics));
+    }
+    let guard = state.metrics.begin();
     let range = req
         .headers()
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let resp = respond(&state, &method, &path, req.headers()).await;
+    let mut resp = respond(&state, &method, &path, req.headers()).await;
+    state.metrics.answered(
+        &path,
+        resp.status().as_u16(),
+        http_body::Body::size_hint(resp.body()).exact().unwrap_or(0),
+    );
+    if let ServeBody::File(f) = resp.body_mut() {
+        // In flight until the body is sent (or the client goes away).
+        f.in_flight = Some(guard);
+    }
     tracing::info!(
         target: "imageupd::access",
         "{peer} \"{method} {path}\" {} {} range={} {}ms",
@@ -403,13 +484,12 @@ async fn respond(
                 return plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
             }
         }
-        ServeBody::File(FileBody {
-            file: tokio::fs::File::from_std(file),
-            remaining: count,
-            buf: vec![0; CHUNK.min(count as usize)],
-            throttle_bps: state.throttle_bps,
-            sleep: None,
-        })
+        ServeBody::File(FileBody::new(
+            tokio::fs::File::from_std(file),
+            count,
+            state.throttle_bps,
+            state.metrics.clone(),
+        ))
     };
     builder
         .body(body)
@@ -438,86 +518,6 @@ fn not_modified(headers: &HeaderMap, etag: &str, mtime: SystemTime) -> bool {
         }
     }
     false
-}
-
-/// A response body: a small message, nothing, or a file stream.
-enum ServeBody {
-    /// A small in-memory body (None: empty, e.g. HEAD).
-    Bytes(Option<Bytes>),
-    /// A file section.
-    File(FileBody),
-}
-
-/// Streams `remaining` bytes of a file in [`CHUNK`]-sized frames, optionally
-/// throttled.
-struct FileBody {
-    file: tokio::fs::File,
-    remaining: u64,
-    buf: Vec<u8>,
-    throttle_bps: Option<u64>,
-    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl http_body::Body for ServeBody {
-    type Data = Bytes;
-    type Error = io::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        match self.get_mut() {
-            ServeBody::Bytes(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            ServeBody::File(f) => f.poll_chunk(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ServeBody::Bytes(b) => b.is_none(),
-            ServeBody::File(f) => f.remaining == 0,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ServeBody::Bytes(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            ServeBody::File(f) => SizeHint::with_exact(f.remaining),
-        }
-    }
-}
-
-impl FileBody {
-    fn poll_chunk(
-        &mut self,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        if let Some(s) = &mut self.sleep {
-            ready!(s.as_mut().poll(cx));
-            self.sleep = None;
-        }
-        if self.remaining == 0 {
-            return Poll::Ready(None);
-        }
-        let want = (self.remaining.min(self.buf.len() as u64)) as usize;
-        let mut rb = ReadBuf::new(&mut self.buf[..want]);
-        if let Err(e) = ready!(Pin::new(&mut self.file).poll_read(cx, &mut rb)) {
-            return Poll::Ready(Some(Err(e)));
-        }
-        let n = rb.filled().len();
-        if n == 0 {
-            return Poll::Ready(Some(Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "file shrank while being served",
-            ))));
-        }
-        self.remaining -= n as u64;
-        if let Some(bps) = self.throttle_bps {
-            let d = Duration::from_secs_f64(n as f64 / bps as f64);
-            self.sleep = Some(Box::pin(tokio::time::sleep(d)));
-        }
-        Poll::Ready(Some(Ok(Frame::data(Bytes::copy_from_slice(rb.filled())))))
-    }
 }
 
 #[cfg(test)]

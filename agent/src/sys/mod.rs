@@ -10,5 +10,6 @@ pub mod error;
 pub mod fastmap;
 pub mod fault;
 pub mod logging;
+pub mod metrics;
 pub mod par;
 pub mod progress;

@@ -377,6 +377,7 @@ impl HttpStore {
             cache.commit(&o.digest).map_err(cache_err)?;
             done[i] = true;
             self.counters.objects.fetch_add(1, Ordering::Relaxed);
+            bar.object();
             self.counters.delta_objects.fetch_add(1, Ordering::Relaxed);
             bar.inc(o.size);
         }

@@ -36,7 +36,7 @@ impl HttpStore {
             tracing::info!("removed {pruned} stale entries from the download cache");
         }
         let total: u64 = fetch.iter().map(|(_, s)| *s).sum();
-        let bar = progress.bar("download", total);
+        let bar = progress.bar_objects("download", total, fetch.len() as u64);
         let res = self
             .prefetch_delta(&cache, fetch, &bar)
             .and_then(|rest| self.prefetch_packed(&cache, &rest, &bar))
@@ -63,6 +63,7 @@ impl HttpStore {
         match cache.verify(&f, d, size) {
             Ok(()) => {
                 self.counters.cached.fetch_add(1, Ordering::Relaxed);
+                bar.object();
                 bar.inc(size);
                 Ok(true)
             }
@@ -108,6 +109,7 @@ impl HttpStore {
                         .commit(d)
                         .with_context(|| format!("moving object {d} into the download cache"))?;
                     self.counters.objects.fetch_add(1, Ordering::Relaxed);
+                    bar.object();
                     bar.inc(size.saturating_sub(shown));
                     return Ok(());
                 }

@@ -255,6 +255,7 @@ impl HttpStore {
                 done[i] = true;
                 for p in &w.parts {
                     self.counters.objects.fetch_add(1, Ordering::Relaxed);
+                    bar.object();
                     self.counters.packed.fetch_add(1, Ordering::Relaxed);
                     bar.inc(p.size);
                 }
