@@ -816,6 +816,7 @@ fn assert_element_applied(tree: &Path, key: &Key, mode: &str) {
 /// published, signed by that key, and applied onto a v1 root, which then
 /// runs imageupd, enabled.
 #[test]
+#[ignore = "not yet in CI: disk-image-create takes 6-10 min here and this test has not yet been seen passing end to end; run with `cargo test -p imageupd --test packaging -- --ignored`"]
 fn dib_image_with_the_element_applies_onto_v1() {
     let s = scratch("dib");
     let key = keygen(&s.join("keys"), "publisher");
