@@ -25,9 +25,12 @@ use crate::format::mframes;
 use crate::format::pack::PackIndex;
 use crate::publish::serve::request;
 
+/// A fuzz target: its name and its entry point.
+pub type Target = (&'static str, fn(&[u8]));
+
 /// The targets, by name (as in `fuzz/fuzz_targets/<name>.rs` and
 /// `fuzz/corpus/<name>/`).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[Target] = &[
     ("manifest", manifest),
     ("pack_index", pack_index),
     ("delta", delta),

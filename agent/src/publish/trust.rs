@@ -140,7 +140,9 @@ pub fn rotate(st: &Store, roles: &BTreeMap<String, RoleKeys>, days: u64, out: &P
         }
         if rk.keys.is_empty() {
             if let Some(t) = rk.threshold {
-                doc.roles.get_mut(name).map(|r| r.threshold = t);
+                if let Some(r) = doc.roles.get_mut(name) {
+                    r.threshold = t;
+                }
             }
             continue;
         }

@@ -163,7 +163,7 @@ mod tests {
     #[test]
     fn cap_is_an_error_not_a_truncation() {
         let c = AtomicU64::new(0);
-        let data = vec![7u8; 100];
+        let data = [7u8; 100];
         let mut b = Body::new(&data[..], 99, pace(0, 60_000, 60_000), Instant::now(), &c);
         let mut out = Vec::new();
         let e = b.read_to_end(&mut out).unwrap_err();
