@@ -143,8 +143,10 @@ mod tests {
         let t = render(None, &r);
         assert!(t.contains("imageupd_agent_failing_targets 0\n"), "{t}");
         assert!(t.contains("imageupd_agent_backoff_seconds 0\n"), "{t}");
+        // Declared (HELP/TYPE) but without a sample while nothing fails.
         assert!(
-            !t.contains("imageupd_agent_next_retry_timestamp_seconds "),
+            !t.lines()
+                .any(|l| l.starts_with("imageupd_agent_next_retry_timestamp_seconds ")),
             "{t}"
         );
         for (k, a, last, next) in [("v2@a", 3, 10_000, 250_000), ("v3@b", 1, 20_000, 50_000)] {
