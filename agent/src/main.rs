@@ -447,10 +447,7 @@ fn run(cli: Cli) -> Result<u8> {
             download_only,
             progress.progress_fd,
         ),
-        Cmd::Agent { root } => {
-            imageupd::agent::daemon::run(&root.root)?;
-            Ok(0)
-        }
+        Cmd::Agent { root } => imageupd::agent::daemon::run(&root.root).map(|_| 0),
         Cmd::Verify {
             root,
             checksum,

@@ -61,28 +61,7 @@ pub fn refresh(
         return Ok(None);
     }
     if matches!(source, Source::Keep(_)) {
-        // A rollback in place returns to an image this node installed and
-        // keeps the record of: no chain walk, no index, no network; its
-        // signatures are still checked against the root in force.
-        let st = match state {
-            Some(s) => trust_state::load(s.as_fd())?,
-            None => Default::default(),
-        };
-        let kept = st
-            .root
-            .as_deref()
-            .map(|r| Root::anchor(r.as_bytes()))
-            .transpose()
-            .map_err(untrusted)?;
-        let root = match kept {
-            Some(k) if k.doc.version >= anchor.doc.version => k,
-            _ => anchor,
-        };
-        return Ok(Some(Verified {
-            root,
-            index: None,
-            report: None,
-        }));
+        return offline(anchor, state).map(Some);
     }
     let mut st = match state {
         Some(s) => trust_state::load(s.as_fd())?,
@@ -101,19 +80,7 @@ pub fn refresh(
         Some(k) if k.doc.version >= anchor.doc.version => k,
         _ => anchor,
     };
-    let mut root = start.clone();
-    let mut rotations = 0;
-    while rotations < MAX_ROOT_STEPS {
-        let next = format!("root/{}.root.json", root.doc.version + 1);
-        let Some(b) = source.trust_file(&next)? else {
-            break;
-        };
-        root = root
-            .update(&b)
-            .map_err(untrusted)
-            .with_context(|| format!("the store's {next}"))?;
-        rotations += 1;
-    }
+    let (root, rotations) = follow_chain(&start, source)?;
     root.check_fresh(now).map_err(untrusted).context(
         "the root of trust has expired: the operators must publish a new root version (imageupd trust rotate)",
     )?;
@@ -164,4 +131,49 @@ pub fn refresh(
         index: Some(index),
         report: Some(report),
     }))
+}
+
+/// A rollback in place returns to an image this node installed and keeps
+/// the record of: no chain walk, no index, no network; its signatures are
+/// still checked against the root in force (the newer of the anchor and the
+/// root this node followed).
+fn offline(anchor: Root, state: Option<&OwnedFd>) -> Result<Verified> {
+    let st = match state {
+        Some(s) => trust_state::load(s.as_fd())?,
+        None => Default::default(),
+    };
+    let kept = st
+        .root
+        .as_deref()
+        .map(|r| Root::anchor(r.as_bytes()))
+        .transpose()
+        .map_err(untrusted)?;
+    let root = match kept {
+        Some(k) if k.doc.version >= anchor.doc.version => k,
+        _ => anchor,
+    };
+    Ok(Verified {
+        root,
+        index: None,
+        report: None,
+    })
+}
+
+/// Follow the store's `root/<N>.root.json` from `start`, each version
+/// checked by [`Root::update`]; the newest root and how many were taken.
+fn follow_chain(start: &Root, source: &Source) -> Result<(Root, u64)> {
+    let mut root = start.clone();
+    let mut rotations = 0;
+    while rotations < MAX_ROOT_STEPS {
+        let next = format!("root/{}.root.json", root.doc.version + 1);
+        let Some(b) = source.trust_file(&next)? else {
+            break;
+        };
+        root = root
+            .update(&b)
+            .map_err(untrusted)
+            .with_context(|| format!("the store's {next}"))?;
+        rotations += 1;
+    }
+    Ok((root, rotations))
 }
