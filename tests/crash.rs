@@ -345,6 +345,9 @@ fn every_fault_point_converges() {
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
+        // The provisioning steps' points belong to `imageupd provision`;
+        // tests/provision.rs crashes at each of them.
+        .filter(|l| !l.starts_with("provision-"))
         .map(String::from)
         .collect();
     assert!(
