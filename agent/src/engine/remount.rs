@@ -23,8 +23,9 @@ impl MountInfo {
     }
 }
 
-/// Undo the octal escapes mountinfo uses for spaces and the like.
-fn unescape(s: &str) -> String {
+/// Undo the octal escapes mountinfo uses for spaces and the like (bytes:
+/// a mount point need not be UTF-8).
+pub(crate) fn unescape_bytes(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -41,7 +42,12 @@ fn unescape(s: &str) -> String {
             i += 1;
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
+}
+
+/// [`unescape_bytes`] as text.
+fn unescape(s: &str) -> String {
+    String::from_utf8_lossy(&unescape_bytes(s)).into_owned()
 }
 
 /// Parse mountinfo text.

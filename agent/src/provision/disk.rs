@@ -210,24 +210,10 @@ pub fn umount_below(dir: &Path) -> Result<()> {
 
 /// Mountinfo escapes blanks and backslashes as octal.
 fn unescape_mountinfo(s: &str) -> PathBuf {
-    let mut out = Vec::with_capacity(s.len());
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
     use std::os::unix::ffi::OsStringExt;
-    PathBuf::from(std::ffi::OsString::from_vec(out))
+    PathBuf::from(std::ffi::OsString::from_vec(
+        crate::engine::remount::unescape_bytes(s),
+    ))
 }
 
 /// Mount a filesystem.
