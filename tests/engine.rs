@@ -788,3 +788,132 @@ fn first_apply_onto_an_empty_root() {
     assert_apply_report(&out);
     assert_applied(&s1, &root, "s1", "first apply onto an empty root");
 }
+
+/// Unmounts what this test mounted, also when it fails.
+struct UmountOnDrop(Option<PathBuf>);
+
+impl UmountOnDrop {
+    fn umount(&mut self) {
+        if let Some(p) = self.0.take() {
+            sh(&format!("umount {}", p.display()));
+        }
+    }
+}
+
+impl Drop for UmountOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            if let Err(e) = std::process::Command::new("umount").arg(&p).status() {
+                eprintln!("could not unmount {}: {e}", p.display());
+            }
+        }
+    }
+}
+
+/// The directories `new` has and `old` lacks, tops only, with a
+/// subdirectory (so a mount can sit inside one).
+fn added_trees_with_subdirs(old: &Path, new: &Path) -> Vec<PathBuf> {
+    fn walk(old: &Path, new: &Path, rel: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(rd) = std::fs::read_dir(new.join(rel)) else {
+            return;
+        };
+        let mut names: Vec<_> = rd.flatten().collect();
+        names.sort_by_key(|e| e.file_name());
+        for e in names {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let r = rel.join(e.file_name());
+            if std::fs::symlink_metadata(old.join(&r)).is_err() {
+                let has_sub = std::fs::read_dir(new.join(&r))
+                    .map(|rd| {
+                        rd.flatten()
+                            .any(|c| c.file_type().is_ok_and(|t| t.is_dir()))
+                    })
+                    .unwrap_or(false);
+                if has_sub {
+                    out.push(r);
+                }
+            } else {
+                walk(old, new, &r, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(old, new, Path::new(""), &mut out);
+    out
+}
+
+/// Going back from v2 to v1 removes the trees v2 added by one rename each
+/// inside the window (their files are deleted after the post-apply hooks),
+/// but a tree with a filesystem mounted inside it is never moved: it goes
+/// path by path, and the mount and its content stay. Control: once the
+/// mount is gone, the same tree is removed.
+#[test]
+fn removed_trees_go_whole_but_never_with_a_mount_inside() {
+    let store = shared_store();
+    let (v1, v2) = (store.image("v1"), store.image("v2"));
+    let s = scratch("gone-trees");
+    let root = s.join("root");
+    make_root(&v1, &root, &store.key);
+    apply_ok(&store.dir, "v2", &root, "applied");
+    let added = added_trees_with_subdirs(&v1, &v2);
+    assert!(
+        added.len() >= 2,
+        "v2 adds trees with subdirectories: {added:?}"
+    );
+    let (mounted, whole) = (&added[0], &added[1]);
+    let sub = std::fs::read_dir(root.join(mounted))
+        .expect("read the tree")
+        .flatten()
+        .find(|c| c.file_type().is_ok_and(|t| t.is_dir()))
+        .expect("a subdirectory")
+        .path();
+    sh(&format!("mount -t tmpfs imageupd-test {}", sub.display()));
+    let mut guard = UmountOnDrop(Some(sub.clone()));
+    std::fs::write(sub.join("foreign"), "on another filesystem\n").expect("write on the tmpfs");
+
+    let out = apply_ok(&store.dir, "v1", &root, "applied");
+    let j = out.json();
+    let sw = &j["swap"];
+    assert!(sw["deleted_trees"].as_u64() >= Some(1), "{sw:#}");
+    assert!(sw["set_aside"].as_u64() >= Some(1), "{sw:#}");
+    assert_eq!(sw["cleanup_deferred"], true, "{sw:#}");
+    assert!(j["phases"]["cleanup"].is_u64(), "{j:#}");
+    assert!(
+        !root.join(whole).exists(),
+        "{} was not removed",
+        whole.display()
+    );
+    assert_eq!(
+        std::fs::read_to_string(sub.join("foreign")).ok().as_deref(),
+        Some("on another filesystem\n"),
+        "the mounted filesystem's content survived"
+    );
+    assert!(
+        mounts::mounts_under(&root).contains(&sub),
+        "the mount at {} is still in place",
+        sub.display()
+    );
+    let stage = root.join("var/lib/imageupd/stage");
+    assert!(
+        std::fs::read_dir(&stage).map_or(true, |mut d| d.next().is_none()),
+        "nothing is left in {}",
+        stage.display()
+    );
+    assert!(
+        j["warnings"].to_string().contains("mounted"),
+        "the kept mount is reported: {}",
+        j["warnings"]
+    );
+
+    // Control: without the mount the same tree goes.
+    guard.umount();
+    apply_ok(&store.dir, "v1", &root, "applied");
+    assert!(
+        !root.join(mounted).exists(),
+        "control: {} is removed once nothing is mounted in it",
+        mounted.display()
+    );
+    assert_applied(&v1, &root, "v1", "after the control");
+}

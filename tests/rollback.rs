@@ -166,3 +166,56 @@ fn rollback_without_the_keep_area_uses_the_network() {
         out.describe()
     );
 }
+
+/// A `kill -9` in the middle of the rollback's removals (the third
+/// removal moved aside; the update v1 -> v2 itself removes nothing, so
+/// every such point is the rollback's): the next run finishes the rollback
+/// from the keep area, still without the network, and the root is v1.
+#[test]
+fn rollback_killed_mid_removal_finishes_on_the_next_run() {
+    let store = shared_store();
+    let v1 = store.image("v1");
+    store.image("v2");
+    let s = scratch("rollback-killed");
+    let access = s.join("access.log");
+    let server = Server::local(&store.dir, &access);
+    let (root, mark) = node(&s, &server.url, &access, false);
+    let killed = imageupd(["apply", "--from-metadata", "--root"])
+        .arg(&root)
+        .env("IMAGEUPD_FAULT", "mid-delete:3")
+        .run();
+    assert!(
+        killed.signal().is_some(),
+        "the fault point must kill the rollback\n{}",
+        killed.describe()
+    );
+    assert!(
+        root.join("var/lib/imageupd/keep").exists(),
+        "the keep area outlives a killed rollback"
+    );
+    let out = imageupd(["apply", "--from-metadata", "--root"])
+        .arg(&root)
+        .env("IMAGEUPD_LOG", "info")
+        .run();
+    assert_eq!(image_id(&root).as_deref(), Some("v1"), "{}", out.describe());
+    assert_converged(&v1, &root, "a killed rollback, finished");
+    let v = verify(&root, true);
+    assert_eq!(v.code(), Some(EXIT_OK), "verify\n{}", v.describe());
+    let before: usize = std::fs::read_to_string(&mark)
+        .expect("the check wrote the mark")
+        .trim()
+        .parse()
+        .expect("a count");
+    let after = server.gets().len() - before;
+    assert_eq!(
+        after,
+        0,
+        "finishing the rollback made {after} HTTP requests\n{}",
+        out.describe()
+    );
+    let st = imageupd(["status", "--json", "--root"])
+        .arg(&root)
+        .ok()
+        .json();
+    assert_eq!(st["health_failed"]["target"], "v2", "{st:#}");
+}

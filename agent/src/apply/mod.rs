@@ -139,7 +139,7 @@ fn pipeline(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     clock.lap("pre-apply-hooks");
     swap::swap_and_commit(ctx, &mut b, &t, &s, &staged, &mut report)?;
     clock.lap("swap");
-    let ro_pending = swap::read_only_again(&mut b);
+    let ro_pending = swap::read_only_again(&mut b, report.swap.cleanup_deferred);
     swap::resume(ctx, &mut b, q, ro_pending, clock, report)
 }
 

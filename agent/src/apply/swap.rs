@@ -163,7 +163,9 @@ pub(super) fn swap_and_commit(
 }
 
 /// Move every staged object into place, remove what goes, and the staging
-/// directory with it.
+/// directory with it (it holds the replaced inodes) — unless removed trees
+/// or files were moved into it: then it is left for [`remove_leftovers`]
+/// after the window, which so pays renames, not the freeing of blocks.
 fn swap_paths(
     ctx: &Ctx<'_>,
     b: &mut Begun,
@@ -189,11 +191,26 @@ fn swap_paths(
         sw,
     )?;
     fault::point("after-swap");
-    swap::delete(&s.plan, ctx.root.fd(), sw)?;
+    swap::delete(&s.plan, ctx.root.fd(), staging.fd.as_fd(), sw)?;
     fault::point("after-delete");
     drop(staging);
-    stage::cleanup(ctx.root.fd(), ctx.root.dev)?;
+    sw.cleanup_deferred = sw.deleted_trees > 0 || sw.set_aside > 0;
+    if !sw.cleanup_deferred {
+        stage::cleanup(ctx.root.fd(), ctx.root.dev)?;
+    }
     Ok(())
+}
+
+/// Remove what the swap left in staging (removed trees, replaced inodes)
+/// once the post-apply hooks have run, before the root goes read-only
+/// again; a run killed before it leaves leftovers that the next run's
+/// start removes.
+fn remove_leftovers(ctx: &Ctx<'_>, report: &mut ApplyReport) {
+    if let Err(e) = stage::cleanup(ctx.root.fd(), ctx.root.dev) {
+        report.warnings.push(format!(
+            "could not remove what the swap replaced ({e:#}); the next run removes it"
+        ));
+    }
 }
 
 /// Commit: the new image's record, directory metadata, `etc/image_id` and
@@ -222,7 +239,12 @@ fn commit(ctx: &Ctx<'_>, b: &mut Begun, t: &Target, s: &Survey, sw: &mut SwapRep
 
 /// Read-only again before services come back; busy (deleted files still
 /// open) is retried after the post-apply hooks restarted them: true then.
-pub(super) fn read_only_again(b: &mut Begun) -> bool {
+/// With the staging cleanup deferred past the hooks (`deferred`), the root
+/// stays writable until that cleanup is done: true as well.
+pub(super) fn read_only_again(b: &mut Begun, deferred: bool) -> bool {
+    if deferred {
+        return true;
+    }
     if let Err(e) = b.rw.restore() {
         tracing::warn!("{e:#}; will retry after the post-apply hooks");
         b.rw.mount_point = b.mount.as_ref().map(|m| m.mount_point.clone());
@@ -245,6 +267,10 @@ pub(super) fn resume(
     report.quiesce_ms = Some(q.start.elapsed().as_millis() as u64);
     let post = q.runner.run(HookPhase::PostApply, &q.hook_env);
     clock.lap("post-apply-hooks");
+    if report.swap.cleanup_deferred {
+        remove_leftovers(ctx, &mut report);
+        clock.lap("cleanup");
+    }
     if ro_pending {
         if let Err(e) = b.rw.restore() {
             report

@@ -386,10 +386,19 @@ mod tests {
             "{err}"
         );
         drop(fakes);
-        let err = format!(
-            "{:#}",
-            Manager::connect(&addr).unwrap().kexec().unwrap_err()
-        );
+        // The fakes leave the bus asynchronously: until the bus daemon has
+        // seen them go, a call can still reach one (NoReply).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let err = loop {
+            let err = format!(
+                "{:#}",
+                Manager::connect(&addr).unwrap().kexec().unwrap_err()
+            );
+            if !err.contains("NoReply") || std::time::Instant::now() > deadline {
+                break err;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
         assert!(
             err.contains("kexec.target") && err.contains("ServiceUnknown"),
             "{err}"

@@ -108,6 +108,14 @@ pub struct Plan {
     pub actions: Vec<Action>,
     /// Removals, deepest first.
     pub deletes: Vec<Delete>,
+    /// Removed directories that go whole, in tree order: the top of each
+    /// subtree of removals with nothing preserved or mounted below it. The
+    /// swap moves each out of the root in one rename, so the quiesce window
+    /// pays a rename per tree instead of an unlink per file (a rollback
+    /// takes away whole trees the update brought); their contents are
+    /// removed after the services are back. Every path below one is still
+    /// listed in [`Plan::deletes`] (the keep area and the counts use them).
+    pub delete_trees: Vec<RelPath>,
     /// Target directories whose metadata must be made exact at the end.
     pub dirmeta: Vec<usize>,
     /// Content already in the root, by digest: path holding it.

@@ -38,6 +38,13 @@ pub struct SwapReport {
     pub metadata: u64,
     /// Paths removed.
     pub deleted: u64,
+    /// Whole removed trees moved out of the root in one rename each.
+    pub deleted_trees: u64,
+    /// Removed files moved into staging (their blocks are freed later).
+    pub set_aside: u64,
+    /// The staging directory (holding those trees and files) is removed
+    /// after the post-apply hooks instead of inside the quiesce window.
+    pub cleanup_deferred: bool,
     /// Directories whose metadata was finalised.
     pub dirs_finalised: u64,
     /// Removals skipped (directory still holds preserved or foreign content).
@@ -238,12 +245,25 @@ fn put(
     }
 }
 
-/// Remove deleted paths, deepest first. A directory that still holds
-/// something imageupd does not manage (preserved paths, another mount) is
-/// kept and reported, like `rsync --delete` does.
-pub fn delete(plan: &Plan, root: BorrowedFd<'_>, report: &mut SwapReport) -> Result<()> {
+/// Remove deleted paths. Whole removed trees ([`Plan::delete_trees`]) are
+/// first moved into `graveyard` (the staging directory, on the same
+/// filesystem) by one rename each, to be removed with it after the window;
+/// then the remaining paths go one by one, deepest first, files by a
+/// rename into the graveyard as well, directories by `rmdir`. A directory that
+/// still holds something imageupd does not manage (preserved paths, another
+/// mount) is kept and reported, like `rsync --delete` does.
+pub fn delete(
+    plan: &Plan,
+    root: BorrowedFd<'_>,
+    graveyard: BorrowedFd<'_>,
+    report: &mut SwapReport,
+) -> Result<()> {
+    let moved = move_trees(plan, root, graveyard, report)?;
     let mut dirs = DirCache::new(root);
     for d in &plan.deletes {
+        if moved.iter().any(|t| d.path.starts_with(t)) {
+            continue;
+        }
         let (parent, name) = parent_and_name(&d.path);
         let pfd = match dirs.get(&parent) {
             Ok(fd) => fd,
@@ -253,7 +273,7 @@ pub fn delete(plan: &Plan, root: BorrowedFd<'_>, report: &mut SwapReport) -> Res
         let res = if d.ftype == FileType::Dir {
             fsx::rmdir_at(pfd, &name)
         } else {
-            fsx::unlink_at(pfd, &name)
+            set_aside(pfd, &name, graveyard, report)
         };
         match res {
             Ok(()) => report.deleted += 1,
@@ -271,6 +291,66 @@ pub fn delete(plan: &Plan, root: BorrowedFd<'_>, report: &mut SwapReport) -> Res
         fault::point("mid-delete");
     }
     Ok(())
+}
+
+/// Move a removed non-directory into the graveyard: a rename costs the
+/// same whatever the file's size, where the unlink of a file's last name
+/// frees its blocks inside the window. Unlinked when it cannot move.
+fn set_aside(
+    pfd: BorrowedFd<'_>,
+    name: &[u8],
+    graveyard: BorrowedFd<'_>,
+    report: &mut SwapReport,
+) -> io::Result<()> {
+    let grave = format!("gone-f{:x}", report.set_aside).into_bytes();
+    match fsx::rename_at(pfd, name, graveyard, &grave) {
+        Ok(()) => {
+            report.set_aside += 1;
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(e),
+        Err(_) => fsx::unlink_at(pfd, name),
+    }
+}
+
+/// Move each whole removed tree into the graveyard; the ones that moved.
+/// A tree that cannot be renamed (an immutable or busy directory) is left
+/// to the path-by-path removal, which reports what it cannot remove.
+fn move_trees(
+    plan: &Plan,
+    root: BorrowedFd<'_>,
+    graveyard: BorrowedFd<'_>,
+    report: &mut SwapReport,
+) -> Result<Vec<RelPath>> {
+    let mut moved = Vec::with_capacity(plan.delete_trees.len());
+    let mut dirs = DirCache::new(root);
+    for (i, top) in plan.delete_trees.iter().enumerate() {
+        let (parent, name) = parent_and_name(top);
+        let pfd = match dirs.get(&parent) {
+            Ok(fd) => fd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("opening {parent}")),
+        };
+        let grave = format!("gone-{i:x}").into_bytes();
+        match fsx::rename_at(pfd, &name, graveyard, &grave) {
+            Ok(()) => {
+                let inside = plan
+                    .deletes
+                    .iter()
+                    .filter(|d| d.path.starts_with(top))
+                    .count() as u64;
+                report.deleted += inside;
+                report.deleted_trees += 1;
+                moved.push(top.clone());
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => moved.push(top.clone()),
+            Err(e) => {
+                tracing::warn!(path = %top, "could not move the removed tree aside ({e}); removing it path by path");
+            }
+        }
+        fault::point("mid-delete");
+    }
+    Ok(moved)
 }
 
 /// Make directory metadata exact (deepest first), re-reading what is there.

@@ -505,7 +505,84 @@ impl<'a> Planner<'a> {
         dm.sort_by(|a, b| entries[*b].path.tree_cmp(&entries[*a].path));
         let mut p = self.p;
         p.dirmeta = dm;
+        p.delete_trees = whole_trees(&p.deletes, self.preserve, &self.skip_below);
         p.deletes.reverse();
         p
+    }
+}
+
+/// The tops of the removed subtrees that can go in one rename: removed
+/// directories (`deletes` in tree order) with no preserved path and no
+/// mount point below them, and no such directory above them.
+fn whole_trees(deletes: &[Delete], preserve: &Preserve, mounts: &[RelPath]) -> Vec<RelPath> {
+    let mut tops: Vec<RelPath> = Vec::new();
+    for d in deletes {
+        if tops.last().is_some_and(|t| d.path.starts_with(t)) {
+            continue;
+        }
+        if d.ftype == FileType::Dir
+            && !d.path.is_root()
+            && !preserve.has_preserved_below(&d.path)
+            && !mounts.iter().any(|m| m.starts_with(&d.path))
+        {
+            tops.push(d.path.clone());
+        }
+    }
+    tops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rp(s: &str) -> RelPath {
+        RelPath(s.as_bytes().to_vec())
+    }
+
+    /// Removals in tree order, as the walk finds them.
+    fn dels(list: &[(&str, FileType)]) -> Vec<Delete> {
+        list.iter()
+            .map(|(p, t)| Delete {
+                path: rp(p),
+                ftype: *t,
+                size: 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn removed_trees_go_whole_from_their_top() {
+        use FileType::{Dir, File};
+        let d = dels(&[
+            ("opt/app", Dir),
+            ("opt/app/bin", Dir),
+            ("opt/app/bin/x", File),
+            ("opt/app/lib", File),
+            ("usr/share/doc/old", File),
+            ("usr/share/gone", Dir),
+            ("usr/share/gone/a", File),
+        ]);
+        let tops = whole_trees(&d, &Preserve::default(), &[]);
+        assert_eq!(tops, vec![rp("opt/app"), rp("usr/share/gone")]);
+    }
+
+    #[test]
+    fn preserved_or_mounted_content_keeps_a_tree_path_by_path() {
+        use FileType::{Dir, File};
+        let d = dels(&[
+            ("var", Dir),
+            ("var/lib", Dir),
+            ("var/lib/old", Dir),
+            ("var/lib/old/f", File),
+            ("srv", Dir),
+            ("srv/data", Dir),
+            ("srv/other", Dir),
+            ("srv/other/f", File),
+        ]);
+        let preserve = Preserve::new(&["/var/lib/imageupd/"]).unwrap();
+        let tops = whole_trees(&d, &preserve, &[rp("srv/data/mnt")]);
+        // var and var/lib hold the state directory; srv holds a mount;
+        // their removable parts still go whole.
+        assert_eq!(tops, vec![rp("var/lib/old"), rp("srv/other")]);
     }
 }
