@@ -220,6 +220,7 @@ mod tests {
                 path: RelPath(b"gone/x".to_vec()),
                 ftype: FileType::File,
                 size: 3,
+                tree: None,
             }],
             ..Default::default()
         };

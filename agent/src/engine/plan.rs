@@ -70,6 +70,19 @@ pub struct Delete {
     pub ftype: FileType,
     /// Its size.
     pub size: u64,
+    /// The whole removed tree ([`Plan::delete_trees`], by index) it goes
+    /// with, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tree: Option<u32>,
+}
+
+/// A removed directory that goes whole with everything below it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DeleteTree {
+    /// Its top.
+    pub path: RelPath,
+    /// Removals it covers, itself included.
+    pub entries: u64,
 }
 
 /// Counts and bytes, for operators and for preflight.
@@ -115,7 +128,7 @@ pub struct Plan {
     /// takes away whole trees the update brought); their contents are
     /// removed after the services are back. Every path below one is still
     /// listed in [`Plan::deletes`] (the keep area and the counts use them).
-    pub delete_trees: Vec<RelPath>,
+    pub delete_trees: Vec<DeleteTree>,
     /// Target directories whose metadata must be made exact at the end.
     pub dirmeta: Vec<usize>,
     /// Content already in the root, by digest: path holding it.

@@ -261,7 +261,7 @@ pub fn delete(
     let moved = move_trees(plan, root, graveyard, report)?;
     let mut dirs = DirCache::new(root);
     for d in &plan.deletes {
-        if moved.iter().any(|t| d.path.starts_with(t)) {
+        if d.tree.is_some_and(|t| moved[t as usize]) {
             continue;
         }
         let (parent, name) = parent_and_name(&d.path);
@@ -313,39 +313,38 @@ fn set_aside(
     }
 }
 
-/// Move each whole removed tree into the graveyard; the ones that moved.
-/// A tree that cannot be renamed (an immutable or busy directory) is left
-/// to the path-by-path removal, which reports what it cannot remove.
+/// Move each whole removed tree into the graveyard; for each tree of
+/// [`Plan::delete_trees`], whether it is gone. A tree that cannot be
+/// renamed (an immutable or busy directory) is left to the path-by-path
+/// removal, which reports what it cannot remove.
 fn move_trees(
     plan: &Plan,
     root: BorrowedFd<'_>,
     graveyard: BorrowedFd<'_>,
     report: &mut SwapReport,
-) -> Result<Vec<RelPath>> {
-    let mut moved = Vec::with_capacity(plan.delete_trees.len());
+) -> Result<Vec<bool>> {
+    let mut moved = vec![false; plan.delete_trees.len()];
     let mut dirs = DirCache::new(root);
     for (i, top) in plan.delete_trees.iter().enumerate() {
-        let (parent, name) = parent_and_name(top);
+        let (parent, name) = parent_and_name(&top.path);
         let pfd = match dirs.get(&parent) {
             Ok(fd) => fd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                moved[i] = true;
+                continue;
+            }
             Err(e) => return Err(e).with_context(|| format!("opening {parent}")),
         };
-        let grave = format!("gone-{i:x}").into_bytes();
+        let grave = format!("gone-t{i:x}").into_bytes();
         match fsx::rename_at(pfd, &name, graveyard, &grave) {
             Ok(()) => {
-                let inside = plan
-                    .deletes
-                    .iter()
-                    .filter(|d| d.path.starts_with(top))
-                    .count() as u64;
-                report.deleted += inside;
+                report.deleted += top.entries;
                 report.deleted_trees += 1;
-                moved.push(top.clone());
+                moved[i] = true;
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => moved.push(top.clone()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => moved[i] = true,
             Err(e) => {
-                tracing::warn!(path = %top, "could not move the removed tree aside ({e}); removing it path by path");
+                tracing::warn!(path = %top.path, "could not move the removed tree aside ({e}); removing it path by path");
             }
         }
         fault::point("mid-delete");

@@ -2,8 +2,8 @@
 //! each pair turned into actions, removals and counts.
 
 use super::{
-    action_t, count_content, meta_equal, pairs, root_digest, same_group, Action, Delete, Plan,
-    Replace, RootView,
+    action_t, count_content, meta_equal, pairs, root_digest, same_group, Action, Delete,
+    DeleteTree, Plan, Replace, RootView,
 };
 use crate::format::manifest::{Digest, Entry, FileType, Manifest, RelPath};
 use crate::fs::node::Node;
@@ -190,6 +190,7 @@ impl<'a> Planner<'a> {
             } else {
                 0
             },
+            tree: None,
         });
         self.p.stats.deleted += 1;
         if n.stat.ftype == FileType::File {
@@ -505,7 +506,7 @@ impl<'a> Planner<'a> {
         dm.sort_by(|a, b| entries[*b].path.tree_cmp(&entries[*a].path));
         let mut p = self.p;
         p.dirmeta = dm;
-        p.delete_trees = whole_trees(&p.deletes, self.preserve, &self.skip_below);
+        p.delete_trees = whole_trees(&mut p.deletes, self.preserve, &self.skip_below);
         p.deletes.reverse();
         p
     }
@@ -513,11 +514,14 @@ impl<'a> Planner<'a> {
 
 /// The tops of the removed subtrees that can go in one rename: removed
 /// directories (`deletes` in tree order) with no preserved path and no
-/// mount point below them, and no such directory above them.
-fn whole_trees(deletes: &[Delete], preserve: &Preserve, mounts: &[RelPath]) -> Vec<RelPath> {
-    let mut tops: Vec<RelPath> = Vec::new();
-    for d in deletes {
-        if tops.last().is_some_and(|t| d.path.starts_with(t)) {
+/// mount point below them, and no such directory above them. Each removal
+/// inside one is marked with the tree's index.
+fn whole_trees(deletes: &mut [Delete], preserve: &Preserve, mounts: &[RelPath]) -> Vec<DeleteTree> {
+    let mut tops: Vec<DeleteTree> = Vec::new();
+    for d in deletes.iter_mut() {
+        if let Some(t) = tops.last_mut().filter(|t| d.path.starts_with(&t.path)) {
+            t.entries += 1;
+            d.tree = Some((tops.len() - 1) as u32);
             continue;
         }
         if d.ftype == FileType::Dir
@@ -525,7 +529,11 @@ fn whole_trees(deletes: &[Delete], preserve: &Preserve, mounts: &[RelPath]) -> V
             && !preserve.has_preserved_below(&d.path)
             && !mounts.iter().any(|m| m.starts_with(&d.path))
         {
-            tops.push(d.path.clone());
+            d.tree = Some(tops.len() as u32);
+            tops.push(DeleteTree {
+                path: d.path.clone(),
+                entries: 1,
+            });
         }
     }
     tops
@@ -546,6 +554,7 @@ mod tests {
                 path: rp(p),
                 ftype: *t,
                 size: 0,
+                tree: None,
             })
             .collect()
     }
@@ -553,7 +562,7 @@ mod tests {
     #[test]
     fn removed_trees_go_whole_from_their_top() {
         use FileType::{Dir, File};
-        let d = dels(&[
+        let mut d = dels(&[
             ("opt/app", Dir),
             ("opt/app/bin", Dir),
             ("opt/app/bin/x", File),
@@ -562,14 +571,20 @@ mod tests {
             ("usr/share/gone", Dir),
             ("usr/share/gone/a", File),
         ]);
-        let tops = whole_trees(&d, &Preserve::default(), &[]);
-        assert_eq!(tops, vec![rp("opt/app"), rp("usr/share/gone")]);
+        let tops = whole_trees(&mut d, &Preserve::default(), &[]);
+        let paths: Vec<_> = tops.iter().map(|t| (t.path.clone(), t.entries)).collect();
+        assert_eq!(paths, vec![(rp("opt/app"), 4), (rp("usr/share/gone"), 2)]);
+        let marks: Vec<_> = d.iter().map(|d| d.tree).collect();
+        assert_eq!(
+            marks,
+            [Some(0), Some(0), Some(0), Some(0), None, Some(1), Some(1)]
+        );
     }
 
     #[test]
     fn preserved_or_mounted_content_keeps_a_tree_path_by_path() {
         use FileType::{Dir, File};
-        let d = dels(&[
+        let mut d = dels(&[
             ("var", Dir),
             ("var/lib", Dir),
             ("var/lib/old", Dir),
@@ -580,9 +595,12 @@ mod tests {
             ("srv/other/f", File),
         ]);
         let preserve = Preserve::new(&["/var/lib/imageupd/"]).unwrap();
-        let tops = whole_trees(&d, &preserve, &[rp("srv/data/mnt")]);
+        let tops = whole_trees(&mut d, &preserve, &[rp("srv/data/mnt")]);
         // var and var/lib hold the state directory; srv holds a mount;
         // their removable parts still go whole.
-        assert_eq!(tops, vec![rp("var/lib/old"), rp("srv/other")]);
+        let paths: Vec<_> = tops.iter().map(|t| t.path.clone()).collect();
+        assert_eq!(paths, vec![rp("var/lib/old"), rp("srv/other")]);
+        assert_eq!(d[0].tree, None, "var stays");
+        assert_eq!(d[5].tree, None, "srv/data holds the mount");
     }
 }
