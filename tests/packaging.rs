@@ -36,7 +36,13 @@ fn deb() -> &'static Path {
             .ok();
         let p = PathBuf::from(o.stdout.trim());
         let size = std::fs::metadata(&p)
-            .unwrap_or_else(|e| panic!("build-dib-image.sh printed {}: {e}\n{}", p.display(), o.describe()))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "build-dib-image.sh printed {}: {e}\n{}",
+                    p.display(),
+                    o.describe()
+                )
+            })
             .len();
         eprintln!(
             "the .deb {} ({} KiB) ready in {:.1?}",
