@@ -18,28 +18,34 @@ use common::*;
 // ---------------------------------------------------------------------------
 // Helpers.
 
-/// `packaging/deb/build.sh --binary <the test binary>`, once per test
-/// binary; the path of the .deb.
+/// The .deb of the binary under test (`packaging/deb/build.sh --binary`,
+/// through tests/fixtures/build-dib-image.sh --deb-only, which caches it by
+/// the binary's digest: in CI, .ci/run's background build of the
+/// diskimage-builder fixture has made it already); its path.
 fn deb() -> &'static Path {
     static D: OnceLock<PathBuf> = OnceLock::new();
     D.get_or_init(|| {
-        let out = scratch_base().join("deb");
         let t = Instant::now();
-        let o = Run::new(repo_root().join("packaging/deb/build.sh"))
+        let o = Run::new(repo_root().join("tests/fixtures/build-dib-image.sh"))
             .arg("--binary")
             .arg(bin())
-            .arg("--out")
-            .arg(&out)
-            // xz of a 20 MiB debug binary: ~1 min on an idle CI machine,
-            // far more on a loaded one.
+            .arg("--deb-only")
+            // xz of a 20 MiB binary: ~1 min on an idle CI machine, far
+            // more on a loaded one.
             .timeout(Duration::from_secs(1200))
             .ok();
         let p = PathBuf::from(o.stdout.trim());
         let size = std::fs::metadata(&p)
-            .unwrap_or_else(|e| panic!("build.sh printed {}: {e}\n{}", p.display(), o.describe()))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "build-dib-image.sh printed {}: {e}\n{}",
+                    p.display(),
+                    o.describe()
+                )
+            })
             .len();
         eprintln!(
-            "built {} ({} KiB) in {:.1?}",
+            "the .deb {} ({} KiB) ready in {:.1?}",
             p.display(),
             size / 1024,
             t.elapsed()
@@ -684,55 +690,46 @@ fn element_in_chroot(tree: &Path, hooks: &Path, env: &[(String, String)]) -> Out
     r.timeout(Duration::from_secs(300)).run()
 }
 
-/// `disk-image-create -t tar debian-minimal imageupd`: the image's tree
-/// unpacked into TREE, or the exact error when diskimage-builder cannot
-/// run here.
-fn dib_build(dir: &Path, tree: &Path, env: &[(String, String)]) -> Result<(), String> {
-    let dic = venv().join("bin/disk-image-create");
-    let mut r = Run::new(&dic)
-        .args(["-t", "tar", "--no-tmpfs", "-o"])
-        .arg(dir.join("image"))
-        .args(["debian-minimal", "imageupd"])
-        .env("ELEMENTS_PATH", repo_root().join("packaging/dib"))
-        .env("DIB_RELEASE", "bookworm")
-        // security.debian.org is not reachable from CI; the mirror the
-        // machine's apt uses is.
-        .env(
-            "DIB_DEBIAN_SECURITY_MIRROR",
-            std::env::var("DIB_DEBIAN_SECURITY_MIRROR")
-                .unwrap_or("http://deb.debian.org/debian-security".into()),
-        )
-        .env(
-            "PATH",
-            format!(
-                "{}:/usr/sbin:/usr/bin:/sbin:/bin",
-                venv().join("bin").display()
-            ),
-        )
-        .timeout(Duration::from_secs(1500));
-    for (k, v) in env {
-        r = r.env(k, v);
-    }
-    let o = r.run();
-    if o.code() != Some(0) {
-        let all = o.all_output();
-        let tail: Vec<&str> = all.lines().rev().take(15).collect();
-        return Err(tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
-    }
-    std::fs::create_dir_all(tree).unwrap();
-    cmd(
-        "tar",
-        [
-            "--numeric-owner",
-            "--xattrs",
-            "--xattrs-include=*",
-            "-xpf",
-            &dir.join("image.tar").display().to_string(),
-            "-C",
-            &tree.display().to_string(),
-        ],
+/// tests/fixtures/build-dib-image.sh's image for the binary under test: a
+/// real `disk-image-create -t tar debian-minimal imageupd` (agent mode, the
+/// fixture's key, its `[agent]`/`[rollout]` config), cached by the
+/// binary's digest. `.ci/run` starts that build in the background as soon
+/// as the test binaries are compiled; this waits for it (the script's
+/// lock), or builds it when nothing did. A failed build panics with the
+/// end of diskimage-builder's log.
+struct DibImage {
+    /// image.tar, imageupd.deb, keys/, build.log.
+    dir: PathBuf,
+    /// The publisher key the element installed into the image.
+    key: Key,
+}
+
+fn dib_image() -> DibImage {
+    let t = Instant::now();
+    let o = Run::new(repo_root().join("tests/fixtures/build-dib-image.sh"))
+        .arg("--binary")
+        .arg(bin())
+        // Waiting for the background build and, when there was none, a
+        // build of our own: ~5 min on an idle CI machine.
+        .timeout(Duration::from_secs(2400))
+        .ok();
+    let dir = PathBuf::from(o.stdout.trim());
+    assert!(
+        dir.join("image.tar").is_file(),
+        "build-dib-image.sh printed {}\n{}",
+        dir.display(),
+        o.describe()
     );
-    Ok(())
+    eprintln!(
+        "diskimage-builder image {} ready after {:.1?} (waited or built)",
+        dir.display(),
+        t.elapsed()
+    );
+    let key = Key {
+        secret: dir.join("keys/publisher"),
+        public: dir.join("keys/publisher.pub"),
+    };
+    DibImage { dir, key }
 }
 
 /// The element's settings used by the tests: the publisher's key, an
@@ -811,34 +808,62 @@ fn assert_element_applied(tree: &Path, key: &Key, mode: &str) {
     assert_eq!(c["rollout"]["group"], "compute");
 }
 
-/// diskimage-builder from PyPI builds a debian-minimal filesystem image
-/// (a tarball) with the element (agent mode, a key and a config); it is
+/// diskimage-builder from PyPI built a debian-minimal filesystem image (a
+/// tarball) with the element (agent mode, a key and a config); it is
 /// published, signed by that key, and applied onto a v1 root, which then
 /// runs imageupd, enabled.
 #[test]
-#[ignore = "not yet in CI: disk-image-create takes 6-10 min here and this test has not yet been seen passing end to end; run with `cargo test -p imageupd --test packaging -- --ignored`"]
 fn dib_image_with_the_element_applies_onto_v1() {
     let s = scratch("dib");
-    let key = keygen(&s.join("keys"), "publisher");
-    let env = element_env(&key, "agent");
+    let img = dib_image();
+    let key = &img.key;
+    let tarball = img.dir.join("image.tar");
+    let log = std::fs::read_to_string(img.dir.join("build.log")).unwrap();
+    assert!(
+        log.contains("diskimage-builder version")
+            && log.contains("Expanded element dependencies to:")
+            && log.contains("imageupd installed (agent mode)"),
+        "not diskimage-builder's log of a build with the element:\n{}",
+        clip(&log, 20)
+    );
+
+    // The image as diskimage-builder wrote it.
     let tree = s.join("image-tree");
-    let t = Instant::now();
-    if let Err(e) = dib_build(s.path(), &tree, &env.vars("agent")) {
-        panic!("disk-image-create failed:\n{e}");
-    }
-    eprintln!("disk-image-create built the image in {:.1?}", t.elapsed());
-    assert_element_applied(&tree, &key, "agent");
+    std::fs::create_dir_all(&tree).unwrap();
+    cmd(
+        "tar",
+        [
+            "--numeric-owner",
+            "--xattrs",
+            "--xattrs-include=*",
+            "-xpf",
+            &tarball.display().to_string(),
+            "-C",
+            &tree.display().to_string(),
+        ],
+    );
+    assert!(
+        tree.join("etc/debian_version").is_file() && tree.join("usr/bin/apt-get").is_file(),
+        "not a Debian tree"
+    );
+    assert_element_applied(&tree, key, "agent");
     let v = chroot(&tree, ["imageupd", "--version"]).ok();
-    assert!(v.stdout.starts_with("imageupd "), "{}", v.describe());
+    assert_eq!(
+        v.stdout.trim(),
+        format!("imageupd {}", env!("CARGO_PKG_VERSION"))
+    );
 
     // Publish the golden image (the tarball diskimage-builder wrote) and
     // apply it onto a v1 root.
     let store = s.join("store");
-    publish(&store, "golden", Some(&key), None, &s.join("image.tar"));
+    let t = Instant::now();
+    publish(&store, "golden", Some(key), None, &tarball);
     let root = s.join("root");
-    make_root(&fixture_tree("v1"), &root, &key);
+    make_root(&fixture_tree("v1"), &root, key);
+    assert!(!root.join("usr/bin/imageupd").exists());
     let out = apply(&store, "golden", &root, &[]).expect_ok();
     assert_eq!(out.json()["result"], "applied", "{}", out.describe());
+    eprintln!("published and applied the dib image in {:.1?}", t.elapsed());
     assert_applied(&tree, &root, "golden", "the dib image applied onto v1");
     let v = chroot(&root, ["imageupd", "--version"]).ok();
     assert_eq!(
