@@ -312,3 +312,50 @@ pub fn assert_unchanged(root: &Path, before: &Tree, context: &str) {
         );
     }
 }
+
+/// [`assert_converged`] on a root whose configuration preserves `extra`
+/// paths too (absolute, a trailing `/` for a directory and what is below
+/// it), e.g. the fragment `imageupd provision` writes for cloud-init.
+#[track_caller]
+pub fn assert_converged_except(image: &Path, root: &Path, extra: &[&str], context: &str) {
+    let mut args: Vec<OsString> = [
+        "-naHAX",
+        "--delete",
+        "--checksum",
+        "--numeric-ids",
+        "--itemize-changes",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    for e in preserve_excludes().iter().map(String::as_str).chain(extra.iter().copied()) {
+        args.push(format!("--exclude={e}").into());
+    }
+    let mut s = image.as_os_str().to_owned();
+    s.push("/");
+    let mut d = root.as_os_str().to_owned();
+    d.push("/");
+    args.push(s);
+    args.push(d);
+    let r = cmd("rsync", args);
+    let rel: Vec<Vec<u8>> = extra
+        .iter()
+        .map(|e| e.trim_start_matches('/').trim_end_matches('/').as_bytes().to_vec())
+        .collect();
+    let skip = |r: &[u8]| {
+        is_preserved(r)
+            || rel
+                .iter()
+                .any(|e| r == e.as_slice() || (r.starts_with(e) && r.get(e.len()) == Some(&b'/')))
+    };
+    let m = diff_trees(&scan(image, &skip), &scan(root, &skip), "image", "root");
+    if !r.trim().is_empty() || !m.is_empty() {
+        panic!(
+            "{context}: root {} does not match image {}\n--- rsync oracle ---\n{}\n--- metadata oracle ---\n{}",
+            root.display(),
+            image.display(),
+            clip(&r, 80),
+            clip(&m.join("\n"), 80)
+        );
+    }
+}

@@ -47,6 +47,9 @@ use state::{Marker, Step};
 /// Where the trusted keys of the ramdisk running `provision` are, copied
 /// into the new root so that it trusts the same publishers.
 pub const DEFAULT_KEYS_DIR: &str = "/etc/imageupd/trusted.d";
+/// The root of trust of the ramdisk running `provision`, used when
+/// `--root-of-trust` is not given and the file exists.
+pub const DEFAULT_ROOT_OF_TRUST: &str = "/etc/imageupd/root.json";
 /// Host directory under which a run mounts the new root (per boot disk),
 /// so that a re-run finds and unmounts what a killed run left.
 pub const RUN_DIR: &str = "/run/imageupd/provision";
@@ -66,6 +69,9 @@ pub struct ProvisionOptions {
     pub configdrive: Option<String>,
     /// Trusted keys directory (default [`DEFAULT_KEYS_DIR`]).
     pub keys_dir: PathBuf,
+    /// Root of trust (`root.json`); `None`: [`DEFAULT_ROOT_OF_TRUST`] if
+    /// present.
+    pub root_of_trust: Option<PathBuf>,
     /// Accept an unsigned image.
     pub allow_unsigned: bool,
     /// Extra CA for an https source.
@@ -103,6 +109,8 @@ struct Job {
     disks: Vec<Disk>,
     drive: Option<Vec<(String, Vec<u8>)>>,
     keys: Vec<(String, Vec<u8>)>,
+    /// The root of trust's bytes, installed as the new root's anchor.
+    anchor: Option<Vec<u8>>,
     cmdline: String,
     inputs: String,
     signed_by: Option<String>,
@@ -201,7 +209,8 @@ fn prepare(opts: &ProvisionOptions) -> Result<Job> {
         .unwrap_or_else(|| format!("{}\0{}", opts.id, opts.disks.join("\0")));
     let plan = plan::compile(&sch, &invs, &seed).context(ExitKind::Usage)?;
     let keys = read_keys(&opts.keys_dir)?;
-    let signed_by = check_image(opts)?;
+    let anchor = read_anchor(opts.root_of_trust.as_deref())?;
+    let signed_by = check_image(opts, anchor.as_deref())?;
     let cmdline = sch
         .cmdline
         .clone()
@@ -215,11 +224,16 @@ fn prepare(opts: &ProvisionOptions) -> Result<Job> {
         h.update(n.as_bytes());
         h.update(Sha256::digest(b));
     }
+    if let Some(a) = &anchor {
+        h.update(b"root.json");
+        h.update(Sha256::digest(a));
+    }
     Ok(Job {
         plan,
         disks,
         drive,
         keys,
+        anchor,
         cmdline,
         inputs: hex::encode(h.finalize()),
         signed_by,
@@ -291,20 +305,59 @@ fn read_keys(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
     Ok(out)
 }
 
-/// Fetch and verify the image's manifest against the trusted keys before
-/// any disk is written (an untrusted image leaves the disks untouched).
-fn check_image(opts: &ProvisionOptions) -> Result<Option<String>> {
+/// The root of trust's bytes: `--root-of-trust FILE` (which must exist),
+/// else [`DEFAULT_ROOT_OF_TRUST`] when present.
+fn read_anchor(given: Option<&Path>) -> Result<Option<Vec<u8>>> {
+    let path = given.unwrap_or(Path::new(DEFAULT_ROOT_OF_TRUST));
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && given.is_none() => Ok(None),
+        Err(e) => Err(e)
+            .with_context(|| format!("reading the root of trust {}", path.display()))
+            .context(ExitKind::Usage),
+    }
+}
+
+/// Fetch and verify the image's manifest before any disk is written (an
+/// untrusted image leaves the disks untouched): with a root of trust as
+/// `apply` does (its targets keys sign, the store's signed index lists the
+/// manifest), else against the trusted keys.
+fn check_image(opts: &ProvisionOptions, anchor: Option<&[u8]>) -> Result<Option<String>> {
+    use crate::format::tuf::Root;
     let net =
         crate::net::fetch::NetOptions::for_root(opts.ca_file.as_deref(), None, Path::new("/"));
     let source = crate::net::source::Source::open_with(&opts.from, &net)?;
-    let keys = crate::format::sign::load_trusted(&opts.keys_dir)?;
+    let tuf = match anchor {
+        Some(b) => {
+            let root = Root::anchor(b)
+                .map_err(|e| anyhow::Error::from(e).context(ExitKind::Untrusted))
+                .context("the root of trust")?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            crate::apply::trust::refresh_from(root, None, &source, false, now)?
+        }
+        None => None,
+    };
+    let keys = match &tuf {
+        Some(v) => v
+            .root
+            .role("targets")
+            .keyids
+            .iter()
+            .filter_map(|k| v.root.keys.get(k).copied())
+            .collect(),
+        None => crate::format::sign::load_trusted(&opts.keys_dir)?,
+    };
     let trust = crate::format::trust::Trust {
         keys: &keys,
-        keys_dir: opts.keys_dir.display().to_string(),
+        keys_dir: match &tuf {
+            Some(v) => format!("the root of trust (root v{})", v.root.doc.version),
+            None => opts.keys_dir.display().to_string(),
+        },
         allow_unsigned: opts.allow_unsigned,
-        // Provisioning checks against --trusted-keys; a root of trust
-        // (root.json) is not yet taken here.
-        tuf: None,
+        tuf: tuf.as_ref().map(|v| (&v.root, v.index.as_ref())),
     };
     let r = source.manifest(&opts.id, &trust, 2)?;
     Ok(r.signed_by)
@@ -421,6 +474,13 @@ impl Work<'_> {
             fsx::write_atomic(dir.as_fd(), name.as_bytes(), bytes, 0o644)
                 .with_context(|| format!("installing trusted key {name}"))?;
         }
+        if let Some(a) = &self.job.anchor {
+            // The node's anchor: the apply below, and every later one,
+            // verifies against it.
+            let etc = fsx::ensure_dir_beneath(rf.fd(), &RelPath(b"etc/imageupd".to_vec()), 0o755)?;
+            fsx::write_atomic(etc.as_fd(), b"root.json", a, 0o644)
+                .context("installing the root of trust as etc/imageupd/root.json")?;
+        }
         let o = ApplyOptions {
             root: root.clone(),
             from: Some(self.opts.from.clone()),
@@ -452,6 +512,19 @@ impl Work<'_> {
         )
         .context("writing etc/fstab")?;
         fsx::set_mtime_fd(etc.as_fd(), mtime).context("keeping the mtime of etc/")?;
+        if self.job.drive.is_some() {
+            let (dir, name) = configdrive::PRESERVE_FRAGMENT
+                .rsplit_once('/')
+                .unwrap_or(("", configdrive::PRESERVE_FRAGMENT));
+            let d = fsx::ensure_dir_beneath(rf.fd(), &RelPath(dir.as_bytes().to_vec()), 0o755)?;
+            fsx::write_atomic(
+                d.as_fd(),
+                name.as_bytes(),
+                configdrive::preserve_fragment().as_bytes(),
+                0o644,
+            )
+            .with_context(|| format!("writing {}", configdrive::PRESERVE_FRAGMENT))?;
+        }
         fsx::syncfs(rf.fd()).context("syncing the new root")
     }
 
@@ -537,7 +610,7 @@ fn describe(s: Step) -> &'static str {
         Step::Wiped => "wiping the old partition tables (first and last MiB)",
         Step::Formatted => "making the filesystems",
         Step::Applied => "applying the image onto the new root",
-        Step::Fstab => "writing /etc/fstab",
+        Step::Fstab => "writing /etc/fstab (and the cloud-init preserve fragment)",
         Step::Bootloader => "installing the UEFI loader on the ESP",
         Step::Configdrive => "writing the configdrive",
         Step::Table => "writing the partition tables",
