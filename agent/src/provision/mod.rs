@@ -38,6 +38,7 @@ pub mod plan;
 pub mod scheme;
 pub mod state;
 pub mod table;
+pub mod trust;
 
 use disk::{Disk, Loop};
 use plan::{PartPlan, Plan};
@@ -208,9 +209,9 @@ fn prepare(opts: &ProvisionOptions) -> Result<Job> {
         .clone()
         .unwrap_or_else(|| format!("{}\0{}", opts.id, opts.disks.join("\0")));
     let plan = plan::compile(&sch, &invs, &seed).context(ExitKind::Usage)?;
-    let keys = read_keys(&opts.keys_dir)?;
-    let anchor = read_anchor(opts.root_of_trust.as_deref())?;
-    let signed_by = check_image(opts, anchor.as_deref())?;
+    let keys = trust::read_keys(&opts.keys_dir)?;
+    let anchor = trust::read_anchor(opts.root_of_trust.as_deref())?;
+    let signed_by = trust::check_image(opts, anchor.as_deref())?;
     let cmdline = sch
         .cmdline
         .clone()
@@ -280,87 +281,6 @@ fn map_disks(sch: &scheme::Scheme, given: &[String]) -> Result<Vec<Disk>> {
             disk::inspect(Path::new(path))
         })
         .collect()
-}
-
-/// The trusted keys to install into the new root (name, bytes).
-fn read_keys(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
-    let mut out = Vec::new();
-    let rd = match std::fs::read_dir(dir) {
-        Ok(r) => r,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
-    };
-    for e in rd {
-        let e = e.with_context(|| format!("reading {}", dir.display()))?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".pub") && e.file_type()?.is_file() {
-            out.push((
-                name,
-                std::fs::read(e.path())
-                    .with_context(|| format!("reading {}", e.path().display()))?,
-            ));
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
-/// The root of trust's bytes: `--root-of-trust FILE` (which must exist),
-/// else [`DEFAULT_ROOT_OF_TRUST`] when present.
-fn read_anchor(given: Option<&Path>) -> Result<Option<Vec<u8>>> {
-    let path = given.unwrap_or(Path::new(DEFAULT_ROOT_OF_TRUST));
-    match std::fs::read(path) {
-        Ok(b) => Ok(Some(b)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && given.is_none() => Ok(None),
-        Err(e) => Err(e)
-            .with_context(|| format!("reading the root of trust {}", path.display()))
-            .context(ExitKind::Usage),
-    }
-}
-
-/// Fetch and verify the image's manifest before any disk is written (an
-/// untrusted image leaves the disks untouched): with a root of trust as
-/// `apply` does (its targets keys sign, the store's signed index lists the
-/// manifest), else against the trusted keys.
-fn check_image(opts: &ProvisionOptions, anchor: Option<&[u8]>) -> Result<Option<String>> {
-    use crate::format::tuf::Root;
-    let net =
-        crate::net::fetch::NetOptions::for_root(opts.ca_file.as_deref(), None, Path::new("/"));
-    let source = crate::net::source::Source::open_with(&opts.from, &net)?;
-    let tuf = match anchor {
-        Some(b) => {
-            let root = Root::anchor(b)
-                .map_err(|e| anyhow::Error::from(e).context(ExitKind::Untrusted))
-                .context("the root of trust")?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0);
-            crate::apply::trust::refresh_from(root, None, &source, false, now)?
-        }
-        None => None,
-    };
-    let keys = match &tuf {
-        Some(v) => v
-            .root
-            .role("targets")
-            .keyids
-            .iter()
-            .filter_map(|k| v.root.keys.get(k).copied())
-            .collect(),
-        None => crate::format::sign::load_trusted(&opts.keys_dir)?,
-    };
-    let trust = crate::format::trust::Trust {
-        keys: &keys,
-        keys_dir: match &tuf {
-            Some(v) => format!("the root of trust (root v{})", v.root.doc.version),
-            None => opts.keys_dir.display().to_string(),
-        },
-        allow_unsigned: opts.allow_unsigned,
-        tuf: tuf.as_ref().map(|v| (&v.root, v.index.as_ref())),
-    };
-    let r = source.manifest(&opts.id, &trust, 2)?;
-    Ok(r.signed_by)
 }
 
 fn boot_index(job: &Job) -> usize {
@@ -511,6 +431,7 @@ impl Work<'_> {
             0o644,
         )
         .context("writing etc/fstab")?;
+        write_machine_id(&etc)?;
         fsx::set_mtime_fd(etc.as_fd(), mtime).context("keeping the mtime of etc/")?;
         if self.job.drive.is_some() {
             let (dir, name) = configdrive::PRESERVE_FRAGMENT
@@ -587,6 +508,37 @@ impl Work<'_> {
         }
         Ok(())
     }
+}
+
+/// Give the node its identity now, as `systemd-machine-id-setup --root`
+/// does at install time, when the image leaves `/etc/machine-id` empty,
+/// missing or "uninitialized" (images must not share one). Else systemd's
+/// first boot runs `preset-all` against a root still read-only (it fails,
+/// after tens of seconds under emulation). `/etc/machine-id` is on the
+/// update contract's preserve list: later updates keep it. A re-run keeps
+/// the one already written.
+fn write_machine_id(etc: &std::os::fd::OwnedFd) -> Result<()> {
+    let have = match fsx::read_at_limited(etc.as_fd(), b"machine-id", 64) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).context("reading etc/machine-id"),
+    };
+    let t = String::from_utf8_lossy(&have);
+    if !t.trim().is_empty() && t.trim() != "uninitialized" {
+        return Ok(());
+    }
+    let mut b = [0u8; 16];
+    getrandom::getrandom(&mut b).map_err(|e| anyhow!("no random bytes for a machine id: {e}"))?;
+    // A version 4 UUID's bits (machine-id(5)).
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    fsx::write_atomic(
+        etc.as_fd(),
+        b"machine-id",
+        format!("{}\n", hex::encode(b)).as_bytes(),
+        0o444,
+    )
+    .context("writing etc/machine-id")
 }
 
 /// The fault point after a step (crash tests).
