@@ -420,10 +420,19 @@ fn provision_file_disk_then_nothing_to_do_then_update_in_place() {
     // config it rendered, the default user it made), and, as the control,
     // node-local files no preserve pattern covers.
     let first_boot: &[(&str, &str)] = &[
-        ("var/lib/cloud/data/instance-id", "4bd5c5a1-0f4e-4a4b-9d6c-3f0b9c1e0a11\n"),
-        ("var/lib/cloud/instances/4bd5c5a1/sem/config_scripts_user", "done\n"),
+        (
+            "var/lib/cloud/data/instance-id",
+            "4bd5c5a1-0f4e-4a4b-9d6c-3f0b9c1e0a11\n",
+        ),
+        (
+            "var/lib/cloud/instances/4bd5c5a1/sem/config_scripts_user",
+            "done\n",
+        ),
         ("etc/network/interfaces.d/50-cloud-init", "auto eth0\n"),
-        ("etc/sudoers.d/90-cloud-init-users", "debian ALL=(ALL) NOPASSWD:ALL\n"),
+        (
+            "etc/sudoers.d/90-cloud-init-users",
+            "debian ALL=(ALL) NOPASSWD:ALL\n",
+        ),
     ];
     for (rel, text) in first_boot {
         let f = m.at.join(rel);
@@ -434,7 +443,10 @@ fn provision_file_disk_then_nothing_to_do_then_update_in_place() {
     let mut users = std::fs::read_to_string(&passwd).expect("passwd");
     users.push_str("debian:x:1000:1000:Debian:/home/debian:/bin/bash\n");
     std::fs::write(&passwd, &users).unwrap();
-    for control in ["var/lib/not-cloud/state", "etc/network/interfaces.d/60-local"] {
+    for control in [
+        "var/lib/not-cloud/state",
+        "etc/network/interfaces.d/60-local",
+    ] {
         let f = m.at.join(control);
         std::fs::create_dir_all(f.parent().unwrap()).unwrap();
         std::fs::write(&f, "node-local\n").unwrap();
@@ -450,7 +462,10 @@ fn provision_file_disk_then_nothing_to_do_then_update_in_place() {
         );
     }
     assert_eq!(std::fs::read_to_string(&passwd).expect("passwd"), users);
-    for control in ["var/lib/not-cloud/state", "etc/network/interfaces.d/60-local"] {
+    for control in [
+        "var/lib/not-cloud/state",
+        "etc/network/interfaces.d/60-local",
+    ] {
         assert!(
             !m.at.join(control).exists(),
             "control: {control} (not preserved) survived: the check above proves nothing"

@@ -229,7 +229,9 @@ fn boot(disk: &Path, log: &Path) -> String {
     // Kept past the scratch directory, for a failure's post-mortem.
     let keep = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
         "provision-vm-{}",
-        log.file_name().and_then(|n| n.to_str()).unwrap_or("boot.log")
+        log.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("boot.log")
     ));
     if let Err(e) = std::fs::write(&keep, &text) {
         eprintln!("could not keep {}: {e}", keep.display());

@@ -324,7 +324,11 @@ fn provision_verifies_against_the_root_of_trust() {
     let out = provision("b1");
     assert_eq!(out.code(), Some(EXIT_UNTRUSTED), "{}", out.describe());
     assert!(out.stderr.contains("2 required"), "{}", out.describe());
-    assert_eq!(sha256_file(&disk), before, "a refused image changed the disk");
+    assert_eq!(
+        sha256_file(&disk),
+        before,
+        "a refused image changed the disk"
+    );
     // Control: a is signed by both targets keys.
     let out = provision("a").expect_ok();
     let j = out.json();
@@ -353,9 +357,7 @@ fn provision_verifies_against_the_root_of_trust() {
     .to_string();
     let mnt = f.dir.join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
-    let mounted = Run::new("mount")
-        .args(["-o", "ro", &lo, p(&mnt)])
-        .run();
+    let mounted = Run::new("mount").args(["-o", "ro", &lo, p(&mnt)]).run();
     let installed = std::fs::read(mnt.join("etc/imageupd/root.json"));
     let id = image_id(&mnt);
     if mounted.code() == Some(0) {

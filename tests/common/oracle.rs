@@ -328,7 +328,11 @@ pub fn assert_converged_except(image: &Path, root: &Path, extra: &[&str], contex
     .iter()
     .map(OsString::from)
     .collect();
-    for e in preserve_excludes().iter().map(String::as_str).chain(extra.iter().copied()) {
+    for e in preserve_excludes()
+        .iter()
+        .map(String::as_str)
+        .chain(extra.iter().copied())
+    {
         args.push(format!("--exclude={e}").into());
     }
     let mut s = image.as_os_str().to_owned();
@@ -360,7 +364,12 @@ pub fn assert_converged_except(image: &Path, root: &Path, extra: &[&str], contex
         .collect();
     let rel: Vec<Vec<u8>> = extra
         .iter()
-        .map(|e| e.trim_start_matches('/').trim_end_matches('/').as_bytes().to_vec())
+        .map(|e| {
+            e.trim_start_matches('/')
+                .trim_end_matches('/')
+                .as_bytes()
+                .to_vec()
+        })
         .collect();
     let skip = |r: &[u8]| {
         is_preserved(r)
