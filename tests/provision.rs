@@ -416,14 +416,95 @@ fn provision_file_disk_then_nothing_to_do_then_update_in_place() {
         ),
         &j.s.join("mnt2"),
     );
+    // What cloud-init leaves after the first boot (its state, the network
+    // config it rendered, the default user it made), and, as the control,
+    // node-local files no preserve pattern covers.
+    let first_boot: &[(&str, &str)] = &[
+        (
+            "var/lib/cloud/data/instance-id",
+            "4bd5c5a1-0f4e-4a4b-9d6c-3f0b9c1e0a11\n",
+        ),
+        (
+            "var/lib/cloud/instances/4bd5c5a1/sem/config_scripts_user",
+            "done\n",
+        ),
+        ("etc/network/interfaces.d/50-cloud-init", "auto eth0\n"),
+        (
+            "etc/sudoers.d/90-cloud-init-users",
+            "debian ALL=(ALL) NOPASSWD:ALL\n",
+        ),
+    ];
+    for (rel, text) in first_boot {
+        let f = m.at.join(rel);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(&f, text).unwrap();
+    }
+    let passwd = m.at.join("etc/passwd");
+    let mut users = std::fs::read_to_string(&passwd).expect("passwd");
+    users.push_str("debian:x:1000:1000:Debian:/home/debian:/bin/bash\n");
+    std::fs::write(&passwd, &users).unwrap();
+    for control in [
+        "var/lib/not-cloud/state",
+        "etc/network/interfaces.d/60-local",
+    ] {
+        let f = m.at.join(control);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(&f, "node-local\n").unwrap();
+    }
     let store = shared_store();
     let v2 = store.image("v2");
     apply(&store.dir, "v2", &m.at, &[]).expect_ok();
-    assert_applied(&v2, &m.at, "v2", "apply onto the provisioned root");
+    for (rel, text) in first_boot {
+        assert_eq!(
+            std::fs::read_to_string(m.at.join(rel)).ok().as_deref(),
+            Some(*text),
+            "the update in place lost cloud-init's {rel}"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&passwd).expect("passwd"), users);
+    for control in [
+        "var/lib/not-cloud/state",
+        "etc/network/interfaces.d/60-local",
+    ] {
+        assert!(
+            !m.at.join(control).exists(),
+            "control: {control} (not preserved) survived: the check above proves nothing"
+        );
+    }
+    assert_converged_except(
+        &v2,
+        &m.at,
+        CLOUD_INIT_KEPT,
+        "apply onto the provisioned root",
+    );
+    assert_eq!(image_id(&m.at).as_deref(), Some("v2"));
+    let v = verify(&m.at, true);
+    assert_eq!(v.code(), Some(EXIT_OK), "{}", v.describe());
     assert!(std::fs::read_to_string(m.at.join("etc/fstab"))
         .expect("fstab")
         .contains("UUID="));
 }
+
+/// The paths of `imageupd provision`'s cloud-init preserve fragment
+/// (agent/src/provision/configdrive.rs), as the oracle excludes them.
+const CLOUD_INIT_KEPT: &[&str] = &[
+    "/var/lib/cloud/",
+    "/etc/network/interfaces.d/50-cloud-init",
+    "/etc/udev/rules.d/70-persistent-net.rules",
+    "/etc/sudoers.d/90-cloud-init-users",
+    "/etc/passwd",
+    "/etc/passwd-",
+    "/etc/shadow",
+    "/etc/shadow-",
+    "/etc/group",
+    "/etc/group-",
+    "/etc/gshadow",
+    "/etc/gshadow-",
+    "/etc/subuid",
+    "/etc/subuid-",
+    "/etc/subgid",
+    "/etc/subgid-",
+];
 
 #[test]
 fn provision_4096_byte_sector_disk() {

@@ -289,3 +289,85 @@ fn keys_rotate_by_the_root_chain_and_revoked_keys_stop_signing() {
     assert_eq!(out.code(), Some(EXIT_UNTRUSTED), "{}", out.describe());
     assert_unchanged(&f.root, &f.before, "root v2 forgotten by the store");
 }
+
+/// `provision --root-of-trust FILE` checks the image as `apply` checks it
+/// against a node's root.json (targets threshold, the signed index), before
+/// any disk is written, and installs that root as the new root's anchor.
+#[test]
+fn provision_verifies_against_the_root_of_trust() {
+    let f = Fixture::new("tuf-provision");
+    let (_, t2) = synthetic();
+    // Signed by one of the two targets keys: below the threshold.
+    f.publish("b1", t2, &[1]);
+    f.timestamp(24);
+    let disk = f.dir.join("disk.raw");
+    std::fs::File::create(&disk)
+        .and_then(|d| d.set_len(320 << 20))
+        .unwrap();
+    let scheme = f.dir.join("scheme.toml");
+    std::fs::write(
+        &scheme,
+        "firmware = \"bios\"\n[[disk]]\nname = \"vda\"\n[[disk.partition]]\nrole = \"bios-boot\"\n[[disk.partition]]\nrole = \"root\"\nmin = \"256MiB\"\n",
+    )
+    .unwrap();
+    // No trusted keys at all: only the root of trust can vouch.
+    let no_keys = f.dir.join("no-keys");
+    std::fs::create_dir_all(&no_keys).unwrap();
+    let anchor = f.store.join("root.json");
+    let provision = |id: &str| {
+        imageupd(["provision", "--json", "--from", p(&f.store), "--id", id])
+            .args(["--scheme", p(&scheme), "--disk", p(&disk)])
+            .args(["--trusted-keys", p(&no_keys), "--root-of-trust", p(&anchor)])
+            .run()
+    };
+    let before = sha256_file(&disk);
+    let out = provision("b1");
+    assert_eq!(out.code(), Some(EXIT_UNTRUSTED), "{}", out.describe());
+    assert!(out.stderr.contains("2 required"), "{}", out.describe());
+    assert_eq!(
+        sha256_file(&disk),
+        before,
+        "a refused image changed the disk"
+    );
+    // Control: a is signed by both targets keys.
+    let out = provision("a").expect_ok();
+    let j = out.json();
+    assert_eq!(j["result"], "provisioned", "{}", out.describe());
+    let root = j["plan"]["disks"][0]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["role"] == "root")
+        .unwrap()
+        .clone();
+    let lo = cmd(
+        "losetup",
+        [
+            "--find",
+            "--show",
+            "--read-only",
+            "--offset",
+            &root["start_bytes"].to_string(),
+            "--sizelimit",
+            &root["size_bytes"].to_string(),
+            p(&disk),
+        ],
+    )
+    .trim()
+    .to_string();
+    let mnt = f.dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = Run::new("mount").args(["-o", "ro", &lo, p(&mnt)]).run();
+    let installed = std::fs::read(mnt.join("etc/imageupd/root.json"));
+    let id = image_id(&mnt);
+    if mounted.code() == Some(0) {
+        Run::new("umount").arg(&mnt).ok();
+    }
+    Run::new("losetup").args(["-d", &lo]).ok();
+    assert_eq!(mounted.code(), Some(0), "{}", mounted.describe());
+    assert_eq!(
+        installed.expect("the new root has etc/imageupd/root.json"),
+        std::fs::read(&anchor).unwrap()
+    );
+    assert_eq!(id.as_deref(), Some("a"));
+}

@@ -290,6 +290,13 @@ enum Cmd {
         /// the node's /etc/imageupd/trusted.d.
         #[arg(long, default_value = imageupd::provision::DEFAULT_KEYS_DIR)]
         trusted_keys: PathBuf,
+        /// Root of trust (a store's root.json, k-of-n keys per role): the
+        /// image must be signed by its targets keys and listed in the
+        /// store's signed index, as `apply` checks against a node's
+        /// /etc/imageupd/root.json; installed there on the new root.
+        /// Default: this system's /etc/imageupd/root.json when present.
+        #[arg(long)]
+        root_of_trust: Option<PathBuf>,
         /// Accept an unsigned image.
         #[arg(long)]
         allow_unsigned: bool,
@@ -475,6 +482,7 @@ fn run(cli: Cli) -> Result<u8> {
             disks,
             configdrive,
             trusted_keys,
+            root_of_trust,
             allow_unsigned,
             ca_file,
             dry_run,
@@ -486,6 +494,7 @@ fn run(cli: Cli) -> Result<u8> {
                 id,
                 disks,
                 keys_dir: trusted_keys,
+                root_of_trust,
                 allow_unsigned,
                 ca_file,
                 dry_run,

@@ -312,3 +312,85 @@ pub fn assert_unchanged(root: &Path, before: &Tree, context: &str) {
         );
     }
 }
+
+/// [`assert_converged`] on a root whose configuration preserves `extra`
+/// paths too (absolute, a trailing `/` for a directory and what is below
+/// it), e.g. the fragment `imageupd provision` writes for cloud-init.
+#[track_caller]
+pub fn assert_converged_except(image: &Path, root: &Path, extra: &[&str], context: &str) {
+    let mut args: Vec<OsString> = [
+        "-naHAX",
+        "--delete",
+        "--checksum",
+        "--numeric-ids",
+        "--itemize-changes",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    for e in preserve_excludes()
+        .iter()
+        .map(String::as_str)
+        .chain(extra.iter().copied())
+    {
+        args.push(format!("--exclude={e}").into());
+    }
+    let mut s = image.as_os_str().to_owned();
+    s.push("/");
+    let mut d = root.as_os_str().to_owned();
+    d.push("/");
+    args.push(s);
+    args.push(d);
+    // The engine keeps the directories above a preserved path even when the
+    // image has none (cloud-init makes etc/sudoers.d): only such an
+    // ancestor may be "only in root".
+    let ancestors: Vec<String> = extra
+        .iter()
+        .flat_map(|e| {
+            let parts: Vec<&str> = e.trim_matches('/').split('/').collect();
+            (1..parts.len()).map(move |n| parts[..n].join("/"))
+        })
+        .collect();
+    let r: String = cmd("rsync", args)
+        .lines()
+        .filter(|l| {
+            let d = l
+                .strip_prefix("cannot delete non-empty directory: ")
+                .or_else(|| l.strip_prefix("*deleting   "))
+                .map(|d| d.trim_end_matches('/'));
+            !d.is_some_and(|d| ancestors.iter().any(|a| a == d))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let rel: Vec<Vec<u8>> = extra
+        .iter()
+        .map(|e| {
+            e.trim_start_matches('/')
+                .trim_end_matches('/')
+                .as_bytes()
+                .to_vec()
+        })
+        .collect();
+    let skip = |r: &[u8]| {
+        is_preserved(r)
+            || rel
+                .iter()
+                .any(|e| r == e.as_slice() || (r.starts_with(e) && r.get(e.len()) == Some(&b'/')))
+    };
+    let m: Vec<String> = diff_trees(&scan(image, &skip), &scan(root, &skip), "image", "root")
+        .into_iter()
+        .filter(|l| {
+            !l.strip_suffix(": only in root")
+                .is_some_and(|d| ancestors.iter().any(|a| a == d))
+        })
+        .collect();
+    if !r.trim().is_empty() || !m.is_empty() {
+        panic!(
+            "{context}: root {} does not match image {}\n--- rsync oracle ---\n{}\n--- metadata oracle ---\n{}",
+            root.display(),
+            image.display(),
+            clip(&r, 80),
+            clip(&m.join("\n"), 80)
+        );
+    }
+}

@@ -55,6 +55,18 @@ pub fn refresh(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("reading {}", anchor_path.display())),
     };
+    refresh_from(anchor, state, source, allow_expired, now)
+}
+
+/// [`refresh`] from a root of trust already read and verified as an
+/// anchor (`provision --root-of-trust FILE`, whose new root has none yet).
+pub fn refresh_from(
+    anchor: Root,
+    state: Option<&OwnedFd>,
+    source: &Source,
+    allow_expired: bool,
+    now: i64,
+) -> Result<Option<Verified>> {
     if matches!(source, Source::Dir { .. }) {
         // An image directory carries no trust metadata; it is taken only
         // as an unsigned image (allow_unsigned), as without a root.

@@ -109,7 +109,12 @@ pub fn verify(root_path: &Path, checksum: bool, threads: usize) -> Result<DriftR
     }
     let in_image: std::collections::HashSet<&RelPath> = m.entries.iter().map(|e| &e.path).collect();
     for n in &nodes {
-        if !in_image.contains(&n.path) && !below_mount(&n.path) {
+        // A directory the image lacks but a preserved path lies below (made
+        // on the node, e.g. cloud-init's etc/sudoers.d) is kept by apply;
+        // anything else in it is reported on its own.
+        let keeps_preserved =
+            n.stat.ftype == FileType::Dir && preserve.has_preserved_below(&n.path);
+        if !in_image.contains(&n.path) && !below_mount(&n.path) && !keeps_preserved {
             r.extra.push(n.path.to_string());
         }
     }

@@ -32,6 +32,53 @@ use sha2::{Digest as _, Sha256};
 /// reads the newest it knows, else `latest`).
 pub const VERSIONS: [&str; 2] = ["latest", "2012-08-10"];
 
+/// Where the new root's preserve fragment for cloud-init goes (below the
+/// root; `/etc/imageupd/` is itself preserved, so it outlives updates).
+pub const PRESERVE_FRAGMENT: &str = "etc/imageupd/config.d/10-provision-cloud-init.toml";
+
+/// What cloud-init makes of the configdrive on the first boot, node-local
+/// from then on: its state (`/var/lib/cloud/`: the instance id and the
+/// per-instance semaphores; without them the next boot is a new instance
+/// and per-instance modules run again: runcmd, SSH host keys regenerated),
+/// the network configuration it rendered from `network_data.json`, and the
+/// users it created (the default user carries the configdrive's SSH keys;
+/// `/home/` is preserved already). The account databases are then the
+/// node's: a later image's new system users must come from
+/// systemd-sysusers or a post-apply hook (docs/provision.md).
+pub const CLOUD_INIT_PRESERVE: &[&str] = &[
+    "/var/lib/cloud/",
+    "/etc/network/interfaces.d/50-cloud-init",
+    "/etc/udev/rules.d/70-persistent-net.rules",
+    "/etc/sudoers.d/90-cloud-init-users",
+    "/etc/passwd",
+    "/etc/passwd-",
+    "/etc/shadow",
+    "/etc/shadow-",
+    "/etc/group",
+    "/etc/group-",
+    "/etc/gshadow",
+    "/etc/gshadow-",
+    "/etc/subuid",
+    "/etc/subuid-",
+    "/etc/subgid",
+    "/etc/subgid-",
+];
+
+/// The preserve fragment's text (TOML, `preserve_extra`).
+pub fn preserve_fragment() -> String {
+    let mut s = String::from(
+        "# Written by `imageupd provision` with a configdrive: what cloud-init\n\
+         # made of it on the first boot survives updates in place, so a later\n\
+         # boot is the same instance (per-instance modules do not run again).\n\
+         preserve_extra = [\n",
+    );
+    for p in CLOUD_INIT_PRESERVE {
+        s.push_str(&format!("    \"{p}\",\n"));
+    }
+    s.push_str("]\n");
+    s
+}
+
 /// Why configdrive inputs were refused.
 #[derive(Debug, thiserror::Error)]
 pub enum DriveError {
@@ -425,6 +472,14 @@ content = "#!/bin/sh\necho hi\n"
             .unwrap_err()
             .to_string()
             .contains("unknown field"));
+    }
+
+    #[test]
+    fn preserve_fragment_parses() {
+        let v: toml::Table = toml::from_str(&preserve_fragment()).unwrap();
+        let list = v["preserve_extra"].as_array().unwrap();
+        assert_eq!(list.len(), CLOUD_INIT_PRESERVE.len());
+        assert_eq!(list[0].as_str(), Some("/var/lib/cloud/"));
     }
 
     #[test]

@@ -38,6 +38,7 @@ pub mod plan;
 pub mod scheme;
 pub mod state;
 pub mod table;
+pub mod trust;
 
 use disk::{Disk, Loop};
 use plan::{PartPlan, Plan};
@@ -47,6 +48,9 @@ use state::{Marker, Step};
 /// Where the trusted keys of the ramdisk running `provision` are, copied
 /// into the new root so that it trusts the same publishers.
 pub const DEFAULT_KEYS_DIR: &str = "/etc/imageupd/trusted.d";
+/// The root of trust of the ramdisk running `provision`, used when
+/// `--root-of-trust` is not given and the file exists.
+pub const DEFAULT_ROOT_OF_TRUST: &str = "/etc/imageupd/root.json";
 /// Host directory under which a run mounts the new root (per boot disk),
 /// so that a re-run finds and unmounts what a killed run left.
 pub const RUN_DIR: &str = "/run/imageupd/provision";
@@ -66,6 +70,9 @@ pub struct ProvisionOptions {
     pub configdrive: Option<String>,
     /// Trusted keys directory (default [`DEFAULT_KEYS_DIR`]).
     pub keys_dir: PathBuf,
+    /// Root of trust (`root.json`); `None`: [`DEFAULT_ROOT_OF_TRUST`] if
+    /// present.
+    pub root_of_trust: Option<PathBuf>,
     /// Accept an unsigned image.
     pub allow_unsigned: bool,
     /// Extra CA for an https source.
@@ -103,6 +110,8 @@ struct Job {
     disks: Vec<Disk>,
     drive: Option<Vec<(String, Vec<u8>)>>,
     keys: Vec<(String, Vec<u8>)>,
+    /// The root of trust's bytes, installed as the new root's anchor.
+    anchor: Option<Vec<u8>>,
     cmdline: String,
     inputs: String,
     signed_by: Option<String>,
@@ -200,8 +209,9 @@ fn prepare(opts: &ProvisionOptions) -> Result<Job> {
         .clone()
         .unwrap_or_else(|| format!("{}\0{}", opts.id, opts.disks.join("\0")));
     let plan = plan::compile(&sch, &invs, &seed).context(ExitKind::Usage)?;
-    let keys = read_keys(&opts.keys_dir)?;
-    let signed_by = check_image(opts)?;
+    let keys = trust::read_keys(&opts.keys_dir)?;
+    let anchor = trust::read_anchor(opts.root_of_trust.as_deref())?;
+    let signed_by = trust::check_image(opts, anchor.as_deref())?;
     let cmdline = sch
         .cmdline
         .clone()
@@ -215,11 +225,16 @@ fn prepare(opts: &ProvisionOptions) -> Result<Job> {
         h.update(n.as_bytes());
         h.update(Sha256::digest(b));
     }
+    if let Some(a) = &anchor {
+        h.update(b"root.json");
+        h.update(Sha256::digest(a));
+    }
     Ok(Job {
         plan,
         disks,
         drive,
         keys,
+        anchor,
         cmdline,
         inputs: hex::encode(h.finalize()),
         signed_by,
@@ -266,48 +281,6 @@ fn map_disks(sch: &scheme::Scheme, given: &[String]) -> Result<Vec<Disk>> {
             disk::inspect(Path::new(path))
         })
         .collect()
-}
-
-/// The trusted keys to install into the new root (name, bytes).
-fn read_keys(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
-    let mut out = Vec::new();
-    let rd = match std::fs::read_dir(dir) {
-        Ok(r) => r,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
-    };
-    for e in rd {
-        let e = e.with_context(|| format!("reading {}", dir.display()))?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".pub") && e.file_type()?.is_file() {
-            out.push((
-                name,
-                std::fs::read(e.path())
-                    .with_context(|| format!("reading {}", e.path().display()))?,
-            ));
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
-/// Fetch and verify the image's manifest against the trusted keys before
-/// any disk is written (an untrusted image leaves the disks untouched).
-fn check_image(opts: &ProvisionOptions) -> Result<Option<String>> {
-    let net =
-        crate::net::fetch::NetOptions::for_root(opts.ca_file.as_deref(), None, Path::new("/"));
-    let source = crate::net::source::Source::open_with(&opts.from, &net)?;
-    let keys = crate::format::sign::load_trusted(&opts.keys_dir)?;
-    let trust = crate::format::trust::Trust {
-        keys: &keys,
-        keys_dir: opts.keys_dir.display().to_string(),
-        allow_unsigned: opts.allow_unsigned,
-        // Provisioning checks against --trusted-keys; a root of trust
-        // (root.json) is not yet taken here.
-        tuf: None,
-    };
-    let r = source.manifest(&opts.id, &trust, 2)?;
-    Ok(r.signed_by)
 }
 
 fn boot_index(job: &Job) -> usize {
@@ -421,6 +394,13 @@ impl Work<'_> {
             fsx::write_atomic(dir.as_fd(), name.as_bytes(), bytes, 0o644)
                 .with_context(|| format!("installing trusted key {name}"))?;
         }
+        if let Some(a) = &self.job.anchor {
+            // The node's anchor: the apply below, and every later one,
+            // verifies against it.
+            let etc = fsx::ensure_dir_beneath(rf.fd(), &RelPath(b"etc/imageupd".to_vec()), 0o755)?;
+            fsx::write_atomic(etc.as_fd(), b"root.json", a, 0o644)
+                .context("installing the root of trust as etc/imageupd/root.json")?;
+        }
         let o = ApplyOptions {
             root: root.clone(),
             from: Some(self.opts.from.clone()),
@@ -451,7 +431,21 @@ impl Work<'_> {
             0o644,
         )
         .context("writing etc/fstab")?;
+        write_machine_id(&etc)?;
         fsx::set_mtime_fd(etc.as_fd(), mtime).context("keeping the mtime of etc/")?;
+        if self.job.drive.is_some() {
+            let (dir, name) = configdrive::PRESERVE_FRAGMENT
+                .rsplit_once('/')
+                .unwrap_or(("", configdrive::PRESERVE_FRAGMENT));
+            let d = fsx::ensure_dir_beneath(rf.fd(), &RelPath(dir.as_bytes().to_vec()), 0o755)?;
+            fsx::write_atomic(
+                d.as_fd(),
+                name.as_bytes(),
+                configdrive::preserve_fragment().as_bytes(),
+                0o644,
+            )
+            .with_context(|| format!("writing {}", configdrive::PRESERVE_FRAGMENT))?;
+        }
         fsx::syncfs(rf.fd()).context("syncing the new root")
     }
 
@@ -516,6 +510,37 @@ impl Work<'_> {
     }
 }
 
+/// Give the node its identity now, as `systemd-machine-id-setup --root`
+/// does at install time, when the image leaves `/etc/machine-id` empty,
+/// missing or "uninitialized" (images must not share one). Else systemd's
+/// first boot runs `preset-all` against a root still read-only (it fails,
+/// after tens of seconds under emulation). `/etc/machine-id` is on the
+/// update contract's preserve list: later updates keep it. A re-run keeps
+/// the one already written.
+fn write_machine_id(etc: &std::os::fd::OwnedFd) -> Result<()> {
+    let have = match fsx::read_at_limited(etc.as_fd(), b"machine-id", 64) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).context("reading etc/machine-id"),
+    };
+    let t = String::from_utf8_lossy(&have);
+    if !t.trim().is_empty() && t.trim() != "uninitialized" {
+        return Ok(());
+    }
+    let mut b = [0u8; 16];
+    getrandom::getrandom(&mut b).map_err(|e| anyhow!("no random bytes for a machine id: {e}"))?;
+    // A version 4 UUID's bits (machine-id(5)).
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    fsx::write_atomic(
+        etc.as_fd(),
+        b"machine-id",
+        format!("{}\n", hex::encode(b)).as_bytes(),
+        0o444,
+    )
+    .context("writing etc/machine-id")
+}
+
 /// The fault point after a step (crash tests).
 fn fault_name(s: Step) -> &'static str {
     match s {
@@ -537,7 +562,7 @@ fn describe(s: Step) -> &'static str {
         Step::Wiped => "wiping the old partition tables (first and last MiB)",
         Step::Formatted => "making the filesystems",
         Step::Applied => "applying the image onto the new root",
-        Step::Fstab => "writing /etc/fstab",
+        Step::Fstab => "writing /etc/fstab (and the cloud-init preserve fragment)",
         Step::Bootloader => "installing the UEFI loader on the ESP",
         Step::Configdrive => "writing the configdrive",
         Step::Table => "writing the partition tables",
