@@ -4,8 +4,10 @@
 //! and xfs, and once more on each with the pre-swap syncfs skipped (the
 //! positive control, `IMAGEUPD_TEST_UNSAFE_SKIP=presync-syncfs`). The host
 //! then replays each write log (tests/common/logwrites.rs) to every MARK
-//! (one per phase of the apply) and a sample of FLUSH/FUA points, and at
-//! each point mounts a copy (journal recovery) and requires:
+//! (one per phase of the apply) and a deterministic sample of FLUSH/FUA
+//! points, a few in each phase ([`PHASES`]: journal, stage, pre-swap sync,
+//! swap renames, delete, image_id, commit, unmount), and at each point
+//! mounts a copy (journal recovery) and requires:
 //!
 //! * every path wholly v1 or wholly v2 by hash, and nothing that is in
 //!   neither image outside the preserve list and the staging areas;
@@ -18,8 +20,9 @@
 //! the guest's final root disk. The control must show at least one torn
 //! path, or the test proves nothing.
 //!
-//! Tunables: IMAGEUPD_POWERLOSS_POINTS (points per log, marks included
-//! whatever the cap; default 24), IMAGEUPD_TEST_NO_VM=1 skips.
+//! Tunables: IMAGEUPD_POWERLOSS_POINTS=all replays every point (outside
+//! CI: several minutes), =N takes N FLUSH/FUA points per phase (default
+//! [`DEFAULT_PER_PHASE`]; marks always); IMAGEUPD_TEST_NO_VM=1 skips.
 
 mod common;
 
@@ -32,8 +35,9 @@ use common::vm;
 use common::vm::OsArg;
 use common::*;
 
-/// Points replayed per log when IMAGEUPD_POWERLOSS_POINTS is unset.
-const DEFAULT_POINTS: usize = 24;
+/// FLUSH/FUA points replayed per phase of the apply when
+/// IMAGEUPD_POWERLOSS_POINTS is unset (marks are always replayed).
+const DEFAULT_PER_PHASE: usize = 2;
 /// Threads checking replayed points (the machine has 2 cores).
 const WORKERS: usize = 2;
 /// Marks every recorded apply must leave in its log (the fault points of
@@ -50,13 +54,6 @@ const EXPECTED_MARKS: &[&str] = &[
     "unmounted",
     "dm-log-writes-end",
 ];
-
-fn points_cap() -> usize {
-    std::env::var("IMAGEUPD_POWERLOSS_POINTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_POINTS)
-}
 
 /// Kinds with content identity of both images.
 struct Versions {
@@ -144,67 +141,111 @@ struct Outcome {
     fsck_errors: usize,
     converged: usize,
     failures: Vec<String>,
+    /// Per phase (and "mark", "window"): points replayed, points torn.
+    phases: std::collections::BTreeMap<&'static str, (usize, usize)>,
     self_check: bool,
     took: Duration,
 }
 
-/// Indices of the entries to replay to: every MARK, and up to `cap` points
-/// in all, FLUSH/FUA entries evenly sampled, half of them inside the swap
-/// window (after-stage .. after-commit), each after at least one write
-/// (a point with no write since the last one is the same state). A
-/// control takes every FLUSH/FUA point of the window.
-fn choose_points(log: &Log, cap: usize, control: bool) -> Vec<usize> {
-    let marks: Vec<usize> = log.marks().into_iter().map(|(i, _)| i).collect();
-    let mark_at = |name: &str| {
-        log.marks()
-            .into_iter()
-            .find(|(_, m)| m == name)
-            .map(|(i, _)| i)
-    };
-    let (lo, hi) = (
-        mark_at("after-stage").unwrap_or(0),
-        mark_at("after-commit").unwrap_or(log.entries.len()),
-    );
+/// The phases of an apply, each between two marks of its log (the fault
+/// points of agent/src/apply): name, opening mark, closing mark.
+const PHASES: &[(&str, &str, &str)] = &[
+    // The journal's "staging" record.
+    ("journal", "start", "after-journal-begin"),
+    // Staged files written (no fsync of their own).
+    ("stage", "after-journal-begin", "after-stage"),
+    // The journal's "swapping", then the syncfs before the first rename.
+    ("presync", "after-stage", "after-presync"),
+    // The renames into place.
+    ("swap", "after-presync", "after-swap"),
+    ("delete", "after-swap", "after-delete"),
+    // Records, directory metadata, the syncfs after the swap, etc/image_id.
+    ("image_id", "after-delete", "after-image-id"),
+    // The journal's "committed" and its syncfs.
+    ("commit", "after-image-id", "after-commit"),
+    // Read-only again and unmounted.
+    ("unmount", "after-commit", "unmounted"),
+];
+
+/// How many replay points to take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sampling {
+    /// Every mark, and this many FLUSH/FUA points per phase.
+    PerPhase(usize),
+    /// Every mark and every FLUSH/FUA point.
+    All,
+}
+
+impl Sampling {
+    /// From IMAGEUPD_POWERLOSS_POINTS: `all`, or points per phase.
+    fn from_env() -> Sampling {
+        match std::env::var("IMAGEUPD_POWERLOSS_POINTS").ok().as_deref() {
+            None | Some("") => Sampling::PerPhase(DEFAULT_PER_PHASE),
+            Some("all") => Sampling::All,
+            Some(n) => Sampling::PerPhase(n.parse().unwrap_or_else(|_| {
+                panic!("IMAGEUPD_POWERLOSS_POINTS={n:?}: `all` or points per phase")
+            })),
+        }
+    }
+}
+
+/// The replay points of a log: every MARK, and FLUSH/FUA entries after at
+/// least one write (a point with no write since the last one is the same
+/// state), sampled per phase. Deterministic: the same log gives the same
+/// points. Each phase's name comes with its points (marks under "mark").
+/// A control (`window`) adds every point from after-stage to after-commit,
+/// where its torn states lie (renames durable, data not).
+fn choose_points(log: &Log, sampling: Sampling, window: bool) -> Vec<(usize, &'static str)> {
+    let marks = log.marks();
+    let mark_at = |name: &str| marks.iter().find(|(_, m)| m == name).map(|(i, _)| *i);
     let mut dirty = false;
-    let (mut inside, mut outside) = (Vec::new(), Vec::new());
+    let mut flushes = Vec::new();
     for (i, e) in log.entries.iter().enumerate() {
         dirty |= e.has_data();
         if e.flags & MARK != 0 {
             dirty = false;
         } else if e.flags & (FLUSH | FUA) != 0 && dirty {
             dirty = false;
-            if (lo..=hi).contains(&i) {
-                inside.push(i);
-            } else {
-                outside.push(i);
-            }
+            flushes.push(i);
         }
     }
-    if control {
-        // The control's torn states lie where renames are durable and data
-        // is not: inside the window. Its checks are cheap (no fsck, no
-        // re-run): every point there.
-        let mut pts = marks;
-        pts.extend(inside);
-        pts.sort_unstable();
-        pts.dedup();
-        return pts;
+    let mut pts: Vec<(usize, &'static str)> = marks.iter().map(|(i, _)| (*i, "mark")).collect();
+    for (phase, open, close) in PHASES {
+        let (Some(lo), Some(hi)) = (mark_at(open), mark_at(close)) else {
+            // A missing mark fails the test (EXPECTED_MARKS) on its own.
+            continue;
+        };
+        let inside: Vec<usize> = flushes
+            .iter()
+            .copied()
+            .filter(|i| (lo..hi).contains(i))
+            .collect();
+        let k = match sampling {
+            Sampling::All => inside.len(),
+            Sampling::PerPhase(k) => k.min(inside.len()),
+        };
+        pts.extend(spread(&inside, k).into_iter().map(|i| (i, *phase)));
     }
-    let budget = cap.saturating_sub(marks.len());
-    let half = (budget / 2).max(budget.saturating_sub(outside.len()));
-    let want_in = half.min(inside.len());
-    let want_out = (budget - want_in).min(outside.len());
-    let mut pts = marks;
-    pts.extend(spread(&inside, want_in));
-    pts.extend(spread(&outside, want_out));
-    pts.sort_unstable();
-    pts.dedup();
+    if window {
+        let lo = mark_at("after-stage").unwrap_or(0);
+        let hi = mark_at("after-commit").unwrap_or(log.entries.len());
+        pts.extend(
+            flushes
+                .iter()
+                .filter(|i| (lo..hi).contains(*i))
+                .map(|&i| (i, "window")),
+        );
+    }
+    pts.sort_unstable_by_key(|p| p.0);
+    pts.dedup_by_key(|p| p.0);
     pts
 }
 
-/// `k` elements of `v`, evenly spaced.
+/// `k` elements of `v`, evenly spaced, the last always among them (the
+/// phase's most complete state): for k = 1 the last, for k = 2 the middle
+/// and the last.
 fn spread(v: &[usize], k: usize) -> Vec<usize> {
-    (0..k).map(|i| v[(2 * i + 1) * v.len() / (2 * k)]).collect()
+    (1..=k).map(|i| v[i * v.len() / k - 1]).collect()
 }
 
 /// Check one crash state: `copy`, a copy of the device replayed to a
@@ -292,7 +333,7 @@ fn converge(root: &Path, ver: &Versions, store: &Path, failures: &mut Vec<String
 
 /// Replay one scenario's log to each chosen point and check it; then the
 /// whole log, against the guest's final disk.
-fn replay(sc: &Scenario, dir: &Path, ver: &Versions, store: &Path, cap: usize) -> Outcome {
+fn replay(sc: &Scenario, dir: &Path, ver: &Versions, store: &Path, sampling: Sampling) -> Outcome {
     let t0 = Instant::now();
     let full = sc.skip.is_none();
     let log = Log::open(&sc.log).unwrap_or_else(|e| panic!("{}: {e}", sc.log.display()));
@@ -319,24 +360,26 @@ fn replay(sc: &Scenario, dir: &Path, ver: &Versions, store: &Path, cap: usize) -
     let mut at = 0;
     // The replay is incremental on one working copy; each point's copy is
     // checked by one of WORKERS threads while the replay goes on.
-    let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, PathBuf)>(1);
+    type Job = (usize, &'static str, PathBuf);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(1);
     let rx = std::sync::Mutex::new(rx);
-    let (rtx, rrx) = std::sync::mpsc::channel::<(usize, PointResult)>();
+    let (rtx, rrx) = std::sync::mpsc::channel::<(usize, &'static str, PointResult)>();
     std::thread::scope(|scope| {
         for w in 0..WORKERS {
             let (rx, rtx) = (&rx, rtx.clone());
             let mnt = dir.join(format!("{}.mnt{w}", sc.name));
             scope.spawn(move || loop {
                 let job = rx.lock().unwrap().recv();
-                let Ok((p, copy)) = job else { break };
+                let Ok((p, phase, copy)) = job else { break };
                 let r = check_point(sc, &copy, &mnt, ver, store, full);
-                if rtx.send((p, r)).is_err() {
+                if rtx.send((p, phase, r)).is_err() {
                     break;
                 }
             });
         }
         drop(rtx);
-        for (k, p) in choose_points(&log, cap, !full).into_iter().enumerate() {
+        let points = choose_points(&log, sampling, !full);
+        for (k, (p, phase)) in points.into_iter().enumerate() {
             log.replay(&dev, at, p + 1).unwrap();
             at = p + 1;
             let copy = dir.join(format!("{}.point{k}.img", sc.name));
@@ -348,12 +391,15 @@ fn replay(sc: &Scenario, dir: &Path, ver: &Versions, store: &Path, cap: usize) -
                     copy.clone().into(),
                 ],
             );
-            tx.send((p, copy)).unwrap();
+            tx.send((p, phase, copy)).unwrap();
         }
         drop(tx);
     });
-    for (p, r) in rrx {
+    for (p, phase, r) in rrx {
         o.points += 1;
+        let ph = o.phases.entry(phase).or_default();
+        ph.0 += 1;
+        ph.1 += usize::from(!r.torn.is_empty());
         if !r.torn.is_empty() {
             o.torn_points += 1;
             if r.torn.len() > o.max_torn {
@@ -364,7 +410,7 @@ fn replay(sc: &Scenario, dir: &Path, ver: &Versions, store: &Path, cap: usize) -
         o.strays += r.stray.len();
         o.fsck_errors += usize::from(r.fsck_error);
         o.converged += usize::from(r.converged);
-        let what = format!("{} at entry {p}", sc.name);
+        let what = format!("{} at entry {p} ({phase})", sc.name);
         o.failures
             .extend(r.stray.iter().take(5).map(|s| format!("{what}: stray {s}")));
         if full {
@@ -442,7 +488,6 @@ fn replayer_reads_a_synthetic_log() {
 }
 
 #[test]
-#[ignore = "not yet in CI: ~90 replayed points take well over the CI budget, and a complete run (xfs and the controls) is still to be seen; run with `cargo test -p imageupd --test powerloss -- --ignored`"]
 fn power_loss_replayed_at_flush_points() {
     if vm::skip() {
         return;
@@ -508,7 +553,7 @@ fn power_loss_replayed_at_flush_points() {
         old: scan(&v1, &|r| is_preserved(r)),
         new: scan(&v2, &|r| is_preserved(r)),
     };
-    let cap = points_cap();
+    let sampling = Sampling::from_env();
     let mut table = vec![format!(
         "{:<20} {:>7} {:>6} {:>6} {:>8} {:>6} {:>7} {:>6} {:>10} {:>6} {:>7}",
         "scenario",
@@ -526,7 +571,7 @@ fn power_loss_replayed_at_flush_points() {
     let mut failures = Vec::new();
     let mut control_torn = Vec::new();
     for sc in &scenarios {
-        let o = replay(sc, dir, &ver, &store.dir, cap);
+        let o = replay(sc, dir, &ver, &store.dir, sampling);
         table.push(format!(
             "{:<20} {:>7} {:>6} {:>6} {:>8} {:>6} {:>7} {:>6} {:>10} {:>6} {:>6.1?}",
             sc.name,
@@ -546,6 +591,28 @@ fn power_loss_replayed_at_flush_points() {
             o.took
         ));
         eprintln!("powerloss: {}", table.last().unwrap());
+        let per_phase: Vec<String> = o
+            .phases
+            .iter()
+            .map(|(ph, (n, torn))| format!("{ph} {n}/{torn}"))
+            .collect();
+        eprintln!(
+            "powerloss:   {} points/torn by phase: {}",
+            sc.name,
+            per_phase.join(", ")
+        );
+        if sc.skip.is_none() {
+            // Each of these phases makes something durable (fsync, syncfs):
+            // its log must show at least one flush to replay to.
+            for ph in ["journal", "presync", "image_id", "commit"] {
+                if !o.phases.contains_key(ph) {
+                    failures.push(format!(
+                        "{}: no FLUSH/FUA point in phase {ph} (by phase: {per_phase:?})",
+                        sc.name
+                    ));
+                }
+            }
+        }
         for f in o.failures.iter().take(5) {
             eprintln!("powerloss:   {f}");
         }
@@ -564,7 +631,12 @@ fn power_loss_replayed_at_flush_points() {
             }
         }
         if sc.skip.is_some() {
-            control_torn.push((sc.name.clone(), o.max_torn, o.first_torn.clone()));
+            control_torn.push((
+                sc.name.clone(),
+                o.torn_points,
+                o.max_torn,
+                o.first_torn.clone(),
+            ));
         } else {
             failures.extend(o.failures.into_iter().take(20));
             if o.torn_points > 0 || o.fsck_errors > 0 || o.converged != o.points {
@@ -576,12 +648,14 @@ fn power_loss_replayed_at_flush_points() {
         }
     }
     eprintln!(
-        "powerloss: prep {prep:.1?}, guest {guest:.1?}, total {:.1?}; points per log capped at {cap} (marks always)\n{}",
+        "powerloss: prep {prep:.1?}, guest {guest:.1?}, total {:.1?}; sampling {sampling:?} (marks always)\n{}",
         t0.elapsed(),
         table.join("\n")
     );
-    for (name, torn, first) in &control_torn {
-        eprintln!("powerloss: {name}: at worst {torn} torn paths, e.g. {first:?}");
+    for (name, points, torn, first) in &control_torn {
+        eprintln!(
+            "powerloss: {name}: {points} torn points, at worst {torn} torn paths, e.g. {first:?}"
+        );
     }
     assert!(
         failures.is_empty(),
@@ -589,7 +663,7 @@ fn power_loss_replayed_at_flush_points() {
         failures.join("\n"),
         table.join("\n")
     );
-    let total: usize = control_torn.iter().map(|c| c.1).sum();
+    let total: usize = control_torn.iter().map(|c| c.2).sum();
     assert!(
         total >= 1,
         "positive control: with the pre-swap syncfs skipped, no replayed point showed a torn file; the replay proves nothing\n{}",
