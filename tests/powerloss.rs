@@ -37,7 +37,7 @@ use common::*;
 
 /// FLUSH/FUA points replayed per phase of the apply when
 /// IMAGEUPD_POWERLOSS_POINTS is unset (marks are always replayed).
-const DEFAULT_PER_PHASE: usize = 1;
+const DEFAULT_PER_PHASE: usize = 2;
 /// Threads checking replayed points (the machine has 2 cores).
 const WORKERS: usize = 2;
 /// Size cap of the tmpfs holding the working copy and the points' copies,
@@ -138,10 +138,7 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let out = Run::new("umount").arg(&self.0).run();
-        if out.code() != Some(0) && !std::thread::panicking() {
-            panic!("umount {}: {}", self.0.display(), out.describe());
-        }
+        umount_retrying(&self.0);
     }
 }
 
@@ -166,10 +163,28 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let out = Run::new("umount").arg(&self.0).run();
-        if out.code() != Some(0) && !std::thread::panicking() {
-            panic!("umount {}: {}", self.0.display(), out.describe());
+        umount_retrying(&self.0);
+    }
+}
+
+/// Unmount what this test mounted at `at`; "busy" is retried for a few
+/// seconds (something else on the host may be walking the mount table).
+fn umount_retrying(at: &Path) {
+    let mut tries = 0;
+    loop {
+        let out = Run::new("umount").arg(at).run();
+        if out.code() == Some(0) {
+            return;
         }
+        tries += 1;
+        if tries < 30 && out.all_output().contains("busy") {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        if !std::thread::panicking() {
+            panic!("umount {}: {}", at.display(), out.describe());
+        }
+        return;
     }
 }
 
@@ -334,11 +349,15 @@ fn choose_points(log: &Log, sampling: Sampling, window: bool) -> (Vec<(usize, &'
     (kept, same)
 }
 
-/// `k` elements of `v`, evenly spaced, the last always among them (the
-/// phase's most complete state): for k = 1 the last, for k = 2 the middle
-/// and the last.
+/// `k` elements of `v`, evenly spaced: for k = 1 the last (the phase's
+/// most complete state), for k >= 2 the first (its first durable step) and
+/// the last among them.
 fn spread(v: &[usize], k: usize) -> Vec<usize> {
-    (1..=k).map(|i| v[i * v.len() / k - 1]).collect()
+    match k {
+        0 => Vec::new(),
+        1 => v.last().copied().into_iter().collect(),
+        _ => (0..k).map(|i| v[i * (v.len() - 1) / (k - 1)]).collect(),
+    }
 }
 
 /// Check one crash state: `copy`, a copy of the device replayed to a
