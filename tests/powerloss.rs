@@ -619,6 +619,70 @@ fn replayer_reads_a_synthetic_log() {
 }
 
 #[test]
+fn sampling_takes_every_mark_and_each_phase_first_and_last() {
+    let s = scratch("logwrites-sampling");
+    let path = s.join("log");
+    let w = || SynthData::Sectors(vec![1u8; 512]);
+    let none = || SynthData::Sectors(Vec::new());
+    let mark = |m: &str| (0, MARK, SynthData::Mark(m.into()));
+    // Per phase: write+flush three times; the stage phase also has a flush
+    // with no write before it (the same state), and the delete phase none.
+    let mut e = Vec::new();
+    for (i, (_, open, _)) in PHASES.iter().enumerate() {
+        e.push(mark(open));
+        if *open == "after-swap" {
+            continue;
+        }
+        for _ in 0..3 {
+            e.push((i as u64, 0, w()));
+            e.push((0, FLUSH, none()));
+        }
+        if *open == "after-journal-begin" {
+            e.push((0, FLUSH, none()));
+        }
+    }
+    e.push(mark("unmounted"));
+    e.push(mark("dm-log-writes-end"));
+    logwrites::write_synthetic(&path, 512, &e);
+    let log = Log::open(&path).unwrap();
+    let (pts, same) = choose_points(&log, Sampling::PerPhase(2), false);
+    let phase_of = |i: usize| {
+        let marks = log.marks();
+        marks.iter().rev().find(|(m, _)| *m <= i).unwrap().1.clone()
+    };
+    for (phase, open, _) in PHASES {
+        let got: Vec<usize> = pts
+            .iter()
+            .filter(|p| p.1 == *phase)
+            .map(|p| p.0)
+            .collect();
+        if *open == "after-swap" {
+            assert!(got.is_empty(), "{phase}: no flush, no point: {pts:?}");
+            continue;
+        }
+        assert_eq!(got.len(), 2, "{phase}: first and last: {pts:?}");
+        assert!(got.iter().all(|&i| phase_of(i) == *open), "{phase}: {pts:?}");
+    }
+    // Every mark is a point unless its state is the one before it: here
+    // only the start (each phase's last point has no write after it).
+    let marks: Vec<usize> = pts.iter().filter(|p| p.1 == "mark").map(|p| p.0).collect();
+    assert_eq!(marks, vec![0], "{pts:?}");
+    assert_eq!(same, log.marks().len() - 1, "{pts:?}");
+    // All: every flush after a write.
+    let (all, _) = choose_points(&log, Sampling::All, false);
+    assert_eq!(all.len(), 1 + 3 * (PHASES.len() - 1), "{all:?}");
+    // The control: the swap window only, every flush point in it.
+    let (win, _) = choose_points(&log, Sampling::PerPhase(1), true);
+    assert!(win.iter().all(|p| {
+        let m = phase_of(p.0);
+        ["after-stage", "after-presync", "after-swap", "after-delete", "after-image-id"]
+            .contains(&m.as_str())
+    }), "{win:?}");
+    // The after-stage mark, then the flushes of 4 phases (delete has none).
+    assert_eq!(win.len(), 1 + 3 * 4, "{win:?}");
+}
+
+#[test]
 fn power_loss_replayed_at_flush_points() {
     if vm::skip() {
         return;
