@@ -98,7 +98,8 @@ fn crash_check(root: &Path, ver: &Versions) -> Found {
         if old.is_none() && new.is_none() && is_temp(p) {
             f.temps.push(show(p));
         } else if old.is_none() && new.is_none() {
-            f.stray.push(format!("{}: in neither image ({:?})", show(p), n.kind));
+            f.stray
+                .push(format!("{}: in neither image ({:?})", show(p), n.kind));
         } else if old != Some(&n.kind) && new != Some(&n.kind) {
             f.torn
                 .push(format!("{}: neither version: {:?}", show(p), n.kind));
@@ -280,7 +281,11 @@ impl Sampling {
 /// torn states lie (renames durable, data not), a superset of the
 /// sampled ones there. Returns the points and how many chosen points were
 /// dropped as the same state (no write in between) as the one before.
-fn choose_points(log: &Log, sampling: Sampling, window: bool) -> (Vec<(usize, &'static str)>, usize) {
+fn choose_points(
+    log: &Log,
+    sampling: Sampling,
+    window: bool,
+) -> (Vec<(usize, &'static str)>, usize) {
     let marks = log.marks();
     let mark_at = |name: &str| marks.iter().find(|(_, m)| m == name).map(|(i, _)| *i);
     let mut dirty = false;
@@ -651,17 +656,16 @@ fn sampling_takes_every_mark_and_each_phase_first_and_last() {
         marks.iter().rev().find(|(m, _)| *m <= i).unwrap().1.clone()
     };
     for (phase, open, _) in PHASES {
-        let got: Vec<usize> = pts
-            .iter()
-            .filter(|p| p.1 == *phase)
-            .map(|p| p.0)
-            .collect();
+        let got: Vec<usize> = pts.iter().filter(|p| p.1 == *phase).map(|p| p.0).collect();
         if *open == "after-swap" {
             assert!(got.is_empty(), "{phase}: no flush, no point: {pts:?}");
             continue;
         }
         assert_eq!(got.len(), 2, "{phase}: first and last: {pts:?}");
-        assert!(got.iter().all(|&i| phase_of(i) == *open), "{phase}: {pts:?}");
+        assert!(
+            got.iter().all(|&i| phase_of(i) == *open),
+            "{phase}: {pts:?}"
+        );
     }
     // Every mark is a point unless its state is the one before it: here
     // only the start (each phase's last point has no write after it).
@@ -673,11 +677,20 @@ fn sampling_takes_every_mark_and_each_phase_first_and_last() {
     assert_eq!(all.len(), 1 + 3 * (PHASES.len() - 1), "{all:?}");
     // The control: the swap window only, every flush point in it.
     let (win, _) = choose_points(&log, Sampling::PerPhase(1), true);
-    assert!(win.iter().all(|p| {
-        let m = phase_of(p.0);
-        ["after-stage", "after-presync", "after-swap", "after-delete", "after-image-id"]
+    assert!(
+        win.iter().all(|p| {
+            let m = phase_of(p.0);
+            [
+                "after-stage",
+                "after-presync",
+                "after-swap",
+                "after-delete",
+                "after-image-id",
+            ]
             .contains(&m.as_str())
-    }), "{win:?}");
+        }),
+        "{win:?}"
+    );
     // The after-stage mark, then the flushes of 4 phases (delete has none).
     assert_eq!(win.len(), 1 + 3 * 4, "{win:?}");
 }

@@ -331,7 +331,12 @@ fn a_pack_index_must_meet_the_targets_threshold() {
     // Control: the publisher's two signatures; the objects come from packs.
     std::fs::write(&sig, &both).unwrap();
     let out = over_http(&f).expect_ok();
-    assert_eq!(image_id(&f.root).as_deref(), Some("b"), "{}", out.describe());
+    assert_eq!(
+        image_id(&f.root).as_deref(),
+        Some("b"),
+        "{}",
+        out.describe()
+    );
     let packed = out.json()["download"]["packed_objects"].as_u64();
     assert!(
         packed.unwrap_or(0) > 0,
