@@ -4,8 +4,10 @@
 //! and xfs, and once more on each with the pre-swap syncfs skipped (the
 //! positive control, `IMAGEUPD_TEST_UNSAFE_SKIP=presync-syncfs`). The host
 //! then replays each write log (tests/common/logwrites.rs) to every MARK
-//! (one per phase of the apply) and a sample of FLUSH/FUA points, and at
-//! each point mounts a copy (journal recovery) and requires:
+//! (one per phase of the apply) and a deterministic sample of FLUSH/FUA
+//! points, a few in each phase ([`PHASES`]: journal, stage, pre-swap sync,
+//! swap renames, delete, image_id, commit, unmount), and at each point
+//! mounts a copy (journal recovery) and requires:
 //!
 //! * every path wholly v1 or wholly v2 by hash, and nothing that is in
 //!   neither image outside the preserve list and the staging areas;
@@ -18,8 +20,9 @@
 //! the guest's final root disk. The control must show at least one torn
 //! path, or the test proves nothing.
 //!
-//! Tunables: IMAGEUPD_POWERLOSS_POINTS (points per log, marks included
-//! whatever the cap; default 24), IMAGEUPD_TEST_NO_VM=1 skips.
+//! Tunables: IMAGEUPD_POWERLOSS_POINTS=all replays every point (outside
+//! CI: several minutes), =N takes N FLUSH/FUA points per phase (default
+//! [`DEFAULT_PER_PHASE`]; marks always); IMAGEUPD_TEST_NO_VM=1 skips.
 
 mod common;
 
@@ -32,10 +35,14 @@ use common::vm;
 use common::vm::OsArg;
 use common::*;
 
-/// Points replayed per log when IMAGEUPD_POWERLOSS_POINTS is unset.
-const DEFAULT_POINTS: usize = 24;
+/// FLUSH/FUA points replayed per phase of the apply when
+/// IMAGEUPD_POWERLOSS_POINTS is unset (marks are always replayed).
+const DEFAULT_PER_PHASE: usize = 2;
 /// Threads checking replayed points (the machine has 2 cores).
 const WORKERS: usize = 2;
+/// Size cap of the tmpfs holding the working copy and the points' copies,
+/// in MiB (sparse: it holds what they wrote, under 1 GiB at 2 workers).
+const TMPFS_MIB: u64 = 4096;
 /// Marks every recorded apply must leave in its log (the fault points of
 /// the phases, the guest's own, and dm-log-writes' end mark).
 const EXPECTED_MARKS: &[&str] = &[
@@ -51,13 +58,6 @@ const EXPECTED_MARKS: &[&str] = &[
     "dm-log-writes-end",
 ];
 
-fn points_cap() -> usize {
-    std::env::var("IMAGEUPD_POWERLOSS_POINTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_POINTS)
-}
-
 /// Kinds with content identity of both images.
 struct Versions {
     old: Tree,
@@ -69,26 +69,78 @@ fn is_staging(rel: &[u8]) -> bool {
     rel == b".imageupd-stage" || rel.starts_with(b".imageupd-stage/")
 }
 
-/// Paths torn (neither version, or missing though both images have it) and
-/// stray (in neither image) at a crash point.
-fn crash_check(root: &Path, ver: &Versions) -> (Vec<String>, Vec<String>) {
+/// A small file's temporary twin (`NAME.imageupd-tmp`, fsx::write_atomic):
+/// a power cut between its fsync and the rename leaves it; the next run
+/// replaces it (the re-run must not leave it: [`converge`] compares with
+/// v2).
+fn is_temp(rel: &[u8]) -> bool {
+    rel.ends_with(b".imageupd-tmp")
+}
+
+/// What [`crash_check`] found at a crash point.
+#[derive(Default)]
+struct Found {
+    /// Paths in neither version, or missing though both images have it.
+    torn: Vec<String>,
+    /// Paths in neither image (not staging areas, not the agent's temps).
+    stray: Vec<String>,
+    /// The agent's own temporary files ([`is_temp`]).
+    temps: Vec<String>,
+}
+
+/// Compare the tree at a crash point with both images.
+fn crash_check(root: &Path, ver: &Versions) -> Found {
     let now = scan(root, &|r| is_preserved(r) || is_staging(r));
-    let (mut torn, mut stray) = (Vec::new(), Vec::new());
+    let mut f = Found::default();
     for (p, n) in &now {
         let old = ver.old.get(p).map(|x| &x.kind);
         let new = ver.new.get(p).map(|x| &x.kind);
-        if old.is_none() && new.is_none() {
-            stray.push(format!("{}: in neither image ({:?})", show(p), n.kind));
+        if old.is_none() && new.is_none() && is_temp(p) {
+            f.temps.push(show(p));
+        } else if old.is_none() && new.is_none() {
+            f.stray
+                .push(format!("{}: in neither image ({:?})", show(p), n.kind));
         } else if old != Some(&n.kind) && new != Some(&n.kind) {
-            torn.push(format!("{}: neither version: {:?}", show(p), n.kind));
+            f.torn
+                .push(format!("{}: neither version: {:?}", show(p), n.kind));
         }
     }
     for p in ver.old.keys().filter(|p| ver.new.contains_key(*p)) {
         if !now.contains_key(p) {
-            torn.push(format!("{}: missing, but both images have it", show(p)));
+            f.torn
+                .push(format!("{}: missing, but both images have it", show(p)));
         }
     }
-    (torn, stray)
+    f
+}
+
+/// A tmpfs of our own for the replayed copies (each a few hundred MB, made,
+/// mounted and dropped per point: RAM, not the host's disk), unmounted on
+/// drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        cmd(
+            "mount",
+            [
+                OsArg::from("-t"),
+                "tmpfs".into(),
+                "-o".into(),
+                format!("size={TMPFS_MIB}m,mode=0700").into(),
+                "powerloss".into(),
+                at.into(),
+            ],
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        umount_retrying(&self.0);
+    }
 }
 
 /// A loop mount, unmounted on drop.
@@ -112,10 +164,28 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let out = Run::new("umount").arg(&self.0).run();
-        if out.code() != Some(0) && !std::thread::panicking() {
-            panic!("umount {}: {}", self.0.display(), out.describe());
+        umount_retrying(&self.0);
+    }
+}
+
+/// Unmount what this test mounted at `at`; "busy" is retried for a few
+/// seconds (something else on the host may be walking the mount table).
+fn umount_retrying(at: &Path) {
+    let mut tries = 0;
+    loop {
+        let out = Run::new("umount").arg(at).run();
+        if out.code() == Some(0) {
+            return;
         }
+        tries += 1;
+        if tries < 30 && out.all_output().contains("busy") {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        if !std::thread::panicking() {
+            panic!("umount {}: {}", at.display(), out.describe());
+        }
+        return;
     }
 }
 
@@ -124,6 +194,10 @@ impl Drop for Mounted {
 struct PointResult {
     torn: Vec<String>,
     stray: Vec<String>,
+    temps: usize,
+    /// Time in the first mount and the tree comparison, fsck, and the
+    /// re-run with its checks.
+    took: [Duration; 3],
     /// Journal, fsck, mount, convergence or verify failures.
     failures: Vec<String>,
     fsck_error: bool,
@@ -141,70 +215,154 @@ struct Outcome {
     max_torn: usize,
     first_torn: Vec<String>,
     strays: usize,
+    /// Points that showed one of the agent's temporary files.
+    temp_points: usize,
+    /// Chosen points skipped as the same state as the point before.
+    same_state: usize,
     fsck_errors: usize,
     converged: usize,
     failures: Vec<String>,
+    /// Per phase (and "mark", "window"): points replayed, points torn.
+    phases: std::collections::BTreeMap<&'static str, (usize, usize)>,
+    /// Summed over the points: see [`PointResult::took`].
+    check_time: [Duration; 3],
     self_check: bool,
     took: Duration,
 }
 
-/// Indices of the entries to replay to: every MARK, and up to `cap` points
-/// in all, FLUSH/FUA entries evenly sampled, half of them inside the swap
-/// window (after-stage .. after-commit), each after at least one write
-/// (a point with no write since the last one is the same state). A
-/// control takes every FLUSH/FUA point of the window.
-fn choose_points(log: &Log, cap: usize, control: bool) -> Vec<usize> {
-    let marks: Vec<usize> = log.marks().into_iter().map(|(i, _)| i).collect();
-    let mark_at = |name: &str| {
-        log.marks()
-            .into_iter()
-            .find(|(_, m)| m == name)
-            .map(|(i, _)| i)
-    };
-    let (lo, hi) = (
-        mark_at("after-stage").unwrap_or(0),
-        mark_at("after-commit").unwrap_or(log.entries.len()),
-    );
+/// The phases of an apply, each between two marks of its log (the fault
+/// points of agent/src/apply): name, opening mark, closing mark.
+const PHASES: &[(&str, &str, &str)] = &[
+    // The journal's "staging" record.
+    ("journal", "start", "after-journal-begin"),
+    // Staged files written (no fsync of their own).
+    ("stage", "after-journal-begin", "after-stage"),
+    // The journal's "swapping", then the syncfs before the first rename.
+    ("presync", "after-stage", "after-presync"),
+    // The renames into place.
+    ("swap", "after-presync", "after-swap"),
+    ("delete", "after-swap", "after-delete"),
+    // Records, directory metadata, the syncfs after the swap, etc/image_id.
+    ("image_id", "after-delete", "after-image-id"),
+    // The journal's "committed" and its syncfs.
+    ("commit", "after-image-id", "after-commit"),
+    // Read-only again and unmounted.
+    ("unmount", "after-commit", "unmounted"),
+];
+
+/// How many replay points to take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sampling {
+    /// Every mark, and this many FLUSH/FUA points per phase.
+    PerPhase(usize),
+    /// Every mark and every FLUSH/FUA point.
+    All,
+}
+
+impl Sampling {
+    /// From IMAGEUPD_POWERLOSS_POINTS: `all`, or points per phase.
+    fn from_env() -> Sampling {
+        match std::env::var("IMAGEUPD_POWERLOSS_POINTS").ok().as_deref() {
+            None | Some("") => Sampling::PerPhase(DEFAULT_PER_PHASE),
+            Some("all") => Sampling::All,
+            Some(n) => Sampling::PerPhase(n.parse().unwrap_or_else(|_| {
+                panic!("IMAGEUPD_POWERLOSS_POINTS={n:?}: `all` or points per phase")
+            })),
+        }
+    }
+}
+
+/// The replay points of a log, in log order, each with the phase it was
+/// taken for ("mark" for a mark): every MARK and, in each phase, FLUSH/FUA
+/// entries after at least one write (a point with no write since the last
+/// one is the same state), sampled. Deterministic: the same log gives the
+/// same points. A control (`window`) takes instead every mark and
+/// FLUSH/FUA point from after-stage to after-commit: the phases where its
+/// torn states lie (renames durable, data not), a superset of the
+/// sampled ones there. Returns the points and how many chosen points were
+/// dropped as the same state (no write in between) as the one before.
+fn choose_points(
+    log: &Log,
+    sampling: Sampling,
+    window: bool,
+) -> (Vec<(usize, &'static str)>, usize) {
+    let marks = log.marks();
+    let mark_at = |name: &str| marks.iter().find(|(_, m)| m == name).map(|(i, _)| *i);
     let mut dirty = false;
-    let (mut inside, mut outside) = (Vec::new(), Vec::new());
+    let mut flushes = Vec::new();
     for (i, e) in log.entries.iter().enumerate() {
         dirty |= e.has_data();
         if e.flags & MARK != 0 {
             dirty = false;
         } else if e.flags & (FLUSH | FUA) != 0 && dirty {
             dirty = false;
-            if (lo..=hi).contains(&i) {
-                inside.push(i);
-            } else {
-                outside.push(i);
+            flushes.push(i);
+        }
+    }
+    let mut pts: Vec<(usize, &'static str)> = marks.iter().map(|(i, _)| (*i, "mark")).collect();
+    if window {
+        let lo = mark_at("after-stage").unwrap_or(0);
+        let hi = mark_at("after-commit").unwrap_or(log.entries.len());
+        pts.retain(|(i, _)| (lo..=hi).contains(i));
+        pts.extend(
+            flushes
+                .iter()
+                .filter(|i| (lo..hi).contains(*i))
+                .map(|&i| (i, "window")),
+        );
+    } else {
+        for (phase, open, close) in PHASES {
+            let (Some(lo), Some(hi)) = (mark_at(open), mark_at(close)) else {
+                // A missing mark fails the test (EXPECTED_MARKS) on its own.
+                continue;
+            };
+            let inside: Vec<usize> = flushes
+                .iter()
+                .copied()
+                .filter(|i| (lo..hi).contains(i))
+                .collect();
+            let k = match sampling {
+                Sampling::All => inside.len(),
+                Sampling::PerPhase(k) => k.min(inside.len()),
+            };
+            pts.extend(spread(&inside, k).into_iter().map(|i| (i, *phase)));
+        }
+    }
+    // A flush point's phase wins over a mark at the same entry (none).
+    pts.sort_unstable_by_key(|p| p.0);
+    pts.dedup_by_key(|p| p.0);
+    // Replaying to a point with no write since the previous one gives the
+    // same device bytes: checking it again would prove nothing new.
+    let mut kept: Vec<(usize, &'static str)> = Vec::with_capacity(pts.len());
+    let mut same = 0;
+    for p in pts {
+        let fresh = match kept.last() {
+            None => true,
+            Some(&(prev, _)) => log.entries[prev + 1..=p.0].iter().any(|e| e.has_data()),
+        };
+        if fresh {
+            kept.push(p);
+        } else {
+            same += 1;
+            // The later point's phase names the state better (a flush point
+            // over the mark just before it).
+            if p.1 != "mark" {
+                kept.last_mut().expect("kept").1 = p.1;
             }
         }
     }
-    if control {
-        // The control's torn states lie where renames are durable and data
-        // is not: inside the window. Its checks are cheap (no fsck, no
-        // re-run): every point there.
-        let mut pts = marks;
-        pts.extend(inside);
-        pts.sort_unstable();
-        pts.dedup();
-        return pts;
-    }
-    let budget = cap.saturating_sub(marks.len());
-    let half = (budget / 2).max(budget.saturating_sub(outside.len()));
-    let want_in = half.min(inside.len());
-    let want_out = (budget - want_in).min(outside.len());
-    let mut pts = marks;
-    pts.extend(spread(&inside, want_in));
-    pts.extend(spread(&outside, want_out));
-    pts.sort_unstable();
-    pts.dedup();
-    pts
+    (kept, same)
 }
 
-/// `k` elements of `v`, evenly spaced.
+/// `k` elements of `v`, evenly spaced: for k = 1 the last (the phase's
+/// most complete state), for k >= 2 the first (its first durable step) and
+/// the last among them.
 fn spread(v: &[usize], k: usize) -> Vec<usize> {
-    (0..k).map(|i| v[(2 * i + 1) * v.len() / (2 * k)]).collect()
+    match k {
+        0 => Vec::new(),
+        1 => v.last().copied().into_iter().collect(),
+        _ => (0..k).map(|i| v[i * (v.len() - 1) / (k - 1)]).collect(),
+    }
 }
 
 /// Check one crash state: `copy`, a copy of the device replayed to a
@@ -219,29 +377,21 @@ fn check_point(
 ) -> PointResult {
     let mut r = PointResult::default();
     let opts = sc.host_mount_opts();
+    let t = Instant::now();
     match Mounted::new(copy, mnt, &opts) {
         Err(e) => r.failures.push(format!("journal recovery: {e}")),
         Ok(m) => {
-            (r.torn, r.stray) = crash_check(mnt, ver);
-            match std::fs::read(mnt.join("var/lib/imageupd/journal.json")) {
-                Err(e) => r.failures.push(format!("journal.json: {e}")),
-                Ok(b) => match serde_json::from_slice::<serde_json::Value>(&b) {
-                    Ok(j)
-                        if ["staging", "swapping", "committed", "aborted"]
-                            .contains(&j["phase"].as_str().unwrap_or("")) => {}
-                    Ok(j) => r
-                        .failures
-                        .push(format!("journal.json: unknown phase in {j}")),
-                    Err(e) => r.failures.push(format!(
-                        "journal.json does not parse ({e}): {:?}",
-                        String::from_utf8_lossy(&b)
-                    )),
-                },
+            let f = crash_check(mnt, ver);
+            (r.torn, r.stray, r.temps) = (f.torn, f.stray, f.temps.len());
+            if let Err(e) = journal_parses(mnt) {
+                r.failures.push(e);
             }
             drop(m);
         }
     }
+    r.took[0] = t.elapsed();
     if full {
+        let t = Instant::now();
         let fsck = match sc.fs {
             "xfs" => Run::new("xfs_repair").args(["-n", "-f"]).arg(copy).run(),
             _ => Run::new("e2fsck").arg("-fn").arg(copy).run(),
@@ -251,6 +401,8 @@ fn check_point(
             r.failures
                 .push(format!("fsck: {}", clip(&fsck.all_output(), 20)));
         }
+        r.took[1] = t.elapsed();
+        let t = Instant::now();
         match Mounted::new(copy, mnt, &opts) {
             Err(e) => r.failures.push(e),
             Ok(m) => {
@@ -258,9 +410,29 @@ fn check_point(
                 drop(m);
             }
         }
+        r.took[2] = t.elapsed();
     }
     std::fs::remove_file(copy).unwrap();
     r
+}
+
+/// The apply journal at a crash point parses, in a phase we know.
+fn journal_parses(root: &Path) -> Result<(), String> {
+    let b = std::fs::read(root.join("var/lib/imageupd/journal.json"))
+        .map_err(|e| format!("journal.json: {e}"))?;
+    match serde_json::from_slice::<serde_json::Value>(&b) {
+        Ok(j)
+            if ["staging", "swapping", "committed", "aborted"]
+                .contains(&j["phase"].as_str().unwrap_or("")) =>
+        {
+            Ok(())
+        }
+        Ok(j) => Err(format!("journal.json: unknown phase in {j}")),
+        Err(e) => Err(format!(
+            "journal.json does not parse ({e}): {:?}",
+            String::from_utf8_lossy(&b)
+        )),
+    }
 }
 
 /// Re-run the apply; true when it converges to v2 and `verify --checksum`
@@ -292,7 +464,14 @@ fn converge(root: &Path, ver: &Versions, store: &Path, failures: &mut Vec<String
 
 /// Replay one scenario's log to each chosen point and check it; then the
 /// whole log, against the guest's final disk.
-fn replay(sc: &Scenario, dir: &Path, ver: &Versions, store: &Path, cap: usize) -> Outcome {
+fn replay(
+    sc: &Scenario,
+    dir: &Path,
+    copies: &Path,
+    ver: &Versions,
+    store: &Path,
+    sampling: Sampling,
+) -> Outcome {
     let t0 = Instant::now();
     let full = sc.skip.is_none();
     let log = Log::open(&sc.log).unwrap_or_else(|e| panic!("{}: {e}", sc.log.display()));
@@ -306,7 +485,7 @@ fn replay(sc: &Scenario, dir: &Path, ver: &Versions, store: &Path, cap: usize) -
         marks: log.marks().into_iter().map(|(_, m)| m).collect(),
         ..Default::default()
     };
-    let work = dir.join(format!("{}.work.img", sc.name));
+    let work = copies.join(format!("{}.work.img", sc.name));
     cmd(
         "cp",
         [
@@ -319,41 +498,40 @@ fn replay(sc: &Scenario, dir: &Path, ver: &Versions, store: &Path, cap: usize) -
     let mut at = 0;
     // The replay is incremental on one working copy; each point's copy is
     // checked by one of WORKERS threads while the replay goes on.
-    let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, PathBuf)>(1);
+    type Job = (usize, &'static str, PathBuf);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(1);
     let rx = std::sync::Mutex::new(rx);
-    let (rtx, rrx) = std::sync::mpsc::channel::<(usize, PointResult)>();
+    let (rtx, rrx) = std::sync::mpsc::channel::<(usize, &'static str, PointResult)>();
     std::thread::scope(|scope| {
         for w in 0..WORKERS {
             let (rx, rtx) = (&rx, rtx.clone());
             let mnt = dir.join(format!("{}.mnt{w}", sc.name));
             scope.spawn(move || loop {
                 let job = rx.lock().unwrap().recv();
-                let Ok((p, copy)) = job else { break };
+                let Ok((p, phase, copy)) = job else { break };
                 let r = check_point(sc, &copy, &mnt, ver, store, full);
-                if rtx.send((p, r)).is_err() {
+                if rtx.send((p, phase, r)).is_err() {
                     break;
                 }
             });
         }
         drop(rtx);
-        for (k, p) in choose_points(&log, cap, !full).into_iter().enumerate() {
+        let (points, same) = choose_points(&log, sampling, !full);
+        o.same_state = same;
+        for (k, (p, phase)) in points.into_iter().enumerate() {
             log.replay(&dev, at, p + 1).unwrap();
             at = p + 1;
-            let copy = dir.join(format!("{}.point{k}.img", sc.name));
-            cmd(
-                "cp",
-                [
-                    OsArg::from("--sparse=always"),
-                    work.clone().into(),
-                    copy.clone().into(),
-                ],
-            );
-            tx.send((p, copy)).unwrap();
+            let copy = copies.join(format!("{}.point{k}.img", sc.name));
+            cmd("cp", [&work, &copy]);
+            tx.send((p, phase, copy)).unwrap();
         }
         drop(tx);
     });
-    for (p, r) in rrx {
+    for (p, phase, r) in rrx {
         o.points += 1;
+        let ph = o.phases.entry(phase).or_default();
+        ph.0 += 1;
+        ph.1 += usize::from(!r.torn.is_empty());
         if !r.torn.is_empty() {
             o.torn_points += 1;
             if r.torn.len() > o.max_torn {
@@ -362,9 +540,13 @@ fn replay(sc: &Scenario, dir: &Path, ver: &Versions, store: &Path, cap: usize) -
             }
         }
         o.strays += r.stray.len();
+        o.temp_points += usize::from(r.temps > 0);
+        for (sum, t) in o.check_time.iter_mut().zip(r.took) {
+            *sum += t;
+        }
         o.fsck_errors += usize::from(r.fsck_error);
         o.converged += usize::from(r.converged);
-        let what = format!("{} at entry {p}", sc.name);
+        let what = format!("{} at entry {p} ({phase})", sc.name);
         o.failures
             .extend(r.stray.iter().take(5).map(|s| format!("{what}: stray {s}")));
         if full {
@@ -442,7 +624,78 @@ fn replayer_reads_a_synthetic_log() {
 }
 
 #[test]
-#[ignore = "not yet in CI: ~90 replayed points take well over the CI budget, and a complete run (xfs and the controls) is still to be seen; run with `cargo test -p imageupd --test powerloss -- --ignored`"]
+fn sampling_takes_every_mark_and_each_phase_first_and_last() {
+    let s = scratch("logwrites-sampling");
+    let path = s.join("log");
+    let w = || SynthData::Sectors(vec![1u8; 512]);
+    let none = || SynthData::Sectors(Vec::new());
+    let mark = |m: &str| (0, MARK, SynthData::Mark(m.into()));
+    // Per phase: write+flush three times; the stage phase also has a flush
+    // with no write before it (the same state), and the delete phase none.
+    let mut e = Vec::new();
+    for (i, (_, open, _)) in PHASES.iter().enumerate() {
+        e.push(mark(open));
+        if *open == "after-swap" {
+            continue;
+        }
+        for _ in 0..3 {
+            e.push((i as u64, 0, w()));
+            e.push((0, FLUSH, none()));
+        }
+        if *open == "after-journal-begin" {
+            e.push((0, FLUSH, none()));
+        }
+    }
+    e.push(mark("unmounted"));
+    e.push(mark("dm-log-writes-end"));
+    logwrites::write_synthetic(&path, 512, &e);
+    let log = Log::open(&path).unwrap();
+    let (pts, same) = choose_points(&log, Sampling::PerPhase(2), false);
+    let phase_of = |i: usize| {
+        let marks = log.marks();
+        marks.iter().rev().find(|(m, _)| *m <= i).unwrap().1.clone()
+    };
+    for (phase, open, _) in PHASES {
+        let got: Vec<usize> = pts.iter().filter(|p| p.1 == *phase).map(|p| p.0).collect();
+        if *open == "after-swap" {
+            assert!(got.is_empty(), "{phase}: no flush, no point: {pts:?}");
+            continue;
+        }
+        assert_eq!(got.len(), 2, "{phase}: first and last: {pts:?}");
+        assert!(
+            got.iter().all(|&i| phase_of(i) == *open),
+            "{phase}: {pts:?}"
+        );
+    }
+    // Every mark is a point unless its state is the one before it: here
+    // only the start (each phase's last point has no write after it).
+    let marks: Vec<usize> = pts.iter().filter(|p| p.1 == "mark").map(|p| p.0).collect();
+    assert_eq!(marks, vec![0], "{pts:?}");
+    assert_eq!(same, log.marks().len() - 1, "{pts:?}");
+    // All: every flush after a write.
+    let (all, _) = choose_points(&log, Sampling::All, false);
+    assert_eq!(all.len(), 1 + 3 * (PHASES.len() - 1), "{all:?}");
+    // The control: the swap window only, every flush point in it.
+    let (win, _) = choose_points(&log, Sampling::PerPhase(1), true);
+    assert!(
+        win.iter().all(|p| {
+            let m = phase_of(p.0);
+            [
+                "after-stage",
+                "after-presync",
+                "after-swap",
+                "after-delete",
+                "after-image-id",
+            ]
+            .contains(&m.as_str())
+        }),
+        "{win:?}"
+    );
+    // The after-stage mark, then the flushes of 4 phases (delete has none).
+    assert_eq!(win.len(), 1 + 3 * 4, "{win:?}");
+}
+
+#[test]
 fn power_loss_replayed_at_flush_points() {
     if vm::skip() {
         return;
@@ -493,6 +746,8 @@ fn power_loss_replayed_at_flush_points() {
         }
     }
     let store_img = pl::store_image(dir, &store.dir);
+    // Dropped before `s` removes the directory.
+    let copies = Tmpfs::mount(&dir.join("copies"));
     let initrd = pl::initramfs(dir, &moddir, &scenarios);
     let prep = t0.elapsed();
     let (rcs, guest) = pl::run_guest(dir, &kernel, &initrd, &store_img, &scenarios);
@@ -508,44 +763,36 @@ fn power_loss_replayed_at_flush_points() {
         old: scan(&v1, &|r| is_preserved(r)),
         new: scan(&v2, &|r| is_preserved(r)),
     };
-    let cap = points_cap();
-    let mut table = vec![format!(
-        "{:<20} {:>7} {:>6} {:>6} {:>8} {:>6} {:>7} {:>6} {:>10} {:>6} {:>7}",
-        "scenario",
-        "entries",
-        "flush",
-        "points",
-        "torn-pts",
-        "torn",
-        "strays",
-        "fsck",
-        "converged",
-        "self",
-        "time"
-    )];
+    let sampling = Sampling::from_env();
+    let mut table = vec![table_header()];
     let mut failures = Vec::new();
     let mut control_torn = Vec::new();
     for sc in &scenarios {
-        let o = replay(sc, dir, &ver, &store.dir, cap);
-        table.push(format!(
-            "{:<20} {:>7} {:>6} {:>6} {:>8} {:>6} {:>7} {:>6} {:>10} {:>6} {:>6.1?}",
-            sc.name,
-            o.entries,
-            o.flush_points,
-            o.points,
-            o.torn_points,
-            o.max_torn,
-            o.strays,
-            o.fsck_errors,
-            if sc.skip.is_none() {
-                format!("{}/{}", o.converged, o.points)
-            } else {
-                "-".into()
-            },
-            if o.self_check { "ok" } else { "DIFF" },
-            o.took
-        ));
+        let o = replay(sc, dir, &copies.0, &ver, &store.dir, sampling);
+        table.push(table_line(sc, &o));
         eprintln!("powerloss: {}", table.last().unwrap());
+        let per_phase: Vec<String> = o
+            .phases
+            .iter()
+            .map(|(ph, (n, torn))| format!("{ph} {n}/{torn}"))
+            .collect();
+        eprintln!(
+            "powerloss:   {} points/torn by phase: {}",
+            sc.name,
+            per_phase.join(", ")
+        );
+        if sc.skip.is_none() {
+            // Each of these phases makes something durable (fsync, syncfs):
+            // its log must show at least one flush to replay to.
+            for ph in ["journal", "presync", "image_id", "commit"] {
+                if !o.phases.contains_key(ph) {
+                    failures.push(format!(
+                        "{}: no FLUSH/FUA point in phase {ph} (by phase: {per_phase:?})",
+                        sc.name
+                    ));
+                }
+            }
+        }
         for f in o.failures.iter().take(5) {
             eprintln!("powerloss:   {f}");
         }
@@ -564,7 +811,18 @@ fn power_loss_replayed_at_flush_points() {
             }
         }
         if sc.skip.is_some() {
-            control_torn.push((sc.name.clone(), o.max_torn, o.first_torn.clone()));
+            control_torn.push((
+                sc.name.clone(),
+                o.torn_points,
+                o.max_torn,
+                o.first_torn.clone(),
+            ));
+            if o.torn_points == 0 {
+                failures.push(format!(
+                    "positive control {}: with the pre-swap syncfs skipped, no replayed point showed a torn file: the replay on {}{} proves nothing",
+                    sc.name, sc.fs, sc.opts
+                ));
+            }
         } else {
             failures.extend(o.failures.into_iter().take(20));
             if o.torn_points > 0 || o.fsck_errors > 0 || o.converged != o.points {
@@ -576,12 +834,14 @@ fn power_loss_replayed_at_flush_points() {
         }
     }
     eprintln!(
-        "powerloss: prep {prep:.1?}, guest {guest:.1?}, total {:.1?}; points per log capped at {cap} (marks always)\n{}",
+        "powerloss: prep {prep:.1?}, guest {guest:.1?}, total {:.1?}; sampling {sampling:?} (marks always)\n{}",
         t0.elapsed(),
         table.join("\n")
     );
-    for (name, torn, first) in &control_torn {
-        eprintln!("powerloss: {name}: at worst {torn} torn paths, e.g. {first:?}");
+    for (name, points, torn, first) in &control_torn {
+        eprintln!(
+            "powerloss: {name}: {points} torn points, at worst {torn} torn paths, e.g. {first:?}"
+        );
     }
     assert!(
         failures.is_empty(),
@@ -589,12 +849,52 @@ fn power_loss_replayed_at_flush_points() {
         failures.join("\n"),
         table.join("\n")
     );
-    let total: usize = control_torn.iter().map(|c| c.1).sum();
-    assert!(
-        total >= 1,
-        "positive control: with the pre-swap syncfs skipped, no replayed point showed a torn file; the replay proves nothing\n{}",
-        table.join("\n")
-    );
+    assert_eq!(control_torn.len(), 3, "a control per filesystem");
+}
+
+fn table_header() -> String {
+    format!(
+        "{:<20} {:>7} {:>6} {:>6} {:>5} {:>8} {:>6} {:>6} {:>5} {:>5} {:>10} {:>5} {:>7}  check: mount+cmp / fsck / re-run (summed)",
+        "scenario",
+        "entries",
+        "flush",
+        "points",
+        "same",
+        "torn-pts",
+        "torn",
+        "stray",
+        "temps",
+        "fsck",
+        "converged",
+        "self",
+        "time"
+    )
+}
+
+fn table_line(sc: &Scenario, o: &Outcome) -> String {
+    format!(
+        "{:<20} {:>7} {:>6} {:>6} {:>5} {:>8} {:>6} {:>6} {:>5} {:>5} {:>10} {:>5} {:>6.1?}  {:.1?} / {:.1?} / {:.1?}",
+        sc.name,
+        o.entries,
+        o.flush_points,
+        o.points,
+        o.same_state,
+        o.torn_points,
+        o.max_torn,
+        o.strays,
+        o.temp_points,
+        o.fsck_errors,
+        if sc.skip.is_none() {
+            format!("{}/{}", o.converged, o.points)
+        } else {
+            "-".into()
+        },
+        if o.self_check { "ok" } else { "DIFF" },
+        o.took,
+        o.check_time[0],
+        o.check_time[1],
+        o.check_time[2],
+    )
 }
 
 /// The control's `IMAGEUPD_TEST_UNSAFE_SKIP` value (agent/src/sys/fault.rs).

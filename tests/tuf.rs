@@ -1,7 +1,8 @@
 //! The store's root of trust and signed index (issue 13), after TUF: a
 //! k-of-n root naming the keys of each role, rotated by a chain of signed
 //! versions (a key left out is revoked), and an expiring, versioned index
-//! that binds each manifest by digest and length.
+//! that binds each manifest by digest and length. A pack index (served
+//! over HTTP) must meet the same targets threshold as its manifest.
 //!
 //! Each attack is refused with exit 4 and the root byte-identical (full
 //! snapshot); each has its positive control in the same test.
@@ -10,6 +11,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use common::serve::Server;
 use common::*;
 
 /// Keys: root r1..r3 (2 of 3), targets t1, t2 (2 of 2), timestamp s.
@@ -370,4 +372,59 @@ fn provision_verifies_against_the_root_of_trust() {
         std::fs::read(&anchor).unwrap()
     );
     assert_eq!(id.as_deref(), Some("a"));
+}
+
+/// Under a root of trust a pack index needs the targets threshold (k of
+/// n signatures), like a manifest; control: with both keys it is used.
+#[test]
+fn a_pack_index_must_meet_the_targets_threshold() {
+    let f = Fixture::new("tuf-packs").node();
+    let (_, t2) = synthetic();
+    f.publish("b", t2, &[0, 1]);
+    f.timestamp(24);
+    let dir = f.store.join("images/b");
+    let (idx, sig) = (dir.join("packs.idx.zst"), dir.join("packs.idx.zst.sig"));
+    let both = std::fs::read(&sig).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&both).lines().count(),
+        2,
+        "the publisher signs the pack index with every --key"
+    );
+    let srv = Server::local(&f.store, &f.dir.join("serve.log"));
+    let over_http = |f: &Fixture| {
+        imageupd(["apply", "--from", &srv.url, "--id", "b", "--root"])
+            .arg(&f.root)
+            .arg("--json")
+            .run()
+    };
+    // One targets key (of the 2 the root requires) signs the pack index
+    // alone, as a thief of that key could: refused, though the manifest
+    // itself carries both signatures.
+    imageupd::format::sign::sign_file(&f.keys.t[1].secret, &idx).expect("sign with t2 alone");
+    let out = over_http(&f);
+    assert_eq!(out.code(), Some(EXIT_UNTRUSTED), "{}", out.describe());
+    for needle in ["pack index of image \"b\"", "2 required"] {
+        assert!(
+            out.all_output().contains(needle),
+            "the message must say {needle:?}\n{}",
+            out.describe()
+        );
+    }
+    assert_unchanged(&f.root, &f.before, "pack index below the threshold");
+    assert_eq!(image_id(&f.root).as_deref(), Some("a"));
+    // Control: the publisher's two signatures; the objects come from packs.
+    std::fs::write(&sig, &both).unwrap();
+    let out = over_http(&f).expect_ok();
+    assert_eq!(
+        image_id(&f.root).as_deref(),
+        Some("b"),
+        "{}",
+        out.describe()
+    );
+    let packed = out.json()["download"]["packed_objects"].as_u64();
+    assert!(
+        packed.unwrap_or(0) > 0,
+        "the control must fetch through the pack index\n{}",
+        out.describe()
+    );
 }

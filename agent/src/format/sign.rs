@@ -32,7 +32,7 @@ pub enum SignatureError {
     #[error("the signature file is malformed: {0}")]
     Malformed(String),
     /// Fewer distinct keys of the role signed than its threshold.
-    #[error("the manifest carries {valid} valid signature(s) of the root's targets keys; {threshold} required")]
+    #[error("{valid} valid signature(s) of the root's targets keys; {threshold} required")]
     BelowThreshold {
         /// Distinct valid signatures of the role's keys.
         valid: usize,

@@ -4,8 +4,9 @@
 //! one by one exactly like loose objects.
 //!
 //! - The pack index is fetched at the fetch step (not for `plan`), checked
-//!   with the same keys and rules as the manifest, and must name the
-//!   manifest's sha256. A store without one (older publisher, plain copy)
+//!   with the same keys and rules as the manifest (under a root of trust:
+//!   the targets role's threshold, k of n, not any one targets key), and
+//!   must name the manifest's sha256. A store without one (older publisher, plain copy)
 //!   is used loose.
 //! - Each span is one `Range: bytes=A-B` request. A broken body is retried
 //!   from the first frame not yet taken; an object that does not match its
@@ -32,6 +33,7 @@ use crate::format::pack::{
 };
 use crate::format::sign;
 use crate::format::trust::{Resolved, Trust};
+use crate::format::tuf::{Keys, Role};
 use crate::sys::error::ExitKind;
 use crate::sys::progress::Bar;
 
@@ -48,6 +50,10 @@ pub(super) struct PackCtx {
     keys: Vec<VerifyingKey>,
     keys_dir: String,
     allow_unsigned: bool,
+    /// Under a root of trust: its keys and targets role, whose threshold
+    /// the pack index must meet like the manifest (one compromised targets
+    /// key must not be able to sign a pack index alone).
+    targets: Option<(Keys, Role)>,
 }
 
 impl HttpStore {
@@ -61,6 +67,9 @@ impl HttpStore {
             keys: trust.keys.to_vec(),
             keys_dir: trust.keys_dir.clone(),
             allow_unsigned: trust.allow_unsigned,
+            targets: trust
+                .tuf
+                .map(|(root, _)| (root.keys.clone(), root.role("targets").clone())),
         });
     }
 
@@ -90,9 +99,15 @@ impl HttpStore {
                 return Err(e.context(format!("fetching the pack index signature of {:?}", ctx.id)))
             }
         };
-        match sign::verify(&stored, sig.as_deref(), &ctx.keys, &ctx.keys_dir) {
-            Ok(_) => {}
-            Err(sign::SignatureError::Unsigned) if ctx.allow_unsigned => {}
+        let verdict = match &ctx.targets {
+            Some((keys, role)) => sign::verify_role(&stored, sig.as_deref(), keys, role).map(drop),
+            None => sign::verify(&stored, sig.as_deref(), &ctx.keys, &ctx.keys_dir).map(drop),
+        };
+        match verdict {
+            Ok(()) => {}
+            // A root of trust never accepts unsigned metadata (as for the
+            // manifest, see crate::format::trust::verify_stored).
+            Err(sign::SignatureError::Unsigned) if ctx.allow_unsigned && ctx.targets.is_none() => {}
             Err(e) => {
                 return Err(e)
                     .with_context(|| format!("pack index of image {:?}", ctx.id))
