@@ -345,6 +345,17 @@ impl Manifest {
         Ok(())
     }
 
+    /// The entry at `path`: a binary search in tree order
+    /// ([`RelPath::tree_cmp`]), the order entries are kept in. (Byte order
+    /// is not that order: `a-b` sorts before `a/c` bytewise but after it in
+    /// the tree, so a bytewise search misses entries near such names.)
+    pub fn entry(&self, path: &RelPath) -> Option<&Entry> {
+        self.entries
+            .binary_search_by(|e| e.path.tree_cmp(path))
+            .ok()
+            .map(|i| &self.entries[i])
+    }
+
     /// Total content bytes of regular files.
     pub fn content_bytes(&self) -> u64 {
         self.entries

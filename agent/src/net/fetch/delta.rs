@@ -400,11 +400,10 @@ fn reference(
     from: &Digest,
     from_size: u64,
 ) -> Option<Vec<u8>> {
-    let i = current
-        .entries
-        .binary_search_by(|e| e.path.cmp(path))
-        .ok()?;
-    let e = &current.entries[i];
+    let Some(e) = current.entry(path) else {
+        tracing::info!("{path}: not in the current manifest; its new version comes from packs");
+        return None;
+    };
     if e.ftype != FileType::File || e.sha256.as_ref() != Some(from) || e.size != from_size {
         tracing::info!("{path}: not the file the delta's patch was made against");
         return None;
