@@ -156,3 +156,17 @@ fn entry_lookup_follows_tree_order_not_byte_order() {
     );
     assert!(m.entry(&RelPath(b"a/d".to_vec())).is_none());
 }
+
+#[test]
+fn id_of_head_reads_the_first_line_only() {
+    let m = manifest(vec![dir("."), dir("a")]);
+    let json = m.to_json();
+    assert_eq!(id_of_head(&json).as_deref(), Some("v1"));
+    // The entries are not looked at.
+    let cut = json.iter().position(|&b| b == b'\n').expect("head line") + 1;
+    let mut junk = json[..cut].to_vec();
+    junk.extend_from_slice(b"not json at all");
+    assert_eq!(id_of_head(&junk).as_deref(), Some("v1"));
+    assert_eq!(id_of_head(b"{\"id\":\"v1\",\"entries\":[]}"), None, "one line");
+    assert_eq!(id_of_head(b"{\"id\":\"../x\",\"entries\":[\n]}"), None);
+}
