@@ -166,10 +166,12 @@ fn package_update_through_the_delta() {
     let fetch = fetch_objects(&out);
     assert_eq!(d["delta"].as_str(), Some("v1"), "{d}");
     let (h, _, _) = split_delta(&std::fs::read(delta_path(&store.dir, "v2")).expect("delta"));
-    assert_eq!(
-        fetch,
-        h.objects.len() as u64,
-        "a node on v1 needs every object of the delta"
+    // The delta holds every object the node needs, and a few it does not:
+    // v2's new files under /var/log/, which a node preserves.
+    assert!(
+        fetch <= h.objects.len() as u64,
+        "the node fetched {fetch} objects; the delta holds {}",
+        h.objects.len()
     );
     assert_eq!(d["delta_objects"].as_u64(), Some(fetch), "{d}");
     assert_eq!(d["objects"].as_u64(), Some(fetch), "{d}");
