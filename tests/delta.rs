@@ -267,7 +267,12 @@ fn every_object_of_the_delta_comes_from_it_on_its_parent() {
         "(taken from the delta, fetched elsewhere) of its {n} objects: {d}"
     );
     assert_eq!(d["packed_objects"].as_u64(), Some(0), "{d}");
-    assert_applied(&tree, &root, DEBCONF_FIX, "v1 -> v1-debconf through the delta");
+    assert_applied(
+        &tree,
+        &root,
+        DEBCONF_FIX,
+        "v1 -> v1-debconf through the delta",
+    );
 
     // Positive control: a node whose copy of one patch's reference drifted
     // takes that object from the store, and the count shows it.
@@ -293,7 +298,12 @@ fn every_object_of_the_delta_comes_from_it_on_its_parent() {
         "the log names {path}\n{}",
         out.describe()
     );
-    assert_applied(&tree, &root, DEBCONF_FIX, "v1 -> v1-debconf with a drifted reference");
+    assert_applied(
+        &tree,
+        &root,
+        DEBCONF_FIX,
+        "v1 -> v1-debconf with a drifted reference",
+    );
 }
 
 #[test]

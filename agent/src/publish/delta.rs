@@ -11,10 +11,10 @@ use anyhow::{bail, Context, Result};
 use liblzma::stream::{Check, Filters, LzmaOptions, Stream, PRESET_EXTREME};
 use serde::Serialize;
 
+use crate::format::codec::CHILD_FRAME_LEVEL;
 use crate::format::delta::{
     patch_encode, Header, Kind, Object, DELTAS_DIR, DELTA_SUFFIX, PATCH_MAX_BYTES, PAYLOAD_DICT_MAX,
 };
-use crate::format::codec::CHILD_FRAME_LEVEL;
 use crate::format::manifest::{Digest, FileType, Manifest, RelPath, MAX_MANIFEST_BYTES};
 use crate::format::mframes::{encode_reusing, Unframed};
 use crate::format::stream::VerifyReader;
@@ -94,7 +94,10 @@ pub fn build(
     // frames; a manifest it cannot rebuild would make the delta useless.
     let (rebuilt, _) = encode_reusing(&json, CHILD_FRAME_LEVEL, &p_frames.by_piece())?;
     if rebuilt != stored {
-        bail!("the manifest of {:?} is not framed against its parent {parent:?}", m.id);
+        bail!(
+            "the manifest of {:?} is not framed against its parent {parent:?}",
+            m.id
+        );
     }
     let todo = new_objects(m, &pm);
     let coded = patches(st, &todo, threads)?;

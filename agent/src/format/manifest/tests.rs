@@ -167,6 +167,10 @@ fn id_of_head_reads_the_first_line_only() {
     let mut junk = json[..cut].to_vec();
     junk.extend_from_slice(b"not json at all");
     assert_eq!(id_of_head(&junk).as_deref(), Some("v1"));
-    assert_eq!(id_of_head(b"{\"id\":\"v1\",\"entries\":[]}"), None, "one line");
+    assert_eq!(
+        id_of_head(b"{\"id\":\"v1\",\"entries\":[]}"),
+        None,
+        "one line"
+    );
     assert_eq!(id_of_head(b"{\"id\":\"../x\",\"entries\":[\n]}"), None);
 }

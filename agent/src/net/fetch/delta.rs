@@ -33,8 +33,8 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use super::{read_failed, Attempt, Cache, HttpStore};
 use crate::format::delta::{self, Header, Kind, ObjectError, Payload};
-use crate::format::manifest::{Digest, FileType, Manifest, RelPath, MAX_MANIFEST_BYTES};
 use crate::format::manifest::id_of_head;
+use crate::format::manifest::{Digest, FileType, Manifest, RelPath, MAX_MANIFEST_BYTES};
 use crate::format::mframes::{self, Unframed};
 use crate::fs::fsx;
 use crate::fs::rootfs::CURRENT_MANIFEST;
@@ -97,7 +97,11 @@ impl HttpStore {
         let cur = Unframed::new(cur_stored, MAX_MANIFEST_BYTES).context("the current manifest")?;
         let current_id = match id_of_head(&cur.json) {
             Some(c) => c,
-            None => Manifest::parse(&cur.json).context("the current manifest")?.id,
+            None => {
+                Manifest::parse(&cur.json)
+                    .context("the current manifest")?
+                    .id
+            }
         };
         if current_id == id {
             bail!("the node is on {id:?} already");
@@ -285,7 +289,9 @@ impl HttpStore {
             .iter()
             .zip(&covered)
             .any(|(o, c)| *c && matches!(o.kind, Kind::Patch { .. }));
-        let current = patches.then(|| current_manifest(&ctx.current_json)).flatten();
+        let current = patches
+            .then(|| current_manifest(&ctx.current_json))
+            .flatten();
         let refs = Refs {
             current: current.as_ref(),
             root: root.as_ref(),
@@ -409,7 +415,11 @@ fn cache_err(e: io::Error) -> Attempt {
 /// patch left to packs, when it does not parse).
 fn current_manifest(json: &[u8]) -> Option<Manifest> {
     Manifest::parse(json)
-        .inspect_err(|e| tracing::warn!("the current manifest does not parse ({e}); no patch of the update delta is used"))
+        .inspect_err(|e| {
+            tracing::warn!(
+                "the current manifest does not parse ({e}); no patch of the update delta is used"
+            )
+        })
         .ok()
 }
 
