@@ -5,6 +5,7 @@ on loopback; every server it starts is stopped at the end. Environment:
   IMAGEUPD_BIN        the imageupd binary (release)
   BENCH_RUNS          timed runs per case (default 3)
   BENCH_LEVEL         zstd level of the publish (default 19)
+  BENCH_PAIRS         targets measured from c1 (default "c2 c1h")
   BENCH_DIR           scratch (default /var/tmp/imageupd-compute-delta-bench)
   IMAGEUPD_TEST_CACHE fixture trees (default /var/cache/imageupd-test)
 """
@@ -30,7 +31,7 @@ WORK = Path(os.environ.get("BENCH_DIR", "/var/tmp/imageupd-compute-delta-bench")
 CACHE = Path(os.environ.get("IMAGEUPD_TEST_CACHE", "/var/cache/imageupd-test")) / "compute"
 RESULTS = REPO / "tests/bench/compute-delta-results.md"
 # The pairs: (target, parent). c2 is the security upgrade, c1h the hotfix.
-PAIRS = (("c2", "c1"), ("c1h", "c1"))
+PAIRS = tuple((t, "c1") for t in os.environ.get("BENCH_PAIRS", "c2 c1h").split())
 procs = []
 
 
@@ -61,7 +62,7 @@ def med(xs):
 
 def publish(store, key):
     reps = {}
-    for i, parent in (("c1", None), ("c2", "c1"), ("c1h", "c1")):
+    for i, parent in (("c1", None),) + PAIRS:
         if (store / "images" / i / "manifest.json.zst").exists():
             continue
         cmd = [BIN, "publish", "--store", store, "--id", i, "--key", key, "--level", LEVEL,
