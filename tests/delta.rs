@@ -5,8 +5,11 @@
 //!   goes v3 → v2, for which no delta exists (another image): packs;
 //! - v1 → v2 (a package update) in at most three requests, every object
 //!   from the delta;
-//! - a node whose reference file for a patch has drifted: that object comes
-//!   from the store the usual way, the rest from the delta;
+//! - a node exactly on the parent takes every object of the delta from it
+//!   (v1 → v1 with debconf's Perl modules edited: patches whose paths sit
+//!   where byte order and tree order differ); a node whose reference file
+//!   for a patch has drifted gets that object from the store the usual way,
+//!   the rest from the delta (the positive control of the count);
 //! - a payload damaged on the server: the objects before the damage are
 //!   kept (verified), the delta is dropped and the rest comes from packs —
 //!   the apply succeeds (nothing unverified is ever kept);
@@ -26,6 +29,7 @@ use common::http::FileServer;
 use common::serve::Server;
 use common::*;
 use imageupd::format::delta::{Header, Kind};
+use imageupd::format::manifest::RelPath;
 
 /// `imageupd apply --from URL --id ID --root ROOT --json`.
 fn apply_url(url: &str, id: &str, root: &Path) -> Out {
@@ -161,6 +165,14 @@ fn package_update_through_the_delta() {
     eprintln!("v1 -> v2 through the delta: {d}");
     let fetch = fetch_objects(&out);
     assert_eq!(d["delta"].as_str(), Some("v1"), "{d}");
+    let (h, _, _) = split_delta(&std::fs::read(delta_path(&store.dir, "v2")).expect("delta"));
+    // The delta holds every object the node needs, and a few it does not:
+    // v2's new files under /var/log/, which a node preserves.
+    assert!(
+        fetch <= h.objects.len() as u64,
+        "the node fetched {fetch} objects; the delta holds {}",
+        h.objects.len()
+    );
     assert_eq!(d["delta_objects"].as_u64(), Some(fetch), "{d}");
     assert_eq!(d["objects"].as_u64(), Some(fetch), "{d}");
     assert_eq!(d["packed_objects"].as_u64(), Some(0), "{d}");
@@ -177,49 +189,121 @@ fn package_update_through_the_delta() {
     assert_applied(&v2, &root, "v2", "v1 -> v2 through the delta");
 }
 
+/// Image id of v1 with every Perl module of debconf edited (a line added).
+const DEBCONF_FIX: &str = "v1-debconf";
+
+/// Add a line to every Perl module under TREE/usr/share/perl5/Debconf (in
+/// place: TREE is a private copy); returns how many. Their paths sit next
+/// to names such as `Debconf.pm` and `Debconf-*` whose byte order is not
+/// their tree order: a lookup that mixes the two up misses some of them.
+fn edit_debconf_modules(tree: &Path) -> usize {
+    fn walk(d: &Path, n: &mut usize) {
+        for e in std::fs::read_dir(d).expect("read_dir").flatten() {
+            let p = e.path();
+            let t = e.file_type().expect("file type");
+            if t.is_dir() {
+                walk(&p, n);
+            } else if t.is_file() && p.extension().is_some_and(|x| x == "pm") {
+                let mut c = std::fs::read(&p).expect("read module");
+                c.extend_from_slice(b"# local fix\n");
+                std::fs::write(&p, c).expect("edit module");
+                *n += 1;
+            }
+        }
+    }
+    let mut n = 0;
+    walk(&tree.join("usr/share/perl5/Debconf"), &mut n);
+    n
+}
+
+/// Of the delta's objects, how many the apply took from it and how many it
+/// fetched some other way (packs, loose objects), from `apply --json`.
+fn delta_use(out: &Out) -> (u64, u64) {
+    let d = download(out);
+    let taken = d["delta_objects"].as_u64().expect("delta_objects");
+    let all = d["objects"].as_u64().expect("objects");
+    (taken, all - taken)
+}
+
 #[test]
-fn drifted_reference_comes_from_the_store() {
-    let store = shared_store();
-    store.image("v1");
-    let v2 = store.image("v2");
-    let (h, _, _) = split_delta(&std::fs::read(delta_path(&store.dir, "v2")).expect("delta"));
-    let rel = h
+fn every_object_of_the_delta_comes_from_it_on_its_parent() {
+    let shared = shared_store();
+    let s = scratch("delta-whole");
+    let store = store_copy(&s.join("store"));
+    let tree = s.join(DEBCONF_FIX);
+    copy_tree(&shared.image("v1"), &tree);
+    let edited = edit_debconf_modules(&tree);
+    assert!(edited >= 50, "only {edited} debconf modules in v1");
+    publish(&store, DEBCONF_FIX, Some(&shared.key), Some("v1"), &tree);
+    let (h, _, _) = split_delta(&std::fs::read(delta_path(&store, DEBCONF_FIX)).expect("delta"));
+    let n = h.objects.len() as u64;
+    let patches: Vec<&RelPath> = h
         .objects
         .iter()
-        .find_map(|o| match &o.kind {
-            Kind::Patch { path, .. } => Some(path.clone()),
+        .filter_map(|o| match &o.kind {
+            Kind::Patch { path, .. } => Some(path),
             Kind::Full => None,
         })
-        .expect("v2's delta has a patch object (a changed file)");
-    // Relative bytes (the Display form starts with '/').
-    let path = String::from_utf8(rel.0.clone()).expect("UTF-8 path");
-    assert!(!path.is_empty() && !path.starts_with('/'), "{path:?}");
-    let s = scratch("delta-drift");
-    let srv = Server::local(&store.dir, &s.join("serve.log"));
+        .collect();
+    assert_eq!(n, edited as u64, "one new object per edited module");
+    assert!(
+        patches.len() * 2 > edited,
+        "most edited modules are patches: {} of {edited}",
+        patches.len()
+    );
+    let srv = Server::local(&store, &s.join("serve.log"));
+
+    // The node is exactly on the parent: every object comes from the delta.
     let root = s.join("root");
     node_at("v1", &root);
-    // The node's copy of the patch's reference is not what v1 had.
-    let f = root.join(&path);
-    assert!(f.starts_with(&root), "{}", f.display());
-    let mut content = std::fs::read(&f).expect("reference file");
-    content.extend_from_slice(b"\n# local edit\n");
-    std::fs::write(&f, content).expect("edit the reference file");
-    let out = apply_url(&srv.url, "v2", &root).expect_ok();
+    let out = apply_url(&srv.url, DEBCONF_FIX, &root).expect_ok();
     let d = download(&out);
-    let fetch = fetch_objects(&out);
+    eprintln!("v1 -> {DEBCONF_FIX} through the delta: {d}");
+    assert_eq!(d["delta"].as_str(), Some("v1"), "{d}");
+    assert_eq!(fetch_objects(&out), n, "{}", out.describe());
+    assert_eq!(
+        delta_use(&out),
+        (n, 0),
+        "(taken from the delta, fetched elsewhere) of its {n} objects: {d}"
+    );
+    assert_eq!(d["packed_objects"].as_u64(), Some(0), "{d}");
+    assert_applied(
+        &tree,
+        &root,
+        DEBCONF_FIX,
+        "v1 -> v1-debconf through the delta",
+    );
+
+    // Positive control: a node whose copy of one patch's reference drifted
+    // takes that object from the store, and the count shows it.
+    let drifted = patches[patches.len() / 2];
+    let path = String::from_utf8(drifted.0.clone()).expect("UTF-8 path");
+    assert!(!path.is_empty() && !path.starts_with('/'), "{path:?}");
+    let root = s.join("root-drifted");
+    node_at("v1", &root);
+    let f = root.join(&path);
+    let mut content = std::fs::read(&f).expect("reference file");
+    content.extend_from_slice(b"\n# edited on the node\n");
+    std::fs::write(&f, content).expect("edit the reference file");
+    let out = apply_url(&srv.url, DEBCONF_FIX, &root).expect_ok();
+    let d = download(&out);
     assert_eq!(d["delta"].as_str(), Some("v1"), "{d}");
     assert_eq!(
-        d["delta_objects"].as_u64(),
-        Some(fetch - 1),
+        delta_use(&out),
+        (n - 1, 1),
         "every object but {path}'s from the delta: {d}"
     );
-    assert_eq!(d["objects"].as_u64(), Some(fetch), "{d}");
     assert!(
         out.all_output().contains(&path),
         "the log names {path}\n{}",
         out.describe()
     );
-    assert_applied(&v2, &root, "v2", "v1 -> v2 with a drifted reference");
+    assert_applied(
+        &tree,
+        &root,
+        DEBCONF_FIX,
+        "v1 -> v1-debconf with a drifted reference",
+    );
 }
 
 #[test]

@@ -10,7 +10,7 @@
 //! | `pack_index`    | [`PackIndex::decode`] (zstd), then `locate`              |
 //! | `delta`         | [`Header::head_len`], [`Header::parse`], then the payload |
 //! | `delta_payload` | [`Payload`] of a fixed header (full and patch objects)  |
-//! | `mframes`       | the frame list (JSON) and [`mframes::frames_by_piece`]   |
+//! | `mframes`       | the frame list (JSON) and [`mframes::Unframed::new`]     |
 //! | `metadata`      | the metadata documents: merge, `lookup`, `wanted`        |
 //! | `config`        | [`Config::merge_str`] (TOML)                             |
 //! | `serve_request` | `serve`'s request target and `Range` header parsing     |
@@ -133,7 +133,9 @@ pub fn frames(data: &[u8]) {
     if let Ok(l) = serde_json::from_slice::<mframes::FrameList>(data) {
         let _ = mframes::check_list(&l);
     }
-    let _ = mframes::frames_by_piece(data);
+    if let Ok(u) = mframes::Unframed::new(data, 64 << 20) {
+        let _ = mframes::encode_reusing(&u.json, 1, &u.by_piece());
+    }
     let _ = mframes::known_frames(&[data.to_vec()]);
 }
 

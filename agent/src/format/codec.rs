@@ -56,6 +56,28 @@ pub fn encode_manifest_framed(
     crate::format::mframes::encode(&m.to_json(), MANIFEST_LEVEL)
 }
 
+/// zstd level of the frames of a manifest published with a parent that
+/// hold pieces the parent's manifest lacks (the others are the parent's
+/// frames as they are, see [`encode_manifest_framed_child`]). Level 1: a
+/// node rebuilding the manifest from an update delta compresses those
+/// pieces again, some hundred times faster than at [`MANIFEST_LEVEL`], for
+/// frames about 6% larger.
+pub const CHILD_FRAME_LEVEL: i32 = 1;
+
+/// Compress a manifest published with a parent whose stored manifest is
+/// `parent_stored`: the parent's frame for every piece of JSON it has, the
+/// other pieces at [`CHILD_FRAME_LEVEL`]. A node holding the parent's
+/// stored bytes rebuilds these bytes exactly from the JSON alone
+/// ([`crate::format::mframes::encode_reusing`]).
+pub fn encode_manifest_framed_child(
+    m: &Manifest,
+    parent_stored: &[u8],
+) -> Result<(Vec<u8>, crate::format::mframes::FrameList)> {
+    let parent = crate::format::mframes::Unframed::new(parent_stored, manifest::MAX_MANIFEST_BYTES)
+        .context("the parent's stored manifest")?;
+    crate::format::mframes::encode_reusing(&m.to_json(), CHILD_FRAME_LEVEL, &parent.by_piece())
+}
+
 /// The largest body a zstd frame of `size` content bytes can need, in bytes
 /// (`ZSTD_compressBound` plus frame header slack).
 pub fn max_compressed(size: u64) -> u64 {

@@ -30,7 +30,9 @@
 //! - The manifest patch decompresses, with the node's current manifest JSON
 //!   as zstd prefix, to the target manifest's JSON, which the node
 //!   re-encodes to the stored bytes ([`crate::format::mframes`], deterministic for
-//!   one zstd build) and checks against the header's sha256 and then, like
+//!   one zstd build: the current manifest's frame for every piece it has,
+//!   the others compressed at the header's frame level, as the publisher
+//!   did) and checks against the header's sha256 and then, like
 //!   any downloaded manifest, against its signature with the node's trusted
 //!   keys ([`crate::format::trust::verify_stored`]).
 //! - The payload, once decompressed, is the objects back to back: a *full*
@@ -57,8 +59,13 @@ pub const DELTAS_DIR: &str = "deltas";
 pub const DELTA_SUFFIX: &str = ".delta";
 /// First bytes of a delta file.
 pub const MAGIC: &[u8; 8] = b"IUDELTA\n";
-/// Delta format version written by this build (readers refuse others).
-pub const VERSION: u32 = 1;
+/// Delta format version written by this build. Version 2 added the level
+/// of the target manifest's new frames; version 1 (all frames at
+/// [`crate::format::codec::MANIFEST_LEVEL`]) is still read; readers refuse
+/// others.
+pub const VERSION: u32 = 2;
+/// The oldest delta format version this build reads.
+pub const MIN_VERSION: u32 = 1;
 /// Bytes of the fixed prefix: magic, version, header length.
 pub const PREFIX_LEN: usize = 16;
 /// Largest header accepted, in bytes.
@@ -97,7 +104,7 @@ pub enum FormatError {
     #[error("not an imageupd delta (bad magic)")]
     BadMagic,
     /// A format version this build does not read.
-    #[error("delta format version {0} is not supported (this imageupd reads version {VERSION})")]
+    #[error("delta format version {0} is not supported (this imageupd reads versions {MIN_VERSION} to {VERSION})")]
     Version(u32),
     /// A length beyond its limit.
     #[error("delta {what} of {len} bytes exceeds the limit of {max}")]
@@ -166,6 +173,11 @@ pub struct Header {
     pub to_sha256: Digest,
     /// The target manifest's detached signature, when it is signed.
     pub sig: Option<Vec<u8>>,
+    /// zstd level of the target manifest's frames whose piece of JSON the
+    /// parent's manifest lacks (the others are the parent's frames; see
+    /// [`crate::format::codec::encode_manifest_framed_child`]), 1 to
+    /// [`crate::format::codec::MANIFEST_LEVEL`].
+    pub frame_level: i32,
     /// Bytes of the target manifest's JSON.
     pub manifest_len: u64,
     /// Bytes of the manifest patch in the file.
@@ -184,6 +196,11 @@ impl Header {
 
     /// The fixed prefix and the encoded header: the delta file's first bytes.
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_as(VERSION)
+    }
+
+    /// [`Header::encode`] in format `version` (1 has no frame level).
+    fn encode_as(&self, version: u32) -> Vec<u8> {
         let mut h = Vec::with_capacity(256 + self.objects.len() * 40);
         put_bytes(&mut h, self.from.as_bytes());
         h.extend_from_slice(&self.from_sha256.0);
@@ -195,6 +212,9 @@ impl Header {
                 put_varint(&mut h, 1);
                 put_bytes(&mut h, s);
             }
+        }
+        if version >= 2 {
+            put_varint(&mut h, u64::try_from(self.frame_level).unwrap_or(0));
         }
         put_varint(&mut h, self.manifest_len);
         put_varint(&mut h, self.mpatch_len);
@@ -221,7 +241,7 @@ impl Header {
         }
         let mut out = Vec::with_capacity(PREFIX_LEN + h.len());
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&(h.len() as u32).to_le_bytes());
         out.extend_from_slice(&h);
         out
@@ -237,7 +257,7 @@ impl Header {
             return Err(FormatError::BadMagic);
         }
         let version = u32::from_le_bytes([p[8], p[9], p[10], p[11]]);
-        if version != VERSION {
+        if !(MIN_VERSION..=VERSION).contains(&version) {
             return Err(FormatError::Version(version));
         }
         let len = u64::from(u32::from_le_bytes([p[12], p[13], p[14], p[15]]));
@@ -267,6 +287,16 @@ impl Header {
             0 => None,
             1 => Some(r.bytes(MAX_SIG_BYTES, "signature")?.to_vec()),
             n => return Err(FormatError::Invalid(format!("signature flag {n}"))),
+        };
+        let frame_level = match version_of(bytes) {
+            1 => crate::format::codec::MANIFEST_LEVEL,
+            _ => {
+                let l = r.varint()?;
+                if !(1..=crate::format::codec::MANIFEST_LEVEL as u64).contains(&l) {
+                    return Err(FormatError::Invalid(format!("manifest frame level {l}")));
+                }
+                l as i32
+            }
         };
         let manifest_len = r.limited(MAX_MANIFEST_BYTES, "manifest")?;
         let mpatch_len = r.limited(
@@ -336,6 +366,7 @@ impl Header {
                 to,
                 to_sha256,
                 sig,
+                frame_level,
                 manifest_len,
                 mpatch_len,
                 payload_len,
@@ -531,6 +562,11 @@ impl std::io::Write for HashWriter<'_> {
 fn window_log(n: u64) -> u32 {
     let bits = 64 - n.max(1).saturating_sub(1).leading_zeros();
     bits.clamp(10, PATCH_WINDOW_LOG_MAX)
+}
+
+/// The format version in a prefix already checked by [`Header::head_len`].
+fn version_of(prefix: &[u8]) -> u32 {
+    u32::from_le_bytes([prefix[8], prefix[9], prefix[10], prefix[11]])
 }
 
 fn put_varint(out: &mut Vec<u8>, v: u64) {

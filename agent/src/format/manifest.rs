@@ -168,6 +168,26 @@ pub fn validate_image_id(id: &str) -> Result<(), String> {
     }
 }
 
+/// The image id in a manifest's JSON head, the first line (everything
+/// before the first entry, as [`Manifest::to_json`] writes it), without
+/// parsing the entries; `None` when the JSON does not start that way or
+/// the id is invalid.
+pub fn id_of_head(json: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Head {
+        id: String,
+    }
+    let line = &json[..json.iter().position(|&b| b == b'\n')?];
+    if !line.ends_with(b"\"entries\":[") {
+        return None;
+    }
+    let mut head = line.to_vec();
+    head.extend_from_slice(b"]}");
+    let h: Head = serde_json::from_slice(&head).ok()?;
+    validate_image_id(&h.id).ok()?;
+    Some(h.id)
+}
+
 /// Check a channel or compatible label: 1-64 characters of A-Z a-z 0-9 . _ -.
 pub fn validate_label(v: &str) -> Result<(), String> {
     let ok = !v.is_empty()
@@ -343,6 +363,17 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+
+    /// The entry at `path`: a binary search in tree order
+    /// ([`RelPath::tree_cmp`]), the order entries are kept in. (Byte order
+    /// is not that order: `a-b` sorts before `a/c` bytewise but after it in
+    /// the tree, so a bytewise search misses entries near such names.)
+    pub fn entry(&self, path: &RelPath) -> Option<&Entry> {
+        self.entries
+            .binary_search_by(|e| e.path.tree_cmp(path))
+            .ok()
+            .map(|i| &self.entries[i])
     }
 
     /// Total content bytes of regular files.

@@ -68,36 +68,58 @@ pub fn encode(json: &[u8], level: i32) -> Result<(Vec<u8>, FrameList)> {
     encode_reusing(json, level, &HashMap::new())
 }
 
-/// The frames of stored manifest bytes keyed by the sha256 of their
-/// decompressed piece of JSON (for [`encode_reusing`]).
-pub fn frames_by_piece(stored: &[u8]) -> Result<HashMap<Digest, Vec<u8>>> {
-    let mut map = HashMap::new();
-    for f in split(stored)? {
-        let mut piece = Vec::new();
-        std::io::Read::read_to_end(
-            &mut std::io::Read::take(zstd::stream::read::Decoder::new(f)?, MAX_PIECE_BYTES + 1),
-            &mut piece,
-        )
-        .context("decompressing a manifest frame")?;
-        if piece.len() as u64 > MAX_PIECE_BYTES {
-            bail!("manifest frame larger than {MAX_PIECE_BYTES} bytes");
-        }
-        map.insert(Digest::of(&piece), f.to_vec());
-    }
-    Ok(map)
+/// A stored manifest taken apart in one pass: its JSON and each frame with
+/// the piece of that JSON it holds (for [`encode_reusing`]).
+pub struct Unframed<'a> {
+    /// The decompressed JSON.
+    pub json: Vec<u8>,
+    /// Each frame's bytes and where its piece lies in `json`.
+    frames: Vec<(&'a [u8], std::ops::Range<usize>)>,
 }
 
-/// Largest decompressed frame [`frames_by_piece`] takes, in bytes.
-const MAX_PIECE_BYTES: u64 = 64 << 20;
+impl<'a> Unframed<'a> {
+    /// Decompress `stored` frame by frame, at most `max_json` bytes of JSON
+    /// in all.
+    pub fn new(stored: &'a [u8], max_json: u64) -> Result<Unframed<'a>> {
+        let mut json = Vec::new();
+        let mut frames = Vec::new();
+        for f in split(stored)? {
+            let start = json.len();
+            let left = (max_json + 1).saturating_sub(start as u64);
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(zstd::stream::read::Decoder::with_buffer(f)?, left),
+                &mut json,
+            )
+            .context("decompressing a manifest frame")?;
+            if json.len() as u64 > max_json {
+                bail!("manifest larger than {max_json} bytes");
+            }
+            frames.push((f, start..json.len()));
+        }
+        Ok(Unframed { json, frames })
+    }
 
-/// [`encode`], taking a frame from `reuse` (see [`frames_by_piece`])
-/// instead of compressing its piece again: the same bytes as [`encode`]
-/// when those frames were made by it at the same level, in much less time
-/// (a node rebuilding a manifest from an update delta, [`crate::format::delta`]).
+    /// The frames keyed by the piece of JSON they hold.
+    pub fn by_piece(&self) -> HashMap<&[u8], &'a [u8]> {
+        self.frames
+            .iter()
+            .map(|(f, r)| (&self.json[r.clone()], *f))
+            .collect()
+    }
+}
+
+/// [`encode`], taking a frame from `reuse` (see [`Unframed::by_piece`])
+/// instead of compressing its piece again at `level`: the same bytes as
+/// [`encode`] when those frames were made by it at the same level. A
+/// manifest published with a parent reuses the parent's frames and
+/// compresses only the pieces the parent lacks, at
+/// [`crate::format::codec::CHILD_FRAME_LEVEL`], so that a node rebuilding
+/// it from an update delta ([`crate::format::delta`]) does the same in
+/// little time.
 pub fn encode_reusing(
     json: &[u8],
     level: i32,
-    reuse: &HashMap<Digest, Vec<u8>>,
+    reuse: &HashMap<&[u8], &[u8]>,
 ) -> Result<(Vec<u8>, FrameList)> {
     // Cut points first (cheap), then the pieces compressed in parallel:
     // each is a frame of its own, so the bytes do not depend on the order.
@@ -121,11 +143,8 @@ pub fn encode_reusing(
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let coded = crate::sys::par::par_map(&pieces, threads, |&(a, b)| {
         let piece = &json[a..b];
-        if let Some(f) = (!reuse.is_empty())
-            .then(|| reuse.get(&Digest::of(piece)))
-            .flatten()
-        {
-            return Ok(f.clone());
+        if let Some(f) = reuse.get(piece) {
+            return Ok(f.to_vec());
         }
         let mut enc = zstd::stream::write::Encoder::new(Vec::new(), level)?;
         enc.include_checksum(false)?;

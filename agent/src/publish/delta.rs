@@ -11,10 +11,12 @@ use anyhow::{bail, Context, Result};
 use liblzma::stream::{Check, Filters, LzmaOptions, Stream, PRESET_EXTREME};
 use serde::Serialize;
 
+use crate::format::codec::CHILD_FRAME_LEVEL;
 use crate::format::delta::{
     patch_encode, Header, Kind, Object, DELTAS_DIR, DELTA_SUFFIX, PATCH_MAX_BYTES, PAYLOAD_DICT_MAX,
 };
 use crate::format::manifest::{Digest, FileType, Manifest, RelPath, MAX_MANIFEST_BYTES};
+use crate::format::mframes::{encode_reusing, Unframed};
 use crate::format::stream::VerifyReader;
 use crate::fs::store::Store;
 
@@ -84,9 +86,19 @@ pub fn build(
 ) -> Result<DeltaReport> {
     let t0 = Instant::now();
     let (p_stored, _) = st.read_manifest_raw(parent)?;
-    let p_json = manifest_json(&p_stored)?;
-    let pm = Manifest::parse(&p_json).context("parsing the parent's manifest")?;
+    let p_frames = Unframed::new(&p_stored, MAX_MANIFEST_BYTES).context("the parent's manifest")?;
+    let p_json = &p_frames.json;
+    let pm = Manifest::parse(p_json).context("parsing the parent's manifest")?;
     let json = manifest_json(stored)?;
+    // A node rebuilds the stored bytes from the JSON and the parent's
+    // frames; a manifest it cannot rebuild would make the delta useless.
+    let (rebuilt, _) = encode_reusing(&json, CHILD_FRAME_LEVEL, &p_frames.by_piece())?;
+    if rebuilt != stored {
+        bail!(
+            "the manifest of {:?} is not framed against its parent {parent:?}",
+            m.id
+        );
+    }
     let todo = new_objects(m, &pm);
     let coded = patches(st, &todo, threads)?;
     let objects: Vec<Object> = todo
@@ -100,13 +112,14 @@ pub fn build(
         .collect();
     let raw_len: u64 = objects.iter().map(Object::raw_len).sum();
     let (mut payload, payload_len) = payload(st, &objects, &coded, raw_len)?;
-    let mpatch = patch_encode(&p_json, &json, PATCH_LEVEL).context("patching the manifest")?;
+    let mpatch = patch_encode(p_json, &json, PATCH_LEVEL).context("patching the manifest")?;
     let h = Header {
         from: parent.to_string(),
         from_sha256: Digest::of(&p_stored),
         to: m.id.clone(),
         to_sha256: Digest::of(stored),
         sig: sig.map(<[u8]>::to_vec),
+        frame_level: CHILD_FRAME_LEVEL,
         manifest_len: json.len() as u64,
         mpatch_len: mpatch.len() as u64,
         payload_len,

@@ -368,7 +368,13 @@ fn write_image(
     opts: &PublishOptions,
     progress: &Progress,
 ) -> Result<Written> {
-    let (stored, frames) = crate::format::codec::encode_manifest_framed(m)?;
+    let (stored, frames) = match opts.parent.as_deref() {
+        Some(p) => {
+            let (parent, _) = st.read_manifest_raw(p)?;
+            crate::format::codec::encode_manifest_framed_child(m, &parent)?
+        }
+        None => crate::format::codec::encode_manifest_framed(m)?,
+    };
     let sig = (!key.is_empty()).then(|| sign::sign_all(key, &stored));
     progress.line("writing packs");
     let (pidx, packs) =

@@ -11,6 +11,7 @@ fn sample() -> Header {
         to: "v2:1".into(),
         to_sha256: d(2),
         sig: Some(b"signature bytes".to_vec()),
+        frame_level: 1,
         manifest_len: 123_456,
         mpatch_len: 789,
         payload_len: 5_000_000,
@@ -69,8 +70,8 @@ fn bad_magic_version_and_lengths_are_refused() {
     b[0] ^= 0xff;
     assert_eq!(Header::parse(&b), Err(FormatError::BadMagic));
     let mut b = good.clone();
-    b[8] = 2;
-    assert_eq!(Header::parse(&b), Err(FormatError::Version(2)));
+    b[8] = 3;
+    assert_eq!(Header::parse(&b), Err(FormatError::Version(3)));
     let mut b = good.clone();
     b[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
     assert!(matches!(
@@ -160,4 +161,26 @@ fn patches_round_trip_and_are_small() {
     assert!(patch_decode(&old, &p, new.len() as u64 - 1).is_err());
     let other = vec![7u8; old.len()];
     assert!(patch_decode(&other, &p, new.len() as u64).map_or(true, |v| v != new));
+}
+
+#[test]
+fn version_1_headers_read_with_all_frames_at_the_manifest_level() {
+    let h = Header {
+        frame_level: crate::format::codec::MANIFEST_LEVEL,
+        ..sample()
+    };
+    let v1 = h.encode_as(1);
+    assert_eq!(Header::parse(&v1).expect("parse v1").0, h);
+    assert!(v1.len() < h.encode().len(), "v1 has no frame level field");
+    for bad in [0, crate::format::codec::MANIFEST_LEVEL + 1] {
+        let e = Header::parse(
+            &Header {
+                frame_level: bad,
+                ..sample()
+            }
+            .encode(),
+        )
+        .expect_err("frame level out of range");
+        assert!(matches!(e, FormatError::Invalid(_)), "{bad}: {e}");
+    }
 }

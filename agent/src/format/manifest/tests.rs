@@ -133,3 +133,44 @@ fn validates_image_ids() {
         assert!(validate_image_id(bad).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn entry_lookup_follows_tree_order_not_byte_order() {
+    // Tree order: a, a/c, a-b, a.d, b — a bytewise search goes astray at
+    // a-b and a.d, which sort before a/c byte for byte.
+    let names = [".", "a", "a/c", "a/c/x", "a-b", "a-b/y", "a.d", "b", "b/z"];
+    let m = manifest(names.iter().map(|n| dir(n)).collect());
+    let m = Manifest::parse(&m.to_json()).expect("tree-ordered manifest parses");
+    for n in names {
+        let p = RelPath(n.as_bytes().to_vec());
+        assert_eq!(m.entry(&p).map(|e| &e.path), Some(&p), "{n}");
+    }
+    let bytewise = |p: &[u8]| {
+        m.entries
+            .binary_search_by(|e| e.path.0.as_slice().cmp(p))
+            .is_ok()
+    };
+    assert!(
+        names[1..].iter().any(|n| !bytewise(n.as_bytes())),
+        "positive control: a bytewise search must miss some of these"
+    );
+    assert!(m.entry(&RelPath(b"a/d".to_vec())).is_none());
+}
+
+#[test]
+fn id_of_head_reads_the_first_line_only() {
+    let m = manifest(vec![dir("."), dir("a")]);
+    let json = m.to_json();
+    assert_eq!(id_of_head(&json).as_deref(), Some("v1"));
+    // The entries are not looked at.
+    let cut = json.iter().position(|&b| b == b'\n').expect("head line") + 1;
+    let mut junk = json[..cut].to_vec();
+    junk.extend_from_slice(b"not json at all");
+    assert_eq!(id_of_head(&junk).as_deref(), Some("v1"));
+    assert_eq!(
+        id_of_head(b"{\"id\":\"v1\",\"entries\":[]}"),
+        None,
+        "one line"
+    );
+    assert_eq!(id_of_head(b"{\"id\":\"../x\",\"entries\":[\n]}"), None);
+}

@@ -33,8 +33,9 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use super::{read_failed, Attempt, Cache, HttpStore};
 use crate::format::delta::{self, Header, Kind, ObjectError, Payload};
+use crate::format::manifest::id_of_head;
 use crate::format::manifest::{Digest, FileType, Manifest, RelPath, MAX_MANIFEST_BYTES};
-use crate::format::mframes;
+use crate::format::mframes::{self, Unframed};
 use crate::fs::fsx;
 use crate::fs::rootfs::CURRENT_MANIFEST;
 use crate::sys::progress::Bar;
@@ -59,8 +60,9 @@ pub(super) struct DeltaCtx {
     head: Vec<u8>,
     /// Offset of the payload in the file.
     payload_at: usize,
-    /// The current image's manifest (patch references are checked against it).
-    current: Manifest,
+    /// The current image's manifest JSON (patch references are checked
+    /// against it; parsed only when a patch is taken, at the fetch step).
+    current_json: Vec<u8>,
 }
 
 impl DeltaCtx {
@@ -90,12 +92,21 @@ impl HttpStore {
     }
 
     fn try_delta(&self, id: &str, cur_stored: &[u8]) -> Result<(Vec<u8>, Option<Vec<u8>>)> {
-        let cur_json = json_of(cur_stored).context("the current manifest")?;
-        let current = Manifest::parse(&cur_json).context("the current manifest")?;
-        if current.id == id {
+        // Decompressed once: the JSON the patch applies to, and the frames
+        // the rebuilt manifest shares with it.
+        let cur = Unframed::new(cur_stored, MAX_MANIFEST_BYTES).context("the current manifest")?;
+        let current_id = match id_of_head(&cur.json) {
+            Some(c) => c,
+            None => {
+                Manifest::parse(&cur.json)
+                    .context("the current manifest")?
+                    .id
+            }
+        };
+        if current_id == id {
             bail!("the node is on {id:?} already");
         }
-        let url = self.join(&delta::delta_rel(id, &current.id))?;
+        let url = self.join(&delta::delta_rel(id, &current_id))?;
         let (mut head, total) = self
             .retrying(&url, || self.delta_head(&url))
             .with_context(|| format!("fetching {url}"))?;
@@ -108,7 +119,7 @@ impl HttpStore {
                 header.file_len(at)
             );
         }
-        if header.from != current.id || header.to != id {
+        if header.from != current_id || header.to != id {
             bail!(
                 "{url} is the delta from {:?} to {:?}",
                 header.from,
@@ -116,11 +127,11 @@ impl HttpStore {
             );
         }
         if header.from_sha256 != Digest::of(cur_stored) {
-            bail!("{url} was made from another manifest of {:?}", current.id);
+            bail!("{url} was made from another manifest of {current_id:?}");
         }
         let payload_at = at + header.mpatch_len as usize;
         self.delta_more(&url, &mut head, payload_at as u64, total)?;
-        let json = delta::patch_decode(&cur_json, &head[at..payload_at], header.manifest_len)
+        let json = delta::patch_decode(&cur.json, &head[at..payload_at], header.manifest_len)
             .context("decompressing the manifest patch")?;
         if json.len() as u64 != header.manifest_len {
             bail!(
@@ -129,9 +140,7 @@ impl HttpStore {
                 header.manifest_len
             );
         }
-        let reuse = mframes::frames_by_piece(cur_stored)?;
-        let (stored, _) =
-            mframes::encode_reusing(&json, crate::format::codec::MANIFEST_LEVEL, &reuse)?;
+        let (stored, _) = mframes::encode_reusing(&json, header.frame_level, &cur.by_piece())?;
         if Digest::of(&stored) != header.to_sha256 {
             bail!("the manifest rebuilt from {url} is not the published one (sha256 differs)");
         }
@@ -146,7 +155,7 @@ impl HttpStore {
             header,
             head,
             payload_at,
-            current,
+            current_json: cur.json,
         });
         Ok((stored, sig))
     }
@@ -275,9 +284,21 @@ impl HttpStore {
             return Ok(left(&vec![false; h.objects.len()]));
         }
         let root = self.root_dir.as_ref().and_then(|r| fsx::open_dir(r).ok());
+        let patches = h
+            .objects
+            .iter()
+            .zip(&covered)
+            .any(|(o, c)| *c && matches!(o.kind, Kind::Patch { .. }));
+        let current = patches
+            .then(|| current_manifest(&ctx.current_json))
+            .flatten();
+        let refs = Refs {
+            current: current.as_ref(),
+            root: root.as_ref(),
+        };
         let mut done = vec![false; h.objects.len()];
         let res = self.retrying(&ctx.url, || {
-            self.payload_attempt(ctx, cache, &covered, &mut done, root.as_ref(), bar)
+            self.payload_attempt(ctx, cache, &covered, &mut done, &refs, bar)
         });
         if let Err(e) = res {
             tracing::warn!(
@@ -296,7 +317,7 @@ impl HttpStore {
         cache: &Cache,
         covered: &[bool],
         done: &mut [bool],
-        root: Option<&std::os::fd::OwnedFd>,
+        refs: &Refs<'_>,
         bar: &Bar,
     ) -> Result<(), Attempt> {
         let h = &ctx.header;
@@ -344,7 +365,7 @@ impl HttpStore {
                         ..
                     },
                     true,
-                ) => reference(&ctx.current, root, path, from, *from_size),
+                ) => refs.content(path, from, *from_size),
             };
             let wanted = covered[i] && !done[i];
             if !(wanted && (o.kind == Kind::Full || reference.is_some())) {
@@ -390,45 +411,48 @@ fn cache_err(e: io::Error) -> Attempt {
     Attempt::Fatal(anyhow!(e).context("writing to the download cache"))
 }
 
-/// The content of the current image's file at `path` when it is the
-/// reference a patch was made against; `None` (the object is left to
-/// packs) when the current manifest or the root disagree.
-fn reference(
-    current: &Manifest,
-    root: Option<&std::os::fd::OwnedFd>,
-    path: &RelPath,
-    from: &Digest,
-    from_size: u64,
-) -> Option<Vec<u8>> {
-    let i = current
-        .entries
-        .binary_search_by(|e| e.path.cmp(path))
-        .ok()?;
-    let e = &current.entries[i];
-    if e.ftype != FileType::File || e.sha256.as_ref() != Some(from) || e.size != from_size {
-        tracing::info!("{path}: not the file the delta's patch was made against");
-        return None;
-    }
-    let mut v = Vec::with_capacity(from_size as usize);
-    let read = fsx::open_file_beneath(root?.as_fd(), path)
-        .and_then(|f| f.take(from_size + 1).read_to_end(&mut v));
-    if read.is_err() || Digest::of(&v) != *from {
-        tracing::info!("{path} changed on this node; its new version comes from packs");
-        return None;
-    }
-    Some(v)
+/// The current manifest, parsed for the patch references (`None`, every
+/// patch left to packs, when it does not parse).
+fn current_manifest(json: &[u8]) -> Option<Manifest> {
+    Manifest::parse(json)
+        .inspect_err(|e| {
+            tracing::warn!(
+                "the current manifest does not parse ({e}); no patch of the update delta is used"
+            )
+        })
+        .ok()
 }
 
-/// Decompressed JSON of a stored manifest (bounded).
-fn json_of(stored: &[u8]) -> Result<Vec<u8>> {
-    let mut json = Vec::new();
-    zstd::stream::read::Decoder::new(stored)?
-        .take(MAX_MANIFEST_BYTES + 1)
-        .read_to_end(&mut json)?;
-    if json.len() as u64 > MAX_MANIFEST_BYTES {
-        bail!("larger than {MAX_MANIFEST_BYTES} bytes");
+/// Where the references of patches come from: the current image's files.
+struct Refs<'a> {
+    /// The current image's manifest.
+    current: Option<&'a Manifest>,
+    /// The root.
+    root: Option<&'a std::os::fd::OwnedFd>,
+}
+
+impl Refs<'_> {
+    /// The content of the current image's file at `path` when it is the
+    /// reference a patch was made against; `None` (the object is left to
+    /// packs) when the current manifest or the root disagree.
+    fn content(&self, path: &RelPath, from: &Digest, from_size: u64) -> Option<Vec<u8>> {
+        let Some(e) = self.current?.entry(path) else {
+            tracing::info!("{path}: not in the current manifest; its new version comes from packs");
+            return None;
+        };
+        if e.ftype != FileType::File || e.sha256.as_ref() != Some(from) || e.size != from_size {
+            tracing::info!("{path}: not the file the delta's patch was made against");
+            return None;
+        }
+        let mut v = Vec::with_capacity(from_size as usize);
+        let read = fsx::open_file_beneath(self.root?.as_fd(), path)
+            .and_then(|f| f.take(from_size + 1).read_to_end(&mut v));
+        if read.is_err() || Digest::of(&v) != *from {
+            tracing::info!("{path} changed on this node; its new version comes from packs");
+            return None;
+        }
+        Some(v)
     }
-    Ok(json)
 }
 
 /// The total length in a `Content-Range: bytes A-B/TOTAL` header.

@@ -42,7 +42,13 @@ fn image(st: &Store, id: &str, parent: Option<&str>, files: &[(&str, &[u8])]) ->
         compatible: None,
         entries,
     };
-    let (stored, _) = crate::format::codec::encode_manifest_framed(&m).expect("encode");
+    let (stored, _) = match parent {
+        Some(p) => {
+            let (ps, _) = st.read_manifest_raw(p).expect("parent manifest");
+            crate::format::codec::encode_manifest_framed_child(&m, &ps).expect("encode")
+        }
+        None => crate::format::codec::encode_manifest_framed(&m).expect("encode"),
+    };
     st.put_image(&m, &stored, None).expect("put image");
     stored
 }
@@ -104,8 +110,10 @@ fn build_then_decode_round_trips() {
     let mpatch = &bytes[at..at + h.mpatch_len as usize];
     let json = patch_decode(&p_json, mpatch, h.manifest_len).expect("manifest patch");
     assert_eq!(json, m.to_json());
-    let (again, _) = crate::format::mframes::encode(&json, crate::format::codec::MANIFEST_LEVEL)
-        .expect("encode");
+    let parent = crate::format::mframes::Unframed::new(&p_stored, 1 << 30).expect("unframe");
+    let (again, _) =
+        crate::format::mframes::encode_reusing(&json, h.frame_level, &parent.by_piece())
+            .expect("encode");
     assert_eq!(Digest::of(&again), h.to_sha256);
 
     // The payload, object by object.
