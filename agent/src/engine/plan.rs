@@ -13,6 +13,7 @@ use crate::fs::node::Node;
 use crate::fs::preserve::Preserve;
 
 mod planner;
+mod removal;
 use planner::Planner;
 
 /// How a staged object takes the place of what is at its path.
