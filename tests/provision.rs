@@ -485,27 +485,6 @@ fn provision_file_disk_then_nothing_to_do_then_update_in_place() {
         .contains("UUID="));
 }
 
-/// The paths of `imageupd provision`'s cloud-init preserve fragment
-/// (agent/src/provision/configdrive.rs), as the oracle excludes them.
-const CLOUD_INIT_KEPT: &[&str] = &[
-    "/var/lib/cloud/",
-    "/etc/network/interfaces.d/50-cloud-init",
-    "/etc/udev/rules.d/70-persistent-net.rules",
-    "/etc/sudoers.d/90-cloud-init-users",
-    "/etc/passwd",
-    "/etc/passwd-",
-    "/etc/shadow",
-    "/etc/shadow-",
-    "/etc/group",
-    "/etc/group-",
-    "/etc/gshadow",
-    "/etc/gshadow-",
-    "/etc/subuid",
-    "/etc/subuid-",
-    "/etc/subgid",
-    "/etc/subgid-",
-];
-
 #[test]
 fn provision_4096_byte_sector_disk() {
     let j = Job::new("prov-4k", 1 << 30);

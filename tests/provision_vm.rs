@@ -46,27 +46,6 @@ const SSH_KEY: &str =
 const BOOT_LIMIT: Duration = Duration::from_secs(600);
 /// Logical sector size of the disk, bytes.
 const SECTOR: u64 = 4096;
-/// Paths cloud-init writes on first boot that the provisioned preserve
-/// fragment keeps (the oracle after the update in place excludes them).
-const CLOUD_INIT_KEPT: &[&str] = &[
-    "/var/lib/cloud/",
-    "/etc/network/interfaces.d/50-cloud-init",
-    "/etc/udev/rules.d/70-persistent-net.rules",
-    "/etc/sudoers.d/90-cloud-init-users",
-    "/etc/passwd",
-    "/etc/passwd-",
-    "/etc/shadow",
-    "/etc/shadow-",
-    "/etc/group",
-    "/etc/group-",
-    "/etc/gshadow",
-    "/etc/gshadow-",
-    "/etc/subuid",
-    "/etc/subuid-",
-    "/etc/subgid",
-    "/etc/subgid-",
-];
-
 /// The boot scheme: UEFI, ESP, root, configdrive.
 const SCHEME: &str = r#"
 firmware = "uefi"

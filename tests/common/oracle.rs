@@ -17,6 +17,12 @@ use super::*;
 /// equal IMAGE (preserve list excluded). Empty when they are equal.
 #[track_caller]
 pub fn oracle(image: &Path, root: &Path) -> String {
+    rsync_itemize(image, root, &[])
+}
+
+/// `rsync -naHAX --delete --checksum --itemize-changes IMAGE/ ROOT/` with
+/// the preserve list and `extra` (absolute rsync patterns) excluded.
+fn rsync_itemize(image: &Path, root: &Path, extra: &[&str]) -> String {
     let mut args: Vec<OsString> = [
         "-naHAX",
         "--delete",
@@ -27,7 +33,11 @@ pub fn oracle(image: &Path, root: &Path) -> String {
     .iter()
     .map(OsString::from)
     .collect();
-    for e in preserve_excludes() {
+    for e in preserve_excludes()
+        .iter()
+        .map(String::as_str)
+        .chain(extra.iter().copied())
+    {
         args.push(format!("--exclude={e}").into());
     }
     let mut s = image.as_os_str().to_owned();
@@ -318,29 +328,6 @@ pub fn assert_unchanged(root: &Path, before: &Tree, context: &str) {
 /// it), e.g. the fragment `imageupd provision` writes for cloud-init.
 #[track_caller]
 pub fn assert_converged_except(image: &Path, root: &Path, extra: &[&str], context: &str) {
-    let mut args: Vec<OsString> = [
-        "-naHAX",
-        "--delete",
-        "--checksum",
-        "--numeric-ids",
-        "--itemize-changes",
-    ]
-    .iter()
-    .map(OsString::from)
-    .collect();
-    for e in preserve_excludes()
-        .iter()
-        .map(String::as_str)
-        .chain(extra.iter().copied())
-    {
-        args.push(format!("--exclude={e}").into());
-    }
-    let mut s = image.as_os_str().to_owned();
-    s.push("/");
-    let mut d = root.as_os_str().to_owned();
-    d.push("/");
-    args.push(s);
-    args.push(d);
     // The engine keeps the directories above a preserved path even when the
     // image has none (cloud-init makes etc/sudoers.d): only such an
     // ancestor may be "only in root".
@@ -351,7 +338,7 @@ pub fn assert_converged_except(image: &Path, root: &Path, extra: &[&str], contex
             (1..parts.len()).map(move |n| parts[..n].join("/"))
         })
         .collect();
-    let r: String = cmd("rsync", args)
+    let r: String = rsync_itemize(image, root, extra)
         .lines()
         .filter(|l| {
             let d = l

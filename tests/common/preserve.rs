@@ -2,6 +2,28 @@
 
 use std::sync::OnceLock;
 
+/// The paths of `imageupd provision`'s cloud-init preserve fragment
+/// (agent/src/provision/configdrive.rs), as the oracles exclude them after
+/// an update in place of a provisioned node.
+pub const CLOUD_INIT_KEPT: &[&str] = &[
+    "/var/lib/cloud/",
+    "/etc/network/interfaces.d/50-cloud-init",
+    "/etc/udev/rules.d/70-persistent-net.rules",
+    "/etc/sudoers.d/90-cloud-init-users",
+    "/etc/passwd",
+    "/etc/passwd-",
+    "/etc/shadow",
+    "/etc/shadow-",
+    "/etc/group",
+    "/etc/group-",
+    "/etc/gshadow",
+    "/etc/gshadow-",
+    "/etc/subuid",
+    "/etc/subuid-",
+    "/etc/subgid",
+    "/etc/subgid-",
+];
+
 /// `uname -r`.
 pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
