@@ -10,7 +10,7 @@ snapshot() {
     dpkg-query -W -f='${Package} ${Version} ${db:Status-Status}\n' | sort
     # Fixture stamps and completion markers: rebuilt trees rewrite them.
     for d in "$CACHE" "$VMCACHE"; do
-        [ -d "$d" ] && find "$d" -maxdepth 1 -name '.*' ! -name .lock -type f -printf '%p %T@ %s\n' | sort
+        [ -d "$d" ] && find "$d" -maxdepth 1 -name '.*' ! -name '.lock*' -type f -printf '%p %T@ %s\n' | sort
     done
 }
 tests/setup.sh check || { echo "setup-idempotent: the machine is not set up; run tests/setup.sh first" >&2; exit 1; }
