@@ -485,7 +485,7 @@ async fn respond(
             }
         }
         ServeBody::File(FileBody::new(
-            tokio::fs::File::from_std(file),
+            file,
             count,
             state.throttle_bps,
             state.metrics.clone(),
