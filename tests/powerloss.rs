@@ -750,7 +750,7 @@ fn power_loss_replayed_at_flush_points() {
     let copies = Tmpfs::mount(&dir.join("copies"));
     let initrd = pl::initramfs(dir, &moddir, &scenarios);
     let prep = t0.elapsed();
-    let (rcs, guest) = pl::run_guest(dir, &kernel, &initrd, &store_img, &scenarios);
+    let (rcs, guest) = pl::run_guest_retrying(dir, &kernel, &initrd, &store_img, &scenarios);
     for sc in &scenarios {
         assert_eq!(
             rcs.get(&sc.name),

@@ -43,6 +43,7 @@ pub mod rng;
 pub mod run;
 pub mod serve;
 pub mod store;
+pub mod store_cache;
 pub mod trees;
 pub mod vm;
 

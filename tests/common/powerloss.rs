@@ -5,6 +5,7 @@
 //! under dm-log-writes.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -310,15 +311,61 @@ pub fn store_image(dir: &Path, store: &Path) -> PathBuf {
 /// What the guest reported per scenario: the apply's exit code.
 pub type GuestResult = BTreeMap<String, i32>;
 
-/// Boot the guest once (TCG) with the store and every scenario's disks,
-/// wait for it to power off, and return each scenario's apply exit code.
-pub fn run_guest(
+/// QEMU itself died by a signal (seen once here: a SIGSEGV in qemu 7.2's TCG
+/// within seconds of start, console empty); not a result of the guest.
+#[derive(Debug)]
+pub struct QemuCrashed(pub String);
+
+/// [`run_guest`], and once more on fresh disks ([`reset_disks`]) if QEMU
+/// itself crashed; a second crash fails the test.
+pub fn run_guest_retrying(
     dir: &Path,
     kernel: &Path,
     initrd: &Path,
     store: &Path,
     scenarios: &[Scenario],
 ) -> (GuestResult, Duration) {
+    match run_guest(dir, kernel, initrd, store, scenarios) {
+        Ok(r) => r,
+        Err(QemuCrashed(why)) => {
+            eprintln!("powerloss: {why}; booting once more on fresh disks");
+            reset_disks(scenarios);
+            run_guest(dir, kernel, initrd, store, scenarios).unwrap_or_else(|QemuCrashed(again)| {
+                panic!("QEMU crashed twice: {why}; then {again}")
+            })
+        }
+    }
+}
+
+/// Every scenario's root back to its pristine image and an empty log disk.
+pub fn reset_disks(scenarios: &[Scenario]) {
+    for sc in scenarios {
+        let out = Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&sc.pristine)
+            .arg(&sc.root)
+            .output()
+            .expect("run cp");
+        assert!(
+            out.status.success(),
+            "cp {}: {}",
+            sc.root.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        sparse(&sc.log, LOG_MIB);
+    }
+}
+
+/// Boot the guest once (TCG) with the store and every scenario's disks,
+/// wait for it to power off, and return each scenario's apply exit code;
+/// `Err` only when QEMU itself was killed by a signal.
+pub fn run_guest(
+    dir: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    store: &Path,
+    scenarios: &[Scenario],
+) -> Result<(GuestResult, Duration), QemuCrashed> {
     let console = dir.join("guest.console.log");
     let t0 = Instant::now();
     let mut c = Command::new("qemu-system-x86_64");
@@ -375,6 +422,15 @@ pub fn run_guest(
     };
     loop {
         if let Some(st) = child.try_wait().unwrap() {
+            if let Some(sig) = st.signal() {
+                let err = std::fs::read_to_string(dir.join("guest.qemu.err")).unwrap_or_default();
+                return Err(QemuCrashed(format!(
+                    "qemu was killed by signal {sig} after {:.1?} (stderr: {})\n{}",
+                    t0.elapsed(),
+                    err.trim(),
+                    tail()
+                )));
+            }
             assert!(st.success(), "qemu exited with {st}\n{}", tail());
             break;
         }
@@ -403,5 +459,5 @@ pub fn run_guest(
         }
     }
     assert!(done, "the guest powered off before it was done\n{}", tail());
-    (res, took)
+    Ok((res, took))
 }

@@ -105,8 +105,9 @@ pub fn publish(
     r.arg(source).ok()
 }
 
-/// A store shared by all tests of one test binary; images are published
-/// (signed, level 3) the first time a test asks for them.
+/// A store shared by all tests of one test binary: a private copy of the
+/// build's cached v1, v2, v3 store ([`super::store_cache`]); other images
+/// are published (signed, level 3) the first time a test asks for them.
 pub struct SharedStore {
     pub dir: PathBuf,
     pub key: Key,
@@ -151,11 +152,15 @@ pub fn shared_store() -> &'static SharedStore {
     S.get_or_init(|| {
         let base = scratch_base().join("shared");
         std::fs::create_dir_all(&base).expect("create shared dir");
-        let key = keygen(&base, "publisher");
+        let key = super::store_cache::seed(&base);
+        let published = super::store_cache::CACHED
+            .iter()
+            .map(|(id, _)| id.to_string())
+            .collect();
         SharedStore {
             dir: base.join("store"),
             key,
-            published: Mutex::new(BTreeSet::new()),
+            published: Mutex::new(published),
         }
     })
 }
