@@ -1,0 +1,367 @@
+//! `imageupd provision --whole-disk` (part of tests/provision.rs): a disk
+//! file provisioned by the tree path is published as a raw disk image
+//! (its digest in the signed manifest) and written onto empty disk files,
+//! from the store directory and over `imageupd serve`: byte-identical to
+//! the source. Refusals (disk too small, untrusted and unsigned manifests,
+//! an image without a disk, a qcow2 artifact, --configdrive) leave the disk
+//! byte-identical (positive control: the good inputs change it); a tampered
+//! artifact is caught at the end of the stream with the first MiB still
+//! zero while the rest was written (the first MiB goes last); a kill -9
+//! mid-stream leaves the first MiB zero and the re-run converges.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use super::common::serve::Server;
+use super::common::*;
+use super::{Job, MIB};
+
+/// Size of the source disk, bytes: the smallest the tree path's scheme fits.
+const SRC_BYTES: u64 = 512 * MIB;
+/// Id of the image published from the provisioned disk.
+const ID: &str = "v1-disk";
+/// Its published file name.
+const FILE: &str = "node.raw";
+
+/// The source disk (v1 provisioned by the tree path), the store it is
+/// published in (signed) and the publisher's key.
+struct Published {
+    _s: Scratch,
+    disk: PathBuf,
+    store: PathBuf,
+    key: Key,
+    sha256: String,
+}
+
+fn published() -> &'static Published {
+    static P: OnceLock<Published> = OnceLock::new();
+    P.get_or_init(|| {
+        let j = Job::new("whole-src", SRC_BYTES);
+        let t = Instant::now();
+        j.cmd("v1", &j.disk, &[]).ok();
+        eprintln!("provisioned the source disk in {:.1?}", t.elapsed());
+        let s = scratch("whole-store");
+        let disk = s.join(FILE);
+        cmd("cp", [j.disk.as_os_str(), disk.as_os_str()]);
+        let key = keygen(&s.join("keys"), "disk-publisher");
+        let store = s.join("store");
+        let t = Instant::now();
+        publish(&store, ID, Some(&key), None, &disk);
+        eprintln!("published the disk image in {:.1?}", t.elapsed());
+        let sha256 = sha256_file(&disk);
+        Published {
+            _s: s,
+            disk,
+            store,
+            key,
+            sha256,
+        }
+    })
+}
+
+/// An empty disk file of `size` bytes and a trusted-keys directory with
+/// the disk publisher's key.
+struct Target {
+    s: Scratch,
+    disk: PathBuf,
+    keys: PathBuf,
+}
+
+impl Target {
+    #[track_caller]
+    fn new(name: &str, size: u64) -> Target {
+        let p = published();
+        let s = scratch(name);
+        let disk = s.join("target.raw");
+        std::fs::File::create(&disk)
+            .and_then(|f| f.set_len(size))
+            .expect("create target disk");
+        let keys = s.join("trusted.d");
+        std::fs::create_dir_all(&keys).expect("keys dir");
+        std::fs::copy(&p.key.public, keys.join("disk-publisher.pub")).expect("copy key");
+        Target { s, disk, keys }
+    }
+
+    /// `imageupd provision --whole-disk --from FROM --id ID --disk TARGET --trusted-keys KEYS EXTRA...`.
+    fn cmd(&self, from: impl AsRef<std::ffi::OsStr>, id: &str, extra: &[&str]) -> Run {
+        imageupd(["provision", "--whole-disk", "--from"])
+            .arg(from)
+            .args(["--id", id, "--disk"])
+            .arg(&self.disk)
+            .arg("--trusted-keys")
+            .arg(&self.keys)
+            .args(extra)
+            .timeout(Duration::from_secs(600))
+    }
+
+    /// Old content at both ends (a wipe or an early first MiB would show).
+    fn fill_ends(&self) {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.disk)
+            .expect("open target");
+        let size = f.metadata().expect("stat").len();
+        let old: Vec<u8> = b"old\n"
+            .iter()
+            .copied()
+            .cycle()
+            .take(MIB as usize)
+            .collect();
+        for at in [0, size - MIB] {
+            f.write_all_at(&old, at).expect("write old content");
+        }
+    }
+}
+
+/// The first `n` bytes of a file.
+fn head(p: &Path, n: usize) -> Vec<u8> {
+    use std::io::Read;
+    let mut b = vec![0u8; n];
+    std::fs::File::open(p)
+        .and_then(|mut f| f.read_exact(&mut b))
+        .expect("read head");
+    b
+}
+
+/// A copy of the published store sharing every file by hard link (cheap;
+/// files are then replaced or removed, never written in place).
+fn linked_store(name: &str) -> (Scratch, PathBuf) {
+    let s = scratch(name);
+    let dst = s.join("store");
+    cmd(
+        "cp",
+        [
+            std::ffi::OsStr::new("-al"),
+            published().store.as_os_str(),
+            dst.as_os_str(),
+        ],
+    );
+    (s, dst)
+}
+
+#[test]
+fn whole_disk_from_the_store_and_over_serve_is_byte_identical() {
+    let p = published();
+    // The signed manifest records the artifact (and the publish report's
+    // SHA256SUMS agrees).
+    let m = read_manifest(&p.store, ID);
+    assert_eq!(m["disk"]["file"], FILE, "{}", m["disk"]);
+    assert_eq!(m["disk"]["format"], "raw");
+    assert_eq!(m["disk"]["size"], SRC_BYTES);
+    assert_eq!(m["disk"]["sha256"], p.sha256.as_str());
+    let sums = std::fs::read_to_string(p.store.join(format!("disks/{ID}/SHA256SUMS")))
+        .expect("SHA256SUMS");
+    assert_eq!(sums, format!("{}  {FILE}\n", p.sha256));
+    // From the store directory.
+    let t = Target::new("whole-local", SRC_BYTES);
+    let t0 = Instant::now();
+    let out = t.cmd(&p.store, ID, &["--json"]).ok();
+    eprintln!("whole disk from the store in {:.1?}", t0.elapsed());
+    let r = out.json();
+    assert_eq!(r["result"], "provisioned", "{}", out.describe());
+    assert_eq!(r["whole_disk"]["sha256"], p.sha256.as_str());
+    assert!(r["signed_by"].is_string(), "{r}");
+    assert_eq!(sha256_file(&t.disk), p.sha256, "not byte-identical");
+    assert!(
+        out.stderr.contains("\"step\":\"committed\""),
+        "{}",
+        out.stderr
+    );
+    // Over `imageupd serve`, onto a larger disk: the image's bytes, then
+    // the rest of the disk as it was (zeros; its last MiB wiped).
+    let srv = Server::local(&p.store, &t.s.join("serve.log"));
+    let big = Target::new("whole-http", SRC_BYTES + 8 * MIB);
+    let out = big.cmd(&srv.url, ID, &["--json"]).ok();
+    let r = out.json();
+    assert!(
+        r["download"]["bytes"].as_u64().unwrap_or(0) >= SRC_BYTES,
+        "{r}"
+    );
+    let gets: Vec<String> = srv
+        .gets()
+        .into_iter()
+        .filter(|l| l.contains(FILE))
+        .collect();
+    assert_eq!(gets.len(), 1, "one GET of the disk image: {gets:?}");
+    sh(&format!("truncate -s {SRC_BYTES} {}", big.disk.display()));
+    assert_eq!(
+        sha256_file(&big.disk),
+        p.sha256,
+        "over HTTP: not byte-identical"
+    );
+}
+
+#[test]
+fn whole_disk_refusals_leave_the_disk_byte_identical() {
+    let p = published();
+    let t = Target::new("whole-bad", SRC_BYTES);
+    t.fill_ends();
+    let before = sha256_file(&t.disk);
+    // A disk smaller than the image.
+    let small = Target::new("whole-small", SRC_BYTES - MIB);
+    small.fill_ends();
+    let small_before = sha256_file(&small.disk);
+    let out = small.cmd(&p.store, ID, &[]).code(EXIT_PREFLIGHT);
+    assert!(out.stderr.contains("needs"), "{}", out.describe());
+    assert_eq!(
+        sha256_file(&small.disk),
+        small_before,
+        "too small: disk changed"
+    );
+    // An image published from a tree has no disk artifact.
+    let shared = shared_store();
+    shared.image("v1");
+    std::fs::copy(&shared.key.public, t.keys.join("publisher.pub")).expect("key");
+    let out = t.cmd(&shared.dir, "v1", &[]).code(EXIT_SOURCE);
+    assert!(
+        out.stderr.contains("not published from a disk image"),
+        "{}",
+        out.describe()
+    );
+    // --configdrive is refused with --whole-disk.
+    std::fs::write(t.s.join("drive.toml"), super::DRIVE).expect("drive");
+    let drive = t.s.join("drive.toml").display().to_string();
+    let out = t
+        .cmd(&p.store, ID, &["--configdrive", &drive])
+        .code(EXIT_USAGE);
+    assert!(out.stderr.contains("--configdrive"), "{}", out.describe());
+    // Signed by a key the node does not trust.
+    let untrusted = Target::new("whole-untrusted", SRC_BYTES);
+    std::fs::remove_file(untrusted.keys.join("disk-publisher.pub")).expect("rm key");
+    let other = keygen(&untrusted.s.join("other"), "other");
+    std::fs::copy(&other.public, untrusted.keys.join("other.pub")).expect("other key");
+    untrusted.fill_ends();
+    let u_before = sha256_file(&untrusted.disk);
+    let out = untrusted.cmd(&p.store, ID, &[]).code(EXIT_UNTRUSTED);
+    assert!(out.stderr.contains("signature"), "{}", out.describe());
+    assert_eq!(
+        sha256_file(&untrusted.disk),
+        u_before,
+        "untrusted: disk changed"
+    );
+    // Unsigned: the signature removed from a copy of the store.
+    let (_s, unsigned) = linked_store("whole-unsigned");
+    std::fs::remove_file(unsigned.join(format!("images/{ID}/manifest.json.zst.sig"))).expect("rm sig");
+    let out = t.cmd(&unsigned, ID, &[]).code(EXIT_UNTRUSTED);
+    assert!(out.stderr.contains("not signed"), "{}", out.describe());
+    assert_eq!(sha256_file(&t.disk), before, "refusals changed the disk");
+    // Positive control: the good inputs change the same disk.
+    t.cmd(&p.store, ID, &[]).ok();
+    assert_eq!(sha256_file(&t.disk), p.sha256);
+}
+
+#[test]
+fn whole_disk_qcow2_artifact_refused() {
+    let p = published();
+    let s = scratch("whole-qcow2");
+    let q = s.join("node.qcow2");
+    cmd(
+        "qemu-img",
+        [
+            std::ffi::OsStr::new("convert"),
+            std::ffi::OsStr::new("-f"),
+            std::ffi::OsStr::new("raw"),
+            std::ffi::OsStr::new("-O"),
+            std::ffi::OsStr::new("qcow2"),
+            p.disk.as_os_str(),
+            q.as_os_str(),
+        ],
+    );
+    let store = s.join("store");
+    publish(&store, "v1-qcow2", Some(&p.key), None, &q);
+    assert_eq!(read_manifest(&store, "v1-qcow2")["disk"]["format"], "qcow2");
+    let t = Target::new("whole-qcow2-t", SRC_BYTES);
+    t.fill_ends();
+    let before = sha256_file(&t.disk);
+    let out = t.cmd(&store, "v1-qcow2", &[]).code(EXIT_USAGE);
+    assert!(out.stderr.contains("raw images only"), "{}", out.describe());
+    assert_eq!(sha256_file(&t.disk), before, "qcow2: disk changed");
+}
+
+#[test]
+fn whole_disk_tampered_artifact_caught_with_the_first_mib_unwritten() {
+    let p = published();
+    let (_s, store) = linked_store("whole-tampered");
+    // One byte flipped, in a real copy (not the shared hard link).
+    let art = store.join(format!("disks/{ID}/{FILE}"));
+    std::fs::remove_file(&art).expect("unlink");
+    cmd("cp", [p.disk.as_os_str(), art.as_os_str()]);
+    let at = 300 * MIB + 12345;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&art)
+            .expect("open the copy");
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).expect("read");
+        f.write_all_at(&[b[0] ^ 0x01], at).expect("flip");
+    }
+    assert_ne!(sha256_file(&art), p.sha256, "the flip changed nothing");
+    assert!(
+        head(&p.disk, MIB as usize).iter().any(|&b| b != 0),
+        "the image's first MiB is all zeros: the check below proves nothing"
+    );
+    for http in [false, true] {
+        let what = if http { "http" } else { "local" };
+        let t = Target::new(&format!("whole-tampered-{what}"), SRC_BYTES);
+        t.fill_ends();
+        let srv = http.then(|| Server::local(&store, &t.s.join("serve.log")));
+        let src = match &srv {
+            Some(s) => s.url.clone(),
+            None => store.display().to_string(),
+        };
+        let out = t.cmd(&src, ID, &[]).code(EXIT_UNTRUSTED);
+        assert!(
+            out.stderr.contains("digest mismatch")
+                && out.stderr.contains("first MiB was not written"),
+            "{what}: {}",
+            out.describe()
+        );
+        assert!(
+            head(&t.disk, MIB as usize).iter().all(|&b| b == 0),
+            "{what}: the first MiB was written before the digest was checked"
+        );
+        // Positive control: the rest was streamed (from MiB 1 on, the
+        // target holds the tampered artifact's bytes).
+        let rest = sh(&format!(
+            "cmp -i {MIB} {} {} || true",
+            t.disk.display(),
+            art.display()
+        ));
+        assert!(rest.trim().is_empty(), "{what}: the rest differs: {rest}");
+    }
+}
+
+#[test]
+fn whole_disk_killed_mid_stream_never_boots_and_rerun_converges() {
+    let p = published();
+    let t = Target::new("whole-kill", SRC_BYTES);
+    t.fill_ends();
+    let srv = Server::local(&p.store, &t.s.join("serve.log"));
+    // Half-way through the stream (one pass per MiB), then near the end.
+    for n in [SRC_BYTES / MIB / 2, SRC_BYTES / MIB - 1] {
+        let point = format!("whole-disk-stream:{n}");
+        let out = t.cmd(&srv.url, ID, &[]).env("IMAGEUPD_FAULT", &point).run();
+        assert!(out.signal().is_some(), "{point}: {}", out.describe());
+        assert!(
+            head(&t.disk, MIB as usize).iter().all(|&b| b == 0),
+            "{point}: the killed run left a first MiB"
+        );
+        assert!(
+            super::sfdisk_json(&t.disk).is_none(),
+            "{point}: a table is there"
+        );
+    }
+    let r = t.cmd(&srv.url, ID, &["--json"]).ok().json();
+    assert_eq!(r["result"], "provisioned", "{r}");
+    assert_eq!(
+        sha256_file(&t.disk),
+        p.sha256,
+        "the re-run did not converge"
+    );
+    assert!(super::sfdisk_json(&t.disk).is_some());
+}
