@@ -286,9 +286,10 @@ enum Cmd {
         /// given to `publish`; its size and sha256 are in the signed
         /// manifest) onto the one --disk instead of partitioning: streamed
         /// from the store, its digest checked in-stream, the first MiB
-        /// written last, only after the digest matched. No --scheme, no
-        /// --configdrive.
-        #[arg(long, conflicts_with_all = ["scheme", "configdrive"])]
+        /// written last, only after the digest matched. No --scheme; with
+        /// --configdrive, a 64 MiB config-2 partition is added at the end
+        /// of the disk (a GPT image, a disk 65 MiB larger than the image).
+        #[arg(long, conflicts_with = "scheme")]
         whole_disk: bool,
         /// A disk: a block device or a disk image file, as PATH (in the
         /// scheme's order) or NAME=PATH; repeat for each disk.

@@ -2,8 +2,10 @@
 //! file provisioned by the tree path is published as a raw disk image
 //! (its digest in the signed manifest) and written onto empty disk files,
 //! from the store directory and over `imageupd serve`: byte-identical to
-//! the source. Refusals (disk too small, untrusted and unsigned manifests,
-//! an image without a disk, a qcow2 artifact, --configdrive) leave the disk
+//! the source; with --configdrive, a config-2 partition is added at the
+//! disk's end. Refusals (disk too small, untrusted and unsigned manifests,
+//! an image without a disk, a qcow2 artifact, --scheme, no room for the
+//! configdrive) leave the disk
 //! byte-identical (positive control: the good inputs change it); a tampered
 //! artifact is caught at the end of the stream with the first MiB still
 //! zero while the rest was written (the first MiB goes last); a kill -9
@@ -220,13 +222,20 @@ fn whole_disk_refusals_leave_the_disk_byte_identical() {
         "{}",
         out.describe()
     );
-    // --configdrive is refused with --whole-disk.
+    // --scheme is refused with --whole-disk.
+    let scheme = t.s.join("scheme.toml");
+    std::fs::write(&scheme, super::SCHEME).expect("scheme");
+    let out = t
+        .cmd(&p.store, ID, &["--scheme", &scheme.display().to_string()])
+        .code(EXIT_USAGE);
+    assert!(out.stderr.contains("--scheme"), "{}", out.describe());
+    // --configdrive on a disk with no room for it after the image.
     std::fs::write(t.s.join("drive.toml"), super::DRIVE).expect("drive");
     let drive = t.s.join("drive.toml").display().to_string();
     let out = t
         .cmd(&p.store, ID, &["--configdrive", &drive])
-        .code(EXIT_USAGE);
-    assert!(out.stderr.contains("--configdrive"), "{}", out.describe());
+        .code(EXIT_PREFLIGHT);
+    assert!(out.stderr.contains("no room"), "{}", out.describe());
     // Signed by a key the node does not trust.
     let untrusted = Target::new("whole-untrusted", SRC_BYTES);
     std::fs::remove_file(untrusted.keys.join("disk-publisher.pub")).expect("rm key");
@@ -243,7 +252,8 @@ fn whole_disk_refusals_leave_the_disk_byte_identical() {
     );
     // Unsigned: the signature removed from a copy of the store.
     let (_s, unsigned) = linked_store("whole-unsigned");
-    std::fs::remove_file(unsigned.join(format!("images/{ID}/manifest.json.zst.sig"))).expect("rm sig");
+    std::fs::remove_file(unsigned.join(format!("images/{ID}/manifest.json.zst.sig")))
+        .expect("rm sig");
     let out = t.cmd(&unsigned, ID, &[]).code(EXIT_UNTRUSTED);
     assert!(out.stderr.contains("not signed"), "{}", out.describe());
     assert_eq!(sha256_file(&t.disk), before, "refusals changed the disk");
@@ -364,4 +374,83 @@ fn whole_disk_killed_mid_stream_never_boots_and_rerun_converges() {
         "the re-run did not converge"
     );
     assert!(super::sfdisk_json(&t.disk).is_some());
+}
+
+#[test]
+fn whole_disk_with_a_configdrive_at_the_end_of_the_disk() {
+    let p = published();
+    let size = SRC_BYTES + 128 * MIB;
+    let t = Target::new("whole-drive", size);
+    t.fill_ends();
+    std::fs::write(t.s.join("drive.toml"), super::DRIVE).expect("drive");
+    let drive = t.s.join("drive.toml").display().to_string();
+    let out = t
+        .cmd(&p.store, ID, &["--json", "--configdrive", &drive])
+        .ok();
+    let r = out.json();
+    let cd = &r["configdrive"];
+    assert_eq!(cd["name"], "config-2", "{}", out.describe());
+    // The last 64 MiB aligned before the backup GPT (the last MiB).
+    let start = super::u(&cd["start_bytes"]);
+    assert_eq!(start, size - MIB - 64 * MIB, "{cd}");
+    // sfdisk reads the image's table plus the new entry, the backup GPT at
+    // the disk's end, and finds nothing wrong.
+    let table = super::sfdisk_json(&t.disk).expect("a table");
+    let src = super::sfdisk_json(&p.disk).expect("the image's table");
+    let parts = table["partitiontable"]["partitions"]
+        .as_array()
+        .expect("parts");
+    let src_parts = src["partitiontable"]["partitions"]
+        .as_array()
+        .expect("parts");
+    assert_eq!(parts.len(), src_parts.len() + 1, "{table}");
+    let key = |v: &serde_json::Value| {
+        (
+            v["start"].clone(),
+            v["size"].clone(),
+            v["uuid"].clone(),
+            v["name"].clone(),
+        )
+    };
+    assert_eq!(
+        parts[..src_parts.len()].iter().map(key).collect::<Vec<_>>(),
+        src_parts.iter().map(key).collect::<Vec<_>>()
+    );
+    let last = &parts[src_parts.len()];
+    assert_eq!(super::u(&last["start"]) * 512, start, "{last}");
+    assert_eq!(last["name"], "config-2");
+    assert_eq!(
+        super::u(&table["partitiontable"]["lastlba"]),
+        size / 512 - 34,
+        "{table}"
+    );
+    cmd(
+        "sfdisk",
+        [std::ffi::OsStr::new("--verify"), t.disk.as_os_str()],
+    );
+    // The drive: vfat labelled config-2 with the inputs (mtools).
+    let l = super::LoopDev::new(&t.disk, start, Some(64 * MIB), 512);
+    assert_eq!(super::blkid(&l.0, "LABEL"), "config-2");
+    assert_eq!(super::blkid(&l.0, "TYPE"), "vfat");
+    let meta = cmd(
+        "mtype",
+        [
+            std::ffi::OsStr::new("-i"),
+            l.0.as_os_str(),
+            std::ffi::OsStr::new("::/openstack/latest/meta_data.json"),
+        ],
+    );
+    assert!(
+        meta.contains("4bd5c5a1-0f4e-4a4b-9d6c-3f0b9c1e0a11"),
+        "{meta}"
+    );
+    drop(l);
+    // Between the first MiB and the image's old backup GPT: the image.
+    let n = SRC_BYTES - MIB - 33 * 512;
+    let diff = sh(&format!(
+        "cmp -n {n} -i {MIB} {} {} || true",
+        t.disk.display(),
+        p.disk.display()
+    ));
+    assert!(diff.trim().is_empty(), "the image's bytes differ: {diff}");
 }

@@ -15,9 +15,12 @@
 //! 3. at the end of the stream the digest and length are compared with the
 //!    signed manifest's; on a mismatch the run stops there, the first MiB
 //!    still zero (the disk does not boot);
-//! 4. the disk is synced, then the first MiB is written and synced.
+//! 4. with `--configdrive`, a `config-2` partition is added at the end of
+//!    the disk ([`drive`]: its filesystem and the moved backup GPT written
+//!    and synced, the held first MiB replaced by one with the new entry);
+//! 5. the disk is synced, then the first MiB is written and synced.
 //!
-//! A run killed anywhere before step 4 leaves a disk whose first MiB is
+//! A run killed anywhere before step 5 leaves a disk whose first MiB is
 //! zero; the next run starts over and converges. A qcow2 artifact is
 //! refused: its clusters are not stored in disk order, so it cannot be
 //! converted in one ordered pass and checked as it streams.
@@ -32,12 +35,14 @@ use serde::Serialize;
 
 use super::disk::{self, Disk};
 use super::plan::MIB;
-use super::{trust, ProvisionOptions};
+use super::{configdrive, trust, ProvisionOptions};
 use crate::format::manifest::{DiskArtifact, DiskFormat};
 use crate::format::stream::VerifyReader;
 use crate::net::fetch::DownloadReport;
 use crate::sys::error::ExitKind;
 use crate::sys::progress::Progress;
+
+mod drive;
 
 /// Bytes at the start of the image held in memory and written last (the
 /// MBR, the primary GPT and the boot sectors all lie below it).
@@ -62,6 +67,8 @@ pub struct WholeDiskReport {
     pub disk_bytes: u64,
     /// The signed record of the image written.
     pub whole_disk: DiskArtifact,
+    /// The config-2 partition added at the end of the disk (`--configdrive`).
+    pub configdrive: Option<crate::provision::plan::PartPlan>,
     /// The network side (HTTP sources only).
     pub download: Option<DownloadReport>,
     /// Milliseconds per step.
@@ -70,14 +77,16 @@ pub struct WholeDiskReport {
 
 /// Run `imageupd provision --whole-disk`.
 pub fn run(opts: &ProvisionOptions, progress: &Progress) -> Result<WholeDiskReport> {
-    let (target, art, source, signed_by) = prepare(opts)?;
+    let job = prepare(opts)?;
+    let (target, art) = (&job.target, &job.art);
     let mut report = WholeDiskReport {
         result: "planned".into(),
         image: opts.id.clone(),
-        signed_by,
+        signed_by: job.signed_by.clone(),
         disk: target.path.display().to_string(),
         disk_bytes: target.inv.size_bytes,
         whole_disk: art.clone(),
+        configdrive: None,
         download: None,
         phases: BTreeMap::new(),
     };
@@ -98,6 +107,15 @@ pub fn run(opts: &ProvisionOptions, progress: &Progress) -> Result<WholeDiskRepo
             .insert(name.into(), t.elapsed().as_millis() as u64);
         t = Instant::now();
     };
+    let mut w = Writer::open(job.source.open_disk(&opts.id, art)?, target, art, progress)?;
+    // The head first, held: what the configdrive needs of it is checked
+    // before the disk is touched.
+    w.chunk()?;
+    if job.drive.is_some() {
+        drive::check_head(w.out.head(), target.inv.sector_size)
+            .map_err(anyhow::Error::msg)
+            .context(ExitKind::Usage)?;
+    }
     say(
         "wiped",
         "wiping the old partition tables (first and last MiB)",
@@ -112,9 +130,18 @@ pub fn run(opts: &ProvisionOptions, progress: &Progress) -> Result<WholeDiskRepo
             crate::sys::progress::human_bytes(art.size)
         ),
     );
-    let reader = source.open_disk(&opts.id, &art)?;
-    let held = stream(reader, &target, &art, progress)?;
+    let mut held = w.rest()?;
     phase("streamed", &mut report);
+    if let Some(files) = &job.drive {
+        say(
+            "configdrive",
+            "adding the configdrive at the end of the disk",
+        );
+        let (head, part) = drive::add(target, held.head(), art.size, files, &job.seed)?;
+        held.replace_head(head);
+        report.configdrive = Some(part);
+        phase("configdrive", &mut report);
+    }
     say("committed", "digest matched: writing the first MiB");
     held.commit()
         .and_then(|f| f.sync_all())
@@ -124,27 +151,33 @@ pub fn run(opts: &ProvisionOptions, progress: &Progress) -> Result<WholeDiskRepo
     }
     phase("committed", &mut report);
     say("done", "done");
-    report.download = source.download_report();
+    report.download = job.source.download_report();
     report.result = "provisioned".into();
     Ok(report)
 }
 
-/// Every check, before the disk is touched: one disk, the image's signed
-/// manifest and its disk record, a raw image no larger than the disk.
-fn prepare(
-    opts: &ProvisionOptions,
-) -> Result<(
-    Disk,
-    DiskArtifact,
-    crate::net::source::Source,
-    Option<String>,
-)> {
-    if opts.configdrive.is_some() {
-        return Err(anyhow!(
-            "--configdrive cannot be used with --whole-disk (this version writes the image as published; put the configdrive in the image, or provision with --scheme)"
-        ))
-        .context(ExitKind::Usage);
-    }
+/// Everything checked before the disk is touched.
+struct Job {
+    target: Disk,
+    art: DiskArtifact,
+    source: crate::net::source::Source,
+    signed_by: Option<String>,
+    /// The configdrive's files, with `--configdrive`.
+    drive: Option<Vec<(String, Vec<u8>)>>,
+    /// Seed of the configdrive's UUIDs: image id and disk.
+    seed: String,
+}
+
+/// Every check, before the disk is touched: one disk, the configdrive
+/// inputs, the image's signed manifest and its disk record, a raw image
+/// no larger than the disk (with room for the configdrive).
+fn prepare(opts: &ProvisionOptions) -> Result<Job> {
+    let drive = opts
+        .configdrive
+        .as_deref()
+        .map(|t| configdrive::parse(t).and_then(|i| configdrive::build(&i)))
+        .transpose()
+        .context(ExitKind::Usage)?;
     let [given] = opts.disks.as_slice() else {
         return Err(anyhow!(
             "--whole-disk writes one disk: give exactly one --disk (got {})",
@@ -182,53 +215,93 @@ fn prepare(
         ))
         .context(ExitKind::Preflight);
     }
-    Ok((target, art, source, resolved.signed_by))
+    if drive.is_some() {
+        drive::span(target.inv.size_bytes, target.inv.sector_size, art.size)
+            .map_err(|e| anyhow!("{e}; nothing was written"))
+            .context(ExitKind::Preflight)?;
+    }
+    let seed = format!("{}\0{}", opts.id, target.path.display());
+    Ok(Job {
+        target,
+        art,
+        source,
+        signed_by: resolved.signed_by,
+        drive,
+        seed,
+    })
 }
 
-/// Stream the image onto the disk, its first MiB held back; the digest
-/// and length checked at the end. On success the rest is synced and the
-/// held first MiB is returned, not yet written.
-fn stream(
-    reader: Box<dyn Read + Send + '_>,
-    target: &Disk,
-    art: &DiskArtifact,
-    progress: &Progress,
-) -> Result<HeadLast<std::fs::File>> {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&target.path)
-        .with_context(|| format!("opening disk {} for writing", target.path.display()))?;
-    let mut src = VerifyReader::new(reader);
-    let mut out = HeadLast::new(f, HEAD_BYTES);
-    let bar = progress.bar("writing", art.size);
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = fill(&mut src, &mut buf)
-            .with_context(|| format!("reading the disk image {}", art.file))
+/// The stream on its way to the disk: `source → VerifyReader → HeadLast`.
+struct Writer<'a, 'r> {
+    src: VerifyReader<Box<dyn Read + Send + 'r>>,
+    out: HeadLast<std::fs::File>,
+    target: &'a Disk,
+    art: &'a DiskArtifact,
+    bar: crate::sys::progress::Bar,
+    buf: Vec<u8>,
+}
+
+impl<'a, 'r> Writer<'a, 'r> {
+    fn open(
+        reader: Box<dyn Read + Send + 'r>,
+        target: &'a Disk,
+        art: &'a DiskArtifact,
+        progress: &Progress,
+    ) -> Result<Self> {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&target.path)
+            .with_context(|| format!("opening disk {} for writing", target.path.display()))?;
+        Ok(Writer {
+            src: VerifyReader::new(reader),
+            out: HeadLast::new(f, HEAD_BYTES),
+            target,
+            art,
+            bar: progress.bar("writing", art.size),
+            buf: vec![0u8; CHUNK],
+        })
+    }
+
+    /// One chunk from the stream to the writer; false at the end.
+    fn chunk(&mut self) -> Result<bool> {
+        let n = fill(&mut self.src, &mut self.buf)
+            .with_context(|| format!("reading the disk image {}", self.art.file))
             .context(ExitKind::Source)?;
         if n == 0 {
-            break;
+            return Ok(false);
         }
-        out.write_all(&buf[..n])
-            .with_context(|| format!("writing to {}", target.path.display()))?;
-        bar.inc(n as u64);
+        self.out
+            .write_all(&self.buf[..n])
+            .with_context(|| format!("writing to {}", self.target.path.display()))?;
+        self.bar.inc(n as u64);
         crate::sys::fault::point(FAULT_MID_STREAM);
+        Ok(true)
     }
-    bar.finish();
-    src.finish(&art.sha256, art.size)?
-        .map_err(|e| {
-            anyhow!(e).context(format!(
-                "the disk image {} is not what the signed manifest says; its first MiB was not written, {} does not boot",
-                art.file,
-                target.path.display()
-            ))
-        })
-        .context(ExitKind::Untrusted)?;
-    out.flush()?;
-    out.get_ref()
-        .sync_all()
-        .with_context(|| format!("syncing {}", target.path.display()))?;
-    Ok(out)
+
+    /// The rest of the stream; then the digest and length checked against
+    /// the signed record and the disk synced. Returns the writer with the
+    /// first MiB still held.
+    fn rest(mut self) -> Result<HeadLast<std::fs::File>> {
+        while self.chunk()? {}
+        self.bar.finish();
+        let (art, target) = (self.art, self.target);
+        self.src
+            .finish(&art.sha256, art.size)?
+            .map_err(|e| {
+                anyhow!(e).context(format!(
+                    "the disk image {} is not what the signed manifest says; its first MiB was not written, {} does not boot",
+                    art.file,
+                    target.path.display()
+                ))
+            })
+            .context(ExitKind::Untrusted)?;
+        self.out.flush()?;
+        self.out
+            .get_ref()
+            .sync_all()
+            .with_context(|| format!("syncing {}", target.path.display()))?;
+        Ok(self.out)
+    }
 }
 
 /// Read until `buf` is full or the stream ends; the bytes read.
@@ -297,6 +370,13 @@ impl<W: Write + Seek> HeadLast<W> {
     /// The inner writer (to sync it before the commit).
     pub fn get_ref(&self) -> &W {
         &self.inner
+    }
+
+    /// Hold `head` instead of the bytes held so far (an edited table);
+    /// the same length, so nothing past the head moves.
+    pub fn replace_head(&mut self, head: Vec<u8>) {
+        debug_assert_eq!(head.len(), self.head.len());
+        self.head = head;
     }
 
     /// Write the held bytes at offset 0 and return the inner writer.
