@@ -114,7 +114,6 @@ impl Node {
                 channel: format!("test-{id}"),
                 release: None,
                 compatible: None,
-                disk: None,
             };
             let r = publish::publish(&o, &t, &Progress::new(true)).unwrap();
             assert_eq!(
