@@ -5,16 +5,18 @@
 //! the source; with --configdrive, a config-2 partition is added at the
 //! disk's end. Refusals (disk too small, untrusted and unsigned manifests,
 //! an image without a disk, a qcow2 artifact, --scheme, no room for the
-//! configdrive) leave the disk
-//! byte-identical (positive control: the good inputs change it); a tampered
-//! artifact is caught at the end of the stream with the first MiB still
-//! zero while the rest was written (the first MiB goes last); a kill -9
-//! mid-stream leaves the first MiB zero and the re-run converges.
+//! configdrive) leave the disk byte-identical (positive control: the good
+//! inputs change it); a tampered artifact is caught at the end of the
+//! stream with the first MiB still zero while the rest was written (the
+//! first MiB goes last); a kill -9 mid-stream leaves the first MiB zero and
+//! the re-run converges; a body that broke off is continued by a range
+//! request only when answered 206.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use super::common::http;
 use super::common::serve::Server;
 use super::common::*;
 use super::{Job, MIB};
@@ -453,4 +455,59 @@ fn whole_disk_with_a_configdrive_at_the_end_of_the_disk() {
         p.disk.display()
     ));
     assert!(diff.trim().is_empty(), "the image's bytes differ: {diff}");
+}
+
+/// A cut-off first GET of the small disk image, every other request served.
+fn cut_first(path: &str, n: u32) -> http::Fault {
+    if path.ends_with("small.raw") && n == 1 {
+        http::Fault::Cut
+    } else {
+        http::Fault::None
+    }
+}
+
+#[test]
+fn whole_disk_stream_broken_off_is_continued_by_a_checked_range_request() {
+    let p = published();
+    let s = scratch("whole-resume");
+    // A small disk image: one ext4 filesystem, no table.
+    let tree = s.join("tree");
+    for d in ["etc", "usr/bin"] {
+        std::fs::create_dir_all(tree.join(d)).expect("tree");
+    }
+    std::fs::write(tree.join("etc/hostname"), "small\n").expect("file");
+    let img = s.join("small.raw");
+    cmd(
+        "mkfs.ext4",
+        [
+            std::ffi::OsStr::new("-q"),
+            std::ffi::OsStr::new("-F"),
+            std::ffi::OsStr::new("-d"),
+            tree.as_os_str(),
+            img.as_os_str(),
+            std::ffi::OsStr::new("16M"),
+        ],
+    );
+    let store = s.join("store");
+    publish(&store, "small", Some(&p.key), None, &img);
+    let sha = sha256_file(&img);
+    // A server that honours Range: the broken-off body is continued.
+    let srv = http::FileServer::over(&store)
+        .ranges()
+        .fault(cut_first)
+        .start();
+    let t = Target::new("whole-resume-ok", 16 * MIB);
+    let out = t.cmd(&srv.url, "small", &["--json"]).ok();
+    let r = out.json();
+    assert_eq!(r["download"]["resumed"], 1, "{}", out.describe());
+    assert_eq!(sha256_file(&t.disk), sha, "the continued stream differs");
+    assert_eq!(srv.requests().get("/disks/small/small.raw"), Some(&2));
+    // Control: a server that answers the range request with the whole file
+    // (200): not spliced in, the run fails with the first MiB zero.
+    let plain = http::FileServer::over(&store).fault(cut_first).start();
+    let t = Target::new("whole-resume-200", 16 * MIB);
+    t.fill_ends();
+    let out = t.cmd(&plain.url, "small", &[]).code(EXIT_SOURCE);
+    assert!(out.stderr.contains("not continuing"), "{}", out.describe());
+    assert!(head(&t.disk, MIB as usize).iter().all(|&b| b == 0));
 }
