@@ -11,7 +11,8 @@
 #             disk image streamed, digest checked in-stream, first MiB last);
 # (c) ironic: Ironic's path for a qcow2: curl the published qcow2 whole,
 #             check it against SHA256SUMS (IPA hashes what it downloads),
-#             `qemu-img convert -O raw` onto the disk, sync;
+#             `qemu-img convert -O raw -t directsync -W` onto the disk (IPA's
+#             flags, with raw for host_device on a file: holes stay holes);
 # (d) dd:     a local `dd conv=fsync` of the raw image (the floor; no wire).
 #
 # The raw image is the disk (a) makes, published (`publish DISK.raw`) and
@@ -91,15 +92,15 @@ run() {
     t0=$(date +%s.%N)
     case $m in
     tree)
-        "$BIN" provision --from "$URL" --id v2 --scheme "$W/scheme.toml" \
-            --disk "$disk" --trusted-keys "$W/trusted.d" >/dev/null 2>"$W/run.err" ;;
+        "$BIN" provision --json --from "$URL" --id v2 --scheme "$W/scheme.toml" \
+            --disk "$disk" --trusted-keys "$W/trusted.d" >"$W/tree.json" 2>"$W/run.err" ;;
     stream)
-        "$BIN" provision --whole-disk --from "$URL" --id v2-raw \
-            --disk "$disk" --trusted-keys "$W/trusted.d" >/dev/null 2>"$W/run.err" ;;
+        "$BIN" provision --json --whole-disk --from "$URL" --id v2-raw \
+            --disk "$disk" --trusted-keys "$W/trusted.d" >"$W/stream.json" 2>"$W/run.err" ;;
     ironic)
         curl -fsS -o "$W/dl.qcow2" "${URL}disks/v2-qcow2/golden.qcow2"
         curl -fsS "${URL}disks/v2-qcow2/SHA256SUMS" | (cd "$W" && sed 's/golden.qcow2/dl.qcow2/' | sha256sum -c --quiet -)
-        qemu-img convert -f qcow2 -O raw "$W/dl.qcow2" "$disk"
+        qemu-img convert -f qcow2 -O raw -t directsync -W "$W/dl.qcow2" "$disk"
         sync -f "$disk" ;;
     dd)
         dd if="$W/golden.raw" of="$disk" bs=4M conv=fsync,notrunc status=none ;;
@@ -153,12 +154,25 @@ REL=$(python3 -c "print(f'{${BYTES[tree]}/${BYTES[ironic]}:.2f} x bytes, {${TIME
         case $m in
         tree) n="(a) imageupd provision --from URL (tree)" ;;
         stream) n="(b) imageupd provision --whole-disk (raw stream)" ;;
-        ironic) n="(c) curl qcow2 + sha256sum + qemu-img convert -O raw" ;;
+        ironic) n="(c) curl qcow2 + sha256sum + qemu-img convert -O raw -t directsync -W" ;;
         dd) n="(d) local dd conv=fsync of the raw image" ;;
         esac
         printf '| %s | %.2f | %s | %s |\n' "$n" "${TIMES[$m]}" "${BYTES[$m]}" "${REQS[$m]}"
     done
     echo
     echo "(a) against (c): $REL (goal: <= 0.5 x bytes, <= 1.0 x time)."
+    echo
+    echo "Milliseconds per step of the last run (the commands' \`--json\` \`phases\`):"
+    echo
+    python3 - "$W/tree.json" "$W/stream.json" <<'PY'
+import json, sys
+for name, path in zip(["(a) tree", "(b) stream"], sys.argv[1:]):
+    r = json.load(open(path))
+    line = "- " + name + ": " + ", ".join(f"{k} {v}" for k, v in r["phases"].items())
+    a = r.get("apply")
+    if a:
+        line += "; the apply inside: " + ", ".join(f"{k} {v}" for k, v in a["phases"].items())
+    print(line)
+PY
 } | tee "$OUT.new"
 mv "$OUT.new" "$OUT"
