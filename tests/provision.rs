@@ -7,9 +7,12 @@
 //! 4096-byte-sector loop device; kill -9 at fault points and at random
 //! times, each leaving a disk without a table, and a re-run converging;
 //! bad inputs refused with the disk byte-identical (positive control: the
-//! same disk with good inputs changes).
+//! same disk with good inputs changes). `--whole-disk`: see
+//! tests/provision/whole_disk.rs.
 
 mod common;
+#[path = "provision/whole_disk.rs"]
+mod whole_disk;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};

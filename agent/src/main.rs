@@ -268,6 +268,9 @@ enum Cmd {
     /// prints "nothing to do". The node's root trusts the keys of
     /// --trusted-keys and can be updated in place by `apply` later. See
     /// docs/provision.md for the scheme and configdrive formats.
+    ///
+    /// With --whole-disk, the published whole-disk image of the image is
+    /// written instead (one disk, no scheme), first MiB last.
     Provision {
         /// Store directory or http(s):// store URL.
         #[arg(long)]
@@ -275,9 +278,19 @@ enum Cmd {
         /// Image id.
         #[arg(long)]
         id: String,
-        /// Partitioning scheme (TOML, or JSON starting with `{`).
-        #[arg(long)]
-        scheme: PathBuf,
+        /// Partitioning scheme (TOML, or JSON starting with `{`); required
+        /// unless --whole-disk.
+        #[arg(long, required_unless_present = "whole_disk")]
+        scheme: Option<PathBuf>,
+        /// Write the whole-disk image the image was published from (a .raw
+        /// given to `publish`; its size and sha256 are in the signed
+        /// manifest) onto the one --disk instead of partitioning: streamed
+        /// from the store, its digest checked in-stream, the first MiB
+        /// written last, only after the digest matched. No --scheme; with
+        /// --configdrive, a 64 MiB config-2 partition is added at the end
+        /// of the disk (a GPT image, a disk 65 MiB larger than the image).
+        #[arg(long, conflicts_with = "scheme")]
+        whole_disk: bool,
         /// A disk: a block device or a disk image file, as PATH (in the
         /// scheme's order) or NAME=PATH; repeat for each disk.
         #[arg(long = "disk", required = true)]
@@ -479,6 +492,7 @@ fn run(cli: Cli) -> Result<u8> {
             from,
             id,
             scheme,
+            whole_disk,
             disks,
             configdrive,
             trusted_keys,
@@ -502,6 +516,7 @@ fn run(cli: Cli) -> Result<u8> {
                 ..Default::default()
             },
             scheme,
+            whole_disk,
             configdrive,
             report_url,
         }),

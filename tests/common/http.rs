@@ -7,8 +7,8 @@
 //!   with 206. It answers HEAD with the headers only, sends Last-Modified,
 //!   counts the requests for each path and, when asked, fails the first
 //!   request for chosen paths with a status of the test's choosing, or
-//!   answers chosen requests with a hostile body ([`Fault`]: endless, or
-//!   trickled a byte a second);
+//!   answers chosen requests with a hostile body ([`Fault`]: endless,
+//!   trickled a byte a second, or cut off half-way);
 //! * [`Nginx`]: a stock nginx serving a directory;
 //! * [`raw`]: a request written by hand over TCP, so no client normalises
 //!   the target first;
@@ -49,6 +49,9 @@ pub enum Fault {
     Endless,
     /// The right headers, then the body at one byte a second.
     Trickle,
+    /// The right headers, then the first half of the body, then the
+    /// connection closed (a transfer that broke off).
+    Cut,
 }
 
 /// For a request (path, how many times it was asked for so far, 1 = the
@@ -286,6 +289,10 @@ fn serve_connection(
                     return;
                 }
                 while w.write_all(&zeros).is_ok() {}
+                return;
+            }
+            Fault::Cut => {
+                let _ = w.write_all(&body[..body.len() / 2]);
                 return;
             }
             Fault::Trickle => {

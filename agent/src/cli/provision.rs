@@ -1,5 +1,5 @@
-//! `imageupd provision`: the command's output (human or `--json`) and the
-//! optional report POSTed to the master.
+//! `imageupd provision` (and `--whole-disk`): the command's output (human
+//! or `--json`) and the optional report POSTed to the master.
 
 use std::path::PathBuf;
 
@@ -12,7 +12,8 @@ use imageupd::sys::progress::Progress;
 /// The command's arguments, as parsed.
 pub(crate) struct Args {
     pub(crate) opts: ProvisionOptions,
-    pub(crate) scheme: PathBuf,
+    pub(crate) scheme: Option<PathBuf>,
+    pub(crate) whole_disk: bool,
     pub(crate) configdrive: Option<PathBuf>,
     pub(crate) report_url: Option<String>,
 }
@@ -25,24 +26,19 @@ fn read(p: &std::path::Path, what: &str) -> Result<String> {
 
 /// Run it.
 pub(crate) fn provision(mut a: Args) -> Result<u8> {
-    a.opts.scheme = read(&a.scheme, "scheme")?;
     a.opts.configdrive = match &a.configdrive {
         Some(p) => Some(read(p, "configdrive inputs")?),
         None => None,
     };
+    if a.whole_disk {
+        return whole_disk(&a);
+    }
+    if let Some(s) = &a.scheme {
+        a.opts.scheme = read(s, "scheme")?;
+    }
     let json = a.opts.json;
     let res = provision::run(&a.opts, &Progress::new(json));
-    if let Some(url) = &a.report_url {
-        let body = match &res {
-            Ok(r) => serde_json::to_value(r)?,
-            Err(e) => {
-                serde_json::json!({"result": "failed", "image": a.opts.id, "error": format!("{e:#}")})
-            }
-        };
-        if let Err(e) = post(url, &body) {
-            eprintln!("imageupd: could not POST the report to {url}: {e:#}");
-        }
-    }
+    report(a.report_url.as_deref(), &a.opts.id, &res);
     let r = res?;
     if json {
         super::print_json(&r)?;
@@ -79,6 +75,37 @@ pub(crate) fn provision(mut a: Args) -> Result<u8> {
         );
     }
     Ok(0)
+}
+
+/// `provision --whole-disk`.
+fn whole_disk(a: &Args) -> Result<u8> {
+    let res = provision::whole::run(&a.opts, &Progress::new(a.opts.json));
+    report(a.report_url.as_deref(), &a.opts.id, &res);
+    let r = res?;
+    if a.opts.json {
+        super::print_json(&r)?;
+    } else {
+        println!(
+            "{}: image {} ({}, {} bytes) on {}",
+            r.result, r.image, r.whole_disk.file, r.whole_disk.size, r.disk
+        );
+    }
+    Ok(0)
+}
+
+/// With `--report-url`, POST the report or the error (failures to POST
+/// are reported, they do not change the outcome).
+fn report<T: serde::Serialize>(url: Option<&str>, image: &str, res: &Result<T>) {
+    let Some(url) = url else { return };
+    let body = match res {
+        Ok(r) => serde_json::to_value(r).unwrap_or_default(),
+        Err(e) => {
+            serde_json::json!({"result": "failed", "image": image, "error": format!("{e:#}")})
+        }
+    };
+    if let Err(e) = post(url, &body) {
+        eprintln!("imageupd: could not POST the report to {url}: {e:#}");
+    }
 }
 
 /// POST the report as JSON (bounded by a timeout; errors are reported,

@@ -176,6 +176,7 @@ mod tests {
             channel: channel.map(Into::into),
             release,
             compatible: compat.map(Into::into),
+            disk: None,
             entries: vec![],
         }
     }

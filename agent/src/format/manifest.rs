@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+mod disk;
 mod values;
+pub use disk::{check_disk_name, DiskArtifact, DiskFormat, DISKS_DIR, SHA256SUMS};
 pub use values::{Digest, FileType, RawBytes, RelPath, XattrValue, Xattrs};
 
 /// Manifest format version written by this build: 2 adds the signed
@@ -146,6 +148,11 @@ pub struct Manifest {
     /// configuration names a role refuses an image for another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compatible: Option<String>,
+    /// The whole-disk image the image was published from (format 2 only;
+    /// absent for trees and archives, and in manifests written before it
+    /// existed): its name, format, size and digest, signed with the rest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskArtifact>,
     /// Every path of the image, sorted by [`RelPath::tree_cmp`].
     pub entries: Vec<Entry>,
 }
@@ -256,6 +263,9 @@ impl Manifest {
         if let Some(c) = &self.compatible {
             head.insert("compatible".into(), c.clone().into());
         }
+        if let Some(d) = &self.disk {
+            head.insert("disk".into(), serde_json::to_value(d).unwrap_or_default());
+        }
         let head = serde_json::to_vec(&serde_json::Value::Object(head)).unwrap_or_default();
         // Splice the entries in before the closing brace of the head object.
         out.extend_from_slice(&head[..head.len() - 1]);
@@ -337,8 +347,8 @@ impl Manifest {
         Ok(())
     }
 
-    /// Format 2 carries a channel and a release, format 1 neither; names
-    /// are short identifiers.
+    /// Format 2 carries a channel and a release, format 1 neither (nor a
+    /// disk); names are short identifiers, a disk's file name a safe one.
     fn validate_release(&self) -> Result<(), ManifestError> {
         let bad = |why: String| ManifestError::BadEntry {
             path: "<release>".into(),
@@ -361,6 +371,12 @@ impl Manifest {
             if let Some(v) = v {
                 validate_label(v).map_err(|e| bad(format!("{what}: {e}")))?;
             }
+        }
+        if let Some(d) = &self.disk {
+            if legacy {
+                return Err(bad("a format 1 manifest carries no disk".into()));
+            }
+            d.validate().map_err(|e| bad(format!("disk: {e}")))?;
         }
         Ok(())
     }

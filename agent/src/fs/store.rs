@@ -356,25 +356,9 @@ fn write_replacing(path: &Path, data: &[u8], durable: bool) -> Result<()> {
     Ok(())
 }
 
-/// A disk image's container format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DiskFormat {
-    /// A plain sector-for-sector image.
-    Raw,
-    /// QEMU copy-on-write v2/v3.
-    Qcow2,
-}
-
-impl DiskFormat {
-    /// The name Ironic's `disk_format` and `qemu-img -f` use.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DiskFormat::Raw => "raw",
-            DiskFormat::Qcow2 => "qcow2",
-        }
-    }
-}
+/// A disk image's container format (defined with the manifest, which
+/// signs it).
+pub use crate::format::manifest::DiskFormat;
 
 /// A published disk image, as recorded in `index.json` (`disks` of an image).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -37,6 +37,8 @@
 //!   delta ranges by their signed index and header), a low-speed abort and
 //!   a per-request deadline ([`crate::net::limits`]). A longer body is
 //!   refused (exit 4), never truncated; a slow one is retried.
+//! - A published whole-disk image is streamed in order, one GET continued
+//!   by checked range requests when it breaks (`fetch/stream.rs`).
 //! - TLS trusts the system's roots plus an optional CA file.
 
 use std::io::{self, Read};
@@ -60,6 +62,7 @@ mod delta;
 mod loose;
 mod manifest;
 mod packed;
+mod stream;
 
 use body::{Body, BodyError, Pace};
 use cache::Cache;

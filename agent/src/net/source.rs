@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use crate::format::kernel;
-use crate::format::manifest::{Digest, Entry, Manifest, LEGACY_FORMAT};
+use crate::format::manifest::{Digest, DiskArtifact, Entry, Manifest, LEGACY_FORMAT};
 use crate::format::stream::CappedReader;
 use crate::format::trust::{verify_stored, Resolved, Trust};
 use crate::fs::fsx;
@@ -154,6 +154,7 @@ impl Source {
                     channel: None,
                     release: None,
                     compatible: None,
+                    disk: None,
                     entries,
                 };
                 m.validate()
@@ -182,6 +183,32 @@ impl Source {
             ))),
             Source::Http(h) => h.open_content(d, e.size),
             Source::Keep(k) => k.open_content(d, e),
+        }
+    }
+
+    /// Open the published whole-disk image `disk` of image `id` (the
+    /// signed manifest's record) as one stream of exactly `disk.size`
+    /// bytes; unverified: the caller checks the digest as it reads. Only
+    /// stores publish disk images.
+    pub fn open_disk(&self, id: &str, disk: &DiskArtifact) -> Result<Box<dyn Read + Send + '_>> {
+        disk.validate()
+            .map_err(anyhow::Error::msg)
+            .context(ExitKind::Untrusted)?;
+        let rel = disk.store_path(id);
+        match self {
+            Source::Store(st) => {
+                let p = st.path().join(&rel);
+                let f = std::fs::File::open(&p)
+                    .with_context(|| format!("opening the disk image {}", p.display()))
+                    .context(ExitKind::Source)?;
+                Ok(Box::new(CappedReader::new(f, disk.size)))
+            }
+            Source::Http(h) => h.open_stream(&rel, disk.size),
+            Source::Dir { .. } | Source::Keep(_) => Err(anyhow::anyhow!(
+                "{} holds no published disk images",
+                self.describe()
+            ))
+            .context(ExitKind::Usage),
         }
     }
 

@@ -11,6 +11,9 @@
 //! point leaves disks without a partition table (they do not boot) and a
 //! marker; the next run with the same inputs continues from the last
 //! completed step, or says "nothing to do".
+//!
+//! `--whole-disk` instead writes the published whole-disk image the signed
+//! manifest records, first MiB last ([`whole`]).
 
 use std::collections::BTreeMap;
 use std::os::fd::AsFd;
@@ -39,6 +42,7 @@ pub mod scheme;
 pub mod state;
 pub mod table;
 pub mod trust;
+pub mod whole;
 
 use disk::{Disk, Loop};
 use plan::{PartPlan, Plan};

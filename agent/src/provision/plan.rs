@@ -20,7 +20,7 @@ use super::scheme::{DiskSpec, Firmware, Fs, PartSpec, Role, Scheme, Table};
 /// One MiB in bytes.
 pub const MIB: u64 = 1 << 20;
 /// Bytes of GPT partition entries (128 entries of 128 bytes).
-const GPT_ENTRIES_BYTES: u64 = 16 * 1024;
+pub const GPT_ENTRIES_BYTES: u64 = 16 * 1024;
 /// Largest MBR disk addressable with 32-bit sector numbers, in sectors.
 const MBR_MAX_SECTORS: u64 = 1 << 32;
 /// The label cloud-init's ConfigDrive datasource looks for.

@@ -9,6 +9,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use super::{ProvisionOptions, DEFAULT_ROOT_OF_TRUST};
+use crate::format::trust::Resolved;
 use crate::sys::error::ExitKind;
 
 /// The trusted keys to install into the new root (name, bytes).
@@ -50,8 +51,17 @@ pub fn read_anchor(given: Option<&Path>) -> Result<Option<Vec<u8>>> {
 /// Fetch and verify the image's manifest before any disk is written (an
 /// untrusted image leaves the disks untouched): with a root of trust as
 /// `apply` does (its targets keys sign, the store's signed index lists the
-/// manifest), else against the trusted keys.
+/// manifest), else against the trusted keys. Returns the key id that signed.
 pub fn check_image(opts: &ProvisionOptions, anchor: Option<&[u8]>) -> Result<Option<String>> {
+    Ok(verified_manifest(opts, anchor)?.1.signed_by)
+}
+
+/// [`check_image`], keeping the opened source (for the whole-disk stream
+/// and its download counters) and the verified manifest.
+pub fn verified_manifest(
+    opts: &ProvisionOptions,
+    anchor: Option<&[u8]>,
+) -> Result<(crate::net::source::Source, Resolved)> {
     use crate::format::tuf::Root;
     let net =
         crate::net::fetch::NetOptions::for_root(opts.ca_file.as_deref(), None, Path::new("/"));
@@ -89,5 +99,5 @@ pub fn check_image(opts: &ProvisionOptions, anchor: Option<&[u8]>) -> Result<Opt
         tuf: tuf.as_ref().map(|v| (&v.root, v.index.as_ref())),
     };
     let r = source.manifest(&opts.id, &trust, 2)?;
-    Ok(r.signed_by)
+    Ok((source, r))
 }

@@ -43,10 +43,7 @@ use crate::fs::store::{self, DiskEntry, DiskFormat, Store};
 use crate::sys::cmd;
 use crate::sys::error::ExitKind;
 
-/// Name of the checksum file next to a published disk image.
-pub const SHA256SUMS: &str = "SHA256SUMS";
-/// Directory of published disk images inside a store.
-pub const DISKS_DIR: &str = "disks";
+pub use crate::format::manifest::{DISKS_DIR, SHA256SUMS};
 /// Bytes at the start of a qcow2 file.
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 /// Offset of the ext2/3/4 superblock magic (superblock at 1024 + 56), bytes.
@@ -98,16 +95,8 @@ pub fn detect_format(path: &Path) -> Result<DiskFormat> {
 /// Check a published basename: something a URL path and `SHA256SUMS` can
 /// carry unambiguously.
 fn check_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name != SHA256SUMS
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-+~".contains(&b));
-    if !ok {
-        bail!("disk image name {name:?} cannot be published: use letters, digits and ._-+~ (not starting with a dot)");
-    }
-    Ok(())
+    crate::format::manifest::check_disk_name(name)
+        .map_err(|e| anyhow!("{e}; it cannot be published"))
 }
 
 /// A disk image copied into the store's scratch space, not yet published.
@@ -202,6 +191,16 @@ fn check_qcow2(path: &Path) -> Result<()> {
 }
 
 impl StagedDisk {
+    /// The signed manifest's record of this image ([`crate::format::manifest::DiskArtifact`]).
+    pub fn artifact(&self) -> crate::format::manifest::DiskArtifact {
+        crate::format::manifest::DiskArtifact {
+            file: self.name.clone(),
+            format: self.format,
+            size: self.size,
+            sha256: self.sha256,
+        }
+    }
+
     /// Move the image to `disks/<id>/` and write `SHA256SUMS` beside it.
     /// Called just before the manifest is written, so a published image's
     /// disk is always complete.

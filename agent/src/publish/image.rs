@@ -139,7 +139,8 @@ pub fn publish(opts: &PublishOptions, source: &Path, progress: &Progress) -> Res
         m.close()
             .context("releasing the disk image's root filesystem")?;
     }
-    let m = manifest_of(opts, release, entries)?;
+    let disk = tree.disk.as_ref().map(|d| d.artifact());
+    let m = manifest_of(opts, release, entries, disk)?;
     let written = write_image(&st, &m, &key, tree.disk.take(), opts, progress)?;
     if let Some(k) = &opts.timestamp_key {
         let v = crate::publish::trust::timestamp(&st, k, opts.timestamp_hours)
@@ -326,11 +327,12 @@ fn store_objects(
     })
 }
 
-/// The image's manifest, validated.
+/// The image's manifest, validated; `disk` records a disk image source.
 fn manifest_of(
     opts: &PublishOptions,
     release: u64,
     entries: Vec<crate::format::manifest::Entry>,
+    disk: Option<crate::format::manifest::DiskArtifact>,
 ) -> Result<Manifest> {
     let kernel = kernel::detect(&entries);
     let m = Manifest {
@@ -342,6 +344,7 @@ fn manifest_of(
         channel: Some(opts.channel.clone()),
         release: Some(release),
         compatible: opts.compatible.clone(),
+        disk,
         entries,
     };
     m.validate()

@@ -42,6 +42,7 @@ pub const POINTS: &[&str] = &[
     "provision-configdrive",
     "provision-table",
     "provision-done",
+    "whole-disk-stream",
 ];
 
 /// Fault points that fail with `EIO` instead of aborting: a staged file's

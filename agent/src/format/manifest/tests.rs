@@ -36,6 +36,7 @@ fn manifest(entries: Vec<Entry>) -> Manifest {
         channel: Some("default".into()),
         release: Some(1),
         compatible: None,
+        disk: None,
         entries,
     }
 }
@@ -173,4 +174,81 @@ fn id_of_head_reads_the_first_line_only() {
         "one line"
     );
     assert_eq!(id_of_head(b"{\"id\":\"../x\",\"entries\":[\n]}"), None);
+}
+
+fn disk() -> DiskArtifact {
+    DiskArtifact {
+        file: "node.raw".into(),
+        format: DiskFormat::Raw,
+        size: 1 << 30,
+        sha256: Digest::of(b"disk"),
+    }
+}
+
+#[test]
+fn disk_record_round_trips_in_the_head() {
+    let m = Manifest {
+        disk: Some(disk()),
+        ..manifest(vec![dir("."), dir("a")])
+    };
+    let json = m.to_json();
+    let head = &json[..json.iter().position(|&b| b == b'\n').expect("head")];
+    let head = String::from_utf8_lossy(head);
+    assert!(head.contains("\"disk\":{"), "{head}");
+    assert_eq!(Manifest::parse(&json).unwrap(), m);
+    assert_eq!(id_of_head(&json).as_deref(), Some("v1"));
+    // Rendering is stable: the signed bytes can be rebuilt from the JSON.
+    assert_eq!(Manifest::parse(&json).unwrap().to_json(), json);
+}
+
+#[test]
+fn manifests_without_a_disk_still_parse() {
+    let m = manifest(vec![dir("."), dir("a")]);
+    let json = m.to_json();
+    assert!(!String::from_utf8_lossy(&json).contains("\"disk\""));
+    assert_eq!(Manifest::parse(&json).unwrap().disk, None);
+    // A format 1 manifest as written before releases existed.
+    let legacy = br#"{"format":1,"id":"old","parent":null,"created":"t","kernel":null,"entries":[
+{"path":".","type":"dir","mode":493,"uid":0,"gid":0,"mtime_ns":1}
+]}
+"#;
+    assert_eq!(Manifest::parse(legacy).unwrap().disk, None);
+}
+
+#[test]
+fn bad_disk_records_are_refused() {
+    let good = Manifest {
+        disk: Some(disk()),
+        ..manifest(vec![dir(".")])
+    };
+    let json = String::from_utf8(good.to_json()).unwrap();
+    let cases = [
+        ("a path", json.replace("\"node.raw\"", "\"../node.raw\"")),
+        ("SHA256SUMS", json.replace("\"node.raw\"", "\"SHA256SUMS\"")),
+        ("format", json.replace("\"raw\"", "\"vmdk\"")),
+        ("size 0", json.replace("\"size\":1073741824", "\"size\":0")),
+        (
+            "digest",
+            json.replace(&Digest::of(b"disk").to_hex(), "abcd"),
+        ),
+        (
+            "unknown key",
+            json.replace("\"file\":", "\"url\":\"http://x/\",\"file\":"),
+        ),
+    ];
+    for (what, bad) in cases {
+        assert_ne!(bad, json, "{what}: the case changed nothing");
+        assert!(Manifest::parse(bad.as_bytes()).is_err(), "{what}: {bad}");
+    }
+    // A format 1 manifest carries no disk.
+    let legacy = Manifest {
+        format: LEGACY_FORMAT,
+        channel: None,
+        release: None,
+        ..good.clone()
+    };
+    let e = Manifest::parse(&legacy.to_json()).unwrap_err();
+    assert!(e.to_string().contains("no disk"), "{e}");
+    // Positive control: the good one parses.
+    assert!(Manifest::parse(json.as_bytes()).is_ok());
 }

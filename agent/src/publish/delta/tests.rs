@@ -40,6 +40,7 @@ fn image(st: &Store, id: &str, parent: Option<&str>, files: &[(&str, &[u8])]) ->
         channel: Some("default".into()),
         release: Some(1),
         compatible: None,
+        disk: None,
         entries,
     };
     let (stored, _) = match parent {
