@@ -167,8 +167,11 @@ pub fn parse(text: &str) -> Result<Inputs, DriveError> {
     }
 }
 
+/// A configdrive's files: each path inside the drive and its content.
+pub type Files = Vec<(String, Vec<u8>)>;
+
 /// The files of the drive (path below the drive's top, bytes), checked.
-pub fn build(i: &Inputs) -> Result<Vec<(String, Vec<u8>)>, DriveError> {
+pub fn build(i: &Inputs) -> Result<Files, DriveError> {
     let meta = meta_data(i)?;
     let net = network_data(i)?;
     let user = user_data(&i.user_data)?;

@@ -112,7 +112,7 @@ pub struct ProvisionReport {
 struct Job {
     plan: Plan,
     disks: Vec<Disk>,
-    drive: Option<Vec<(String, Vec<u8>)>>,
+    drive: Option<configdrive::Files>,
     keys: Vec<(String, Vec<u8>)>,
     /// The root of trust's bytes, installed as the new root's anchor.
     anchor: Option<Vec<u8>>,
@@ -177,15 +177,20 @@ pub fn run(opts: &ProvisionOptions, progress: &Progress) -> Result<ProvisionRepo
     Ok(report)
 }
 
-/// Read and check all inputs and compile the plan; no disk is written.
-fn prepare(opts: &ProvisionOptions) -> Result<Job> {
-    let sch = scheme::parse(&opts.scheme).context(ExitKind::Usage)?;
-    let drive = opts
-        .configdrive
+/// The configdrive's files from `--configdrive`, checked (cloud-init's
+/// rules) before any disk is touched; `None` without one.
+fn configdrive_files(opts: &ProvisionOptions) -> Result<Option<configdrive::Files>> {
+    opts.configdrive
         .as_deref()
         .map(|t| configdrive::parse(t).and_then(|i| configdrive::build(&i)))
         .transpose()
-        .context(ExitKind::Usage)?;
+        .context(ExitKind::Usage)
+}
+
+/// Read and check all inputs and compile the plan; no disk is written.
+fn prepare(opts: &ProvisionOptions) -> Result<Job> {
+    let sch = scheme::parse(&opts.scheme).context(ExitKind::Usage)?;
+    let drive = configdrive_files(opts)?;
     let has_cd = sch
         .disks
         .iter()

@@ -4,6 +4,7 @@
 //! kernel to re-read (no udev needed; the node boots next).
 
 use std::io::Write;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
@@ -44,7 +45,15 @@ pub fn script(d: &DiskPlan) -> String {
 
 /// Write the table with sfdisk.
 pub fn write(disk: &Disk, d: &DiskPlan) -> Result<()> {
-    let text = script(d);
+    sfdisk(&disk.path, &[], Some(&script(d)))?;
+    disk.sync()
+}
+
+/// Run sfdisk with `args` on `dev`, feeding it `script` if any: never
+/// wiping signatures, never rereading or telling the kernel (callers reread
+/// once, when the whole disk is written). Its stderr (and the script) end
+/// up in the error.
+pub(crate) fn sfdisk(dev: &Path, args: &[&str], script: Option<&str>) -> Result<()> {
     let mut c = Command::new("sfdisk");
     c.args([
         "--quiet",
@@ -54,28 +63,37 @@ pub fn write(disk: &Disk, d: &DiskPlan) -> Result<()> {
         "never",
         "--wipe-partitions",
         "never",
-    ]);
-    c.arg(&disk.path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    ])
+    .args(args)
+    .arg(dev)
+    .stdin(if script.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let mut child = c
         .spawn()
-        .with_context(|| format!("starting sfdisk on {}", disk.path.display()))?;
-    if let Some(mut i) = child.stdin.take() {
+        .with_context(|| format!("starting sfdisk on {} (package fdisk)", dev.display()))?;
+    if let (Some(text), Some(mut i)) = (script, child.stdin.take()) {
         i.write_all(text.as_bytes())
             .context("writing the sfdisk script")?;
     }
     let out = child.wait_with_output().context("waiting for sfdisk")?;
     if !out.status.success() {
         bail!(
-            "sfdisk {} failed ({}): {}\nscript:\n{text}",
-            disk.path.display(),
+            "sfdisk {}{} failed ({}): {}{}",
+            args.iter().map(|a| format!("{a} ")).collect::<String>(),
+            dev.display(),
             out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
+            String::from_utf8_lossy(&out.stderr).trim(),
+            script
+                .map(|t| format!("\nscript:\n{t}"))
+                .unwrap_or_default()
         );
     }
-    disk.sync()
+    Ok(())
 }
 
 #[cfg(test)]

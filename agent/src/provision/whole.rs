@@ -163,7 +163,7 @@ struct Job {
     source: crate::net::source::Source,
     signed_by: Option<String>,
     /// The configdrive's files, with `--configdrive`.
-    drive: Option<Vec<(String, Vec<u8>)>>,
+    drive: Option<configdrive::Files>,
     /// Seed of the configdrive's UUIDs: image id and disk.
     seed: String,
 }
@@ -172,12 +172,7 @@ struct Job {
 /// inputs, the image's signed manifest and its disk record, a raw image
 /// no larger than the disk (with room for the configdrive).
 fn prepare(opts: &ProvisionOptions) -> Result<Job> {
-    let drive = opts
-        .configdrive
-        .as_deref()
-        .map(|t| configdrive::parse(t).and_then(|i| configdrive::build(&i)))
-        .transpose()
-        .context(ExitKind::Usage)?;
+    let drive = super::configdrive_files(opts)?;
     let [given] = opts.disks.as_slice() else {
         return Err(anyhow!(
             "--whole-disk writes one disk: give exactly one --disk (got {})",

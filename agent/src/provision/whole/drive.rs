@@ -15,13 +15,14 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::provision::disk::{Disk, Loop};
 use crate::provision::plan::{derive_uuid, PartPlan, CONFIG2_LABEL, GPT_ENTRIES_BYTES, MIB};
 use crate::provision::scheme::{Fs, Role};
+use crate::provision::table::sfdisk;
 use crate::sys::cmd::run;
 
 /// Size of the added config-2 partition, bytes (the scheme's default).
@@ -147,43 +148,6 @@ pub fn add(
     d.sync_all()
         .with_context(|| format!("syncing {}", disk.path.display()))?;
     Ok((new_head, p))
-}
-
-/// Run sfdisk on the scratch file, never wiping, never telling a kernel.
-fn sfdisk(file: &Path, args: &[&str], stdin: Option<&str>) -> Result<()> {
-    let mut c = Command::new("sfdisk");
-    c.args([
-        "--quiet",
-        "--no-reread",
-        "--no-tell-kernel",
-        "--wipe",
-        "never",
-        "--wipe-partitions",
-        "never",
-    ])
-    .args(args)
-    .arg(file)
-    .stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = c.spawn().context("starting sfdisk (package fdisk)")?;
-    if let (Some(text), Some(mut w)) = (stdin, child.stdin.take()) {
-        use std::io::Write;
-        w.write_all(text.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "sfdisk {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// How many partitions the table in `file` has.
