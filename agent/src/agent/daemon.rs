@@ -78,6 +78,8 @@ struct Agent {
     /// The fleet rollout this node takes part in (`[rollout]`), and whether
     /// a claim left by an earlier run has been looked for.
     fleet: Option<(Arc<crate::fleet::Rollout>, bool)>,
+    /// Change tracking of the root between updates, when it could start.
+    tracker: Option<Arc<crate::fs::track::Tracker>>,
 }
 
 /// Run the agent for `root` until SIGTERM or SIGINT.
@@ -145,7 +147,9 @@ pub fn run(root: &Path) -> Result<()> {
         f.spawn_heartbeat()?;
         tracing::info!("rollout: {}", f.describe());
     }
+    let tracker = start_tracking(&root, &cfg);
     let mut agent = Agent {
+        tracker,
         debouncer: Debouncer::new(Duration::from_millis(cfg.agent.debounce_ms)),
         root,
         rt,
@@ -184,6 +188,25 @@ pub fn run(root: &Path) -> Result<()> {
         r.state = "stopped".into();
     });
     res
+}
+
+/// Start tracking changes to the root (logged, never fatal: without it
+/// every plan walks the whole root, as `apply` from the command line does).
+fn start_tracking(root: &Path, cfg: &Config) -> Option<Arc<crate::fs::track::Tracker>> {
+    if !cfg.agent.track_changes {
+        tracing::info!("change tracking is off (track_changes = false): every plan walks the whole root");
+        return None;
+    }
+    match crate::fs::track::Tracker::start(root, cfg.agent.track_max_dirs) {
+        Ok(t) => {
+            tracing::info!("tracking changes to the filesystem of {}", root.display());
+            Some(t)
+        }
+        Err(e) => {
+            tracing::warn!("change tracking unavailable, every plan walks the whole root: {e:#}");
+            None
+        }
+    }
 }
 
 impl Agent {
@@ -443,6 +466,7 @@ impl Agent {
                 .as_ref()
                 .map(|f| f.0.clone() as Arc<dyn crate::apply::gate::SlotGate>),
             keep_replaced: crate::fleet::keeps_replaced(&self.root, &self.cfg),
+            tracker: self.tracker.clone(),
         };
         let tx = self.tx.clone();
         let (root, cfg, target) = (self.root.clone(), self.cfg.clone(), id.clone());

@@ -131,6 +131,7 @@ pub fn apply_from_metadata(o: &FromMetadataOptions, progress: &Progress) -> Resu
             .clone()
             .map(|f| f as std::sync::Arc<dyn crate::apply::gate::SlotGate>),
         keep_replaced: crate::fleet::keeps_replaced(&root.path, &cfg),
+        tracker: None,
     };
     let root_path = root.path.clone();
     drop(root);
@@ -263,5 +264,6 @@ pub(super) fn applied_record(
         phases_ms: rep.phases.clone(),
         post_apply_failed: post_failed,
         download: rep.download.clone(),
+        walk: serde_json::to_value(&rep.walk).ok().filter(|_| !rep.walk.mode.is_empty()),
     }
 }

@@ -42,6 +42,10 @@ pub struct Applied {
     /// source was a URL; absent in records written before this field.
     #[serde(default)]
     pub download: Option<crate::net::fetch::DownloadReport>,
+    /// Its walk of the root (`apply --json`'s `walk`): full or tracked, and
+    /// why change tracking fell back to a full walk; absent in older records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub walk: Option<serde_json::Value>,
 }
 
 /// What the agent and `apply --from-metadata` know, for `status`.

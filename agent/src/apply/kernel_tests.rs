@@ -157,6 +157,7 @@ impl Node {
             ca_file: None,
             slot: None,
             keep_replaced: false,
+            tracker: None,
         }
     }
 

@@ -66,6 +66,9 @@ pub struct ApplyOptions {
     /// [`crate::engine::keep`]) for a rollback in place, until the health
     /// gate passes: set by the callers that run the gate.
     pub keep_replaced: bool,
+    /// The agent's change tracker: when it vouches for the interval since
+    /// its last walk, only the directories that changed are listed again.
+    pub tracker: Option<std::sync::Arc<crate::fs::track::Tracker>>,
 }
 
 impl ApplyOptions {
@@ -108,12 +111,27 @@ fn pipeline(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
     clock.lap("resolve");
     let s = survey::survey(ctx, &t, &mut report)?;
     clock.lap("plan");
-    let nothing = preflight::preflight(ctx, &t, &s, &mut report)?;
+    let res = update(ctx, &t, &s, clock, report);
+    // Whatever the outcome, the walk is the change tracker's next baseline
+    // (every change since it began is an event of the next interval).
+    survey::hand_back(ctx, s);
+    res
+}
+
+/// The steps after the plan: preflight, then the update itself.
+fn update(
+    ctx: &mut Ctx<'_>,
+    t: &resolve::Target,
+    s: &survey::Survey,
+    mut clock: Clock,
+    mut report: ApplyReport,
+) -> Result<ApplyReport> {
+    let nothing = preflight::preflight(ctx, t, s, &mut report)?;
     if ctx.opts.dry_run {
         return Ok(clock.finish(report, "planned"));
     }
     if nothing {
-        nothing_to_do(ctx, &t, &s);
+        nothing_to_do(ctx, t, s);
         return Ok(clock.finish(report, "nothing-to-do"));
     }
     if ctx.opts.cancelled() {
@@ -123,21 +141,21 @@ fn pipeline(ctx: &mut Ctx<'_>) -> Result<ApplyReport> {
             ctx.root.path.display()
         );
     }
-    preflight::announce(ctx, &t, &s, &report);
-    let mut b = Begun::begin(ctx, &t, &report)?;
-    b.fetch(ctx, &t, &s, &mut report)?;
+    preflight::announce(ctx, t, s, &report);
+    let mut b = Begun::begin(ctx, t, &report)?;
+    b.fetch(ctx, t, s, &mut report)?;
     clock.lap("fetch");
     ctx.advance(Event::Fetched);
-    let staged = b.stage(ctx, &t, &s, &mut report)?;
+    let staged = b.stage(ctx, t, s, &mut report)?;
     clock.lap("stage");
-    b.keep(ctx, &t, &s);
+    b.keep(ctx, t, s);
     clock.lap("keep");
-    b.sync(ctx, &t, &s, &mut report)?;
+    b.sync(ctx, t, s, &mut report)?;
     clock.lap("sync");
     b.stop_if_cancelled(ctx)?;
-    let q = swap::quiesce(ctx, &mut b, &t, &s, &mut report)?;
+    let q = swap::quiesce(ctx, &mut b, t, s, &mut report)?;
     clock.lap("pre-apply-hooks");
-    swap::swap_and_commit(ctx, &mut b, &t, &s, &staged, &mut report)?;
+    swap::swap_and_commit(ctx, &mut b, t, s, &staged, &mut report)?;
     clock.lap("swap");
     let ro_pending = swap::read_only_again(&mut b, report.swap.cleanup_deferred);
     swap::resume(ctx, &mut b, q, ro_pending, clock, report)

@@ -19,6 +19,7 @@ use crate::fs::preserve::Preserve;
 use crate::fs::rootfs;
 use crate::fs::scan::{self, ScanOptions};
 use crate::fs::stamps::{self, Stamps};
+use crate::fs::track;
 
 /// What the walk of the root found and what must change.
 pub(super) struct Survey {
@@ -86,17 +87,45 @@ fn walk_root(ctx: &Ctx<'_>, t: &Target, report: &mut ApplyReport) -> Result<Walk
     let skip = vec![RelPath(stage::STAGE_AT_TOP.as_bytes().to_vec())];
     let stamps = t.state.as_ref().and_then(|s| stamps::load(s.as_fd()));
     let walk_start = stamps::now_ns();
-    let nodes = scan::scan(
-        ctx.root.fd(),
-        &ScanOptions {
-            preserve: Some(&preserve),
-            skip,
-            stamps: stamps.as_ref(),
-        },
-    )?;
+    let opts = ScanOptions {
+        preserve: Some(&preserve),
+        skip,
+        stamps: stamps.as_ref(),
+    };
+    let key = walk_key(ctx, running.as_deref());
+    let tracked = ctx.opts.tracker.as_ref().map(|tr| tr.begin(&key));
+    let (nodes, walk) = match tracked {
+        Some(Ok((base, changes))) => {
+            let (nodes, st) = track::walk::walk(ctx.root.fd(), &opts, base.nodes, &changes.dirs)?;
+            let w = WalkReport {
+                mode: "tracked",
+                from_tracking: st.reused,
+                relisted_dirs: st.relisted,
+                ..WalkReport::default()
+            };
+            (nodes, w)
+        }
+        other => {
+            let fallback = match other {
+                Some(Err(why)) => Some(why),
+                _ => None,
+            };
+            if let Some(why) = &fallback {
+                tracing::info!("change tracking cannot vouch for the root ({why}): full walk");
+            }
+            let nodes = scan::scan(ctx.root.fd(), &opts)?;
+            let w = WalkReport {
+                mode: "full",
+                fallback,
+                ..WalkReport::default()
+            };
+            (nodes, w)
+        }
+    };
     report.walk = WalkReport {
         objects: nodes.len() as u64,
-        from_stamps: nodes.iter().filter(|n| n.cached).count() as u64,
+        from_stamps: nodes.iter().filter(|n| n.cached).count() as u64 - walk.from_tracking,
+        ..walk
     };
     Ok(Walk {
         cur,
@@ -106,6 +135,26 @@ fn walk_root(ctx: &Ctx<'_>, t: &Target, report: &mut ApplyReport) -> Result<Walk
         walk_start,
         nodes,
     })
+}
+
+/// What shapes a walk besides the tree: a tracked walk reuses only a walk
+/// made with the same.
+fn walk_key(ctx: &Ctx<'_>, running: Option<&str>) -> String {
+    format!("{:?}|{running:?}|{}", ctx.cfg.preserve, stage::STAGE_AT_TOP)
+}
+
+/// Hand the walk's objects to the change tracker for the next walk, each
+/// with the content the plan took it to hold.
+pub(super) fn hand_back(ctx: &Ctx<'_>, s: Survey) {
+    let Some(tr) = &ctx.opts.tracker else { return };
+    let mut nodes = s.nodes;
+    for (n, d) in nodes.iter_mut().zip(s.plan.root_digests) {
+        if n.stat.ftype == crate::format::manifest::FileType::File {
+            n.known = d;
+        }
+        n.cached = false;
+    }
+    tr.finish(nodes, walk_key(ctx, rootfs::running_release().as_deref()));
 }
 
 /// Plan the update; also the kernel of the current image, as far as the
@@ -125,7 +174,8 @@ fn plan_changes(
     let mut parsed_current: Option<Manifest> = None;
     // A mostly cold cache (a root changed moments ago) would leave many
     // same-size files to hash: the record is cheaper then.
-    let stamps_cover = report.walk.from_stamps * 10 >= report.walk.objects * 9;
+    let known = report.walk.from_stamps + report.walk.from_tracking;
+    let stamps_cover = known * 10 >= report.walk.objects * 9;
     if !cur.same_as_target && !stamps_cover {
         parsed_current = cur.parse();
     }

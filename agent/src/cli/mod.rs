@@ -275,6 +275,7 @@ pub(crate) fn apply(
             slot: None,
             // No gate runs after an operator's apply: nothing to keep.
             keep_replaced: false,
+            tracker: None,
         };
         apply::run(&opts, &progress)
     };

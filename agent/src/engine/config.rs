@@ -270,6 +270,8 @@ pub const MAX_DEBOUNCE_MS: u64 = 60_000;
 /// debounce_ms = 1000
 /// backoff_min_secs = 30
 /// backoff_max_secs = 3600
+/// track_changes = true
+/// track_max_dirs = 16384
 /// ```
 ///
 /// Metadata paths are host paths (not re-rooted under `--root`).
@@ -298,6 +300,12 @@ pub struct AgentConfig {
     /// Cap of the retry delay, in seconds; taken as at least
     /// `backoff_min_secs`.
     pub backoff_max_secs: u64,
+    /// Track changes to the root between updates (fanotify), so a plan
+    /// lists only the directories that changed instead of the whole tree.
+    pub track_changes: bool,
+    /// Changed directories remembered between updates before the next walk
+    /// falls back to a full one (at least 1).
+    pub track_max_dirs: usize,
 }
 
 impl Default for AgentConfig {
@@ -312,6 +320,8 @@ impl Default for AgentConfig {
             debounce_ms: DEFAULT_DEBOUNCE_MS,
             backoff_min_secs: DEFAULT_BACKOFF_MIN_SECS,
             backoff_max_secs: DEFAULT_BACKOFF_MAX_SECS,
+            track_changes: true,
+            track_max_dirs: crate::fs::track::DEFAULT_MAX_DIRS,
         }
     }
 }
@@ -329,6 +339,8 @@ struct AgentFragment {
     debounce_ms: Option<u64>,
     backoff_min_secs: Option<u64>,
     backoff_max_secs: Option<u64>,
+    track_changes: Option<bool>,
+    track_max_dirs: Option<usize>,
 }
 
 impl AgentConfig {
@@ -360,6 +372,9 @@ impl AgentConfig {
         if f.backoff_min_secs == Some(0) || f.backoff_max_secs == Some(0) {
             bail!("backoff_min_secs and backoff_max_secs must be at least 1");
         }
+        if f.track_max_dirs == Some(0) {
+            bail!("track_max_dirs must be at least 1");
+        }
         let AgentFragment {
             metadata_dir,
             metadata_file,
@@ -370,6 +385,8 @@ impl AgentConfig {
             debounce_ms,
             backoff_min_secs,
             backoff_max_secs,
+            track_changes,
+            track_max_dirs,
         } = f;
         set(&mut self.metadata_dir, metadata_dir);
         if metadata_file.is_some() {
@@ -384,6 +401,8 @@ impl AgentConfig {
         set(&mut self.debounce_ms, debounce_ms);
         set(&mut self.backoff_min_secs, backoff_min_secs);
         set(&mut self.backoff_max_secs, backoff_max_secs);
+        set(&mut self.track_changes, track_changes);
+        set(&mut self.track_max_dirs, track_max_dirs);
         Ok(())
     }
 

@@ -37,6 +37,23 @@ pub struct WalkReport {
     /// Of those, objects whose xattrs and symlink target came from the
     /// stamp cache because their inode had not changed since the last run.
     pub from_stamps: u64,
+    /// `full` (every directory listed) or `tracked` (the agent's change
+    /// tracking vouched for the rest: only changed directories listed).
+    pub mode: &'static str,
+    /// Tracked walks: objects taken from the previous walk unread.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub from_tracking: u64,
+    /// Tracked walks: directories listed again.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub relisted_dirs: u64,
+    /// Why the agent's change tracking could not vouch for the interval
+    /// since its last walk, so this walk was a full one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// What the node verified of the store's trust metadata.

@@ -153,7 +153,7 @@ fn emit(
 
 /// List one directory: its entries (sorted by name) and the subdirectories
 /// to walk next.
-fn list_one(
+pub(crate) fn list_one(
     root: BorrowedFd<'_>,
     dir_path: &RelPath,
     dev: u64,

@@ -15,7 +15,10 @@
 //!   of an apply);
 //! * `IMAGEUPD_TEST_UNSAFE_SKIP=presync-syncfs`: skip the `syncfs` before the
 //!   swap, which breaks crash safety on purpose: the test's positive control
-//!   must then see torn files after a power cut.
+//!   must then see torn files after a power cut;
+//! * `IMAGEUPD_TEST_UNSAFE_SKIP=track-events`: the agent's change tracker
+//!   drops every event, so the tracking test's positive control sees a
+//!   change the plan missed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -52,6 +55,11 @@ pub const EIO_POINTS: &[&str] = &["eio-stage-write", "eio-presync"];
 /// The only value `IMAGEUPD_TEST_UNSAFE_SKIP` knows: skip the pre-swap
 /// `syncfs` (test-only, unsafe).
 pub const SKIP_PRESYNC: &str = "presync-syncfs";
+
+/// The other value `IMAGEUPD_TEST_UNSAFE_SKIP` knows: the agent's change
+/// tracker drops every event (test-only; the tracking test's positive
+/// control must then see a change the plan missed).
+pub const SKIP_TRACK_EVENTS: &str = "track-events";
 
 static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
 static HITS: AtomicU64 = AtomicU64::new(0);
@@ -96,12 +104,13 @@ pub fn io_error(name: &'static str) -> std::io::Result<()> {
 }
 
 /// Test-only: true when `IMAGEUPD_TEST_UNSAFE_SKIP` names `what` (one of
-/// [`SKIP_PRESYNC`]); logged loudly, since it breaks crash safety.
+/// [`SKIP_PRESYNC`], [`SKIP_TRACK_EVENTS`]); logged loudly, since it
+/// breaks crash safety or change tracking.
 pub fn unsafe_skip(what: &str) -> bool {
     let on = std::env::var("IMAGEUPD_TEST_UNSAFE_SKIP").is_ok_and(|v| v == what);
     if on {
         eprintln!(
-            "imageupd: TEST ONLY: skipping {what} (IMAGEUPD_TEST_UNSAFE_SKIP); not crash-safe"
+            "imageupd: TEST ONLY: skipping {what} (IMAGEUPD_TEST_UNSAFE_SKIP); not safe"
         );
     }
     on

@@ -1,6 +1,6 @@
 //! System edges: exit kinds and errors, fault injection for crash tests,
 //! external commands, logging, progress output, fast hash maps, a
-//! parallel map, the wall clock and retry backoff. Nothing here knows
+//! parallel map, the wall clock, retry backoff and `open_by_handle_at`. Nothing here knows
 //! about images; this layer uses no other part of the crate.
 
 pub mod backoff;
@@ -9,6 +9,7 @@ pub mod cmd;
 pub mod error;
 pub mod fastmap;
 pub mod fault;
+pub mod handle;
 pub mod logging;
 pub mod metrics;
 pub mod par;

@@ -1,0 +1,142 @@
+//! The walk of the root when the tracker vouches for the interval: the
+//! previous walk's objects, with the changed directories listed again.
+//!
+//! A directory the tracker did not report keeps its previous entries. A
+//! changed one is listed and its entries stat'ed as in a full walk; a
+//! subdirectory found there is taken from the previous walk only when it is
+//! the very same directory inode (renaming a tree into place leaves no
+//! events inside it), and is walked whole otherwise.
+
+use std::collections::BTreeSet;
+use std::os::fd::BorrowedFd;
+
+use anyhow::{Context, Result};
+
+use crate::format::manifest::{FileType, RelPath};
+use crate::fs::fsx;
+use crate::fs::node::Node;
+use crate::fs::scan::{list_one, ScanOptions};
+use crate::sys::fastmap::HashMap;
+
+/// What the tracked walk did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TrackedStats {
+    /// Objects taken from the previous walk without a syscall.
+    pub reused: u64,
+    /// Directories listed again.
+    pub relisted: u64,
+}
+
+/// Walk `root` from `base` (the previous walk, in manifest order) and the
+/// changed directories `dirty`.
+pub fn walk(
+    root: BorrowedFd<'_>,
+    opts: &ScanOptions<'_>,
+    base: Vec<Node>,
+    dirty: &BTreeSet<RelPath>,
+) -> Result<(Vec<Node>, TrackedStats)> {
+    let st = fsx::stat_fd(root).context("stat of the tree's top directory")?;
+    let xattrs = fsx::read_xattrs(root, b".").context("reading xattrs of the top directory")?;
+    let mut w = Walker {
+        root,
+        opts,
+        dev: st.dev,
+        dirty,
+        children: children_by_dir(base),
+        out: Vec::new(),
+        stats: TrackedStats::default(),
+    };
+    w.out.push(Node {
+        path: RelPath::root(),
+        stat: st,
+        xattrs,
+        target: None,
+        mountpoint: false,
+        cached: false,
+        known: None,
+    });
+    w.dir(&RelPath::root())?;
+    Ok((w.out, w.stats))
+}
+
+/// The previous walk's objects grouped by parent directory, each group in
+/// name order (as the walk emitted them).
+fn children_by_dir(base: Vec<Node>) -> HashMap<RelPath, Vec<Node>> {
+    let mut m: HashMap<RelPath, Vec<Node>> = HashMap::default();
+    for n in base {
+        if let Some(p) = n.path.parent() {
+            m.entry(p).or_default().push(n);
+        }
+    }
+    m
+}
+
+struct Walker<'a> {
+    root: BorrowedFd<'a>,
+    opts: &'a ScanOptions<'a>,
+    dev: u64,
+    dirty: &'a BTreeSet<RelPath>,
+    children: HashMap<RelPath, Vec<Node>>,
+    out: Vec<Node>,
+    stats: TrackedStats,
+}
+
+impl Walker<'_> {
+    /// Emit the entries of `dir` (and recursively theirs) in manifest order.
+    fn dir(&mut self, dir: &RelPath) -> Result<()> {
+        let old = self.children.remove(dir).unwrap_or_default();
+        if !self.dirty.contains(dir) {
+            for mut c in old {
+                let sub = is_walked_dir(&c).then(|| c.path.clone());
+                c.cached = true;
+                self.out.push(c);
+                self.stats.reused += 1;
+                if let Some(p) = sub {
+                    self.dir(&p)?;
+                }
+            }
+            return Ok(());
+        }
+        self.stats.relisted += 1;
+        let (fresh, _) = list_one(self.root, dir, self.dev, self.opts)?;
+        for c in fresh {
+            let sub = is_walked_dir(&c).then(|| c.path.clone());
+            let same = sub.is_some() && {
+                let prev = old
+                    .binary_search_by(|o| o.path.0.cmp(&c.path.0))
+                    .ok()
+                    .map(|i| &old[i]);
+                prev.is_some_and(|p| {
+                    is_walked_dir(p)
+                        && p.stat.ino == c.stat.ino
+                        && (p.stat.ctime_ns == c.stat.ctime_ns || self.dirty.contains(&c.path))
+                })
+            };
+            self.out.push(c);
+            match (sub, same) {
+                (Some(p), true) => self.dir(&p)?,
+                (Some(p), false) => self.whole(&p)?,
+                (None, _) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Walk everything below `dir`, as a full walk would.
+    fn whole(&mut self, dir: &RelPath) -> Result<()> {
+        self.stats.relisted += 1;
+        let (fresh, _) = list_one(self.root, dir, self.dev, self.opts)?;
+        for c in fresh {
+            let sub = is_walked_dir(&c).then(|| c.path.clone());
+            self.out.push(c);
+            if let Some(p) = sub {
+                self.whole(&p)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_walked_dir(n: &Node) -> bool {
+    n.stat.ftype == FileType::Dir && !n.mountpoint
+}
