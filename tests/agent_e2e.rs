@@ -11,7 +11,11 @@
 //! - a failing hook is retried with exponential backoff, never in a hot
 //!   loop; SIGHUP retries at once once it is fixed;
 //! - SIGTERM while the update is quiesced lets it finish, then exits 0;
-//! - an agent killed mid-swap leaves a state the next start converges from.
+//! - an agent killed mid-swap leaves a state the next start converges from;
+//! - change tracking never hides a change made behind the agent's back
+//!   (modify, create, delete, rename, chmod, chown, setxattr, hardlink;
+//!   while it is down; with an overflowing event queue), and a tracker
+//!   blind on purpose (the positive control) is caught by the oracle.
 
 mod common;
 
@@ -34,6 +38,10 @@ struct Agent {
 
 impl Agent {
     fn start(n: &TestNode, notify: &Path, fault: Option<&str>) -> Agent {
+        Agent::start_with(n, notify, fault, &[])
+    }
+
+    fn start_with(n: &TestNode, notify: &Path, fault: Option<&str>, env: &[(&str, &str)]) -> Agent {
         let log = n.s.join(format!(
             "agent-{}.log",
             SystemTime::now()
@@ -66,6 +74,8 @@ impl Agent {
         if let Some(p) = fault {
             c.env("IMAGEUPD_FAULT", p);
         }
+        c.env_remove("IMAGEUPD_TEST_UNSAFE_SKIP");
+        c.envs(env.iter().copied());
         Agent {
             child: c.spawn().unwrap(),
             log,
@@ -445,4 +455,154 @@ fn a_cancelled_apply_does_not_start() {
     let out = apply(&store.dir, "s2", &root, &[]).expect_ok();
     assert_eq!(out.json()["result"], "applied", "{}", out.describe());
     assert_eq!(image_id(&root).as_deref(), Some("s2"));
+}
+
+/// The walk report of the agent's last apply.
+fn last_walk(st: &serde_json::Value) -> serde_json::Value {
+    st["agent"]["last_applied"]["walk"].clone()
+}
+
+/// One change behind the agent's back, by kind, on the (read-only) root.
+fn behind_its_back(n: &TestNode, kind: &str) {
+    let sh = |script: &str| {
+        let out = Command::new("sh")
+            .arg("-ec")
+            .arg(script)
+            .current_dir(&n.root)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{kind}: {script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let d = "usr/share/doc";
+    n.edit(|_| match kind {
+        "modify" => sh(&format!("echo '# drift' >> {d}/adduser/TODO")),
+        "create" => sh(&format!("echo new > {d}/bash/drift-new; mkdir -p opt/tracked/deep; echo x > opt/tracked/deep/f")),
+        "delete" => sh(&format!("rm {d}/apt/copyright")),
+        "rename" => sh(&format!("mv {d}/base-files/README.FHS {d}/base-files/README.FHS.moved; mv {d}/adduser/examples {d}/adduser/examples.moved")),
+        "chmod" => sh(&format!("chmod 0600 {d}/apt/changelog.gz; chmod 0700 {d}/apt/examples")),
+        "chown" => sh(&format!("chown 4321:4321 {d}/bash/RBASH; chown 4321 {d}/bash")),
+        "setxattr" => sh(&format!("setfattr -n user.drift -v 1 {d}/base-files/README; setfattr -n user.drift -v 2 {d}/base-files")),
+        "hardlink" => sh(&format!("ln {d}/adduser/copyright {d}/apt/copyright.lnk")),
+        "many" => sh("mkdir -p opt/flood; for i in $(seq 1 400); do : > opt/flood/f$i; done"),
+        "control" => sh("echo unseen > opt/control-file"),
+        other => panic!("unknown change {other}"),
+    });
+}
+
+#[test]
+fn change_tracking_never_hides_a_change() {
+    let meta_dir_holder = scratch("track-meta");
+    let meta = meta_dir_holder.join("metadata.json");
+    let config = format!(
+        "[agent]\nmetadata_file = \"{}\"\nimage_id_key = \"deploy.images.-1.id\"\nimage_source_key = \"deploy.images.-1.store\"\ndebounce_ms = 100\nrescan_secs = 3600\n",
+        meta.display()
+    );
+    let n = TestNode::new("track", &config, true);
+    let trees = [("v2", fixture_tree("v2")), ("v3", fixture_tree("v3"))];
+    let sock = NotifySocket::new(n.s.path());
+    let round = std::cell::Cell::new(0usize);
+    // Flip the metadata to the other image; the walk report of that apply.
+    let flip = |a: &Agent, what: &str| -> serde_json::Value {
+        let (id, tree) = &trees[round.get() % 2];
+        round.set(round.get() + 1);
+        write_atomic(&meta, &meta_doc(id, &n.store));
+        let st = wait_applied(&n, a, id);
+        eprintln!(
+            "{what}: walk {}, plan {} ms",
+            last_walk(&st),
+            st["agent"]["last_applied"]["phases_ms"]["plan"]
+        );
+        if !oracle(tree, &n.root).trim().is_empty() {
+            eprintln!("--- agent log ---\n{}", clip(&a.log(), 60));
+        }
+        assert_applied(tree, &n.root, id, &format!("after {what}"));
+        last_walk(&st)
+    };
+    // The image the root runs now, for the controls.
+    let current = || trees[(round.get() + 1) % 2].1.clone();
+
+    let mut a = Agent::start(&n, &sock.path, None);
+    sock.wait("READY=1");
+    let w = flip(&a, "the agent's start");
+    assert_eq!(w["mode"], "full", "{w:#}");
+    assert_eq!(w["fallback"], "first walk since the agent started", "{w:#}");
+    let w = flip(&a, "no change");
+    assert_eq!(w["mode"], "tracked", "{w:#}\n{}", clip(&a.log(), 40));
+    let full = w["objects"].as_u64().unwrap();
+    for kind in [
+        "modify", "create", "delete", "rename", "chmod", "chown", "setxattr", "hardlink",
+    ] {
+        behind_its_back(&n, kind);
+        // The change is real: the root no longer matches its image.
+        let img = current();
+        assert!(
+            !oracle(&img, &n.root).trim().is_empty() || !meta_diff(&img, &n.root).is_empty(),
+            "{kind}: the change did not show in the oracles"
+        );
+        let w = flip(&a, kind);
+        assert_eq!(w["mode"], "tracked", "{kind}: {w:#}");
+        assert!(w.get("fallback").is_none(), "{kind}: {w:#}");
+        let relisted = w["relisted_dirs"].as_u64().unwrap_or(0);
+        assert!(
+            relisted >= 1 && relisted * 20 < full,
+            "{kind}: {relisted} directories listed again of a {full}-object root: {w:#}"
+        );
+    }
+
+    // While the agent is down, nothing tracks: its first walk is full.
+    kill(a.pid(), Signal::SIGTERM).unwrap();
+    assert!(a.wait_exit(Duration::from_secs(60)).success());
+    behind_its_back(&n, "modify");
+    // A low kernel queue for the next agent's fanotify group (read when
+    // the group is made), restored once it runs.
+    let q = Path::new("/proc/sys/fs/fanotify/max_queued_events");
+    let saved = std::fs::read_to_string(q).unwrap();
+    std::fs::write(q, "64").unwrap();
+    let a2 = Agent::start(&n, &sock.path, None);
+    wait_for(
+        Duration::from_secs(30),
+        "the second agent's tracker",
+        || a2.log().contains("tracking changes").then_some(()),
+    );
+    std::fs::write(q, saved.trim()).unwrap();
+    let w = flip(&a2, "changes while the agent was down");
+    assert_eq!(w["mode"], "full", "{w:#}");
+    assert_eq!(w["fallback"], "first walk since the agent started", "{w:#}");
+
+    // More events than the queue holds while the agent cannot read them.
+    kill(a2.pid(), Signal::SIGSTOP).unwrap();
+    behind_its_back(&n, "many");
+    kill(a2.pid(), Signal::SIGCONT).unwrap();
+    let w = flip(&a2, "an overflowing queue");
+    assert_eq!(w["mode"], "full", "{w:#}");
+    assert_eq!(
+        w["fallback"], "the kernel's event queue overflowed",
+        "{w:#}"
+    );
+    drop(a2);
+
+    // Positive control: a tracker that drops its events plans from a stale
+    // view, and the oracle catches the change it missed.
+    let a3 = Agent::start_with(
+        &n,
+        &sock.path,
+        None,
+        &[("IMAGEUPD_TEST_UNSAFE_SKIP", "track-events")],
+    );
+    let w = flip(&a3, "the blind agent's start");
+    assert_eq!(w["mode"], "full", "{w:#}");
+    behind_its_back(&n, "control");
+    let (id, tree) = &trees[round.get() % 2];
+    write_atomic(&meta, &meta_doc(id, &n.store));
+    let st = wait_applied(&n, &a3, id);
+    assert_eq!(last_walk(&st)["mode"], "tracked", "{st:#}");
+    let missed = oracle(tree, &n.root);
+    assert!(
+        missed.contains("opt/control-file"),
+        "the blind tracker's plan should have missed opt/control-file; oracle: {missed}"
+    );
 }

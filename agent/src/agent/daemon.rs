@@ -194,7 +194,9 @@ pub fn run(root: &Path) -> Result<()> {
 /// every plan walks the whole root, as `apply` from the command line does).
 fn start_tracking(root: &Path, cfg: &Config) -> Option<Arc<crate::fs::track::Tracker>> {
     if !cfg.agent.track_changes {
-        tracing::info!("change tracking is off (track_changes = false): every plan walks the whole root");
+        tracing::info!(
+            "change tracking is off (track_changes = false): every plan walks the whole root"
+        );
         return None;
     }
     match crate::fs::track::Tracker::start(root, cfg.agent.track_max_dirs) {

@@ -264,6 +264,8 @@ pub(super) fn applied_record(
         phases_ms: rep.phases.clone(),
         post_apply_failed: post_failed,
         download: rep.download.clone(),
-        walk: serde_json::to_value(&rep.walk).ok().filter(|_| !rep.walk.mode.is_empty()),
+        walk: serde_json::to_value(&rep.walk)
+            .ok()
+            .filter(|_| !rep.walk.mode.is_empty()),
     }
 }

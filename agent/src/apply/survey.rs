@@ -97,6 +97,13 @@ fn walk_root(ctx: &Ctx<'_>, t: &Target, report: &mut ApplyReport) -> Result<Walk
     let (nodes, walk) = match tracked {
         Some(Ok((base, changes))) => {
             let (nodes, st) = track::walk::walk(ctx.root.fd(), &opts, base.nodes, &changes.dirs)?;
+            tracing::info!(
+                "tracked walk: {} changed directories ({} removed since), {} listed again, {} objects reused",
+                changes.dirs.len(),
+                changes.stale,
+                st.relisted,
+                st.reused
+            );
             let w = WalkReport {
                 mode: "tracked",
                 from_tracking: st.reused,

@@ -10,5 +10,5 @@ pub mod preserve;
 pub mod rootfs;
 pub mod scan;
 pub mod stamps;
-pub mod track;
 pub mod store;
+pub mod track;

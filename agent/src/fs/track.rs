@@ -83,8 +83,11 @@ struct State {
     lost: Option<String>,
     /// The last walk's objects, until the next walk takes them.
     baseline: Option<Baseline>,
-    /// Mount points below the root when the walk under way began.
+    /// Mount points below the root when the walk under way began; `Some`
+    /// from [`Tracker::begin`] until [`Tracker::finish`].
     walk_mounts: Option<Vec<Vec<u8>>>,
+    /// A walk began and never handed its objects back.
+    unfinished: bool,
 }
 
 /// A live fanotify mark on the root's filesystem and what it has seen.
@@ -95,7 +98,8 @@ pub struct Tracker {
     /// The root, as the mount `open_by_handle_at` resolves handles on.
     root_fd: OwnedFd,
     max_dirs: usize,
-    /// Test-only: drop every event (the tracking test's positive control).
+    /// Test-only: drop every event another process caused (the tracking
+    /// test's positive control: changes behind the agent's back go unseen).
     blind: bool,
     state: Mutex<State>,
 }
@@ -163,7 +167,10 @@ impl Tracker {
             let mut st = self.state.lock().map_err(|_| "tracker lock poisoned")?;
             self.drain(&mut st);
             let dirty = std::mem::take(&mut st.dirty);
-            let lost = st.lost.replace(UNFINISHED.into());
+            let mut lost = st.lost.take();
+            if std::mem::replace(&mut st.unfinished, true) {
+                lost.get_or_insert_with(|| UNFINISHED.into());
+            }
             st.walk_mounts = mounts.as_ref().ok().cloned();
             (dirty, lost, st.baseline.take())
         };
@@ -189,9 +196,7 @@ impl Tracker {
                 return;
             };
             // Something lost while the walk ran stays lost.
-            if st.lost.as_deref() == Some(UNFINISHED) {
-                st.lost = None;
-            }
+            st.unfinished = false;
             st.baseline = Some(Baseline { nodes, key, mounts });
         }
     }
@@ -228,7 +233,7 @@ impl Tracker {
         if e.overflowed() {
             st.lost = Some("the kernel's event queue overflowed".into());
         }
-        if st.lost.is_some() || self.blind {
+        if st.lost.is_some() || (self.blind && e.pid != std::process::id() as i32) {
             st.dirty.clear();
             return;
         }
@@ -246,18 +251,15 @@ impl Tracker {
     fn resolve(&self, dirty: HashSet<(Handle, bool)>) -> Result<Changes, String> {
         let mut c = Changes::default();
         for (h, own) in dirty {
-            let fd = match crate::sys::handle::open_by_handle(
-                self.root_fd.as_fd(),
-                h.htype,
-                &h.bytes,
-            ) {
-                Ok(fd) => fd,
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ESTALE | libc::ENOENT)) => {
-                    c.stale += 1;
-                    continue;
-                }
-                Err(e) => return Err(format!("cannot resolve a changed directory: {e}")),
-            };
+            let fd =
+                match crate::sys::handle::open_by_handle(self.root_fd.as_fd(), h.htype, &h.bytes) {
+                    Ok(fd) => fd,
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::ESTALE | libc::ENOENT)) => {
+                        c.stale += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(format!("cannot resolve a changed directory: {e}")),
+                };
             let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
                 .map_err(|e| format!("cannot name a changed directory: {e}"))?;
             let Some(rel) = rel_below(&self.root, &link) else {
@@ -348,7 +350,10 @@ mod tests {
             32 22 0:32 / /mnt/rootfoo rw - ext4 /dev/loop2 rw\n\
             33 30 0:33 / /mnt/root/boot/efi rw - vfat /dev/loop3 rw\n";
         let m = parse_mounts_below(info, Path::new("/mnt/root"));
-        assert_eq!(m, vec![b"/mnt/root/boot/efi".to_vec(), b"/mnt/root/var".to_vec()]);
+        assert_eq!(
+            m,
+            vec![b"/mnt/root/boot/efi".to_vec(), b"/mnt/root/var".to_vec()]
+        );
         let all = parse_mounts_below(info, Path::new("/"));
         assert_eq!(all.len(), 4);
     }

@@ -17,7 +17,7 @@
 //!   swap, which breaks crash safety on purpose: the test's positive control
 //!   must then see torn files after a power cut;
 //! * `IMAGEUPD_TEST_UNSAFE_SKIP=track-events`: the agent's change tracker
-//!   drops every event, so the tracking test's positive control sees a
+//!   drops every event other processes cause, so the tracking test's positive control sees a
 //!   change the plan missed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,8 +57,8 @@ pub const EIO_POINTS: &[&str] = &["eio-stage-write", "eio-presync"];
 pub const SKIP_PRESYNC: &str = "presync-syncfs";
 
 /// The other value `IMAGEUPD_TEST_UNSAFE_SKIP` knows: the agent's change
-/// tracker drops every event (test-only; the tracking test's positive
-/// control must then see a change the plan missed).
+/// tracker drops every event other processes cause (test-only; the
+/// tracking test's positive control must then see a change the plan missed).
 pub const SKIP_TRACK_EVENTS: &str = "track-events";
 
 static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
@@ -109,9 +109,7 @@ pub fn io_error(name: &'static str) -> std::io::Result<()> {
 pub fn unsafe_skip(what: &str) -> bool {
     let on = std::env::var("IMAGEUPD_TEST_UNSAFE_SKIP").is_ok_and(|v| v == what);
     if on {
-        eprintln!(
-            "imageupd: TEST ONLY: skipping {what} (IMAGEUPD_TEST_UNSAFE_SKIP); not safe"
-        );
+        eprintln!("imageupd: TEST ONLY: skipping {what} (IMAGEUPD_TEST_UNSAFE_SKIP); not safe");
     }
     on
 }

@@ -45,6 +45,8 @@ pub struct Event {
     /// The event's file descriptor (`FAN_NOFD`, -1, in the reporting mode
     /// used here; any other value is a descriptor the caller must close).
     pub fd: i32,
+    /// The process that caused it.
+    pub pid: i32,
     /// The directory the event happened in (or on).
     pub dir: Option<Handle>,
     /// The entry's name in it; `.` for the directory itself.
@@ -103,9 +105,11 @@ pub fn parse(buf: &[u8]) -> Result<Vec<Event>, EventError> {
         let ev = &ev[..len];
         let mask = u64_at(ev, 8).ok_or(EventError::Truncated { at })?;
         let fd = u32_at(ev, 16).ok_or(EventError::Truncated { at })? as i32;
+        let pid = u32_at(ev, 20).ok_or(EventError::Truncated { at })? as i32;
         let mut e = Event {
             mask,
             fd,
+            pid,
             dir: None,
             name: None,
         };
@@ -142,11 +146,7 @@ fn info_records(mut recs: &[u8], e: &mut Event) -> Option<()> {
             }
             // An object's own FID (FAN_REPORT_FID) is not the directory.
             if kind != INFO_FID {
-                e.dir = Some(Handle {
-                    fsid,
-                    htype,
-                    bytes,
-                });
+                e.dir = Some(Handle { fsid, htype, bytes });
             }
         }
         recs = &recs[len..];
@@ -161,7 +161,16 @@ mod tests {
     /// One event as the kernel lays it out: metadata, then a DFID_NAME
     /// record padded to 4 bytes.
     pub(crate) fn event(mask: u64, handle: &[u8], name: Option<&[u8]>) -> Vec<u8> {
-        let mut rec = vec![if name.is_some() { INFO_DFID_NAME } else { INFO_DFID }, 0, 0, 0];
+        let mut rec = vec![
+            if name.is_some() {
+                INFO_DFID_NAME
+            } else {
+                INFO_DFID
+            },
+            0,
+            0,
+            0,
+        ];
         rec.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
         rec.extend_from_slice(&(handle.len() as u32).to_ne_bytes());
         rec.extend_from_slice(&1i32.to_ne_bytes());
@@ -195,6 +204,7 @@ mod tests {
         assert_eq!(evs.len(), 2);
         assert_eq!(evs[0].mask, 0x100);
         assert_eq!(evs[0].fd, -1);
+        assert_eq!(evs[0].pid, 42);
         let d = evs[0].dir.as_ref().unwrap();
         assert_eq!(d.bytes, b"HANDLE01");
         assert_eq!(d.htype, 1);
