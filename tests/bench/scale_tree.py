@@ -36,6 +36,7 @@ def build(root: str, n: int, hotfix: bool) -> None:
             p = os.path.join(d, f"entry-{i:03d}.py")
             if i % 10 == 9:
                 os.symlink(f"entry-{i - 1:03d}.py", p)
+                os.utime(p, ns=(MTIME_NS, MTIME_NS), follow_symlinks=False)
             else:
                 body = f"# {rel}/{i}\n" + "x = 1\n" * (i % 17)
                 if hotfix and leaf == 0 and i == 0:

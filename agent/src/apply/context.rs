@@ -202,8 +202,9 @@ impl Drop for RwGuard {
 pub(super) fn refresh_stamps(
     state: std::os::fd::BorrowedFd<'_>,
     old: Option<&Stamps>,
-    new: &Stamps,
+    new: Option<&Stamps>,
 ) {
+    let Some(new) = new else { return };
     if old == Some(new) {
         return;
     }

@@ -31,8 +31,10 @@ pub(super) struct Survey {
     pub(super) plan: Plan,
     /// The stamp cache as loaded.
     pub(super) stamps: Option<Stamps>,
-    /// The stamp cache this walk vouches for.
-    pub(super) new_stamps: Stamps,
+    /// The stamp cache this walk vouches for (none after a tracked walk).
+    pub(super) new_stamps: Option<Stamps>,
+    /// When the walk began, ns since the epoch.
+    pub(super) walk_start: i64,
 }
 
 /// The walk of the root, before planning.
@@ -49,12 +51,17 @@ struct Walk {
 pub(super) fn survey(ctx: &Ctx<'_>, t: &Target, report: &mut ApplyReport) -> Result<Survey> {
     let walk = walk_root(ctx, t, report)?;
     let (plan, current_kernel) = plan_changes(ctx, t, &walk, report)?;
-    let new_stamps = Stamps::from_nodes(
-        ctx.root.dev,
-        &walk.nodes,
-        &plan.root_digests,
-        walk.walk_start,
-    );
+    // A tracked walk leaves the stamp cache as the last full walk wrote it:
+    // the tracker's baseline carries what it would, and entries for inodes
+    // changed since are misses (ctime), never wrong.
+    let new_stamps = (report.walk.mode != "tracked").then(|| {
+        Stamps::from_nodes(
+            ctx.root.dev,
+            &walk.nodes,
+            &plan.root_digests,
+            walk.walk_start,
+        )
+    });
     report.plan = plan.stats.clone();
     report.warnings = plan.warnings.clone();
     for w in &plan.warnings {
@@ -67,6 +74,7 @@ pub(super) fn survey(ctx: &Ctx<'_>, t: &Target, report: &mut ApplyReport) -> Res
         plan,
         stamps: walk.stamps,
         new_stamps,
+        walk_start: walk.walk_start,
     })
 }
 
@@ -85,18 +93,22 @@ fn walk_root(ctx: &Ctx<'_>, t: &Target, report: &mut ApplyReport) -> Result<Walk
         }
     }
     let skip = vec![RelPath(stage::STAGE_AT_TOP.as_bytes().to_vec())];
-    let stamps = t.state.as_ref().and_then(|s| stamps::load(s.as_fd()));
     let walk_start = stamps::now_ns();
+    let key = walk_key(ctx, running.as_deref());
+    let tracked = ctx.opts.tracker.as_ref().map(|tr| tr.begin(&key));
+    // The stamp cache serves full walks; a tracked one has its baseline.
+    let stamps = match &tracked {
+        Some(Ok(_)) => None,
+        _ => t.state.as_ref().and_then(|s| stamps::load(s.as_fd())),
+    };
     let opts = ScanOptions {
         preserve: Some(&preserve),
         skip,
         stamps: stamps.as_ref(),
     };
-    let key = walk_key(ctx, running.as_deref());
-    let tracked = ctx.opts.tracker.as_ref().map(|tr| tr.begin(&key));
     let (nodes, walk) = match tracked {
         Some(Ok((base, changes))) => {
-            let (nodes, st) = track::walk::walk(ctx.root.fd(), &opts, base.nodes, &changes.dirs)?;
+            let (nodes, st) = track::walk::walk(ctx.root.fd(), &opts, base, &changes.dirs)?;
             tracing::info!(
                 "tracked walk: {} changed directories ({} removed since), {} listed again, {} objects reused",
                 changes.dirs.len(),
@@ -161,7 +173,11 @@ pub(super) fn hand_back(ctx: &Ctx<'_>, s: Survey) {
         }
         n.cached = false;
     }
-    tr.finish(nodes, walk_key(ctx, rootfs::running_release().as_deref()));
+    tr.finish(
+        nodes,
+        walk_key(ctx, rootfs::running_release().as_deref()),
+        s.walk_start,
+    );
 }
 
 /// Plan the update; also the kernel of the current image, as far as the

@@ -61,6 +61,10 @@ pub struct Baseline {
     pub key: String,
     /// Mount points at or below the root when it walked.
     pub mounts: Vec<Vec<u8>>,
+    /// When that walk began, ns since the epoch: an inode whose ctime is
+    /// within [`crate::fs::stamps::RACY_NS`] of it may have changed again
+    /// unseen by its ctime (see [`crate::fs::stamps`]).
+    pub walk_start_ns: i64,
 }
 
 /// The changed directories a walk must read again.
@@ -186,18 +190,26 @@ impl Tracker {
             return Err("mounts below the root changed".into());
         }
         let changes = self.resolve(dirty)?;
+        for d in changes.dirs.iter().take(20) {
+            tracing::debug!("changed since the last walk: {d}");
+        }
         Ok((base, changes))
     }
 
     /// A walk is done: its objects are the next walk's baseline.
-    pub fn finish(&self, nodes: Vec<Node>, key: String) {
+    pub fn finish(&self, nodes: Vec<Node>, key: String, walk_start_ns: i64) {
         if let Ok(mut st) = self.state.lock() {
             let Some(mounts) = st.walk_mounts.take() else {
                 return;
             };
             // Something lost while the walk ran stays lost.
             st.unfinished = false;
-            st.baseline = Some(Baseline { nodes, key, mounts });
+            st.baseline = Some(Baseline {
+                nodes,
+                key,
+                mounts,
+                walk_start_ns,
+            });
         }
     }
 

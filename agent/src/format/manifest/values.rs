@@ -303,10 +303,14 @@ impl Digest {
 
     /// Parse 64 hex characters.
     pub fn from_hex(s: &str) -> Result<Self, String> {
-        let v = hex::decode(s).map_err(|e| format!("bad sha256 {s:?}: {e}"))?;
-        let arr: [u8; 32] = v
-            .try_into()
-            .map_err(|_| format!("bad sha256 {s:?}: not 32 bytes"))?;
+        // Without an intermediate allocation: a manifest holds one per file.
+        let mut arr = [0u8; 32];
+        hex::decode_to_slice(s, &mut arr).map_err(|e| match e {
+            hex::FromHexError::InvalidStringLength | hex::FromHexError::OddLength => {
+                format!("bad sha256 {s:?}: not 32 bytes")
+            }
+            e => format!("bad sha256 {s:?}: {e}"),
+        })?;
         Ok(Digest(arr))
     }
 
@@ -337,7 +341,17 @@ impl Serialize for Digest {
 
 impl<'de> Deserialize<'de> for Digest {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Digest::from_hex(&s).map_err(serde::de::Error::custom)
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Digest;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a sha256 as 64 hex digits")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Digest, E> {
+                Digest::from_hex(s).map_err(E::custom)
+            }
+        }
+        // Borrowed from the input where it can be: no String per digest.
+        d.deserialize_str(V)
     }
 }

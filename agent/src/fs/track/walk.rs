@@ -32,7 +32,7 @@ pub struct TrackedStats {
 pub fn walk(
     root: BorrowedFd<'_>,
     opts: &ScanOptions<'_>,
-    base: Vec<Node>,
+    base: super::Baseline,
     dirty: &BTreeSet<RelPath>,
 ) -> Result<(Vec<Node>, TrackedStats)> {
     let st = fsx::stat_fd(root).context("stat of the tree's top directory")?;
@@ -42,7 +42,8 @@ pub fn walk(
         opts,
         dev: st.dev,
         dirty,
-        children: children_by_dir(base),
+        children: children_by_dir(base.nodes),
+        settled_before: base.walk_start_ns.saturating_sub(crate::fs::stamps::RACY_NS),
         out: Vec::new(),
         stats: TrackedStats::default(),
     };
@@ -77,6 +78,9 @@ struct Walker<'a> {
     dev: u64,
     dirty: &'a BTreeSet<RelPath>,
     children: HashMap<RelPath, Vec<Node>>,
+    /// An inode whose ctime is before this (ns) and unchanged since the
+    /// previous walk read it is the very object it read.
+    settled_before: i64,
     out: Vec<Node>,
     stats: TrackedStats,
 }
@@ -99,13 +103,24 @@ impl Walker<'_> {
         }
         self.stats.relisted += 1;
         let (fresh, _) = list_one(self.root, dir, self.dev, self.opts)?;
-        for c in fresh {
+        for mut c in fresh {
             let sub = is_walked_dir(&c).then(|| c.path.clone());
+            let prev = old
+                .binary_search_by(|o| o.path.0.cmp(&c.path.0))
+                .ok()
+                .map(|i| &old[i]);
+            // The stamp cache's rule, against the previous walk itself: the
+            // same inode, unchanged since and not racy, holds what it held.
+            if let Some(p) = prev.filter(|p| {
+                c.known.is_none()
+                    && p.stat.ftype == FileType::File
+                    && c.stat.ftype == FileType::File
+                    && (p.stat.ino, p.stat.ctime_ns) == (c.stat.ino, c.stat.ctime_ns)
+                    && p.stat.ctime_ns < self.settled_before
+            }) {
+                c.known = p.known;
+            }
             let same = sub.is_some() && {
-                let prev = old
-                    .binary_search_by(|o| o.path.0.cmp(&c.path.0))
-                    .ok()
-                    .map(|i| &old[i]);
                 prev.is_some_and(|p| {
                     is_walked_dir(p)
                         && p.stat.ino == c.stat.ino
