@@ -202,10 +202,10 @@ impl Drop for RwGuard {
 pub(super) fn refresh_stamps(
     state: std::os::fd::BorrowedFd<'_>,
     old: Option<&Stamps>,
-    new: Option<&Stamps>,
+    new: Option<&[u8]>,
 ) {
     let Some(new) = new else { return };
-    if old == Some(new) {
+    if old.is_some_and(|o| o.same_as(new)) {
         return;
     }
     if let Err(e) = stamps::save(state, new) {

@@ -164,7 +164,7 @@ fn update(
 /// The root already matches the target: keep the walk's stamps and say so.
 fn nothing_to_do(ctx: &Ctx<'_>, t: &resolve::Target, s: &survey::Survey) {
     if let Some(st) = &t.state {
-        refresh_stamps(st.as_fd(), s.stamps.as_ref(), s.new_stamps.as_ref());
+        refresh_stamps(st.as_fd(), s.stamps.as_ref(), s.new_stamps.as_deref());
         // A root already on a higher release (provisioned) raises the mark.
         if let Err(e) = crate::engine::releases::record_installed(st.as_fd(), t.manifest()) {
             tracing::warn!("could not record the release high-water mark: {e:#}");

@@ -208,7 +208,11 @@ impl Begun {
         ctx.advance(Event::Staged);
         // What this run's walk read stays true for every inode the swap leaves
         // alone (the others get new ctimes and miss next time).
-        refresh_stamps(self.state.as_fd(), s.stamps.as_ref(), s.new_stamps.as_ref());
+        refresh_stamps(
+            self.state.as_fd(),
+            s.stamps.as_ref(),
+            s.new_stamps.as_deref(),
+        );
         // The journal says "swapping" before the first rename: written
         // durably (its own fsyncs), then this syncfs makes the staged content
         // durable. A stop before the swap turns it into "aborted" (abort).

@@ -31,8 +31,9 @@ pub(super) struct Survey {
     pub(super) plan: Plan,
     /// The stamp cache as loaded.
     pub(super) stamps: Option<Stamps>,
-    /// The stamp cache this walk vouches for (none after a tracked walk).
-    pub(super) new_stamps: Option<Stamps>,
+    /// The stamp cache this walk vouches for, encoded (none after a
+    /// tracked walk).
+    pub(super) new_stamps: Option<Vec<u8>>,
     /// When the walk began, ns since the epoch.
     pub(super) walk_start: i64,
 }
@@ -55,7 +56,7 @@ pub(super) fn survey(ctx: &Ctx<'_>, t: &Target, report: &mut ApplyReport) -> Res
     // the tracker's baseline carries what it would, and entries for inodes
     // changed since are misses (ctime), never wrong.
     let new_stamps = (report.walk.mode != "tracked").then(|| {
-        Stamps::from_nodes(
+        stamps::encode_nodes(
             ctx.root.dev,
             &walk.nodes,
             &plan.root_digests,

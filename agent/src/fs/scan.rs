@@ -195,8 +195,8 @@ pub(crate) fn list_one(
             out.push(Node {
                 path,
                 stat,
-                xattrs: hit.xattrs.clone(),
-                target: hit.target.clone(),
+                xattrs: hit.xattrs(),
+                target: hit.target(),
                 mountpoint,
                 cached: true,
                 known: hit.digest,

@@ -28,13 +28,12 @@
 //! the record of the current image (whose parse is most of a hotfix's
 //! planning time).
 
-use crate::sys::fastmap::HashMap;
 use std::io;
 use std::os::fd::BorrowedFd;
 
 use anyhow::{anyhow, bail, Result};
 
-use crate::format::manifest::{Digest, RawBytes, RelPath, XattrValue, Xattrs};
+use crate::format::manifest::{Digest, RawBytes, RelPath, XattrValue, Xattrs, ROOT_PATH};
 use crate::fs::fsx::{self, Stat};
 use crate::fs::node::Node;
 
@@ -56,21 +55,92 @@ pub struct Stamp {
     pub ino: u64,
     /// ctime in ns since the epoch at the time.
     pub ctime_ns: i64,
-    /// Its xattrs.
-    pub xattrs: Xattrs,
-    /// Its target, for a symlink.
-    pub target: Option<Vec<u8>>,
     /// Its content digest, for a regular file whose content the run knew
     /// (recorded, quick-checked against the image, or hashed).
     pub digest: Option<Digest>,
+    /// Xattrs and symlink target, when it has either (most inodes have
+    /// neither: kept out of line, a pointer per stamp).
+    extra: Option<Box<Extra>>,
 }
 
-/// The cache of one filesystem.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// The rarely present part of a stamp.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Extra {
+    xattrs: Xattrs,
+    target: Option<Vec<u8>>,
+}
+
+impl Stamp {
+    /// Its xattrs.
+    pub fn xattrs(&self) -> Xattrs {
+        self.extra
+            .as_ref()
+            .map(|e| e.xattrs.clone())
+            .unwrap_or_default()
+    }
+
+    /// Its target, for a symlink.
+    pub fn target(&self) -> Option<Vec<u8>> {
+        self.extra.as_ref().and_then(|e| e.target.clone())
+    }
+}
+
+/// The cache of one filesystem: stamps in tree order
+/// ([`RelPath::tree_cmp`]), found by binary search.
+#[derive(Clone, Debug, Default)]
 pub struct Stamps {
     /// Device of the filesystem the stamps belong to.
     pub dev: u64,
-    map: HashMap<RelPath, Stamp>,
+    entries: Vec<(Box<[u8]>, Stamp)>,
+    /// The checksum of the file it was read from, if read from one.
+    sum: Option<[u8; 32]>,
+}
+
+impl PartialEq for Stamps {
+    fn eq(&self, other: &Self) -> bool {
+        self.dev == other.dev && self.entries == other.entries
+    }
+}
+
+impl Eq for Stamps {}
+
+/// [`RelPath::tree_cmp`] on raw path bytes: `/` sorts below every other
+/// byte (names hold neither `/` nor NUL), the top directory first.
+fn tree_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    match (a == ROOT_PATH, b == ROOT_PATH) {
+        (true, true) => return std::cmp::Ordering::Equal,
+        (true, false) => return std::cmp::Ordering::Less,
+        (false, true) => return std::cmp::Ordering::Greater,
+        _ => {}
+    }
+    let key = |c: u8| if c == b'/' { 0 } else { c };
+    a.iter().map(|&c| key(c)).cmp(b.iter().map(|&c| key(c)))
+}
+
+/// True when `n` belongs in the stamps of a walk of `dev` that started at
+/// `walk_start_ns`: not a mount point, not ctime-racy.
+fn stampable(dev: u64, n: &Node, walk_start_ns: i64) -> bool {
+    !n.mountpoint && n.stat.dev == dev && n.stat.ctime_ns < walk_start_ns.saturating_sub(RACY_NS)
+}
+
+/// The stamp of walked node `n`, whose content the run knew as `d`.
+fn stamp_of(n: &Node, d: Option<Digest>) -> Stamp {
+    let extra = (!n.xattrs.is_empty() || n.target.is_some()).then(|| {
+        Box::new(Extra {
+            xattrs: n.xattrs.clone(),
+            target: n.target.clone(),
+        })
+    });
+    Stamp {
+        ino: n.stat.ino,
+        ctime_ns: n.stat.ctime_ns,
+        digest: if n.stat.ftype == crate::format::manifest::FileType::File {
+            d
+        } else {
+            None
+        },
+        extra,
+    }
 }
 
 impl Stamps {
@@ -80,92 +150,73 @@ impl Stamps {
         if st.dev != self.dev {
             return None;
         }
-        self.map
-            .get(path)
-            .filter(|s| s.ino == st.ino && s.ctime_ns == st.ctime_ns)
+        let i = self
+            .entries
+            .binary_search_by(|(p, _)| tree_order(p, &path.0))
+            .ok()?;
+        let s = &self.entries[i].1;
+        (s.ino == st.ino && s.ctime_ns == st.ctime_ns).then_some(s)
     }
 
     /// Number of cached objects.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.entries.len()
     }
 
     /// True when nothing is cached.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.entries.is_empty()
+    }
+
+    /// True when `encoded` (what [`encode_nodes`] wrote) holds exactly the
+    /// cache this was read from.
+    pub fn same_as(&self, encoded: &[u8]) -> bool {
+        self.sum
+            .is_some_and(|s| encoded.len() >= 32 && encoded[encoded.len() - 32..] == s)
     }
 
     /// The stamps of a walk of the filesystem `dev` that started at
     /// `walk_start_ns` (ns since the epoch): every object except mount
     /// points and ctime-racy inodes. `digests` holds the content digest the
-    /// run knew for each node (same length as `nodes`).
+    /// run knew for each node (same length as `nodes`); `nodes` are in
+    /// tree order, as a walk returns them.
     pub fn from_nodes(
         dev: u64,
         nodes: &[Node],
         digests: &[Option<Digest>],
         walk_start_ns: i64,
     ) -> Stamps {
-        let map = nodes
+        let entries = nodes
             .iter()
             .zip(digests.iter().chain(std::iter::repeat(&None)))
-            .filter(|(n, _)| {
-                !n.mountpoint
-                    && n.stat.dev == dev
-                    && n.stat.ctime_ns < walk_start_ns.saturating_sub(RACY_NS)
-            })
-            .map(|(n, d)| {
-                (
-                    n.path.clone(),
-                    Stamp {
-                        ino: n.stat.ino,
-                        ctime_ns: n.stat.ctime_ns,
-                        xattrs: n.xattrs.clone(),
-                        target: n.target.clone(),
-                        digest: if n.stat.ftype == crate::format::manifest::FileType::File {
-                            *d
-                        } else {
-                            None
-                        },
-                    },
-                )
-            })
-            .collect();
-        Stamps { dev, map }
+            .filter(|(n, _)| stampable(dev, n, walk_start_ns))
+            .map(|(n, d)| (n.path.0.clone().into_boxed_slice(), stamp_of(n, *d)))
+            .collect::<Vec<_>>();
+        let mut entries = entries;
+        if !entries
+            .windows(2)
+            .all(|w| tree_order(&w[0].0, &w[1].0).is_lt())
+        {
+            entries.sort_by(|a, b| tree_order(&a.0, &b.0));
+        }
+        Stamps {
+            dev,
+            entries,
+            sum: None,
+        }
     }
 
-    /// Serialise (see the module documentation), in path order so equal
+    /// Serialise (see the module documentation), in tree order so equal
     /// caches give equal bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64 + self.map.len() * 64);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&self.dev.to_le_bytes());
-        put(&mut out, self.map.len() as u64);
-        let mut paths: Vec<&RelPath> = self.map.keys().collect();
-        paths.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        for p in paths {
-            let s = &self.map[p];
-            put_bytes(&mut out, &p.0);
-            put(&mut out, s.ino);
-            put(&mut out, ((s.ctime_ns << 1) ^ (s.ctime_ns >> 63)) as u64);
-            put(&mut out, s.xattrs.len() as u64);
-            for (k, v) in &s.xattrs {
-                put_bytes(&mut out, &k.0);
-                put_bytes(&mut out, &v.0);
-            }
-            out.push(u8::from(s.target.is_some()) | (u8::from(s.digest.is_some()) << 1));
-            if let Some(t) = &s.target {
-                put_bytes(&mut out, t);
-            }
-            if let Some(d) = &s.digest {
-                out.extend_from_slice(&d.0);
-            }
+        let mut out = head(self.dev, self.entries.len());
+        for (p, s) in &self.entries {
+            put_stamp(&mut out, p, s);
         }
-        let sum = Digest::of(&out);
-        out.extend_from_slice(&sum.0);
-        out
+        finish(out)
     }
 
-    /// Parse what [`Self::encode`] wrote.
+    /// Parse what [`Self::encode`] or [`encode_nodes`] wrote.
     pub fn decode(b: &[u8]) -> Result<Stamps> {
         if b.len() < MAGIC.len() + 8 + 32 || &b[..MAGIC.len()] != MAGIC {
             bail!("not a stamp cache");
@@ -182,9 +233,9 @@ impl Stamps {
         if n > (body.len() / 5) as u64 {
             bail!("stamp cache claims {n} objects");
         }
-        let mut map = HashMap::with_capacity_and_hasher(n as usize, Default::default());
+        let mut entries: Vec<(Box<[u8]>, Stamp)> = Vec::with_capacity(n as usize);
         for _ in 0..n {
-            let path = RelPath(get_bytes(body, &mut pos)?.to_vec());
+            let path: Box<[u8]> = get_bytes(body, &mut pos)?.into();
             let ino = get(body, &mut pos)?;
             let z = get(body, &mut pos)?;
             let ctime_ns = ((z >> 1) as i64) ^ -((z & 1) as i64);
@@ -216,22 +267,99 @@ impl Stamps {
                 }
                 _ => None,
             };
-            map.insert(
+            let extra = (!xattrs.is_empty() || target.is_some())
+                .then(|| Box::new(Extra { xattrs, target }));
+            entries.push((
                 path,
                 Stamp {
                     ino,
                     ctime_ns,
-                    xattrs,
-                    target,
                     digest,
+                    extra,
                 },
-            );
+            ));
         }
         if pos != body.len() {
             bail!("stamp cache has trailing bytes");
         }
-        Ok(Stamps { dev, map })
+        // Written in tree order; a file that is not is sorted (it is only
+        // a cache: a duplicate path makes it unusable).
+        if !entries
+            .windows(2)
+            .all(|w| tree_order(&w[0].0, &w[1].0).is_lt())
+        {
+            entries.sort_by(|a, b| tree_order(&a.0, &b.0));
+            if entries
+                .windows(2)
+                .any(|w| tree_order(&w[0].0, &w[1].0).is_eq())
+            {
+                bail!("stamp cache names a path twice");
+            }
+        }
+        Ok(Stamps {
+            dev,
+            entries,
+            sum: Some(sum.try_into()?),
+        })
     }
+}
+
+/// The encoded stamps of a walk (what [`Stamps::from_nodes`] then
+/// [`Stamps::encode`] give), written straight from the walk's nodes: no
+/// cache is built in memory.
+pub fn encode_nodes(
+    dev: u64,
+    nodes: &[Node],
+    digests: &[Option<Digest>],
+    walk_start_ns: i64,
+) -> Vec<u8> {
+    let keep = |(n, _): &(&Node, &Option<Digest>)| stampable(dev, n, walk_start_ns);
+    let pairs = || {
+        nodes
+            .iter()
+            .zip(digests.iter().chain(std::iter::repeat(&None)))
+    };
+    let mut out = head(dev, pairs().filter(keep).count());
+    for (n, d) in pairs().filter(keep) {
+        put_stamp(&mut out, &n.path.0, &stamp_of(n, *d));
+    }
+    finish(out)
+}
+
+fn head(dev: u64, count: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + count * 48);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&dev.to_le_bytes());
+    put(&mut out, count as u64);
+    out
+}
+
+fn put_stamp(out: &mut Vec<u8>, path: &[u8], s: &Stamp) {
+    put_bytes(out, path);
+    put(out, s.ino);
+    put(out, ((s.ctime_ns << 1) ^ (s.ctime_ns >> 63)) as u64);
+    let (xattrs, target) = match &s.extra {
+        Some(e) => (Some(&e.xattrs), e.target.as_ref()),
+        None => (None, None),
+    };
+    put(out, xattrs.map_or(0, |x| x.len()) as u64);
+    for (k, v) in xattrs.into_iter().flatten() {
+        put_bytes(out, &k.0);
+        put_bytes(out, &v.0);
+    }
+    out.push(u8::from(target.is_some()) | (u8::from(s.digest.is_some()) << 1));
+    if let Some(t) = target {
+        put_bytes(out, t);
+    }
+    if let Some(d) = &s.digest {
+        out.extend_from_slice(&d.0);
+    }
+}
+
+fn finish(mut out: Vec<u8>) -> Vec<u8> {
+    let sum = Digest::of(&out);
+    out.extend_from_slice(&sum.0);
+    out
 }
 
 fn put(out: &mut Vec<u8>, v: u64) {
@@ -288,8 +416,8 @@ pub fn now_ns() -> i64 {
 
 /// Replace the cache in the state directory (temp + rename, no fsync: a
 /// torn file after a power loss fails its checksum and is ignored).
-pub fn save(state: BorrowedFd<'_>, s: &Stamps) -> io::Result<()> {
-    fsx::write_renamed(state, FILE, &s.encode(), 0o600)
+pub fn save(state: BorrowedFd<'_>, encoded: &[u8]) -> io::Result<()> {
+    fsx::write_renamed(state, FILE, encoded, 0o600)
 }
 
 #[cfg(test)]
@@ -352,8 +480,19 @@ mod tests {
         assert_eq!(s.len(), 3, "the racy inode is left out");
         let back = Stamps::decode(&s.encode()).expect("decodes");
         assert_eq!(back, s);
+        // A walk's nodes come in tree order; so does the encoding.
+        let mut order: Vec<usize> = (0..nodes.len()).collect();
+        order.sort_by(|&a, &b| nodes[a].path.tree_cmp(&nodes[b].path));
+        let walked: Vec<Node> = order.iter().map(|&i| nodes[i].clone()).collect();
+        let walked_digests: Vec<_> = order.iter().map(|&i| digests[i]).collect();
+        assert_eq!(encode_nodes(7, &walked, &walked_digests, NOW), s.encode());
+        assert!(back.same_as(&s.encode()));
+        assert!(
+            !s.same_as(&s.encode()),
+            "only a cache read from a file knows its sum"
+        );
         let hit = back.lookup(&nodes[0].path, &nodes[0].stat).expect("hit");
-        assert_eq!(hit.xattrs, nodes[0].xattrs);
+        assert_eq!(hit.xattrs(), nodes[0].xattrs);
         assert_eq!(hit.digest, Some(Digest::of(b"ping")));
         assert_eq!(
             back.lookup(&nodes[1].path, &nodes[1].stat)
@@ -363,7 +502,7 @@ mod tests {
         );
         assert_eq!(
             back.lookup(&nodes[1].path, &nodes[1].stat)
-                .and_then(|h| h.target.clone()),
+                .and_then(|h| h.target()),
             Some(b"dash".to_vec())
         );
         assert!(back.lookup(&nodes[2].path, &nodes[2].stat).is_none());
@@ -377,6 +516,26 @@ mod tests {
         let mut elsewhere = nodes[0].stat;
         elsewhere.dev = 8;
         assert!(back.lookup(&nodes[0].path, &elsewhere).is_none());
+    }
+
+    #[test]
+    fn tree_order_matches_relpath_tree_cmp() {
+        let paths = [
+            ".", "a", "a/b", "a.b", "a-b", "ab", "a/b/c", "a/bc", "b", "-x", "a/-",
+        ];
+        for x in paths {
+            for y in paths {
+                let (px, py) = (
+                    RelPath(x.as_bytes().to_vec()),
+                    RelPath(y.as_bytes().to_vec()),
+                );
+                assert_eq!(
+                    tree_order(x.as_bytes(), y.as_bytes()),
+                    px.tree_cmp(&py),
+                    "{x} vs {y}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -43,7 +43,9 @@ pub fn walk(
         dev: st.dev,
         dirty,
         children: children_by_dir(base.nodes),
-        settled_before: base.walk_start_ns.saturating_sub(crate::fs::stamps::RACY_NS),
+        settled_before: base
+            .walk_start_ns
+            .saturating_sub(crate::fs::stamps::RACY_NS),
         out: Vec::new(),
         stats: TrackedStats::default(),
     };
