@@ -252,3 +252,23 @@ fn bad_disk_records_are_refused() {
     // Positive control: the good one parses.
     assert!(Manifest::parse(json.as_bytes()).is_ok());
 }
+
+#[test]
+fn digests_parse_from_hex_in_either_case_and_nothing_else() {
+    let d = Digest::of(b"abc");
+    let hex = d.to_hex();
+    assert_eq!(Digest::from_hex(&hex), Ok(d));
+    assert_eq!(Digest::from_hex(&hex.to_uppercase()), Ok(d));
+    assert!(Digest::from_hex(&hex[..62])
+        .unwrap_err()
+        .contains("not 32 bytes"));
+    assert!(Digest::from_hex(&format!("{hex}00")).is_err());
+    let mut bad = hex.clone().into_bytes();
+    bad[10] = b'g';
+    assert!(Digest::from_hex(std::str::from_utf8(&bad).unwrap())
+        .unwrap_err()
+        .contains("not hex"));
+    let back: Digest = serde_json::from_str(&format!("\"{hex}\"")).unwrap();
+    assert_eq!(back, d);
+    assert!(serde_json::from_str::<Digest>("17").is_err());
+}

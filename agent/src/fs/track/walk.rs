@@ -17,6 +17,7 @@ use crate::fs::fsx;
 use crate::fs::node::Node;
 use crate::fs::scan::{list_one, ScanOptions};
 use crate::sys::fastmap::HashMap;
+use crate::sys::par::par_map;
 
 /// What the tracked walk did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -37,11 +38,20 @@ pub fn walk(
 ) -> Result<(Vec<Node>, TrackedStats)> {
     let st = fsx::stat_fd(root).context("stat of the tree's top directory")?;
     let xattrs = fsx::read_xattrs(root, b".").context("reading xattrs of the top directory")?;
+    // The changed directories are listed up front, in parallel as a full
+    // walk lists (a large update touches thousands); the walk below then
+    // only assembles.
+    let todo: Vec<&RelPath> = dirty.iter().collect();
+    let lists = par_map(&todo, crate::fs::scan::scan_threads(), |d| {
+        Ok(list_one(root, d, st.dev, opts)?.0)
+    })?;
+    let listed: HashMap<RelPath, Vec<Node>> = todo.into_iter().cloned().zip(lists).collect();
     let mut w = Walker {
         root,
         opts,
         dev: st.dev,
         dirty,
+        listed,
         children: children_by_dir(base.nodes),
         settled_before: base
             .walk_start_ns
@@ -79,6 +89,8 @@ struct Walker<'a> {
     opts: &'a ScanOptions<'a>,
     dev: u64,
     dirty: &'a BTreeSet<RelPath>,
+    /// The changed directories' entries, as listed now.
+    listed: HashMap<RelPath, Vec<Node>>,
     children: HashMap<RelPath, Vec<Node>>,
     /// An inode whose ctime is before this (ns) and unchanged since the
     /// previous walk read it is the very object it read.
@@ -104,7 +116,10 @@ impl Walker<'_> {
             return Ok(());
         }
         self.stats.relisted += 1;
-        let (fresh, _) = list_one(self.root, dir, self.dev, self.opts)?;
+        let fresh = match self.listed.remove(dir) {
+            Some(l) => l,
+            None => list_one(self.root, dir, self.dev, self.opts)?.0,
+        };
         for mut c in fresh {
             let sub = is_walked_dir(&c).then(|| c.path.clone());
             let prev = old
