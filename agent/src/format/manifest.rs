@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 mod disk;
 mod values;
 pub use disk::{check_disk_name, DiskArtifact, DiskFormat, DISKS_DIR, SHA256SUMS};
-pub use values::{Digest, FileType, RawBytes, RelPath, XattrValue, Xattrs};
+pub use values::{tree_order, Digest, FileType, RawBytes, RelPath, XattrValue, Xattrs};
 
 /// Manifest format version written by this build: 2 adds the signed
 /// `channel`, `release` and `compatible` (downgrade protection). Readers

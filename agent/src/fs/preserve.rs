@@ -96,10 +96,12 @@ impl Preserve {
         if path.is_root() {
             return false;
         }
-        let comps: Vec<&[u8]> = path.as_bytes().split(|&b| b == b'/').collect();
+        // Asked once per entry of every plan: no allocation.
+        let comps = || path.as_bytes().split(|&b| b == b'/');
+        let n = path.as_bytes().iter().filter(|&&b| b == b'/').count() + 1;
         self.patterns
             .iter()
-            .any(|pat| pat.len() <= comps.len() && pat.iter().zip(&comps).all(|(p, c)| glob(p, c)))
+            .any(|pat| pat.len() <= n && pat.iter().zip(comps()).all(|(p, c)| glob(p, c)))
     }
 
     /// True when something below `dir` (but not `dir` itself) is preserved,

@@ -33,7 +33,7 @@ use std::os::fd::BorrowedFd;
 
 use anyhow::{anyhow, bail, Result};
 
-use crate::format::manifest::{Digest, RawBytes, RelPath, XattrValue, Xattrs, ROOT_PATH};
+use crate::format::manifest::{tree_order, Digest, RawBytes, RelPath, XattrValue, Xattrs};
 use crate::fs::fsx::{self, Stat};
 use crate::fs::node::Node;
 
@@ -103,19 +103,6 @@ impl PartialEq for Stamps {
 }
 
 impl Eq for Stamps {}
-
-/// [`RelPath::tree_cmp`] on raw path bytes: `/` sorts below every other
-/// byte (names hold neither `/` nor NUL), the top directory first.
-fn tree_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
-    match (a == ROOT_PATH, b == ROOT_PATH) {
-        (true, true) => return std::cmp::Ordering::Equal,
-        (true, false) => return std::cmp::Ordering::Less,
-        (false, true) => return std::cmp::Ordering::Greater,
-        _ => {}
-    }
-    let key = |c: u8| if c == b'/' { 0 } else { c };
-    a.iter().map(|&c| key(c)).cmp(b.iter().map(|&c| key(c)))
-}
 
 /// True when `n` belongs in the stamps of a walk of `dev` that started at
 /// `walk_start_ns`: not a mount point, not ctime-racy.

@@ -119,15 +119,31 @@ impl RelPath {
     /// Sort key that orders a directory immediately before its contents
     /// (plain byte order would put `a.b` between `a` and `a/b`).
     pub fn tree_cmp(&self, other: &RelPath) -> std::cmp::Ordering {
-        match (self.is_root(), other.is_root()) {
-            (true, true) => return std::cmp::Ordering::Equal,
-            (true, false) => return std::cmp::Ordering::Less,
-            (false, true) => return std::cmp::Ordering::Greater,
-            (false, false) => {}
+        tree_order(&self.0, &other.0)
+    }
+}
+
+/// [`RelPath::tree_cmp`] on raw path bytes. Comparing component by
+/// component is comparing bytes with `/` below every other byte (a name
+/// holds neither `/` nor NUL), which needs no splitting: this runs once
+/// per entry in every manifest check and plan.
+pub fn tree_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    match (a == ROOT_PATH, b == ROOT_PATH) {
+        (true, true) => return Ordering::Equal,
+        (true, false) => return Ordering::Less,
+        (false, true) => return Ordering::Greater,
+        _ => {}
+    }
+    let n = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    match (a.get(n), b.get(n)) {
+        (None, None) => Ordering::Equal,
+        (None, Some(_)) => Ordering::Less,
+        (Some(_), None) => Ordering::Greater,
+        (Some(&x), Some(&y)) => {
+            let key = |c: u8| if c == b'/' { 0 } else { c };
+            key(x).cmp(&key(y))
         }
-        let a = self.0.split(|&c| c == b'/');
-        let b = other.0.split(|&c| c == b'/');
-        a.cmp(b)
     }
 }
 
