@@ -157,6 +157,14 @@ pub struct Manifest {
     pub entries: Vec<Entry>,
 }
 
+/// The parent of a non-root path, as bytes (`.` for a top-level name).
+fn parent_bytes(p: &[u8]) -> &[u8] {
+    match p.iter().rposition(|&b| b == b'/') {
+        Some(i) => &p[..i],
+        None => ROOT_PATH,
+    }
+}
+
 /// Check an image id: case-sensitive, usable as a file name and URL segment.
 pub fn validate_image_id(id: &str) -> Result<(), String> {
     let ok = !id.is_empty()
@@ -294,10 +302,12 @@ impl Manifest {
             })?;
         }
         self.validate_release()?;
+        // Entries are checked to be in tree order, so each one's parent is
+        // on the chain of the previous one's ancestors: a stack, instead of
+        // a map of every path (this runs on every resolve).
         let mut prev: Option<&RelPath> = None;
-        let mut types: crate::sys::fastmap::HashMap<&RelPath, FileType> =
-            crate::sys::fastmap::HashMap::default();
-        for e in &self.entries {
+        let mut chain: Vec<(&[u8], FileType)> = Vec::new();
+        for (i, e) in self.entries.iter().enumerate() {
             let bad = |why: &'static str| ManifestError::BadPath {
                 path: e.path.display(),
                 why,
@@ -310,9 +320,13 @@ impl Manifest {
             } else if !e.path.is_root() {
                 return Err(bad("the first entry must be the top directory '.'"));
             }
-            if let Some(parent) = e.path.parent() {
-                match types.get(&parent) {
-                    Some(FileType::Dir) => {}
+            if !e.path.is_root() {
+                let parent = parent_bytes(&e.path.0);
+                while chain.last().is_some_and(|(p, _)| *p != parent) {
+                    chain.pop();
+                }
+                match chain.last() {
+                    Some((_, FileType::Dir)) => {}
                     Some(_) => {
                         return Err(bad(
                             "parent is not a directory (path escapes through a non-directory)",
@@ -325,11 +339,15 @@ impl Manifest {
             if e.ftype == FileType::Hardlink {
                 let t = RelPath(e.target.as_ref().map(|t| t.0.clone()).unwrap_or_default());
                 t.validate().map_err(bad)?;
-                if types.get(&t) != Some(&FileType::File) {
+                let earlier = &self.entries[..i];
+                let file = earlier
+                    .binary_search_by(|x| x.path.tree_cmp(&t))
+                    .is_ok_and(|j| earlier[j].ftype == FileType::File);
+                if !file {
                     return Err(bad("hardlink target is not a regular file listed earlier"));
                 }
             }
-            types.insert(&e.path, e.ftype);
+            chain.push((&e.path.0, e.ftype));
             prev = Some(&e.path);
         }
         if self.entries.is_empty() {

@@ -272,3 +272,55 @@ fn digests_parse_from_hex_in_either_case_and_nothing_else() {
     assert_eq!(back, d);
     assert!(serde_json::from_str::<Digest>("17").is_err());
 }
+
+fn hardlink(p: &[u8], to: &[u8]) -> Entry {
+    Entry {
+        path: RelPath(p.to_vec()),
+        ftype: FileType::Hardlink,
+        target: Some(RawBytes(to.to_vec())),
+        mode: 0,
+        mtime_ns: 0,
+        ..dir("x")
+    }
+}
+
+#[test]
+fn parents_and_hardlink_targets_are_checked_in_tree_order() {
+    // Deep subtrees, then siblings and a name sorting between "a" and "a/…".
+    let ok = manifest(vec![
+        dir("."),
+        dir("a"),
+        dir("a/b"),
+        dir("a/b/c"),
+        file(b"a/b/c/f"),
+        file(b"a/b/g"),
+        hardlink(b"a/b/h", b"a/b/c/f"),
+        file(b"a/z"),
+        dir("a.d"),
+        file(b"a.d/x"),
+        hardlink(b"top", b"a/z"),
+    ]);
+    Manifest::parse(&ok.to_json()).expect("a well-formed tree");
+    let missing = manifest(vec![dir("."), dir("a"), file(b"a/b/c")]);
+    let err = Manifest::parse(&missing.to_json()).unwrap_err();
+    assert!(
+        err.to_string().contains("parent directory is missing"),
+        "{err}"
+    );
+    let under_file = manifest(vec![dir("."), file(b"a"), dir("b"), file(b"b/x")]);
+    Manifest::parse(&under_file.to_json()).expect("siblings of a file");
+    for (target, why) in [
+        (&b"a/later"[..], "listed earlier"),
+        (b"a", "listed earlier"),
+        (b"nothing", "listed earlier"),
+    ] {
+        let m = manifest(vec![
+            dir("."),
+            dir("a"),
+            hardlink(b"a/k", target),
+            file(b"a/later"),
+        ]);
+        let err = Manifest::parse(&m.to_json()).unwrap_err();
+        assert!(err.to_string().contains(why), "{target:?}: {err}");
+    }
+}
