@@ -7,7 +7,7 @@
 # nova's libvirt driver) and c2 (security upgrade) with
 # tests/fixtures/build-compute-trees.sh, publishes each pair into a local
 # store, and for c1 -> c1h and c1 -> c2 measures in the same run, medians
-# of BENCH_RUNS (3):
+# of BENCH_RUNS (5):
 #   * `imageupd apply` by hand (full walk, stamp cache warm);
 #   * the same update through `imageupd agent` with change tracking;
 #   * rsync -aHAX --delete --one-file-system of the same transition;

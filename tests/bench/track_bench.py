@@ -5,7 +5,7 @@ and through the agent with change tracking, against rsync on the same
 transition in the same run. Environment:
 
   IMAGEUPD_BIN        the imageupd binary (release)
-  BENCH_RUNS          timed runs per case (default 3)
+  BENCH_RUNS          timed runs per case (default 5)
   BENCH_DIR           scratch (default /var/tmp/imageupd-track-bench)
   BENCH_TREES         "BASE:TARGET:LABEL ..." (default the compute fixture:
                       c1:c1h:hotfix c1:c2:security-upgrade)
@@ -25,7 +25,7 @@ from benchlib import run
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = os.environ["IMAGEUPD_BIN"]
-RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+RUNS = int(os.environ.get("BENCH_RUNS", "5"))
 WORK = Path(os.environ.get("BENCH_DIR", "/var/tmp/imageupd-track-bench"))
 CACHE = Path(os.environ.get("IMAGEUPD_TEST_CACHE", "/var/cache/imageupd-test")) / "compute"
 RESULTS = Path(os.environ.get("BENCH_RESULTS", REPO / "tests/bench/track-results.md"))
@@ -128,6 +128,9 @@ def bench_case(base, target, label, store, key):
             f'[agent]\nmetadata_file = "{meta}"\ndebounce_ms = 10\nrescan_secs = 3600\n')
         log(f"{label}: first install of {base}")
         apply(root, store, ids_a[0], downgrade=False)
+        # Nothing of the publish or the install left to write back: syncfs
+        # in an apply would wait for it.
+        os.sync()
         # Hand-run: the stamp cache warms on the first pair.
         hand, hand_rss, phases = [], [], []
         for i in range(RUNS + 1):
@@ -158,6 +161,7 @@ def bench_case(base, target, label, store, key):
             agent.wait(60)
         # rsync of the same transition, onto the same kind of filesystem.
         run(RSYNC + [f"{tree(base)}/", f"{rs.mnt}/"])
+        os.sync()
         rsync, rsync_rss = [], []
         for i in range(RUNS + 1):
             run(RSYNC + [f"{tree(base)}/", f"{rs.mnt}/"])

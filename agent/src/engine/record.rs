@@ -94,9 +94,7 @@ impl CurrentRecord {
     /// Decompress and parse the record (a warning, not an error, when it is
     /// unreadable).
     pub fn parse(&self) -> Option<Manifest> {
-        let parsed = zstd::decode_all(&self.stored.as_ref()?[..])
-            .map_err(anyhow::Error::from)
-            .and_then(|j| Manifest::parse(&j).map_err(anyhow::Error::from));
+        let parsed = crate::format::codec::decode_manifest(self.stored.as_ref()?);
         match parsed {
             Ok(m) => Some(m),
             Err(e) => {

@@ -24,8 +24,17 @@ pub fn max_manifest_json(stored_len: u64) -> u64 {
 /// Decompress and parse a manifest's stored bytes (after its signature has
 /// been checked); the output is bounded by [`max_manifest_json`].
 pub fn decode_manifest(stored: &[u8]) -> Result<Manifest> {
-    let dec = zstd::stream::read::Decoder::new(stored).context("manifest is not a zstd stream")?;
     let max = max_manifest_json(stored.len() as u64);
+    // Line by line straight from the decompressor when the manifest has
+    // the layout `publish` writes; on anything else the whole document is
+    // parsed below, which also gives every error its usual form.
+    if let Ok(dec) = zstd::stream::read::Decoder::new(stored) {
+        let r = std::io::BufReader::with_capacity(256 * 1024, dec);
+        if let Ok(m) = manifest::parse_lines(r, max) {
+            return Ok(m);
+        }
+    }
+    let dec = zstd::stream::read::Decoder::new(stored).context("manifest is not a zstd stream")?;
     let mut json = Vec::new();
     dec.take(max + 1)
         .read_to_end(&mut json)

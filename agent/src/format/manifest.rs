@@ -11,8 +11,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 mod disk;
+mod lines;
 mod values;
 pub use disk::{check_disk_name, DiskArtifact, DiskFormat, DISKS_DIR, SHA256SUMS};
+pub use lines::{parse_lines, LinesError};
 pub use values::{tree_order, Digest, FileType, RawBytes, RelPath, XattrValue, Xattrs};
 
 /// Manifest format version written by this build: 2 adds the signed

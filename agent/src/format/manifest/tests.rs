@@ -324,3 +324,65 @@ fn parents_and_hardlink_targets_are_checked_in_tree_order() {
         assert!(err.to_string().contains(why), "{target:?}: {err}");
     }
 }
+
+#[test]
+fn line_by_line_parse_takes_only_the_canonical_layout() {
+    let m = manifest(vec![
+        dir("."),
+        dir("a"),
+        file(b"a/f"),
+        hardlink(b"a/g", b"a/f"),
+    ]);
+    let json = m.to_json();
+    let by_lines = match parse_lines(&json[..], u64::MAX) {
+        Ok(x) => x,
+        Err(_) => panic!("the canonical layout is read line by line"),
+    };
+    assert_eq!(by_lines, Manifest::parse(&json).unwrap());
+    let one = manifest(vec![dir(".")]);
+    assert!(parse_lines(&one.to_json()[..], u64::MAX).is_ok());
+    // Valid JSON in another layout, invalid JSON, and a manifest that
+    // fails its checks: all left to the whole-document parse.
+    let pretty = serde_json::to_vec_pretty(&m).unwrap();
+    assert!(Manifest::parse(&pretty).is_ok());
+    let text = String::from_utf8(json.clone()).unwrap();
+    let trailing_comma = text.replace("\n]}", ",\n]}");
+    let garbage_after = format!("{text}x");
+    let no_tail = text.trim_end().trim_end_matches("]}").to_string();
+    let unsorted = manifest(vec![dir("."), file(b"b"), file(b"a")]).to_json();
+    for (what, doc) in [
+        ("pretty", pretty.clone()),
+        ("trailing comma", trailing_comma.into_bytes()),
+        ("garbage after", garbage_after.into_bytes()),
+        ("no tail", no_tail.into_bytes()),
+        ("unsorted", unsorted),
+    ] {
+        assert!(
+            matches!(
+                parse_lines(&doc[..], u64::MAX),
+                Err(LinesError::NotCanonical)
+            ),
+            "{what}"
+        );
+    }
+    assert!(matches!(
+        parse_lines(&json[..], 10),
+        Err(LinesError::Read(_))
+    ));
+    // Through the codec: the same manifest either way, the same errors.
+    let stored = zstd::encode_all(&json[..], 3).unwrap();
+    assert_eq!(
+        crate::format::codec::decode_manifest(&stored).unwrap(),
+        by_lines
+    );
+    let stored = zstd::encode_all(&pretty[..], 3).unwrap();
+    assert_eq!(
+        crate::format::codec::decode_manifest(&stored).unwrap(),
+        by_lines
+    );
+    let mut v = m.clone();
+    v.format = 99;
+    let stored = zstd::encode_all(&v.to_json()[..], 3).unwrap();
+    let err = crate::format::codec::decode_manifest(&stored).unwrap_err();
+    assert!(format!("{err:#}").contains("format version 99"), "{err:#}");
+}
