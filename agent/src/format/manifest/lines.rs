@@ -7,7 +7,7 @@
 //! parses the whole document instead, so what is accepted and every error
 //! a caller sees are exactly those of [`Manifest::parse`].
 
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 
 use serde::Deserialize;
 
@@ -61,7 +61,9 @@ pub fn parse_lines(mut r: impl BufRead, max: u64) -> Result<Manifest, LinesError
     let mut total = 0u64;
     let mut next = |line: &mut Vec<u8>| -> Result<usize, LinesError> {
         line.clear();
-        let n = r.read_until(b'\n', line)?;
+        // Bounded as it is read: a line of zeros from a zstd bomb has no end.
+        let room = max.saturating_sub(total).saturating_add(1);
+        let n = r.by_ref().take(room).read_until(b'\n', line)?;
         total += n as u64;
         if total > max {
             return Err(LinesError::Read(std::io::Error::other(format!(

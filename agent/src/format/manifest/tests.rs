@@ -1,4 +1,5 @@
 use super::*;
+use std::io::Read as _;
 
 fn dir(p: &str) -> Entry {
     Entry {
@@ -385,4 +386,13 @@ fn line_by_line_parse_takes_only_the_canonical_layout() {
     let stored = zstd::encode_all(&v.to_json()[..], 3).unwrap();
     let err = crate::format::codec::decode_manifest(&stored).unwrap_err();
     assert!(format!("{err:#}").contains("format version 99"), "{err:#}");
+}
+
+#[test]
+fn line_by_line_parse_stops_at_the_bound_inside_a_line() {
+    // An endless first line (a bomb of zeros) is cut at the bound, not
+    // read whole.
+    let endless = std::io::repeat(0).take(1 << 40);
+    let r = std::io::BufReader::new(endless);
+    assert!(matches!(parse_lines(r, 1 << 20), Err(LinesError::Read(_))));
 }
