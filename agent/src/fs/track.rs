@@ -42,8 +42,13 @@ pub const DEFAULT_MAX_DIRS: usize = 16_384;
 /// thousand events).
 const READ_BYTES: usize = 64 << 10;
 /// How often the drain thread wakes to read the queue when nothing
-/// arrives, in ms (it also wakes on every event).
+/// arrives, in ms (it also wakes when events arrive).
 const DRAIN_POLL_MS: u16 = 1000;
+/// Once events arrive, how long the drain thread lets more gather before
+/// it reads, in ms: a busy log file on the root's filesystem then costs a
+/// few reads a second, not one per write (the kernel merges repeats of the
+/// same event while they wait in the queue).
+const DRAIN_BATCH_MS: u64 = 200;
 
 /// Why the last walk cannot be trusted when no walk has handed its objects
 /// back yet.
@@ -340,7 +345,10 @@ fn spawn_drain(t: Weak<Tracker>) -> Result<()> {
                 t.fan.as_fd(),
                 nix::poll::PollFlags::POLLIN,
             )];
-            let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(DRAIN_POLL_MS));
+            let ready = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(DRAIN_POLL_MS));
+            if ready.is_ok_and(|n| n > 0) {
+                std::thread::sleep(std::time::Duration::from_millis(DRAIN_BATCH_MS));
+            }
             let locked = t.state.lock();
             if let Ok(mut st) = locked {
                 t.drain(&mut st);
