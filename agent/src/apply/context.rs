@@ -14,7 +14,7 @@ use crate::engine::lifecycle::{Event, Lifecycle, Phase};
 use crate::engine::remount;
 use crate::engine::status::Status;
 use crate::fs::rootfs::RootFs;
-use crate::fs::stamps::{self, Stamps};
+use crate::fs::stamps::{self, StampSum};
 use crate::sys::error::ExitKind;
 use crate::sys::progress::Progress;
 
@@ -201,7 +201,7 @@ impl Drop for RwGuard {
 /// keeps the old one, which stays correct).
 pub(super) fn refresh_stamps(
     state: std::os::fd::BorrowedFd<'_>,
-    old: Option<&Stamps>,
+    old: Option<&StampSum>,
     new: Option<&[u8]>,
 ) {
     let Some(new) = new else { return };

@@ -18,7 +18,7 @@ use crate::fs::node::Node;
 use crate::fs::preserve::Preserve;
 use crate::fs::rootfs;
 use crate::fs::scan::{self, ScanOptions};
-use crate::fs::stamps::{self, Stamps};
+use crate::fs::stamps::{self, StampSum};
 use crate::fs::track;
 
 /// What the walk of the root found and what must change.
@@ -29,8 +29,9 @@ pub(super) struct Survey {
     pub(super) nodes: Vec<Node>,
     /// What must change.
     pub(super) plan: Plan,
-    /// The stamp cache as loaded.
-    pub(super) stamps: Option<Stamps>,
+    /// The checksum of the stamp cache as loaded (the cache itself is
+    /// dropped after the walk).
+    pub(super) stamps: Option<StampSum>,
     /// The stamp cache this walk vouches for, encoded (none after a
     /// tracked walk).
     pub(super) new_stamps: Option<Vec<u8>>,
@@ -43,7 +44,7 @@ struct Walk {
     cur: CurrentRecord,
     running: Option<String>,
     preserve: Preserve,
-    stamps: Option<Stamps>,
+    stamps: Option<StampSum>,
     walk_start: i64,
     nodes: Vec<Node>,
 }
@@ -151,7 +152,7 @@ fn walk_root(ctx: &Ctx<'_>, t: &Target, report: &mut ApplyReport) -> Result<Walk
         cur,
         running,
         preserve,
-        stamps,
+        stamps: stamps.as_ref().and_then(|s| s.sum()),
         walk_start,
         nodes,
     })

@@ -328,7 +328,15 @@ fn same_group(
     root_names == want && n.stat.nlink as usize == root_names.len()
 }
 
-fn count_content(p: &mut Plan, t: &Entry, fetch_seen: &mut HashSet<Digest>, changed: bool) {
+/// Count a staged object; a content not seen yet joins `needed`, settled
+/// (local copy or fetch) once the whole tree is visited.
+fn count_content(
+    p: &mut Plan,
+    t: &Entry,
+    fetch_seen: &mut HashSet<Digest>,
+    needed: &mut Vec<(Digest, u64)>,
+    changed: bool,
+) {
     p.stats.stage_objects += 1;
     if t.ftype != FileType::File {
         return;
@@ -343,13 +351,7 @@ fn count_content(p: &mut Plan, t: &Entry, fetch_seen: &mut HashSet<Digest>, chan
         return;
     }
     let Some(d) = t.sha256 else { return };
-    if p.local.contains_key(&d) {
-        if fetch_seen.insert(d) {
-            p.stats.local_copies += 1;
-        }
-    } else if fetch_seen.insert(d) {
-        p.fetch.push((d, t.size));
-        p.stats.fetch_objects += 1;
-        p.stats.fetch_bytes += t.size;
+    if fetch_seen.insert(d) {
+        needed.push((d, t.size));
     }
 }

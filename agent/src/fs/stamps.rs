@@ -85,6 +85,17 @@ impl Stamp {
     }
 }
 
+/// The checksum of an encoded stamp cache (its trailing sha256).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StampSum([u8; 32]);
+
+impl StampSum {
+    /// True when `encoded` (what [`encode_nodes`] wrote) has this checksum.
+    pub fn same_as(&self, encoded: &[u8]) -> bool {
+        encoded.len() >= 32 && encoded[encoded.len() - 32..] == self.0
+    }
+}
+
 /// The cache of one filesystem: stamps in tree order
 /// ([`RelPath::tree_cmp`]), found by binary search.
 #[derive(Clone, Debug, Default)]
@@ -158,8 +169,14 @@ impl Stamps {
     /// True when `encoded` (what [`encode_nodes`] wrote) holds exactly the
     /// cache this was read from.
     pub fn same_as(&self, encoded: &[u8]) -> bool {
-        self.sum
-            .is_some_and(|s| encoded.len() >= 32 && encoded[encoded.len() - 32..] == s)
+        self.sum().is_some_and(|s| s.same_as(encoded))
+    }
+
+    /// The checksum of the file this was read from: all a caller needs to
+    /// keep once the walk is done (the cache itself is a few hundred bytes
+    /// per object).
+    pub fn sum(&self) -> Option<StampSum> {
+        self.sum.map(StampSum)
     }
 
     /// The stamps of a walk of the filesystem `dev` that started at

@@ -40,6 +40,8 @@ pub(super) struct Planner<'a> {
     touched_dirs: HashSet<RelPath>,
     dirmeta: HashSet<usize>,
     fetch_seen: HashSet<Digest>,
+    /// Contents to stage, in the order first met, until settled.
+    needed: Vec<(Digest, u64)>,
 }
 
 impl<'a> Planner<'a> {
@@ -102,6 +104,7 @@ impl<'a> Planner<'a> {
             touched_dirs: HashSet::default(),
             dirmeta: HashSet::default(),
             fetch_seen: HashSet::default(),
+            needed: Vec::new(),
         }
     }
 
@@ -112,6 +115,7 @@ impl<'a> Planner<'a> {
             self.visit(t, n);
         }
         self.follow_restaged_links();
+        self.settle_content();
         self.finish()
     }
 
@@ -128,8 +132,27 @@ impl<'a> Planner<'a> {
             }
             let d = root_digest(t, n, self.current_of.get(&n.path).copied(), self.digests);
             self.p.root_digests.push(d);
-            if let Some(d) = d.filter(|_| n.stat.size > 0) {
+        }
+    }
+
+    /// Each content the update stages: copied from a root file that holds
+    /// it, else fetched. Only the contents the update needs are indexed (a
+    /// map of every file's digest was a tenth of a plan's memory).
+    fn settle_content(&mut self) {
+        let needed = std::mem::take(&mut self.needed);
+        let want: HashSet<Digest> = needed.iter().map(|(d, _)| *d).collect();
+        for (n, d) in self.nodes.iter().zip(&self.p.root_digests) {
+            if let Some(d) = d.filter(|d| n.stat.size > 0 && want.contains(d)) {
                 self.p.local.entry(d).or_insert_with(|| n.path.clone());
+            }
+        }
+        for (d, size) in needed {
+            if self.p.local.contains_key(&d) {
+                self.p.stats.local_copies += 1;
+            } else {
+                self.p.fetch.push((d, size));
+                self.p.stats.fetch_objects += 1;
+                self.p.stats.fetch_bytes += size;
             }
         }
     }
@@ -222,7 +245,13 @@ impl<'a> Planner<'a> {
                     t: ti,
                     how: Replace::New,
                 });
-                count_content(&mut self.p, t, &mut self.fetch_seen, false);
+                count_content(
+                    &mut self.p,
+                    t,
+                    &mut self.fetch_seen,
+                    &mut self.needed,
+                    false,
+                );
             }
         }
     }
@@ -298,7 +327,7 @@ impl<'a> Planner<'a> {
                 t: ti,
                 how: Replace::Exchange,
             });
-            count_content(&mut self.p, t, &mut self.fetch_seen, true);
+            count_content(&mut self.p, t, &mut self.fetch_seen, &mut self.needed, true);
         }
         if want_dir {
             self.dirmeta.insert(ti);
@@ -382,7 +411,7 @@ impl<'a> Planner<'a> {
             how: Replace::Rename,
         });
         self.p.stats.changed += 1;
-        count_content(&mut self.p, t, &mut self.fetch_seen, true);
+        count_content(&mut self.p, t, &mut self.fetch_seen, &mut self.needed, true);
         if let Some(parent) = t.path.parent() {
             self.touched_dirs.insert(parent);
         }
