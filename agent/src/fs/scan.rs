@@ -119,17 +119,23 @@ pub fn scan_with(
         .into_inner()
         .map_err(|_| anyhow::anyhow!("scan worker panicked"))?;
     let mut out = Vec::with_capacity(results.values().map(Vec::len).sum::<usize>() + 1);
-    out.push(Node {
+    out.push(top_node(st, xattrs));
+    emit(&RelPath::root(), &mut results, &mut out);
+    Ok(out)
+}
+
+/// The walk's first object: the tree's top directory, as `stat` and its
+/// xattrs read it.
+pub(crate) fn top_node(stat: fsx::Stat, xattrs: Xattrs) -> Node {
+    Node {
         path: RelPath::root(),
-        stat: st,
+        stat,
         xattrs,
         target: None,
         mountpoint: false,
         cached: false,
         known: None,
-    });
-    emit(&RelPath::root(), &mut results, &mut out);
-    Ok(out)
+    }
 }
 
 /// Append the children of `dir` (and recursively theirs) in manifest order.

@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use crate::format::manifest::{FileType, RelPath};
 use crate::fs::fsx;
 use crate::fs::node::Node;
-use crate::fs::scan::{list_one, ScanOptions};
+use crate::fs::scan::{list_one, top_node, ScanOptions};
 use crate::sys::fastmap::HashMap;
 use crate::sys::par::par_map;
 
@@ -59,15 +59,7 @@ pub fn walk(
         out: Vec::new(),
         stats: TrackedStats::default(),
     };
-    w.out.push(Node {
-        path: RelPath::root(),
-        stat: st,
-        xattrs,
-        target: None,
-        mountpoint: false,
-        cached: false,
-        known: None,
-    });
+    w.out.push(top_node(st, xattrs));
     w.dir(&RelPath::root())?;
     Ok((w.out, w.stats))
 }
