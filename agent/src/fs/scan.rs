@@ -43,8 +43,12 @@ pub fn scan_threads() -> usize {
 }
 
 /// Walk with an explicit thread count. Each directory is one job; a worker
-/// lists it, stats its entries and queues its subdirectories. The result is
-/// assembled in manifest order afterwards, so it does not depend on timing.
+/// lists it, stats its entries and queues its subdirectories, first in
+/// tree order on top, so the workers go depth first in the order the result
+/// is assembled. The calling thread assembles it as the listings arrive, in
+/// manifest order whatever the timing, and so holds only the listings the
+/// workers are ahead by, not every directory's before assembling (at a
+/// million entries that was the peak of an apply).
 pub fn scan_with(
     root: BorrowedFd<'_>,
     opts: &ScanOptions<'_>,
@@ -55,18 +59,13 @@ pub fn scan_with(
     let st = fsx::stat_fd(root).context("stat of the tree's top directory")?;
     let xattrs = fsx::read_xattrs(root, b".").context("reading xattrs of the top directory")?;
     let dev = st.dev;
-    struct Shared {
-        queue: Vec<RelPath>,
-        pending: usize,
-        failed: Option<anyhow::Error>,
-    }
     let shared = Mutex::new(Shared {
         queue: vec![RelPath::root()],
         pending: 1,
         failed: None,
+        listed: HashMap::new(),
     });
     let cv = Condvar::new();
-    let results: Mutex<HashMap<RelPath, Vec<Node>>> = Mutex::new(HashMap::new());
     let worker = || loop {
         let job = {
             let Ok(mut g) = shared.lock() else { return };
@@ -91,10 +90,8 @@ pub fn scan_with(
         match res {
             Ok((children, subdirs)) => {
                 g.pending += subdirs.len();
-                g.queue.extend(subdirs);
-                if let Ok(mut r) = results.lock() {
-                    r.insert(job, children);
-                }
+                g.queue.extend(subdirs.into_iter().rev());
+                g.listed.insert(job, children);
             }
             Err(e) => {
                 g.failed.get_or_insert(e);
@@ -103,11 +100,22 @@ pub fn scan_with(
         g.pending -= 1;
         cv.notify_all();
     };
-    std::thread::scope(|s| {
-        for _ in 1..threads.max(1) {
+    let mut out = Vec::with_capacity(opts.stamps.map_or(1024, |s| s.len() + 1024));
+    out.push(top_node(st, xattrs));
+    let assembled = std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
             s.spawn(worker);
         }
-        worker();
+        let res = emit(&RelPath::root(), &shared, &cv, &mut out);
+        if res.is_err() {
+            // Stop the workers: the walk is over.
+            if let Ok(mut g) = shared.lock() {
+                g.failed
+                    .get_or_insert_with(|| anyhow::anyhow!("the walk stopped"));
+            }
+            cv.notify_all();
+        }
+        res
     });
     let shared = shared
         .into_inner()
@@ -115,13 +123,59 @@ pub fn scan_with(
     if let Some(e) = shared.failed {
         return Err(e);
     }
-    let mut results = results
-        .into_inner()
-        .map_err(|_| anyhow::anyhow!("scan worker panicked"))?;
-    let mut out = Vec::with_capacity(results.values().map(Vec::len).sum::<usize>() + 1);
-    out.push(top_node(st, xattrs));
-    emit(&RelPath::root(), &mut results, &mut out);
+    assembled?;
     Ok(out)
+}
+
+/// What the workers and the assembling thread share.
+struct Shared {
+    /// Directories to list, the next one on top.
+    queue: Vec<RelPath>,
+    /// Directories queued or being listed.
+    pending: usize,
+    /// The first error of any worker.
+    failed: Option<anyhow::Error>,
+    /// Listings not assembled yet.
+    listed: std::collections::HashMap<RelPath, Vec<Node>>,
+}
+
+/// Append the entries of `dir` (and recursively theirs) in manifest order,
+/// waiting for each listing.
+fn emit(
+    dir: &RelPath,
+    shared: &std::sync::Mutex<Shared>,
+    cv: &std::sync::Condvar,
+    out: &mut Vec<Node>,
+) -> Result<()> {
+    let children = {
+        let mut g = shared
+            .lock()
+            .map_err(|_| anyhow::anyhow!("scan worker panicked"))?;
+        loop {
+            if let Some(c) = g.listed.remove(dir) {
+                break c;
+            }
+            if g.failed.is_some() {
+                return Err(anyhow::anyhow!("the walk failed"));
+            }
+            if g.pending == 0 {
+                // Never queued: nothing to assemble below it.
+                break Vec::new();
+            }
+            g = cv
+                .wait(g)
+                .map_err(|_| anyhow::anyhow!("scan worker panicked"))?;
+        }
+    };
+    for c in children {
+        let is_dir = c.stat.ftype == FileType::Dir && !c.mountpoint;
+        let p = is_dir.then(|| c.path.clone());
+        out.push(c);
+        if let Some(p) = p {
+            emit(&p, shared, cv, out)?;
+        }
+    }
+    Ok(())
 }
 
 /// The walk's first object: the tree's top directory, as `stat` and its
@@ -135,25 +189,6 @@ pub(crate) fn top_node(stat: fsx::Stat, xattrs: Xattrs) -> Node {
         mountpoint: false,
         cached: false,
         known: None,
-    }
-}
-
-/// Append the children of `dir` (and recursively theirs) in manifest order.
-fn emit(
-    dir: &RelPath,
-    results: &mut std::collections::HashMap<RelPath, Vec<Node>>,
-    out: &mut Vec<Node>,
-) {
-    let Some(children) = results.remove(dir) else {
-        return;
-    };
-    for c in children {
-        let is_dir = c.stat.ftype == FileType::Dir && !c.mountpoint;
-        let p = c.path.clone();
-        out.push(c);
-        if is_dir {
-            emit(&p, results, out);
-        }
     }
 }
 
