@@ -457,6 +457,26 @@ fn a_cancelled_apply_does_not_start() {
     assert_eq!(image_id(&root).as_deref(), Some("s2"));
 }
 
+/// A sysctl set for a while, put back on drop (also when the test fails).
+struct SysctlGuard {
+    path: &'static str,
+    saved: String,
+}
+
+impl SysctlGuard {
+    fn set(path: &'static str, value: &str) -> SysctlGuard {
+        let saved = std::fs::read_to_string(path).unwrap();
+        std::fs::write(path, value).unwrap();
+        SysctlGuard { path, saved }
+    }
+}
+
+impl Drop for SysctlGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path, self.saved.trim());
+    }
+}
+
 /// The walk report of the agent's last apply.
 fn last_walk(st: &serde_json::Value) -> serde_json::Value {
     st["agent"]["last_applied"]["walk"].clone()
@@ -559,16 +579,14 @@ fn change_tracking_never_hides_a_change() {
     behind_its_back(&n, "modify");
     // A low kernel queue for the next agent's fanotify group (read when
     // the group is made), restored once it runs.
-    let q = Path::new("/proc/sys/fs/fanotify/max_queued_events");
-    let saved = std::fs::read_to_string(q).unwrap();
-    std::fs::write(q, "64").unwrap();
+    let low = SysctlGuard::set("/proc/sys/fs/fanotify/max_queued_events", "64");
     let a2 = Agent::start(&n, &sock.path, None);
     wait_for(
         Duration::from_secs(30),
         "the second agent's tracker",
         || a2.log().contains("tracking changes").then_some(()),
     );
-    std::fs::write(q, saved.trim()).unwrap();
+    drop(low);
     let w = flip(&a2, "changes while the agent was down");
     assert_eq!(w["mode"], "full", "{w:#}");
     assert_eq!(w["fallback"], "first walk since the agent started", "{w:#}");
