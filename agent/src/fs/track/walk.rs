@@ -41,7 +41,11 @@ pub fn walk(
     // The changed directories are listed up front, in parallel as a full
     // walk lists (a large update touches thousands); the walk below then
     // only assembles.
-    let todo: Vec<&RelPath> = dirty.iter().collect();
+    // (Preserved trees, e.g. logs, change all the time and are never walked.)
+    let todo: Vec<&RelPath> = dirty
+        .iter()
+        .filter(|d| !opts.preserve.is_some_and(|p| p.matches(d)) && !opts.skip.contains(d))
+        .collect();
     let lists = par_map(&todo, crate::fs::scan::scan_threads(), |d| {
         Ok(list_one(root, d, st.dev, opts)?.0)
     })?;
