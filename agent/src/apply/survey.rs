@@ -37,6 +37,8 @@ pub(super) struct Survey {
     pub(super) new_stamps: Option<Vec<u8>>,
     /// When the walk began, ns since the epoch.
     pub(super) walk_start: i64,
+    /// What shaped the walk besides the tree ([`walk_key`]).
+    walk_key: String,
 }
 
 /// The walk of the root, before planning.
@@ -46,6 +48,7 @@ struct Walk {
     preserve: Preserve,
     stamps: Option<StampSum>,
     walk_start: i64,
+    key: String,
     nodes: Vec<Node>,
 }
 
@@ -77,6 +80,7 @@ pub(super) fn survey(ctx: &Ctx<'_>, t: &Target, report: &mut ApplyReport) -> Res
         stamps: walk.stamps,
         new_stamps,
         walk_start: walk.walk_start,
+        walk_key: walk.key,
     })
 }
 
@@ -145,7 +149,7 @@ fn walk_root(ctx: &Ctx<'_>, t: &Target, report: &mut ApplyReport) -> Result<Walk
     };
     report.walk = WalkReport {
         objects: nodes.len() as u64,
-        from_stamps: nodes.iter().filter(|n| n.cached).count() as u64 - walk.from_tracking,
+        from_stamps: nodes.iter().filter(|n| n.cached).count() as u64,
         ..walk
     };
     Ok(Walk {
@@ -154,6 +158,7 @@ fn walk_root(ctx: &Ctx<'_>, t: &Target, report: &mut ApplyReport) -> Result<Walk
         preserve,
         stamps: stamps.as_ref().and_then(|s| s.sum()),
         walk_start,
+        key,
         nodes,
     })
 }
@@ -175,11 +180,7 @@ pub(super) fn hand_back(ctx: &Ctx<'_>, s: Survey) {
         }
         n.cached = false;
     }
-    tr.finish(
-        nodes,
-        walk_key(ctx, rootfs::running_release().as_deref()),
-        s.walk_start,
-    );
+    tr.finish(nodes, s.walk_key, s.walk_start);
 }
 
 /// Plan the update; also the kernel of the current image, as far as the

@@ -24,3 +24,10 @@ pub struct Node {
     /// inode has not changed since a run that knew its content).
     pub known: Option<crate::format::manifest::Digest>,
 }
+
+impl Node {
+    /// True for a directory the walk descends into (not a mount point).
+    pub fn is_walked_dir(&self) -> bool {
+        self.stat.ftype == crate::format::manifest::FileType::Dir && !self.mountpoint
+    }
+}

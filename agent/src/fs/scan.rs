@@ -168,8 +168,7 @@ fn emit(
         }
     };
     for c in children {
-        let is_dir = c.stat.ftype == FileType::Dir && !c.mountpoint;
-        let p = is_dir.then(|| c.path.clone());
+        let p = c.is_walked_dir().then(|| c.path.clone());
         out.push(c);
         if let Some(p) = p {
             emit(&p, shared, cv, out)?;

@@ -107,8 +107,9 @@ pub struct Tracker {
     /// The root, as the mount `open_by_handle_at` resolves handles on.
     root_fd: OwnedFd,
     max_dirs: usize,
-    /// Test-only: drop every event another process caused (the tracking
-    /// test's positive control: changes behind the agent's back go unseen).
+    /// Test-only: forget every change heard of so far whenever another
+    /// process causes one (the tracking test's positive control: changes
+    /// behind the agent's back go unseen).
     blind: bool,
     state: Mutex<State>,
 }

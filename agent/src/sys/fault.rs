@@ -17,8 +17,8 @@
 //!   swap, which breaks crash safety on purpose: the test's positive control
 //!   must then see torn files after a power cut;
 //! * `IMAGEUPD_TEST_UNSAFE_SKIP=track-events`: the agent's change tracker
-//!   drops every event other processes cause, so the tracking test's positive control sees a
-//!   change the plan missed.
+//!   forgets what it heard whenever another process changes the root, so
+//!   the tracking test's positive control sees a change the plan missed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -57,8 +57,9 @@ pub const EIO_POINTS: &[&str] = &["eio-stage-write", "eio-presync"];
 pub const SKIP_PRESYNC: &str = "presync-syncfs";
 
 /// The other value `IMAGEUPD_TEST_UNSAFE_SKIP` knows: the agent's change
-/// tracker drops every event other processes cause (test-only; the
-/// tracking test's positive control must then see a change the plan missed).
+/// tracker forgets what it heard whenever another process changes the root
+/// (test-only; the tracking test's positive control must then see a change
+/// the plan missed).
 pub const SKIP_TRACK_EVENTS: &str = "track-events";
 
 static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();

@@ -100,9 +100,8 @@ impl Walker<'_> {
     fn dir(&mut self, dir: &RelPath) -> Result<()> {
         let old = self.children.remove(dir).unwrap_or_default();
         if !self.dirty.contains(dir) {
-            for mut c in old {
-                let sub = is_walked_dir(&c).then(|| c.path.clone());
-                c.cached = true;
+            for c in old {
+                let sub = c.is_walked_dir().then(|| c.path.clone());
                 self.out.push(c);
                 self.stats.reused += 1;
                 if let Some(p) = sub {
@@ -117,7 +116,7 @@ impl Walker<'_> {
             None => list_one(self.root, dir, self.dev, self.opts)?.0,
         };
         for mut c in fresh {
-            let sub = is_walked_dir(&c).then(|| c.path.clone());
+            let sub = c.is_walked_dir().then(|| c.path.clone());
             let prev = old
                 .binary_search_by(|o| o.path.0.cmp(&c.path.0))
                 .ok()
@@ -133,13 +132,12 @@ impl Walker<'_> {
             }) {
                 c.known = p.known;
             }
-            let same = sub.is_some() && {
-                prev.is_some_and(|p| {
-                    is_walked_dir(p)
+            let same = sub.is_some()
+                && prev.is_some_and(|p| {
+                    p.is_walked_dir()
                         && p.stat.ino == c.stat.ino
                         && (p.stat.ctime_ns == c.stat.ctime_ns || self.dirty.contains(&c.path))
-                })
-            };
+                });
             self.out.push(c);
             match (sub, same) {
                 (Some(p), true) => self.dir(&p)?,
@@ -155,7 +153,7 @@ impl Walker<'_> {
         self.stats.relisted += 1;
         let (fresh, _) = list_one(self.root, dir, self.dev, self.opts)?;
         for c in fresh {
-            let sub = is_walked_dir(&c).then(|| c.path.clone());
+            let sub = c.is_walked_dir().then(|| c.path.clone());
             self.out.push(c);
             if let Some(p) = sub {
                 self.whole(&p)?;
@@ -163,8 +161,4 @@ impl Walker<'_> {
         }
         Ok(())
     }
-}
-
-fn is_walked_dir(n: &Node) -> bool {
-    n.stat.ftype == FileType::Dir && !n.mountpoint
 }
