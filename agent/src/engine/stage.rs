@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use anyhow::{anyhow, Context, Result};
@@ -18,6 +18,7 @@ use crate::format::manifest::Xattrs;
 use crate::format::manifest::{Digest, Entry, FileType, Manifest, RelPath};
 use crate::format::stream::VerifyReader;
 use crate::fs::fsx::{self, Meta};
+use crate::fs::sparse::{self, CopyError};
 use crate::net::source::Source;
 use crate::sys::error::ExitKind;
 use crate::sys::fault;
@@ -30,6 +31,10 @@ pub const STAGE_IN_STATE: &str = "var/lib/imageupd/stage";
 pub const STAGE_AT_TOP: &str = ".imageupd-stage";
 /// Copy buffer size in bytes; also the granularity of hole detection.
 const BUF: usize = 128 * 1024;
+/// Staged files of at least this many bytes have their writeback started
+/// as soon as they are written ([`crate::sys::writeback`]); smaller ones
+/// are left to the syncfs, which batches them better.
+const EARLY_WRITEBACK_BYTES: u64 = 1 << 20;
 
 /// The staging directory.
 pub struct Staging {
@@ -237,22 +242,38 @@ impl<'a> Writer<'a> {
     fn write_one(&self, t: usize, from_stage: Option<usize>) -> Result<()> {
         let e = &self.entries[t];
         let name = staged_name(t);
-        let mut out = fsx::create_file_at(self.sfd, &name)
-            .with_context(|| format!("creating staged file for {}", e.path))?;
         let d = e
             .sha256
             .ok_or_else(|| anyhow!("{}: file without digest", e.path))?;
         let (mut fetched, mut local) = (0u64, 0u64);
-        if e.size > 0 {
-            let reader = self.reader(e, &d, from_stage, &mut fetched, &mut local)?;
-            self.copy_verified(e, &d, reader, fetched, &mut out)?;
-        }
+        let out = match self.linked(e, &d, from_stage, &name)? {
+            Some(f) => {
+                fetched = e.size;
+                f
+            }
+            None => {
+                let mut out = fsx::create_file_at(self.sfd, &name)
+                    .with_context(|| format!("creating staged file for {}", e.path))?;
+                if e.size > 0 {
+                    let reader = self.reader(e, &d, from_stage, &mut fetched, &mut local)?;
+                    self.copy_verified(e, &d, reader, fetched, &mut out)?;
+                }
+                out.set_len(e.size)?;
+                out
+            }
+        };
         fault::io_error("eio-stage-write")
             .with_context(|| format!("writing staged file for {}", e.path))?;
-        out.set_len(e.size)?;
         fsx::set_meta_fd(out.as_fd(), &meta_of(e))
             .with_context(|| format!("setting owner/mode/xattrs of staged {}", e.path))?;
         fsx::set_mtime_fd(out.as_fd(), e.mtime_ns)?;
+        if e.size >= EARLY_WRITEBACK_BYTES {
+            if let Err(err) = crate::sys::writeback::start_writeback(out.as_fd()) {
+                // Only a head start for the syncfs before the swap, which
+                // reports any real failure.
+                tracing::debug!("early writeback of staged {}: {err}", e.path);
+            }
+        }
         fault::point("mid-stage");
         if let Ok(mut r) = self.report.lock() {
             r.objects += 1;
@@ -262,6 +283,56 @@ impl<'a> Writer<'a> {
             r.local_bytes += local;
         }
         Ok(())
+    }
+
+    /// The source's fetched copy of a content the root lacks, linked into
+    /// staging as `name` instead of copied (a first install writes every
+    /// byte once), then verified like a copy; `None` when there is nothing
+    /// to link.
+    fn linked(
+        &self,
+        e: &Entry,
+        d: &Digest,
+        from_stage: Option<usize>,
+        name: &[u8],
+    ) -> Result<Option<File>> {
+        if e.size == 0 || from_stage.is_some() || self.plan.local.contains_key(d) {
+            return Ok(None);
+        }
+        let linked = self
+            .source
+            .link_content(d, self.sfd, name)
+            .with_context(|| format!("linking the fetched content of {} into staging", e.path))?;
+        if !linked {
+            return Ok(None);
+        }
+        let f = fsx::open_file_beneath(self.sfd, &RelPath(name.to_vec()))
+            .with_context(|| format!("opening staged {}", e.path))?;
+        let reader = Box::new(crate::format::stream::CappedReader::new(
+            f.try_clone()?,
+            e.size,
+        ));
+        let verdict = VerifyReader::new(reader).finish(d, e.size);
+        self.bar.inc(e.size);
+        match verdict {
+            Ok(Ok(())) => Ok(Some(f)),
+            Ok(Err(v)) => Err(anyhow!(v))
+                .with_context(|| {
+                    format!(
+                        "object for {} from the {} failed verification",
+                        e.path,
+                        self.source.describe()
+                    )
+                })
+                .context(ExitKind::Untrusted),
+            Err(err) => Err(anyhow!(err)).with_context(|| {
+                format!(
+                    "reading object {d} for {} from the {}",
+                    e.path,
+                    self.source.describe()
+                )
+            }),
+        }
     }
 
     /// Where the bytes come from: an earlier staged copy, the root, or the
@@ -389,14 +460,6 @@ fn stage_special(dir: BorrowedFd<'_>, name: &[u8], e: &Entry) -> Result<()> {
     Ok(())
 }
 
-/// Which side of a copy failed.
-enum CopyError {
-    /// Reading the source (decoding, I/O).
-    Read(io::Error),
-    /// Writing the staged file (e.g. ENOSPC).
-    Write(io::Error),
-}
-
 /// Copy leaving holes where whole blocks are zero, so sparse files stay sparse.
 fn copy_sparse<R: Read>(
     r: &mut R,
@@ -404,41 +467,5 @@ fn copy_sparse<R: Read>(
     bar: &crate::sys::progress::Bar,
 ) -> Result<u64, CopyError> {
     let mut buf = vec![0u8; BUF];
-    let mut total = 0u64;
-    loop {
-        let mut filled = 0;
-        while filled < buf.len() {
-            let n = match r.read(&mut buf[filled..]) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(CopyError::Read(e)),
-            };
-            if n == 0 {
-                break;
-            }
-            filled += n;
-        }
-        if filled == 0 {
-            break;
-        }
-        let chunk = &buf[..filled];
-        let res = if is_zero(chunk) {
-            out.seek(SeekFrom::Current(filled as i64)).map(|_| ())
-        } else {
-            out.write_all(chunk)
-        };
-        res.map_err(CopyError::Write)?;
-        total += filled as u64;
-        bar.inc(filled as u64);
-        if filled < buf.len() {
-            break;
-        }
-    }
-    Ok(total)
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    /// A block of zeros to compare against with `memcmp`.
-    static ZERO: [u8; 4096] = [0; 4096];
-    b.chunks(ZERO.len()).all(|c| c == &ZERO[..c.len()])
+    sparse::copy(r, out, &mut buf, |n| bar.inc(n))
 }

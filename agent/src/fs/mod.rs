@@ -10,6 +10,7 @@ pub mod node;
 pub mod preserve;
 pub mod rootfs;
 pub mod scan;
+pub mod sparse;
 pub mod stamps;
 pub mod store;
 pub mod track;

@@ -10,13 +10,17 @@
 //!
 //!   ```text
 //!   <root>/var/lib/imageupd/cache/objects/<aa>/<sha256>   verified zstd frames (store layout)
+//!   <root>/var/lib/imageupd/cache/raw/<aa>/<sha256>       verified plain contents
 //!   <root>/var/lib/imageupd/cache/partial/<sha256>        downloads in progress
 //!   ```
 //!
 //!   An object counts as present only once its decompressed bytes hashed
 //!   to its digest; a partial download survives a failed or killed run and
-//!   is resumed with a `Range` request. Staging then reads (and verifies
-//!   again) from the cache. The cache is pruned to the current plan's
+//!   is resumed with a `Range` request. Objects that arrive decompressed
+//!   anyway (from packs, from a delta) are kept plain. Staging then reads
+//!   (and verifies again) from the cache; a plain copy on the root's
+//!   filesystem is linked into staging instead of copied, so a first
+//!   install writes each byte once. The cache is pruned to the current plan's
 //!   objects when a prefetch starts, and removed once staging has copied
 //!   everything onto the root (before the quiesce window; a run converging
 //!   after a crash in the swap downloads again only what it still lacks).

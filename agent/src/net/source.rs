@@ -186,6 +186,16 @@ impl Source {
         }
     }
 
+    /// Link a fetched copy of content `d` into `dir` as `name`, when the
+    /// source holds one that can be (an HTTP store's download cache on the
+    /// same filesystem); unverified: the caller checks what it linked.
+    pub fn link_content(&self, d: &Digest, dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<bool> {
+        match self {
+            Source::Http(h) => h.link_content(d, dir, name),
+            Source::Store(_) | Source::Dir { .. } | Source::Keep(_) => Ok(false),
+        }
+    }
+
     /// Open the published whole-disk image `disk` of image `id` (the
     /// signed manifest's record) as one stream of exactly `disk.size`
     /// bytes; unverified: the caller checks the digest as it reads. Only

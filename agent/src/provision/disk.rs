@@ -131,7 +131,7 @@ impl Loop {
     /// Attach `[start, start+size)` of the disk, with its sector size.
     pub fn attach(disk: &Disk, start: u64, size: u64) -> Result<Loop> {
         let out = run(Command::new("losetup")
-            .args(["--find", "--show", "--offset"])
+            .args(["--find", "--show", "--direct-io=on", "--offset"])
             .arg(start.to_string())
             .arg("--sizelimit")
             .arg(size.to_string())

@@ -1,6 +1,6 @@
 //! System edges: exit kinds and errors, fault injection for crash tests,
 //! external commands, logging, progress output, fast hash maps, a
-//! parallel map, the wall clock, retry backoff and `open_by_handle_at`. Nothing here knows
+//! parallel map, the wall clock, retry backoff, `open_by_handle_at` and early writeback. Nothing here knows
 //! about images; this layer uses no other part of the crate.
 
 pub mod backoff;
@@ -14,3 +14,4 @@ pub mod logging;
 pub mod metrics;
 pub mod par;
 pub mod progress;
+pub mod writeback;

@@ -49,8 +49,9 @@ pub const MAX_WHOLE_BYTES: u64 = 32 << 20;
 /// The payload is fetched only when the objects needed from it make up at
 /// least 1/`MIN_SHARE` of its decompressed bytes.
 pub const MIN_SHARE: u64 = 2;
-/// zstd level of objects written into the download cache from a delta.
-const CACHE_LEVEL: i32 = 1;
+/// Write buffer of an object rebuilt from a delta into the download cache
+/// (kept plain there), in bytes.
+const RAW_BUF: usize = 128 * 1024;
 
 /// An accepted delta, kept from manifest resolution to the fetch step.
 pub(super) struct DeltaCtx {
@@ -373,19 +374,16 @@ impl HttpStore {
                     .map_err(|e| classify(e, format!("object {} of the delta", o.digest)))?;
                 continue;
             }
-            let mut part = cache.open_part(&o.digest, true).map_err(cache_err)?;
-            part.set_len(0).map_err(cache_err)?;
-            let mut enc =
-                zstd::stream::write::Encoder::new(&mut part, CACHE_LEVEL).map_err(cache_err)?;
-            let _ = enc.set_pledged_src_size(Some(o.size));
-            let r = p.object(o, reference.as_deref(), &mut enc);
+            let part = cache.create_raw(&o.digest).map_err(cache_err)?;
+            let mut out = io::BufWriter::with_capacity(RAW_BUF, part);
+            let r = p.object(o, reference.as_deref(), &mut out);
             let r = r.and_then(|()| {
-                enc.finish()
-                    .map(|_| ())
-                    .map_err(|e| ObjectError::Write(o.digest, e))
+                out.into_inner()
+                    .map(drop)
+                    .map_err(|e| ObjectError::Write(o.digest, e.into_error()))
             });
             if let Err(e) = r {
-                let _ = cache.remove_part(&o.digest);
+                let _ = cache.remove_raw_part(&o.digest);
                 let what = format!(
                     "object {} of the update delta (not taken; nothing of it reached the root)",
                     o.digest
@@ -395,7 +393,7 @@ impl HttpStore {
                     e => classify(e, what),
                 });
             }
-            cache.commit(&o.digest).map_err(cache_err)?;
+            cache.commit_raw(&o.digest).map_err(cache_err)?;
             done[i] = true;
             self.counters.objects.fetch_add(1, Ordering::Relaxed);
             bar.object();

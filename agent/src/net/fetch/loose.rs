@@ -57,10 +57,10 @@ impl HttpStore {
     /// True (counted and shown as progress) when the download cache holds
     /// `d` intact already; a damaged copy is removed.
     pub(super) fn cached(&self, cache: &Cache, d: &Digest, size: u64, bar: &Bar) -> Result<bool> {
-        let Ok(f) = cache.open(d) else {
+        let Ok((f, kept)) = cache.open(d) else {
             return Ok(false);
         };
-        match cache.verify(&f, d, size) {
+        match cache.verify_kept(&f, kept, d, size) {
             Ok(()) => {
                 self.counters.cached.fetch_add(1, Ordering::Relaxed);
                 bar.object();
@@ -217,18 +217,23 @@ impl HttpStore {
         Ok(resumed)
     }
 
+    /// Link the download cache's plain copy of `d` into `dir` as `name`
+    /// (unverified: the caller verifies what it linked); `false` when there
+    /// is none to link (see `Cache::link_raw`).
+    pub fn link_content(&self, d: &Digest, dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<bool> {
+        match self.cache.get() {
+            Some(c) => c.link_raw(d, dir, name),
+            None => Ok(false),
+        }
+    }
+
     /// Read the content of an object of `size` bytes: from the download
     /// cache after a prefetch, else streamed from the store (unverified;
     /// the caller verifies). More than `size` bytes is an error.
     pub fn open_content(&self, d: &Digest, size: u64) -> io::Result<Box<dyn Read + Send + '_>> {
         if let Some(c) = self.cache.get() {
             match c.open(d) {
-                Ok(f) => {
-                    return Ok(Box::new(CappedReader::new(
-                        zstd::stream::read::Decoder::new(f)?,
-                        size,
-                    )))
-                }
+                Ok((f, kept)) => return Cache::content(f, kept, size),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }

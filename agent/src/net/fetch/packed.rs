@@ -11,10 +11,10 @@
 //! - Each span is one `Range: bytes=A-B` request. A broken body is retried
 //!   from the first frame not yet taken; an object that does not match its
 //!   digest is refused (untrusted input), never taken from elsewhere.
-//! - A frame of its own is the object's loose frame and goes to the cache
-//!   as it is; a solid block is decompressed in memory (at most
+//! - A frame of its own is the object's loose frame: decompressed as it
+//!   arrives and kept plain in the cache; a solid block is decompressed in memory (at most
 //!   [`pack::BLOCK_MAX_BYTES`]) and each wanted object, once its digest
-//!   matches, is stored in the cache as a frame of its own.
+//!   matches, is stored in the cache as its plain content.
 //! - A server that ignores `Range` and answers 200 still works: the body is
 //!   read from byte 0 and skipped up to the span.
 
@@ -32,8 +32,10 @@ use crate::format::pack::{
     self, Located, PackIndex, PackRef, Part, Span, Want, COALESCE_GAP, MIN_SPAN_BYTES,
 };
 use crate::format::sign;
+use crate::format::stream::{CappedReader, VerifyReader};
 use crate::format::trust::{Resolved, Trust};
 use crate::format::tuf::{Keys, Role};
+use crate::fs::sparse::{self, CopyError};
 use crate::sys::error::ExitKind;
 use crate::sys::progress::Bar;
 
@@ -284,7 +286,9 @@ impl HttpStore {
         Ok(())
     }
 
-    /// A frame that is one object's loose frame: straight into the cache.
+    /// A frame that is one object's loose frame: decompressed as it
+    /// arrives, hashed, and kept plain in the cache once its digest matches
+    /// (staging then only copies it, or links it into place).
     fn take_frame(
         &self,
         cache: &Cache,
@@ -295,18 +299,35 @@ impl HttpStore {
         url: &reqwest::Url,
     ) -> Result<(), Attempt> {
         let p = &w.parts[0];
-        let mut part = cache.open_part(&p.digest, true).map_err(cache_err)?;
-        part.set_len(0).map_err(cache_err)?;
-        copy_exact(body, w.len, Some(&mut part as &mut dyn Write), buf, url)?;
-        if let Err(e) = cache.verify(&part, &p.digest, p.size) {
-            let _ = cache.remove_part(&p.digest);
-            return Err(refused(e, Some(p), w, pack));
+        let mut out = cache.create_raw(&p.digest).map_err(cache_err)?;
+        let mut section = Section {
+            inner: body,
+            left: w.len,
+            broke: None,
+        };
+        let res = decode_into(&mut section, p, &mut out, buf);
+        let res = match (res, section.broke.take()) {
+            // The transfer broke: whatever the decoder made of it, retry.
+            (Err(_), Some(e)) => Err(Attempt::Retry(
+                anyhow!(e).context(format!("download of {url} broke off")),
+            )),
+            (Err(FrameError::Write(e)), None) => Err(cache_err(e)),
+            (Err(FrameError::Bad(e)), None) => Err(refused(e, Some(p), w, pack)),
+            // Bytes after the frame's end inside its span: read past them.
+            (Ok(()), _) => {
+                let rest = section.left;
+                copy_exact(&mut section, rest, None, buf, url)
+            }
+        };
+        if let Err(e) = res {
+            let _ = cache.remove_raw_part(&p.digest);
+            return Err(e);
         }
-        cache.commit(&p.digest).map_err(cache_err)
+        cache.commit_raw(&p.digest).map_err(cache_err)
     }
 
     /// A solid block: decompress (bounded), cut out the wanted objects,
-    /// verify each and store it in the cache as a frame of its own.
+    /// verify each and keep it plain in the cache.
     fn take_block(
         &self,
         cache: &Cache,
@@ -345,20 +366,15 @@ impl HttpStore {
                 ));
             }
             let Some(slice) = slice else { continue };
-            let z = zstd::bulk::compress(slice, CACHE_LEVEL).map_err(cache_err)?;
-            let mut part = cache.open_part(&p.digest, true).map_err(cache_err)?;
-            part.set_len(0)
-                .and_then(|_| part.write_all(&z))
+            cache
+                .create_raw(&p.digest)
+                .and_then(|mut f| f.write_all(slice))
+                .and_then(|()| cache.commit_raw(&p.digest))
                 .map_err(cache_err)?;
-            cache.commit(&p.digest).map_err(cache_err)?;
         }
         Ok(())
     }
 }
-
-/// zstd level of objects cut out of blocks into the download cache (they
-/// are read back once, by staging).
-const CACHE_LEVEL: i32 = 1;
 
 fn cache_err(e: io::Error) -> Attempt {
     Attempt::Fatal(anyhow!(e).context("writing to the download cache"))
@@ -388,6 +404,76 @@ fn refused(e: anyhow::Error, p: Option<&Part>, w: &Want, pack: &PackRef) -> Atte
         ))
         .context(ExitKind::Untrusted),
     )
+}
+
+/// The next `left` bytes of a span's body: one frame. A failed read is
+/// kept apart (a broken transfer), so it is not mistaken for a bad frame.
+struct Section<'a, R> {
+    inner: &'a mut R,
+    left: u64,
+    broke: Option<io::Error>,
+}
+
+impl<R: Read> Read for Section<'_, R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let want = out
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        if want == 0 {
+            return Ok(0);
+        }
+        match self.inner.read(&mut out[..want]) {
+            Ok(0) => {
+                let e = io::Error::new(io::ErrorKind::UnexpectedEof, "body ended early");
+                self.broke = Some(io::Error::new(e.kind(), e.to_string()));
+                Err(e)
+            }
+            Ok(n) => {
+                self.left -= n as u64;
+                Ok(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Err(e),
+            Err(e) => {
+                let copy = io::Error::new(e.kind(), e.to_string());
+                self.broke = Some(e);
+                Err(copy)
+            }
+        }
+    }
+}
+
+/// Why a frame did not reach the cache.
+enum FrameError {
+    /// Not a valid frame of its object, or not its content.
+    Bad(anyhow::Error),
+    /// Writing the cache failed.
+    Write(io::Error),
+}
+
+/// Decompress one frame of object `p` from `r` into `out` (holes where
+/// whole chunks are zero, at its final length), checking its size (a frame
+/// that decompresses past it stops there) and digest.
+fn decode_into(
+    r: &mut impl Read,
+    p: &Part,
+    out: &mut std::fs::File,
+    buf: &mut [u8],
+) -> Result<(), FrameError> {
+    let bad = |e: io::Error| FrameError::Bad(anyhow!(e).context("not a valid zstd frame"));
+    let dec = zstd::stream::read::Decoder::new(r)
+        .map_err(bad)?
+        .single_frame();
+    let mut vr = VerifyReader::new(CappedReader::new(dec, p.size));
+    match sparse::copy(&mut vr, out, buf, |_| {}) {
+        Ok(_) => {}
+        Err(CopyError::Read(e)) => return Err(bad(e)),
+        Err(CopyError::Write(e)) => return Err(FrameError::Write(e)),
+    }
+    match vr.finish(&p.digest, p.size) {
+        Ok(Ok(())) => out.set_len(p.size).map_err(FrameError::Write),
+        Ok(Err(v)) => Err(FrameError::Bad(anyhow!(v))),
+        Err(e) => Err(bad(e)),
+    }
 }
 
 /// Move exactly `n` bytes from `r` to `out` (or discard them). A short or
@@ -423,4 +509,86 @@ fn copy_exact(
         left -= got as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Seek;
+
+    /// Decode into a temporary file and read it back.
+    fn into_file(s: &mut Section<'_, &[u8]>, p: &Part) -> (Result<(), FrameError>, Vec<u8>) {
+        let mut f = tempfile::tempfile().expect("tempfile");
+        let r = decode_into(s, p, &mut f, &mut [0u8; 4096]);
+        let mut back = Vec::new();
+        f.seek(io::SeekFrom::Start(0))
+            .and_then(|_| f.read_to_end(&mut back))
+            .expect("read back");
+        (r, back)
+    }
+
+    fn part(content: &[u8]) -> Part {
+        Part {
+            digest: Digest::of(content),
+            size: content.len() as u64,
+            inner: None,
+        }
+    }
+
+    fn decode(frame: &[u8], p: &Part) -> (Result<(), FrameError>, Option<io::Error>, Vec<u8>) {
+        let mut body = frame;
+        let mut s = Section {
+            inner: &mut body,
+            left: frame.len() as u64,
+            broke: None,
+        };
+        let (r, out) = into_file(&mut s, p);
+        (r, s.broke, out)
+    }
+
+    #[test]
+    fn a_frame_decodes_into_its_content_once_its_digest_matches() {
+        // With a run of zeros long enough to become a hole, and at the end.
+        let mut content: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        content.extend(std::iter::repeat_n(0, 20_000));
+        content.extend(b"tail");
+        content.extend(std::iter::repeat_n(0, 9_000));
+        let frame = zstd::bulk::compress(&content, 3).expect("zstd");
+        let (r, broke, out) = decode(&frame, &part(&content));
+        assert!(r.is_ok() && broke.is_none());
+        assert_eq!(out, content);
+    }
+
+    #[test]
+    fn a_bad_frame_is_refused_and_a_short_body_is_a_broken_transfer() {
+        let content = vec![7u8; 50_000];
+        let frame = zstd::bulk::compress(&content, 3).expect("zstd");
+        // Another object's frame: the digest does not match.
+        let (r, broke, _) = decode(&frame, &part(&vec![8u8; 50_000]));
+        assert!(matches!(r, Err(FrameError::Bad(_))) && broke.is_none());
+        // Decompresses past the declared size (a bomb): refused, bounded.
+        let small = Part {
+            size: 10,
+            ..part(&content)
+        };
+        let (r, broke, out) = decode(&frame, &small);
+        assert!(matches!(r, Err(FrameError::Bad(_))) && broke.is_none());
+        assert!(out.len() <= 10);
+        // Not zstd at all.
+        let (r, _, _) = decode(b"not a zstd frame at all", &part(&content));
+        assert!(matches!(r, Err(FrameError::Bad(_))));
+        // The body ends inside the frame: the transfer broke, not the frame.
+        let mut body = &frame[..frame.len() / 2];
+        let mut s = Section {
+            inner: &mut body,
+            left: frame.len() as u64,
+            broke: None,
+        };
+        let (r, _) = into_file(&mut s, &part(&content));
+        assert!(r.is_err());
+        assert!(
+            s.broke.is_some(),
+            "a short body counts as a broken transfer"
+        );
+    }
 }
