@@ -64,11 +64,13 @@ fn apply_v1_to_v2_from_imageupd_serve() {
         "every planned object downloaded once\n{}",
         out.describe()
     );
-    // The shared store has packs: a few range requests, not one per object.
-    assert_eq!(
-        d["packed_objects"].as_u64(),
-        Some(want),
-        "every planned object came from a pack\n{}",
+    // The shared store has packs: a few range requests, not one per object
+    // (a solid block of which only a sliver is wanted sends that sliver
+    // loose instead: at most a few objects).
+    let packed = d["packed_objects"].as_u64().unwrap_or(0);
+    assert!(
+        packed <= want && packed * 50 >= want * 49,
+        "nearly every planned object came from a pack ({packed} of {want})\n{}",
         out.describe()
     );
     assert!(

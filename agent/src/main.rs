@@ -108,9 +108,15 @@ enum Cmd {
         /// Lifetime of that index, in hours.
         #[arg(long, default_value_t = imageupd::publish::trust::DEFAULT_INDEX_HOURS)]
         timestamp_hours: u64,
-        /// Id of the image this one succeeds.
+        /// Id of the image this one succeeds: its nodes get an update
+        /// delta, and the packs are laid out for them.
         #[arg(long)]
         parent: Option<String>,
+        /// Without --parent, write no update delta from the store's newest
+        /// image (written by default when that image shares at least half
+        /// of this one's objects, as for builds published as they come).
+        #[arg(long, conflicts_with = "parent")]
+        no_delta: bool,
         /// Release channel: nodes compare release numbers within a channel.
         #[arg(long, default_value = imageupd::format::manifest::DEFAULT_CHANNEL)]
         channel: String,
@@ -428,6 +434,7 @@ fn run(cli: Cli) -> Result<u8> {
             timestamp_key,
             timestamp_hours,
             parent,
+            no_delta,
             channel,
             release,
             compatible,
@@ -442,6 +449,7 @@ fn run(cli: Cli) -> Result<u8> {
                 timestamp_key,
                 timestamp_hours,
                 parent,
+                no_delta,
                 level,
                 threads: cli::threads(),
                 channel,

@@ -11,7 +11,10 @@
 #     against the objects fetched, objects from packs, requests, bytes;
 #   * rsync -az --delete from an rsync daemon on loopback (--stats bytes);
 #   * the resolve phase (`apply --json`) through the delta against the same
-#     apply from the store directory (local manifest load).
+#     apply from the store directory (local manifest load);
+#   * c1 -> c2 with c2 published without --parent: through the automatic
+#     delta from the store's newest image, through packs and loose objects
+#     only (deltas removed), and from a store holding c2 alone.
 # Results to tests/bench/compute-delta-results.md.
 set -euo pipefail
 export LC_ALL=C

@@ -75,9 +75,9 @@ def publish(store, key):
     return reps
 
 
-def template(store, key):
-    """An imageupd-installed c1 node (state + trusted key)."""
-    t = WORK / "template-c1"
+def template(store, key, name="template-c1"):
+    """An imageupd-installed c1 node (state + trusted key) of `store`'s c1."""
+    t = WORK / name
     if not (t / "etc/image_id").exists():
         shutil.rmtree(t, ignore_errors=True)
         run(["cp", "-a", CACHE / "c1", t])
@@ -104,6 +104,30 @@ def apply(src, root, to):
                                         "delta_objects", "packed_objects", "pack_requests")})
     r["fetch_objects"] = j["plan"]["fetch_objects"]
     return r
+
+
+def no_parent_stores(key):
+    """c1, then c2 published without --parent (a CI job publishing builds as
+    they come): the store as published (the automatic delta from the newest
+    image, c1), the same store with its deltas removed (packs and loose
+    objects only: a node whose image has no delta), and c2 alone in a store
+    of its own (packed without any image to reuse: a node far behind)."""
+    np = WORK / "store-np"
+    if not (np / "images/c2/manifest.json.zst").exists():
+        shutil.rmtree(np, ignore_errors=True)
+        for i in ("c1", "c2"):
+            run([BIN, "publish", "--store", np, "--id", i, "--key", key, "--level", LEVEL,
+                 "--json", CACHE / i])
+    nodelta = WORK / "store-np-nodelta"
+    shutil.rmtree(nodelta, ignore_errors=True)
+    run(["cp", "-al", np, nodelta])
+    shutil.rmtree(nodelta / "images/c2/deltas", ignore_errors=True)
+    alone = WORK / "store-c2-alone"
+    if not (alone / "images/c2/manifest.json.zst").exists():
+        shutil.rmtree(alone, ignore_errors=True)
+        run([BIN, "publish", "--store", alone, "--id", "c2", "--key", key, "--level", LEVEL,
+             "--json", CACHE / "c2"])
+    return {"auto delta": np, "packs, no delta": nodelta, "packs, c2 alone": alone}
 
 
 def rsync_daemon():
@@ -152,6 +176,23 @@ def main():
                 row["local"].append(apply(store, fresh_root(tmpl), to))
             log(f"{to}: {json.dumps(row)}")
             out["pairs"][to] = row
+        # A node on c1, c2 published without --parent (see no_parent_stores).
+        out["no_parent"] = {"rsync_az_bytes": rsync_bytes(rport, "c2", "c1"), "cases": {}}
+        stores = no_parent_stores(key)
+        # Installed from that store's own c1 (its manifest is the delta's from).
+        tmpl_np = template(stores["auto delta"], key, "template-c1-np")
+        for name, st in stores.items():
+            p = free_port()
+            s = start([BIN, "serve", "--store", st, "--listen", f"127.0.0.1:{p}"], p,
+                      f"imageupd serve ({name})", stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL)
+            try:
+                rows = [apply(f"http://127.0.0.1:{p}/", fresh_root(tmpl_np), "c2")
+                        for _ in range(RUNS)]
+            finally:
+                stop(s)
+            log(f"no parent, {name}: {json.dumps(rows[0])}")
+            out["no_parent"]["cases"][name] = rows
     finally:
         stop(srv)
         stop(rp)
@@ -175,6 +216,18 @@ def write_results(out):
                  f"{med([r['fetch_objects'] for r in h])} | {med([r['packed_objects'] for r in h])} | "
                  f"{med([r['requests'] for r in h])} | {b} | {row['rsync_az_bytes']} | "
                  f"{b / row['rsync_az_bytes']:.2f} | {rh} ms | {rl} ms | {rh / max(rl, 1):.2f} |")
+    np = out.get("no_parent")
+    if np:
+        rz = np["rsync_az_bytes"]
+        L += ["", "c1 → c2 with c2 published **without** `--parent` (rsync -az "
+              f"{rz} bytes in the same run):", "",
+              "| store | delta objects | from packs | requests | bytes over HTTP | ratio to rsync -az |",
+              "|---|---:|---:|---:|---:|---:|"]
+        for name, rows in np["cases"].items():
+            b = med([r["bytes"] for r in rows])
+            L.append(f"| {name} | {med([r['delta_objects'] for r in rows])} | "
+                     f"{med([r['packed_objects'] for r in rows])} | {med([r['requests'] for r in rows])} | "
+                     f"{b} | {b / rz:.2f} |")
     RESULTS.write_text("\n".join(L) + "\n")
     print("\n".join(L))
 

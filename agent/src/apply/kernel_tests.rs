@@ -108,6 +108,7 @@ impl Node {
                 timestamp_key: None,
                 timestamp_hours: crate::publish::trust::DEFAULT_INDEX_HOURS,
                 parent: None,
+                no_delta: false,
                 level: 1,
                 threads: 2,
                 // One channel per image: the tests move between them freely.

@@ -419,6 +419,84 @@ pub fn plan_spans(wants: &[(Located, Digest, u64)], gap: u64, target: u64) -> Ve
     out
 }
 
+/// Bytes a loose request is assumed to cost besides its body (the request
+/// and the response's headers), when a block's frame is weighed against
+/// fetching its wanted objects loose ([`split_blocks`]).
+pub const REQUEST_OVERHEAD_BYTES: u64 = 600;
+/// A small object compressed alone (its loose frame) is assumed this many
+/// times (numerator / denominator) the share of its block's frame that its
+/// size makes up: without its neighbours as context it compresses worse.
+pub const LOOSE_PENALTY: (u64, u64) = (3, 2);
+
+/// Split the wanted objects (location, digest, content size in bytes) into
+/// those worth taking from their packs and those cheaper loose: a solid
+/// block whose wanted objects are a small part of it (a node one release
+/// behind, an image published without `--parent`) would be downloaded
+/// whole for a few kilobytes of them. Its objects go loose when their
+/// estimated loose frames plus [`REQUEST_OVERHEAD_BYTES`] each come to less
+/// than the block's frame. `block_bytes` gives a block's decompressed size
+/// (the end of its last object the index locates), keyed by pack digest and
+/// frame offset; the estimate of an object's loose frame is its share of
+/// the block's frame times [`LOOSE_PENALTY`]. Frames of one object are
+/// always taken from the pack (they are the loose frame).
+#[allow(clippy::type_complexity)]
+pub fn split_blocks(
+    wants: Vec<(Located, Digest, u64)>,
+    block_bytes: &HashMap<(Digest, u64), u64>,
+) -> (Vec<(Located, Digest, u64)>, Vec<(Digest, u64)>) {
+    let mut wanted: HashMap<(Digest, u64), (u64, u64)> = HashMap::new();
+    for (l, _, size) in &wants {
+        if l.inner.is_some() {
+            let w = wanted.entry((l.pack.digest, l.offset)).or_default();
+            w.0 += size;
+            w.1 += 1;
+        }
+    }
+    let (num, den) = LOOSE_PENALTY;
+    let loose_pays = |l: &Located| {
+        let key = (l.pack.digest, l.offset);
+        let (Some(&(bytes, count)), Some(&content)) = (wanted.get(&key), block_bytes.get(&key))
+        else {
+            return false;
+        };
+        if content == 0 {
+            return false;
+        }
+        let body = (u128::from(bytes) * u128::from(l.len) * u128::from(num))
+            / (u128::from(content) * u128::from(den));
+        body + u128::from(count) * u128::from(REQUEST_OVERHEAD_BYTES) < u128::from(l.len)
+    };
+    let mut keep = Vec::with_capacity(wants.len());
+    let mut loose = Vec::new();
+    for w in wants {
+        if w.0.inner.is_some() && loose_pays(&w.0) {
+            loose.push((w.1, w.2));
+        } else {
+            keep.push(w);
+        }
+    }
+    (keep, loose)
+}
+
+/// The decompressed size of every solid block that `map` locates objects
+/// in (as far as they show: the end of the last one), keyed as
+/// [`split_blocks`] wants; `sizes` gives each object's content size.
+pub fn block_bytes<'a>(
+    map: &HashMap<Digest, Located>,
+    sizes: impl IntoIterator<Item = &'a (Digest, u64)>,
+) -> HashMap<(Digest, u64), u64> {
+    let mut out: HashMap<(Digest, u64), u64> = HashMap::new();
+    for (d, size) in sizes {
+        if let Some(l) = map.get(d) {
+            if let Some(inner) = l.inner {
+                let end = out.entry((l.pack.digest, l.offset)).or_default();
+                *end = (*end).max(inner + size);
+            }
+        }
+    }
+    out
+}
+
 /// Whether a store directory has packs for image `id`.
 pub fn has_index(store: &std::path::Path, id: &str) -> bool {
     store.join("images").join(id).join(INDEX_NAME).is_file()
@@ -439,6 +517,81 @@ mod tests {
             len,
             inner,
         }
+    }
+
+    #[test]
+    fn a_block_whose_wanted_objects_are_a_small_part_goes_loose() {
+        let pack = PackRef {
+            digest: d(1),
+            size: 10 << 20,
+        };
+        let at = |offset: u64, len: u64, inner: Option<u64>| Located {
+            pack,
+            offset,
+            len,
+            inner,
+        };
+        // Block A: 4 MiB of content in a 1 MiB frame; 8 KiB of it wanted.
+        // Block B: the same frame size, nearly all of it wanted.
+        // Block C: tiny (600 bytes of frame): one request costs more.
+        let a = at(0, 1 << 20, Some(0));
+        let b = at(1 << 20, 1 << 20, Some(0));
+        let c = at(2 << 20, 600, Some(0));
+        let own = at(3 << 20, 5 << 20, None);
+        let map: HashMap<Digest, Located> = [
+            (d(10), a),
+            (
+                d(11),
+                Located {
+                    inner: Some(4 << 20),
+                    ..a
+                },
+            ),
+            (d(20), b),
+            (d(30), c),
+            (d(40), own),
+        ]
+        .into_iter()
+        .collect();
+        let sizes = [
+            (d(10), 8 << 10),
+            (d(11), 0),
+            (d(20), 4 << 20),
+            (d(30), 2000),
+            (d(40), 9 << 20),
+        ];
+        let blocks = block_bytes(&map, &sizes);
+        assert_eq!(blocks[&(d(1), 0)], 4 << 20);
+        assert_eq!(blocks[&(d(1), 1 << 20)], 4 << 20);
+        assert!(
+            !blocks.contains_key(&(d(1), 3 << 20)),
+            "a frame of its own is no block"
+        );
+        let wants = vec![
+            (a, d(10), 8 << 10),
+            (b, d(20), 4 << 20),
+            (c, d(30), 2000),
+            (own, d(40), 9 << 20),
+        ];
+        let (keep, loose) = split_blocks(wants, &blocks);
+        assert_eq!(loose, vec![(d(10), 8 << 10)]);
+        let kept: Vec<Digest> = keep.iter().map(|w| w.1).collect();
+        assert_eq!(kept, vec![d(20), d(30), d(40)]);
+        // Many wanted objects of block A: the requests outweigh the frame.
+        let many: Vec<(Located, Digest, u64)> = (0..2000u32)
+            .map(|i| {
+                (
+                    Located {
+                        inner: Some(u64::from(i) * 2),
+                        ..a
+                    },
+                    d(10),
+                    2,
+                )
+            })
+            .collect();
+        let (keep, loose) = split_blocks(many, &blocks);
+        assert!(loose.is_empty() && keep.len() == 2000);
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub struct PublishOptions {
     pub timestamp_hours: u64,
     /// Parent image id.
     pub parent: Option<String>,
+    /// `--no-delta`: without `--parent`, write no update delta from the
+    /// store's newest image (see [`auto_delta_from`]).
+    pub no_delta: bool,
     /// zstd level for new objects.
     pub level: i32,
     /// Worker threads for hashing and compression.
@@ -360,6 +363,47 @@ struct Written {
     disks: Vec<crate::fs::store::DiskEntry>,
 }
 
+/// Without `--parent` (a CI job publishing builds as they come): the image
+/// an update delta is written from anyway, the store's newest, when it
+/// shares at least half of this image's objects (an unrelated image gets
+/// none: its delta would be about the whole image). The manifest is framed
+/// after that image's (see [`encode_framed`]), so its nodes rebuild the
+/// stored bytes from the delta as from a parent's.
+fn auto_delta_from(
+    opts: &PublishOptions,
+    reuse: &[String],
+    packs: &crate::publish::pack::PackReport,
+) -> Option<String> {
+    let newest = reuse.first()?;
+    let total = packs.shared_with_first + packs.packed_objects;
+    let related = total > 0 && packs.shared_with_first * 2 >= total;
+    (!opts.no_delta && related).then(|| newest.clone())
+}
+
+/// The manifest's stored bytes and frames: framed after the parent's (the
+/// update delta rebuilds these bytes from it), else after the most recent
+/// image's when it reads (only to share frames; a broken one is skipped).
+fn encode_framed(
+    st: &Store,
+    m: &Manifest,
+    parent: Option<&str>,
+    recent: Option<&String>,
+) -> Result<(Vec<u8>, crate::format::mframes::FrameList)> {
+    use crate::format::codec::{encode_manifest_framed, encode_manifest_framed_child};
+    if let Some(p) = parent {
+        let (parent, _) = st.read_manifest_raw(p)?;
+        return encode_manifest_framed_child(m, &parent);
+    }
+    match recent.map(|r| (r, st.read_manifest_raw(r))) {
+        Some((_, Ok((other, _)))) => encode_manifest_framed_child(m, &other),
+        Some((r, Err(e))) => {
+            tracing::warn!("not sharing manifest frames with image {r:?}: {e:#}");
+            encode_manifest_framed(m)
+        }
+        None => encode_manifest_framed(m),
+    }
+}
+
 /// Write the image: its packs and their index, the manifest's frames, the
 /// update delta from the parent, the disk image, then the signed manifest
 /// itself (last: the image exists once it is there).
@@ -371,17 +415,13 @@ fn write_image(
     opts: &PublishOptions,
     progress: &Progress,
 ) -> Result<Written> {
-    let (stored, frames) = match opts.parent.as_deref() {
-        Some(p) => {
-            let (parent, _) = st.read_manifest_raw(p)?;
-            crate::format::codec::encode_manifest_framed_child(m, &parent)?
-        }
-        None => crate::format::codec::encode_manifest_framed(m)?,
-    };
+    // The images whose packs are reused; the first also lends its manifest
+    // frames (a node on it fetches only the frames it lacks).
+    let reuse = crate::publish::pack::reuse_from(st, &m.id, opts.parent.as_deref())?;
+    let (stored, frames) = encode_framed(st, m, opts.parent.as_deref(), reuse.first())?;
     let sig = (!key.is_empty()).then(|| sign::sign_all(key, &stored));
     progress.line("writing packs");
-    let (pidx, packs) =
-        crate::publish::pack::build(st, m, &stored, opts.parent.as_deref(), opts.level)?;
+    let (pidx, packs) = crate::publish::pack::build(st, m, &stored, &reuse, opts.level)?;
     let psig = (!key.is_empty()).then(|| sign::sign_all(key, &pidx));
     crate::publish::pack::put_index(st, &m.id, &pidx, psig.as_deref())?;
     store::write_atomic(
@@ -389,7 +429,11 @@ fn write_image(
             .join(crate::format::mframes::FRAMES_NAME),
         &serde_json::to_vec(&frames)?,
     )?;
-    let delta = match opts.parent.as_deref() {
+    let from = opts
+        .parent
+        .clone()
+        .or_else(|| auto_delta_from(opts, &reuse, &packs));
+    let delta = match from.as_deref() {
         Some(p) => {
             progress.line(&format!("writing the update delta from {p}"));
             Some(

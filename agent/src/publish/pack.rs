@@ -29,8 +29,13 @@ pub struct PackReport {
     pub block_objects: usize,
     /// Solid blocks written.
     pub blocks: usize,
-    /// Objects found in the parent's packs.
+    /// Objects found in the packs of the parent (or of the store's recent
+    /// images, without one).
     pub reused_objects: usize,
+    /// The images whose packs were reused.
+    pub reused_from: Vec<String>,
+    /// Of the reused objects, those the first of `reused_from` has.
+    pub shared_with_first: usize,
     /// Size of the stored pack index, bytes.
     pub index_bytes: u64,
 }
@@ -157,30 +162,72 @@ fn block_frame(buf: &[u8], level: i32) -> Result<Vec<u8>> {
     enc.finish().context("compressing a solid block")
 }
 
+/// Without `--parent`, a new image reuses the packs of this many of the
+/// store's most recently published images.
+pub const REUSE_RECENT: usize = 3;
+
+/// The images whose packs a new image `id` reuses: its parent alone (so
+/// what an update from the parent needs is contiguous in the new packs),
+/// else the [`REUSE_RECENT`] most recently published images of the store,
+/// newest first. Without them, an image published as builds come (no
+/// `--parent`) would pack every object again, and a node on an earlier
+/// image would find each changed object inside a solid block of unchanged
+/// ones, downloading the whole block.
+pub fn reuse_from(st: &Store, id: &str, parent: Option<&str>) -> Result<Vec<String>> {
+    if let Some(p) = parent {
+        return Ok(vec![p.to_string()]);
+    }
+    let idx = st.index()?;
+    Ok(idx
+        .images
+        .iter()
+        .rev()
+        .filter(|e| e.id != id)
+        .take(REUSE_RECENT)
+        .map(|e| e.id.clone())
+        .collect())
+}
+
 /// Write the packs and the index of manifest `m` (stored bytes
-/// `m_stored`): objects in the parent's packs are referenced there; of the
-/// rest, large ones are copied from their loose files, small ones
-/// decompressed and recompressed at `level` in solid blocks. Returns the
-/// stored index.
+/// `m_stored`): objects in the packs of the images `reuse` (see
+/// [`reuse_from`]; the first that has an object wins) are referenced
+/// there; of the rest, large ones are copied from their loose files, small
+/// ones decompressed and recompressed at `level` in solid blocks. Returns
+/// the stored index.
 pub fn build(
     st: &Store,
     m: &Manifest,
     m_stored: &[u8],
-    parent: Option<&str>,
+    reuse: &[String],
     level: i32,
 ) -> Result<(Vec<u8>, PackReport)> {
     let order = object_order(m);
-    let known = match parent {
-        Some(p) => parent_locations(st, p)
-            .with_context(|| format!("reading the packs of parent image {p:?}"))?,
-        None => HashMap::new(),
-    };
+    let mut known: HashMap<Digest, Located> = HashMap::new();
+    let mut first: Option<std::collections::HashSet<Digest>> = None;
+    for p in reuse {
+        // A recent image whose packs do not read is only not reused.
+        match parent_locations(st, p) {
+            Ok(locs) => {
+                if first.is_none() {
+                    first = Some(locs.keys().copied().collect());
+                }
+                for (d, l) in locs {
+                    known.entry(d).or_insert(l);
+                }
+            }
+            Err(e) => tracing::warn!("not reusing the packs of image {p:?}: {e:#}"),
+        }
+        first.get_or_insert_with(Default::default);
+    }
     let mut pk = Packer {
         st,
         cur: None,
         pending: Vec::new(),
         placed: vec![(None, 0, 0, None); order.len()],
-        report: PackReport::default(),
+        report: PackReport {
+            reused_from: reuse.to_vec(),
+            ..PackReport::default()
+        },
     };
     let mut block: Vec<u8> = Vec::new();
     let mut members: Vec<(usize, Option<u64>)> = Vec::new();
@@ -189,6 +236,9 @@ pub fn build(
         if let Some(l) = known.get(d) {
             pk.placed[i] = (Some(l.pack), l.offset, l.len, l.inner);
             pk.report.reused_objects += 1;
+            if first.as_ref().is_some_and(|f| f.contains(d)) {
+                pk.report.shared_with_first += 1;
+            }
             continue;
         }
         pk.report.packed_objects += 1;

@@ -157,13 +157,18 @@ impl HttpStore {
             }
             wants.push((*l, d, size));
         }
+        let order = self.packs.get().map(|c| &c.order[..]).unwrap_or_default();
+        let (wants, cheaper_loose) = pack::split_blocks(wants, &pack::block_bytes(&map, order));
+        let from_blocks = cheaper_loose.len();
+        loose.extend(cheaper_loose);
         let spans = pack::plan_spans(&wants, COALESCE_GAP, MIN_SPAN_BYTES);
         let total: u64 = spans.iter().map(|s| s.end - s.start).sum();
         // Cut again to about an equal share per parallel download.
         let target = (total / PARALLEL_DOWNLOADS as u64).max(MIN_SPAN_BYTES);
         let spans = pack::plan_spans(&wants, COALESCE_GAP, target);
         tracing::info!(
-            "fetching {} objects from packs in {} range requests ({total} bytes); {} loose",
+            "fetching {} objects from packs in {} range requests ({total} bytes); {} loose \
+             ({from_blocks} of them cheaper loose than their solid blocks)",
             wants.len(),
             spans.len(),
             loose.len()
