@@ -7,10 +7,11 @@
 //! STORE/images/<id>/deltas/<P>.delta     the update from image P to image <id>
 //! ```
 //!
-//! A delta exists only for the parent named at publish time; nodes on any
-//! other image (and stores published without `--parent`) use packs and
-//! loose objects exactly as before, and so does a node whose delta does not
-//! check out. The file is immutable (named by two immutable image ids) and
+//! A delta exists only for the parent named at publish time (without
+//! `--parent`: for the store's newest image, when related, see
+//! `crate::publish::image`); nodes on any other image use packs and loose
+//! objects exactly as before, and so does a node whose delta does not check
+//! out. The file is immutable (named by two immutable image ids) and
 //! not signed: nothing in it is trusted on its own (see below).
 //!
 //! File layout (integers little-endian, `varint` = unsigned LEB128):

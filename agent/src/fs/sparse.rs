@@ -46,7 +46,7 @@ pub fn copy<R: Read, W: Write + Seek>(
 }
 
 /// Read until `buf` is full or `r` ends; returns how much was read.
-fn fill(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+pub fn fill(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         match r.read(&mut buf[filled..]) {

@@ -38,6 +38,7 @@ use super::plan::MIB;
 use super::{configdrive, trust, ProvisionOptions};
 use crate::format::manifest::{DiskArtifact, DiskFormat};
 use crate::format::stream::VerifyReader;
+use crate::fs::sparse::fill;
 use crate::net::fetch::DownloadReport;
 use crate::sys::error::ExitKind;
 use crate::sys::progress::Progress;
@@ -297,20 +298,6 @@ impl<'a, 'r> Writer<'a, 'r> {
             .with_context(|| format!("syncing {}", target.path.display()))?;
         Ok(self.out)
     }
-}
-
-/// Read until `buf` is full or the stream ends; the bytes read.
-fn fill(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 /// Tell the kernel about the new partition table (best effort: a disk

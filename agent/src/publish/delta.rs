@@ -1,5 +1,6 @@
-//! The publisher side of deltas: `publish --parent P` writes
-//! `images/<id>/deltas/<P>.delta` ([`build`]).
+//! The publisher side of deltas: `publish --parent P` (or, without it, the
+//! store's newest related image P) writes `images/<id>/deltas/<P>.delta`
+//! ([`build`]).
 
 use std::collections::{HashMap, HashSet};
 use std::fs;

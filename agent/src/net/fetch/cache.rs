@@ -105,14 +105,16 @@ impl Cache {
     /// Move the plain content written by [`Self::create_raw`] into the cache.
     pub(super) fn commit_raw(&self, d: &Digest) -> io::Result<()> {
         let h = d.to_hex();
-        let sub = fsx::ensure_dir_beneath(
-            self.raw.as_fd(),
-            &RelPath(h.as_bytes()[..2].to_vec()),
-            0o700,
-        )?;
+        self.move_in(&format!("{h}{RAW_PART_SUFFIX}"), &self.raw, &h)
+    }
+
+    /// Rename `partial/<part>` to `<top>/<aa>/<hex>`.
+    fn move_in(&self, part: &str, top: &OwnedFd, h: &str) -> io::Result<()> {
+        let sub =
+            fsx::ensure_dir_beneath(top.as_fd(), &RelPath(h.as_bytes()[..2].to_vec()), 0o700)?;
         fsx::rename_at(
             self.partial.as_fd(),
-            format!("{h}{RAW_PART_SUFFIX}").as_bytes(),
+            part.as_bytes(),
             sub.as_fd(),
             h.as_bytes(),
         )
@@ -197,19 +199,10 @@ impl Cache {
             .map_err(anyhow::Error::new)
     }
 
+    /// Move the frame downloaded in `partial/` into the cache.
     pub(super) fn commit(&self, d: &Digest) -> io::Result<()> {
         let h = d.to_hex();
-        let sub = fsx::ensure_dir_beneath(
-            self.objects.as_fd(),
-            &RelPath(h.as_bytes()[..2].to_vec()),
-            0o700,
-        )?;
-        fsx::rename_at(
-            self.partial.as_fd(),
-            h.as_bytes(),
-            sub.as_fd(),
-            h.as_bytes(),
-        )
+        self.move_in(&h, &self.objects, &h)
     }
 
     /// Remove the cached object `d` (kept either way).
