@@ -65,7 +65,64 @@ fn fnv1a(b: &[u8]) -> u64 {
 /// Compress manifest JSON (one entry per line) into content-defined frames
 /// at zstd `level`; returns the stored bytes and the frame list.
 pub fn encode(json: &[u8], level: i32) -> Result<(Vec<u8>, FrameList)> {
-    encode_reusing(json, level, &HashMap::new())
+    encode_reusing(json, level, &Pieces::default())
+}
+
+/// Frames keyed by the piece of JSON they hold ([`Unframed::by_piece`]).
+pub type Pieces<'j, 'f> = crate::sys::fastmap::HashMap<&'j [u8], &'f [u8]>;
+
+/// The pieces of `json` as byte ranges: a piece ends after the first line,
+/// after every line whose [`fnv1a`] is a multiple of [`CUT_EVERY`], and at
+/// the end. Lines are hashed in `threads` stretches at once (a line's cut
+/// depends on that line alone).
+fn cut(json: &[u8], threads: usize) -> Result<Vec<(usize, usize)>> {
+    let line_end = |pos: usize| {
+        json[pos..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(json.len(), |i| pos + i + 1)
+    };
+    if json.is_empty() {
+        return Ok(Vec::new());
+    }
+    let first = line_end(0);
+    // Stretches of whole lines after the first.
+    let mut bounds = vec![first];
+    let step = (json.len() - first) / threads.max(1) + 1;
+    while let Some(&b) = bounds.last() {
+        if b >= json.len() {
+            break;
+        }
+        let next = line_end((b + step).min(json.len() - 1).max(b));
+        bounds.push(next);
+    }
+    let stretches: Vec<(usize, usize)> = bounds.windows(2).map(|w| (w[0], w[1])).collect();
+    let ends = crate::sys::par::par_map(&stretches, threads, |&(a, b)| {
+        let mut out = Vec::new();
+        let mut pos = a;
+        while pos < b {
+            let end = line_end(pos);
+            if fnv1a(&json[pos..end]) % CUT_EVERY == 0 {
+                out.push(end);
+            }
+            pos = end;
+        }
+        Ok(out)
+    })?;
+    let mut cuts = vec![first];
+    cuts.extend(ends.into_iter().flatten().filter(|&e| e != first));
+    if cuts.last() != Some(&json.len()) {
+        cuts.push(json.len());
+    }
+    let mut start = 0;
+    Ok(cuts
+        .into_iter()
+        .map(|end| {
+            let p = (start, end);
+            start = end;
+            p
+        })
+        .collect())
 }
 
 /// A stored manifest taken apart in one pass: its JSON and each frame with
@@ -81,9 +138,13 @@ impl<'a> Unframed<'a> {
     /// Decompress `stored` frame by frame, at most `max_json` bytes of JSON
     /// in all.
     pub fn new(stored: &'a [u8], max_json: u64) -> Result<Unframed<'a>> {
+        let parts = split(stored)?;
+        if let Some(u) = Self::in_parallel(&parts, max_json)? {
+            return Ok(u);
+        }
         let mut json = Vec::new();
         let mut frames = Vec::new();
-        for f in split(stored)? {
+        for f in parts {
             let start = json.len();
             let left = (max_json + 1).saturating_sub(start as u64);
             std::io::Read::read_to_end(
@@ -99,8 +160,51 @@ impl<'a> Unframed<'a> {
         Ok(Unframed { json, frames })
     }
 
+    /// [`Self::new`] with the frames decompressed in parallel, when every
+    /// frame declares its content size (as [`encode`] writes them) and they
+    /// add up to at most `max_json`: each is then decoded to exactly that
+    /// size, so a frame that decompresses past it is refused before any
+    /// memory beyond the budget is taken. `None` when a size is missing.
+    fn in_parallel(parts: &[&'a [u8]], max_json: u64) -> Result<Option<Unframed<'a>>> {
+        let mut sizes = Vec::with_capacity(parts.len());
+        for f in parts {
+            match zstd::zstd_safe::get_frame_content_size(f) {
+                Ok(Some(n)) => sizes.push(n),
+                _ => return Ok(None),
+            }
+        }
+        if sizes.iter().sum::<u64>() > max_json {
+            bail!("manifest larger than {max_json} bytes");
+        }
+        let work: Vec<(&[u8], u64)> = parts.iter().copied().zip(sizes).collect();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let pieces = crate::sys::par::par_map(&work, threads, |&(f, size)| {
+            let mut out = Vec::with_capacity(size as usize);
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(zstd::stream::read::Decoder::with_buffer(f)?, size + 1),
+                &mut out,
+            )
+            .context("decompressing a manifest frame")?;
+            if out.len() as u64 != size {
+                bail!(
+                    "a manifest frame holds {} bytes, not the {size} it declares",
+                    out.len()
+                );
+            }
+            Ok(out)
+        })?;
+        let mut json = Vec::with_capacity(pieces.iter().map(Vec::len).sum());
+        let mut frames = Vec::with_capacity(pieces.len());
+        for (f, p) in parts.iter().zip(pieces) {
+            let start = json.len();
+            json.extend_from_slice(&p);
+            frames.push((*f, start..json.len()));
+        }
+        Ok(Some(Unframed { json, frames }))
+    }
+
     /// The frames keyed by the piece of JSON they hold.
-    pub fn by_piece(&self) -> HashMap<&[u8], &'a [u8]> {
+    pub fn by_piece(&self) -> Pieces<'_, 'a> {
         self.frames
             .iter()
             .map(|(f, r)| (&self.json[r.clone()], *f))
@@ -119,28 +223,12 @@ impl<'a> Unframed<'a> {
 pub fn encode_reusing(
     json: &[u8],
     level: i32,
-    reuse: &HashMap<&[u8], &[u8]>,
+    reuse: &Pieces<'_, '_>,
 ) -> Result<(Vec<u8>, FrameList)> {
-    // Cut points first (cheap), then the pieces compressed in parallel:
-    // each is a frame of its own, so the bytes do not depend on the order.
-    let mut pieces: Vec<(usize, usize)> = Vec::new();
-    let mut start = 0;
-    let mut pos = 0;
-    while pos < json.len() {
-        let end = json[pos..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(json.len(), |i| pos + i + 1);
-        if pieces.is_empty() || fnv1a(&json[pos..end]) % CUT_EVERY == 0 || end == json.len() {
-            pieces.push((start, end));
-            start = end;
-        }
-        pos = end;
-    }
-    if start < json.len() {
-        pieces.push((start, json.len()));
-    }
+    // Cut points first, then the pieces compressed in parallel: each is a
+    // frame of its own, so the bytes do not depend on the order.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pieces = cut(json, threads)?;
     let coded = crate::sys::par::par_map(&pieces, threads, |&(a, b)| {
         let piece = &json[a..b];
         if let Some(f) = reuse.get(piece) {
@@ -211,6 +299,77 @@ pub fn check_list(l: &FrameList) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cut rule one line at a time, as publishers before the parallel
+    /// cut applied it: the frames' bytes must not change.
+    fn serial_cut(json: &[u8]) -> Vec<(usize, usize)> {
+        let mut pieces: Vec<(usize, usize)> = Vec::new();
+        let (mut start, mut pos) = (0, 0);
+        while pos < json.len() {
+            let end = json[pos..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(json.len(), |i| pos + i + 1);
+            if pieces.is_empty() || fnv1a(&json[pos..end]) % CUT_EVERY == 0 || end == json.len() {
+                pieces.push((start, end));
+                start = end;
+            }
+            pos = end;
+        }
+        pieces
+    }
+
+    #[test]
+    fn the_parallel_cut_is_the_serial_cut() {
+        let big = json(5000, Some(17));
+        let no_newline_at_end = b"head\nline one\nline two".to_vec();
+        for j in [
+            big,
+            no_newline_at_end,
+            b"one line".to_vec(),
+            b"\n\n\n".to_vec(),
+            Vec::new(),
+        ] {
+            for threads in [1, 2, 3, 8, 64] {
+                assert_eq!(
+                    cut(&j, threads).expect("cut"),
+                    serial_cut(&j),
+                    "{threads} threads"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn frames_decode_alike_in_parallel_and_in_order_and_a_lying_frame_is_refused() {
+        let j = json(3000, None);
+        let (stored, _) = encode(&j, 3).expect("encode");
+        let u = Unframed::new(&stored, 1 << 30).expect("unframe");
+        assert_eq!(u.json, j);
+        assert!(u.frames.len() > 2, "several frames");
+        let parts = split(&stored).expect("split");
+        assert!(Unframed::in_parallel(&parts, 1 << 30)
+            .expect("parallel")
+            .is_some());
+        // Over the budget: refused from the declared sizes alone.
+        assert!(Unframed::new(&stored, j.len() as u64 - 1).is_err());
+        // A frame declaring fewer bytes than it holds is refused.
+        let piece = b"a piece of json that is longer than declared\n";
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).expect("enc");
+        enc.set_pledged_src_size(Some(piece.len() as u64))
+            .expect("pledge");
+        std::io::Write::write_all(&mut enc, piece).expect("write");
+        let mut f = enc.finish().expect("finish");
+        // Patch the declared size down by one (single-byte field for small frames).
+        let fhd = f[4];
+        assert_eq!(fhd >> 6, 0, "a one-byte content size field");
+        let at = 5 + usize::from(fhd & 0x20 == 0);
+        f[at] -= 1;
+        assert!(
+            Unframed::new(&f, 1 << 20).is_err(),
+            "a frame longer than it declares"
+        );
+    }
 
     fn json(n: usize, change: Option<usize>) -> Vec<u8> {
         let mut j = b"{\"format\":1,\"id\":\"x\",\"entries\":[\n".to_vec();
